@@ -1,0 +1,13 @@
+"""hgkernels: closed-form Hessian-alignment penalties (HGP, Hutchinson) for linear heads.
+
+    from hgkernels import hutchinson_penalty
+    pen = hutchinson_penalty(logits, features, labels, envs)
+    loss = erm + alpha * pen.hessian + beta * pen.gradient
+"""
+from .api import HeadParams, Penalty, head_gradient, head_hessian_diag, head_hvp, hgp_penalty, hutchinson_penalty
+from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["hutchinson_penalty", "hgp_penalty", "head_gradient", "head_hessian_diag", "head_hvp", "Penalty",
+           "HeadParams", "HessianAlignmentLoss", "AlignmentLoss", "env_mean_loss"]

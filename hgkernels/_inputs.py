@@ -1,0 +1,212 @@
+"""Input validation and the environment-segment layout shared by every backend.
+
+Everything user-facing is checked here, once, with the argument's name in the
+message; backends assume validated inputs (STYLE.md, rule 8).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional, Sequence, Union
+
+import torch
+
+LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
+ENV_REDUCTIONS = ("mean", "sum")
+
+EnvsArg = Union[torch.Tensor, Sequence[int]]
+
+
+class EnvSegments:
+    """Samples grouped by environment.
+
+    ``env_ids`` (N,) int64 holds each sample's environment; ``order`` (N,) lists
+    sample indices sorted by environment (stable), so environment ``e`` owns
+    ``order[offsets[e]:offsets[e+1]]``. Kernels read rows through ``order``
+    instead of gathering the features into a sorted copy.
+    """
+
+    def __init__(self, env_ids: torch.Tensor, counts: Sequence[int], grouped: bool):
+        self.env_ids = env_ids
+        self.counts = tuple(int(c) for c in counts)
+        self.num_envs = len(self.counts)
+        self.device = env_ids.device
+        # grouped: env_ids is already non-decreasing, so `order` is the identity
+        self.grouped = grouped
+
+    @cached_property
+    def counts_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.counts, dtype=torch.int64, device=self.device)
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        offs = torch.zeros(self.num_envs + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(self.counts_tensor, 0, out=offs[1:])
+        return offs
+
+    @cached_property
+    def order(self) -> torch.Tensor:
+        if self.grouped:
+            return torch.arange(self.env_ids.numel(), device=self.device)
+        return torch.argsort(self.env_ids, stable=True)
+
+    @property
+    def max_count(self) -> int:
+        return max(self.counts)
+
+
+@dataclass
+class HeadProblem:
+    """Validated inputs of one call, in the layout backends consume.
+
+    logits (N, C) and features (N, D) keep the caller's dtype (any strides);
+    ``compute_dtype`` is float32 for float16/bfloat16 inputs, else their own.
+    ``targets``: int64 (N,) class ids for cross_entropy, else (N, C) floats.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    targets: torch.Tensor
+    loss: str
+    bias: bool
+    segments: EnvSegments
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_features(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def head_width(self) -> int:
+        """Dh: D + 1 with a bias column, else D."""
+        return self.num_features + int(self.bias)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.logits.dtype)
+
+    def with_tensors(self, logits: torch.Tensor, features: torch.Tensor) -> "HeadProblem":
+        return HeadProblem(logits, features, self.targets, self.loss, self.bias, self.segments)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[int], validate: bool) -> EnvSegments:
+    if num_envs is not None and (isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1):
+        raise ValueError(f"num_envs must be a positive int; got {num_envs!r}")
+    if isinstance(envs, torch.Tensor):
+        if envs.dtype.is_floating_point or envs.dtype.is_complex or envs.dtype == torch.bool:
+            raise TypeError(f"envs must be an integer tensor of environment ids; got dtype {envs.dtype}")
+        if envs.dim() != 1 or envs.shape[0] != n:
+            raise ValueError(f"envs must have shape ({n},) to match logits; got {tuple(envs.shape)}")
+        if envs.device != device:
+            raise ValueError(f"envs is on {envs.device} but logits are on {device}")
+        env_ids = envs.to(torch.int64)
+        if validate or num_envs is None:
+            lo, hi = int(env_ids.min()), int(env_ids.max())
+            if lo < 0:
+                raise ValueError(f"envs holds a negative environment id ({lo})")
+            if num_envs is not None and hi >= num_envs:
+                raise ValueError(f"envs holds id {hi} but num_envs={num_envs}")
+        e = num_envs if num_envs is not None else hi + 1
+        counts = torch.bincount(env_ids, minlength=e).tolist()
+        if validate:
+            empty = [i for i, c in enumerate(counts) if c == 0]
+            if empty:
+                raise ValueError(f"environment(s) {empty} of {e} have no samples in envs")
+        grouped = bool((env_ids[1:] >= env_ids[:-1]).all())
+        return EnvSegments(env_ids, counts, grouped)
+    if isinstance(envs, (list, tuple)):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in envs):
+            raise TypeError("envs given as a sequence must hold ints (per-environment sizes)")
+        if len(envs) == 0 or any(c <= 0 for c in envs):
+            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {list(envs)}")
+        if sum(envs) != n:
+            raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples")
+        if num_envs is not None and num_envs != len(envs):
+            raise ValueError(f"num_envs={num_envs} disagrees with {len(envs)} sizes in envs")
+        env_ids = torch.repeat_interleave(torch.arange(len(envs), device=device), torch.tensor(envs, device=device))
+        return EnvSegments(env_ids, envs, grouped=True)
+    raise TypeError(f"envs must be a 1-D integer tensor of ids or a list of sizes; got {type(envs).__name__}")
+
+
+def _targets(loss: str, labels, n: int, c: int, device, dtype, validate: bool) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but logits are on {device}")
+    if loss == "cross_entropy":
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels for loss='cross_entropy' must be integer class ids; got dtype {labels.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != n:
+            raise ValueError(f"labels must have shape ({n},) for loss='cross_entropy'; got {tuple(labels.shape)}")
+        labels = labels.to(torch.int64)
+        if validate and n and (int(labels.min()) < 0 or int(labels.max()) >= c):
+            raise ValueError(f"labels must lie in [0, {c}) (C = logits.shape[1]); got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return labels
+    if not labels.dtype.is_floating_point:
+        raise TypeError(f"labels for loss={loss!r} must be floating targets; got dtype {labels.dtype}")
+    if labels.dim() == 1 and c == 1 and labels.shape[0] == n:
+        labels = labels.unsqueeze(1)
+    if labels.shape != (n, c):
+        raise ValueError(f"labels for loss={loss!r} must have shape ({n}, {c})" + (f" or ({n},)" if c == 1 else "")
+                         + f"; got {tuple(labels.shape)}")
+    if validate:
+        _check_finite("labels", labels)
+        if loss == "binary_cross_entropy" and n and (float(labels.min()) < 0 or float(labels.max()) > 1):
+            raise ValueError("labels for loss='binary_cross_entropy' must lie in [0, 1]")
+    return labels.to(dtype)
+
+
+def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: Optional[int] = None,
+            validate: bool = True) -> HeadProblem:
+    """Check the user's tensors and build the `HeadProblem` every backend consumes.
+
+    1-D logits are read as a single logit per sample (C = 1). Raises TypeError
+    for wrong types/dtypes and ValueError for wrong shapes, devices or values.
+    """
+    check_choice("loss", loss, LOSSES)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool; got {type(bias).__name__}")
+    for name, t in (("logits", logits), ("features", features)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor; got dtype {t.dtype}")
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(1)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (N, C) or (N,); got {tuple(logits.shape)}")
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape (N, D); got {tuple(features.shape)}")
+    n, c = logits.shape
+    if features.shape[0] != n:
+        raise ValueError(f"features has {features.shape[0]} rows but logits has {n}")
+    if n == 0 or c == 0 or features.shape[1] == 0:
+        raise ValueError(f"logits {tuple(logits.shape)} and features {tuple(features.shape)} must be non-empty")
+    if features.device != logits.device:
+        raise ValueError(f"features is on {features.device} but logits are on {logits.device}")
+    if features.dtype != logits.dtype:
+        raise TypeError(f"features dtype {features.dtype} must match logits dtype {logits.dtype}")
+    if validate:
+        _check_finite("logits", logits)
+        _check_finite("features", features)
+    targets = _targets(loss, labels, n, c, logits.device, compute_dtype(logits.dtype), validate)
+    segments = _segments(envs, n, logits.device, num_envs, validate)
+    return HeadProblem(logits, features, targets, loss, bias, segments)

@@ -1,0 +1,189 @@
+"""Penalty algebra on the small per-environment tensors (DESIGN.md §1–2) and the autograd Function.
+
+A *plan* turns backend statistics into the two penalty terms (forward) and turns
+the upstream weights (alpha, beta) into the upstream matrices the backend's
+per-sample backward consumes (Gam, Lam, M). `PenaltyFunction` is the only place
+that knows about autograd; backends only see tensors.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+from ._inputs import HeadProblem
+from .backends import Backend
+
+# Probe batches are sized so that one batch of directions holds about this many elements.
+PROBE_BATCH_ELEMENTS = 1 << 24
+
+
+def env_weight(env_reduction: str, num_envs: int) -> float:
+    """R_e: 'mean' over environments (DomainBed) or 'sum' (Colored MNIST scripts)."""
+    return 1.0 / num_envs if env_reduction == "mean" else 1.0
+
+
+def deviation_penalty(stats: torch.Tensor, ref: torch.Tensor, weight: float) -> torch.Tensor:
+    """R_e ||stats_e - ref||^2, summed over all C x Dh entries."""
+    return weight * (stats - ref).square().sum()
+
+
+def rademacher_probe(generator: Optional[torch.Generator], num_envs: int, num_classes: int, head_width: int,
+                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One probe index's draws, (E + 1, C, Dh) of ±1: one probe per environment, then the
+    independent probe for the pooled reference. Every path draws probes in this order, so
+    the same generator state gives the same probes in every backend, `reference` included."""
+    bits = torch.randint(0, 2, (num_envs + 1, num_classes, head_width), generator=generator, device=device)
+    return (2 * bits - 1).to(dtype)
+
+
+def _generator_for(device: torch.device, generator: Optional[torch.Generator]) -> torch.Generator:
+    if generator is not None:
+        return generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class ExactDiagPlan:
+    """Hutchinson method with the exact head-Hessian diagonal: S_e = Dg_e, S_ref = mean_e Dg_e."""
+
+    def __init__(self, env_reduction: str):
+        self.env_reduction = env_reduction
+
+    def forward(self, backend: Backend, problem: HeadProblem):
+        stats = backend.head_stats(problem, gradient=True, hess_diag=True)
+        self.weight = env_weight(self.env_reduction, problem.segments.num_envs)
+        self.grad, self.diag = stats.grad, stats.hess_diag
+        return (deviation_penalty(self.diag, self.diag.mean(0), self.weight),
+                deviation_penalty(self.grad, self.grad.mean(0), self.weight))
+
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
+        # The reference is a mean, so deviations sum to zero and detaching it changes nothing.
+        gam = 2 * alpha * self.weight * (self.diag - self.diag.mean(0))
+        lam = 2 * beta * self.weight * (self.grad - self.grad.mean(0))
+        return backend.per_sample_backward(problem, grad_up=lam, diag_up=gam)
+
+
+class StochasticDiagPlan:
+    """The official estimator: S_e = (1/K) sum_k v_k ⊙ H_e v_k, S_ref the same on H_bar with its own probes."""
+
+    def __init__(self, env_reduction: str, detach_reference: bool, num_probes: int,
+                 generator: Optional[torch.Generator]):
+        self.env_reduction = env_reduction
+        self.detach_reference = detach_reference
+        self.num_probes = num_probes
+        self.generator = generator
+
+    def _probe_batches(self, problem: HeadProblem, gen: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (own (E, k, C, Dh), ref (k, C, Dh)) probe batches drawn from `gen`."""
+        e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
+        device = problem.logits.device
+        per_probe = max((e + 1) * c * dh, problem.logits.shape[0] * c)
+        batch = max(1, min(self.num_probes, PROBE_BATCH_ELEMENTS // per_probe))
+        for start in range(0, self.num_probes, batch):
+            draws = torch.stack([rademacher_probe(gen, e, c, dh, problem.compute_dtype, device)
+                                 for _ in range(min(batch, self.num_probes - start))])
+            yield draws[:, :e].transpose(0, 1), draws[:, e]
+
+    def forward(self, backend: Backend, problem: HeadProblem):
+        e = problem.segments.num_envs
+        self.weight = env_weight(self.env_reduction, e)
+        live = _generator_for(problem.logits.device, self.generator)
+        self.state = live.get_state()  # backward replays the same probes from here
+        self.grad = backend.head_stats(problem, gradient=True).grad
+        own_sum = torch.zeros_like(self.grad)
+        ref_sum = torch.zeros_like(self.grad[0])
+        for own, ref in self._probe_batches(problem, live):
+            k = ref.shape[0]
+            dirs = torch.cat([own, ref.expand(e, *ref.shape)], 1)
+            hv = backend.head_stats(problem, hvp_dirs=dirs).hvp
+            own_sum += (own * hv[:, :k]).sum(1)
+            ref_sum += (ref * hv[:, k:].mean(0)).sum(0)  # H_bar v = mean_e H_e v
+        self.diag, self.ref = own_sum / self.num_probes, ref_sum / self.num_probes
+        return (deviation_penalty(self.diag, self.ref, self.weight),
+                deviation_penalty(self.grad, self.grad.mean(0), self.weight))
+
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
+        e = problem.segments.num_envs
+        gam = 2 * alpha * self.weight * (self.diag - self.ref)
+        # An undetached reference receives -sum_e Gam_e, spread over H_bar = mean_e H_e.
+        gam_ref = None if self.detach_reference else -gam.sum(0) / e
+        lam = 2 * beta * self.weight * (self.grad - self.grad.mean(0))
+        d_logits = d_features = None
+        replay = torch.Generator(device=problem.logits.device)
+        replay.set_state(self.state)
+        grad_up = lam
+        for own, ref in self._probe_batches(problem, replay):
+            dirs, ups = own, gam.unsqueeze(1) * own / self.num_probes
+            if gam_ref is not None:
+                dirs = torch.cat([dirs, ref.expand(e, *ref.shape)], 1)
+                ups = torch.cat([ups, (gam_ref * ref / self.num_probes).expand(e, *ref.shape)], 1)
+            dl, df = backend.per_sample_backward(problem, grad_up=grad_up, hvp_dirs=dirs, hvp_up=ups)
+            grad_up = None
+            d_logits = dl if d_logits is None else d_logits + dl
+            d_features = df if d_features is None else d_features + df
+        return d_logits, d_features
+
+
+class HGPPlan:
+    """HGP: S_e = H_e G_e; S_ref = H_bar G_bar (pooled, official) or mean_e H_e G_e."""
+
+    def __init__(self, env_reduction: str, detach_reference: bool, reference: str):
+        self.env_reduction = env_reduction
+        self.detach_reference = detach_reference
+        self.reference = reference
+
+    def forward(self, backend: Backend, problem: HeadProblem):
+        e = problem.segments.num_envs
+        self.weight = env_weight(self.env_reduction, e)
+        self.grad = backend.head_stats(problem, gradient=True).grad
+        grad_mean = self.grad.mean(0)
+        # With one environment the pooled and mean references coincide; the mean keeps the penalty exactly 0.
+        self.pooled = self.reference == "pooled" and e > 1
+        dirs = [self.grad]
+        if self.pooled:
+            dirs.append(grad_mean.expand_as(self.grad))
+        hv = backend.head_stats(problem, hvp_dirs=torch.stack(dirs, 1)).hvp
+        self.hgp = hv[:, 0]
+        self.ref = hv[:, 1].mean(0) if self.pooled else self.hgp.mean(0)
+        return (deviation_penalty(self.hgp, self.ref, self.weight),
+                deviation_penalty(self.grad, grad_mean, self.weight))
+
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
+        e = problem.segments.num_envs
+        gam = 2 * alpha * self.weight * (self.hgp - self.ref)
+        lam = 2 * beta * self.weight * (self.grad - self.grad.mean(0))
+        dirs: List[torch.Tensor] = [self.grad]
+        ups: List[torch.Tensor] = [gam]
+        if self.pooled and not self.detach_reference:
+            # S_ref = (1/E) sum_e H_e G_bar receives -sum_e Gam_e.
+            dirs.append(self.grad.mean(0).expand_as(self.grad))
+            ups.append((-gam.sum(0) / e).expand_as(gam))
+        dirs_t, ups_t = torch.stack(dirs, 1), torch.stack(ups, 1)
+        # dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E).
+        dir_grads = backend.head_stats(problem, hvp_dirs=ups_t).hvp
+        total_grad_up = lam + dir_grads[:, 0]
+        if dir_grads.shape[1] == 2:
+            total_grad_up = total_grad_up + dir_grads[:, 1].sum(0) / e
+        return backend.per_sample_backward(problem, grad_up=total_grad_up, hvp_dirs=dirs_t, hvp_up=ups_t)
+
+
+class PenaltyFunction(torch.autograd.Function):
+    """(logits, features) -> (hessian term, gradient term), backward by the plan's closed form."""
+
+    @staticmethod
+    def forward(ctx, logits, features, problem: HeadProblem, backend: Backend, plan):
+        problem = problem.with_tensors(logits, features)
+        hessian, gradient = plan.forward(backend, problem)
+        ctx.save_for_backward(logits, features)
+        ctx.problem, ctx.backend, ctx.plan = problem, backend, plan
+        return hessian, gradient
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, alpha, beta):
+        logits, features = ctx.saved_tensors
+        problem = ctx.problem.with_tensors(logits, features)
+        d_logits, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta)
+        return d_logits.to(logits.dtype), d_features.to(features.dtype), None, None, None

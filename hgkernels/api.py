@@ -1,0 +1,213 @@
+"""Public functions: the two penalties and the per-environment head statistics."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import backends, reference as reference_path
+from ._inputs import ENV_REDUCTIONS, EnvsArg, HeadProblem, check_choice, prepare
+from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan
+from .backends.base import Backend
+
+
+class Penalty(NamedTuple):
+    """The two alignment terms, 0-dim tensors (float32 for half-precision inputs)."""
+
+    hessian: torch.Tensor
+    gradient: torch.Tensor
+
+
+class HeadParams(NamedTuple):
+    """A per-environment head quantity split like the head: weight (E, C, D), bias (E, C) or None."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def _check_common(env_reduction: str, detach_reference: bool, backend: str) -> None:
+    check_choice("env_reduction", env_reduction, ENV_REDUCTIONS)
+    if not isinstance(detach_reference, bool):
+        raise TypeError(f"detach_reference must be a bool; got {type(detach_reference).__name__}")
+    check_choice("backend", backend, backends.BACKEND_NAMES)
+
+
+def _run(problem: HeadProblem, backend: str, plan, reference_call) -> Penalty:
+    if backend == "reference":
+        return Penalty(*reference_call())
+    impl = backends.select(backend, problem)
+    return Penalty(*PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan))
+
+
+def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
+                       loss: str = "cross_entropy", bias: bool = True, estimator: str = "exact",
+                       num_probes: int = 300, generator: Optional[torch.Generator] = None,
+                       env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
+                       num_envs: Optional[int] = None, validate: bool = True) -> Penalty:
+    """Hessian-diagonal alignment (the paper's Hutchinson method) for a linear head.
+
+    Args:
+        logits: (N, C) or (N,) head outputs ``features @ W.T + b``, any float dtype.
+        features: (N, D) head inputs, same dtype and device as logits.
+        labels: int class ids (N,) for ``loss="cross_entropy"``; float targets (N, C),
+            or (N,) when C = 1, for ``"binary_cross_entropy"`` (with logits, in [0, 1]) and ``"mse"``.
+        envs: (N,) integer environment ids in any order, or a list of per-environment
+            sizes for samples grouped contiguously.
+        loss: each environment's loss is torch's functional loss with mean reduction.
+        bias: whether the head has a bias (its parameters join the statistics).
+        estimator: ``"exact"`` (closed-form diagonal, the default) or ``"hutchinson"``
+            (the official Rademacher estimator with ``num_probes`` probes per environment
+            and as many for the pooled reference, drawn from ``generator``).
+        env_reduction: ``"mean"`` (DomainBed) or ``"sum"`` (Colored MNIST scripts) over environments.
+        detach_reference: detach the pooled reference (DomainBed) or not (Colored MNIST).
+        backend: ``"auto"``, ``"torch"``, ``"reference"`` (generic autograd), or a compiled backend.
+        num_envs: E when some environment ids may be absent from envs (absent ones raise).
+        validate: run data-dependent checks (label range, NaN/Inf, empty environments);
+            they synchronise a GPU, so ``False`` skips them in tight loops.
+
+    Returns:
+        Penalty(hessian, gradient): R_e ||Dg_e - mean Dg||^2 and R_e ||G_e - G_bar||^2.
+    """
+    check_choice("estimator", estimator, ("exact", "hutchinson"))
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    _check_common(env_reduction, detach_reference, backend)
+    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
+    if generator is not None and generator.device.type != problem.logits.device.type:
+        raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
+    if estimator == "exact":
+        plan = ExactDiagPlan(env_reduction)
+    else:
+        plan = StochasticDiagPlan(env_reduction, detach_reference, num_probes, generator)
+    return _run(problem, backend, plan, lambda: reference_path.penalty(
+        problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
+        estimator=estimator, num_probes=num_probes, generator=generator))
+
+
+def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
+                loss: str = "cross_entropy", bias: bool = True, reference: str = "pooled",
+                env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
+                num_envs: Optional[int] = None, validate: bool = True) -> Penalty:
+    """Hessian-gradient-product alignment (the paper's HGP method) for a linear head.
+
+    Arguments as in `hutchinson_penalty`, plus ``reference``: ``"pooled"`` (official:
+    H_bar G_bar, the pooled loss's Hessian times its gradient) or ``"mean"`` (mean_e H_e G_e).
+
+    Returns:
+        Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
+    """
+    check_choice("reference", reference, ("pooled", "mean"))
+    _check_common(env_reduction, detach_reference, backend)
+    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
+    plan = HGPPlan(env_reduction, detach_reference, reference)
+    return _run(problem, backend, plan, lambda: reference_path.penalty(
+        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference))
+
+
+class _HeadStatistic(torch.autograd.Function):
+    """One per-environment statistic (E, C, Dh), differentiable in logits, features and the HVP vector."""
+
+    @staticmethod
+    def forward(ctx, logits, features, vector, problem: HeadProblem, backend: Backend, kind: str):
+        problem = problem.with_tensors(logits, features)
+        ctx.save_for_backward(logits, features, vector)
+        ctx.problem, ctx.backend, ctx.kind = problem, backend, kind
+        if kind == "gradient":
+            return backend.head_stats(problem, gradient=True).grad
+        if kind == "hess_diag":
+            return backend.head_stats(problem, hess_diag=True).hess_diag
+        return backend.head_stats(problem, hvp_dirs=vector.unsqueeze(1)).hvp[:, 0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, upstream):
+        logits, features, vector = ctx.saved_tensors
+        problem, backend = ctx.problem.with_tensors(logits, features), ctx.backend
+        upstream = upstream.contiguous()
+        d_vector = None
+        if ctx.kind == "gradient":
+            d_logits, d_features = backend.per_sample_backward(problem, grad_up=upstream)
+        elif ctx.kind == "hess_diag":
+            d_logits, d_features = backend.per_sample_backward(problem, diag_up=upstream)
+        else:
+            d_logits, d_features = backend.per_sample_backward(
+                problem, hvp_dirs=vector.unsqueeze(1), hvp_up=upstream.unsqueeze(1))
+            if ctx.needs_input_grad[2]:
+                d_vector = backend.head_stats(problem, hvp_dirs=upstream.unsqueeze(1)).hvp[:, 0]
+        return d_logits.to(logits.dtype), d_features.to(features.dtype), d_vector, None, None, None
+
+
+def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
+                    num_envs: Optional[int], validate: bool, vector=None) -> HeadParams:
+    check_choice("backend", backend, backends.BACKEND_NAMES)
+    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
+    flat_vector = None if vector is None else _head_vector(vector, problem)
+    if backend == "reference":
+        stats = reference_path.stats(problem, kind, flat_vector)
+    else:
+        impl = backends.select(backend, problem)
+        stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
+    d = problem.num_features
+    return HeadParams(stats[..., :d], stats[..., d] if bias else None)
+
+
+def _head_vector(vector, problem: HeadProblem) -> torch.Tensor:
+    """(weight (C, D) or (E, C, D), bias (C,)/(E, C) or None) -> (E, C, Dh) in the compute dtype."""
+    if isinstance(vector, torch.Tensor):
+        vector = (vector, None)
+    if not isinstance(vector, (tuple, list)) or len(vector) != 2:
+        raise TypeError("vector must be a (weight, bias) pair (bias None for a head without bias) or a weight tensor")
+    weight, bias = vector
+    e, c, d = problem.segments.num_envs, problem.num_classes, problem.num_features
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        raise TypeError("vector weight must be a floating tensor")
+    if weight.shape not in ((c, d), (e, c, d)):
+        raise ValueError(f"vector weight must have shape ({c}, {d}) or ({e}, {c}, {d}); got {tuple(weight.shape)}")
+    if (bias is None) == problem.bias:
+        raise ValueError("vector bias must be given exactly when bias=True" if problem.bias
+                         else "vector bias must be None when bias=False")
+    pieces = [weight.expand(e, c, d)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape not in ((c,), (e, c)):
+            raise ValueError(f"vector bias must have shape ({c},) or ({e}, {c})")
+        pieces.append(bias.expand(e, c).unsqueeze(-1))
+    for piece in pieces:
+        if piece.device != problem.logits.device:
+            raise ValueError(f"vector is on {piece.device} but logits are on {problem.logits.device}")
+    return torch.cat(pieces, -1).to(problem.compute_dtype)
+
+
+_STAT_DOC = """{what} of each environment's loss with respect to the head (W, b).
+
+    Arguments as in `hutchinson_penalty` (labels, envs, loss, bias, num_envs, backend, validate).
+    Returns HeadParams(weight (E, C, D), bias (E, C) or None), differentiable in logits and features.
+    """
+
+
+def head_gradient(logits, features, labels, envs, *, loss: str = "cross_entropy", bias: bool = True,
+                  num_envs: Optional[int] = None, backend: str = "auto", validate: bool = True) -> HeadParams:
+    return _head_statistic("gradient", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+                           num_envs=num_envs, validate=validate)
+
+
+def head_hessian_diag(logits, features, labels, envs, *, loss: str = "cross_entropy", bias: bool = True,
+                      num_envs: Optional[int] = None, backend: str = "auto", validate: bool = True) -> HeadParams:
+    return _head_statistic("hess_diag", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+                           num_envs=num_envs, validate=validate)
+
+
+def head_hvp(logits, features, labels, envs, vector: Union[torch.Tensor, Tuple, Sequence], *,
+             loss: str = "cross_entropy", bias: bool = True, num_envs: Optional[int] = None,
+             backend: str = "auto", validate: bool = True) -> HeadParams:
+    return _head_statistic("hvp", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+                           num_envs=num_envs, validate=validate, vector=vector)
+
+
+head_gradient.__doc__ = _STAT_DOC.format(what="Gradient G_e")
+head_hessian_diag.__doc__ = _STAT_DOC.format(what="Exact Hessian diagonal Dg_e")
+head_hvp.__doc__ = _STAT_DOC.format(what="Hessian-vector product H_e V") + """
+    ``vector`` is (weight (C, D) or (E, C, D), bias (C,) or (E, C), None without bias),
+    one direction shared by all environments or one per environment.
+    """

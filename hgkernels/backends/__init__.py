@@ -1,0 +1,57 @@
+"""Backend registry: closed-form implementations of the two primitives of `base.Backend`.
+
+Optional backends (Triton, native) register lazily so that importing hgkernels
+on a CPU machine never imports triton or a compiled module.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional
+
+from .._inputs import HeadProblem
+from .base import Backend, HeadStats
+
+# name -> "module:attribute" of a zero-argument factory returning a Backend, or
+# raising ImportError with the reason the backend is unavailable.
+_FACTORIES: Dict[str, str] = {
+    "torch": "hgkernels.backends.torch_backend:TorchBackend",
+}
+# Preference order of backend="auto": first that is available and supports the inputs.
+AUTO_ORDER: List[str] = ["torch"]
+_CACHE: Dict[str, Backend] = {}
+
+BACKEND_NAMES = ("auto", "reference", *_FACTORIES)
+
+
+def load(name: str) -> Backend:
+    """Instantiate a registered backend; ImportError/RuntimeError says why it is unavailable."""
+    if name not in _CACHE:
+        module, attr = _FACTORIES[name].split(":")
+        _CACHE[name] = getattr(importlib.import_module(module), attr)()
+    return _CACHE[name]
+
+
+def select(name: str, problem: HeadProblem) -> Backend:
+    """Resolve `backend=` for `problem`; raises ValueError naming the reason a backend can't run."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            try:
+                backend = load(candidate)
+            except (ImportError, RuntimeError):
+                continue
+            if backend.unsupported_reason(problem) is None:
+                return backend
+        raise ValueError("no backend supports these inputs")  # torch supports everything; kept for safety
+    if name not in _FACTORIES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}")
+    try:
+        backend = load(name)
+    except (ImportError, RuntimeError) as err:
+        raise ValueError(f"backend={name!r} is not available: {err}") from err
+    reason: Optional[str] = backend.unsupported_reason(problem)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
+    return backend
+
+
+__all__ = ["Backend", "HeadStats", "load", "select", "AUTO_ORDER", "BACKEND_NAMES"]

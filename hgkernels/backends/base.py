@@ -1,0 +1,48 @@
+"""The contract every closed-form backend implements: two primitives over environment segments.
+
+Shapes (E environments, C classes, D features, Dh = D + bias, K directions):
+
+* ``head_stats`` — per-environment statistics, in the problem's compute dtype:
+  ``grad`` G_e (E, C, Dh), ``hess_diag`` Dg_e (E, C, Dh) and ``hvp`` (E, K, C, Dh)
+  with ``hvp[e, k] = H_e @ hvp_dirs[e, k]``. Only the requested ones are computed.
+* ``per_sample_backward`` — given upstream gradients dPsi/dG_e (``grad_up``),
+  dPsi/dDg_e (``diag_up``) and dPsi/d(H_e V_ek) for fixed directions V
+  (``hvp_up`` against ``hvp_dirs``), return dPsi/dlogits (N, C) and
+  dPsi/dfeatures (N, D) in the compute dtype (DESIGN.md §2).
+
+The gradient that flows into a direction V (HGP's V = G_e) is itself an
+HVP, dPsi/dV_ek = H_e @ hvp_up[e, k] (H_e is symmetric), so it needs no third primitive.
+The last column of every C × Dh matrix is the bias part when ``problem.bias``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .._inputs import HeadProblem
+
+
+class HeadStats(NamedTuple):
+    grad: Optional[torch.Tensor] = None
+    hess_diag: Optional[torch.Tensor] = None
+    hvp: Optional[torch.Tensor] = None
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and implement the two primitives."""
+
+    name: str = ""
+
+    def unsupported_reason(self, problem: HeadProblem) -> Optional[str]:
+        """None when this backend can run `problem`, else why not (device, dtype, build)."""
+        return None
+
+    def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
+                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+        raise NotImplementedError
+
+    def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
+                            diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
+                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,70 @@
+"""`nn.Module` wrapper: ERM loss plus the alignment penalties, with the parts for logging."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._inputs import EnvsArg, check_choice, prepare
+from .api import hgp_penalty, hutchinson_penalty
+
+
+class AlignmentLoss(NamedTuple):
+    """total = erm + alpha * hessian + beta * gradient; erm = mean over environments of L_e."""
+
+    total: torch.Tensor
+    erm: torch.Tensor
+    hessian: torch.Tensor
+    gradient: torch.Tensor
+
+
+def env_mean_loss(logits, labels, envs, *, loss: str = "cross_entropy", num_envs: Optional[int] = None,
+                  validate: bool = True) -> torch.Tensor:
+    """(E,) per-environment losses L_e, each torch's functional loss with mean reduction."""
+    dummy_features = logits.new_zeros(logits.shape[0], 1)
+    problem = prepare(logits, dummy_features, labels, envs, loss=loss, bias=False, num_envs=num_envs,
+                      validate=validate)
+    logits = problem.logits.to(problem.compute_dtype)
+    if loss == "cross_entropy":
+        per_sample = F.cross_entropy(logits, problem.targets, reduction="none")
+    elif loss == "binary_cross_entropy":
+        per_sample = F.binary_cross_entropy_with_logits(logits, problem.targets, reduction="none").mean(1)
+    else:
+        per_sample = F.mse_loss(logits, problem.targets, reduction="none").mean(1)
+    seg = problem.segments
+    sums = per_sample.new_zeros(seg.num_envs).index_add(0, seg.env_ids, per_sample)
+    return sums / seg.counts_tensor.to(sums.dtype)
+
+
+class HessianAlignmentLoss(torch.nn.Module):
+    """Training loss of the Hessian-alignment methods for a linear head.
+
+    ``method``: ``"hutchinson"`` (Hessian diagonals) or ``"hgp"`` (Hessian-gradient
+    products); ``alpha`` and ``beta`` weight the Hessian and gradient terms and may be
+    changed between steps (e.g. a warm-up schedule). Other keywords go to the penalty
+    function (loss, bias, estimator, num_probes, generator, reference, env_reduction,
+    detach_reference, backend, validate).
+
+    ``forward(logits, features, labels, envs)`` returns AlignmentLoss(total, erm, hessian, gradient).
+    """
+
+    def __init__(self, method: str = "hutchinson", alpha: float = 1.0, beta: float = 1.0, **penalty_kwargs):
+        super().__init__()
+        check_choice("method", method, ("hutchinson", "hgp"))
+        self.method = method
+        self.alpha = alpha
+        self.beta = beta
+        self.penalty_kwargs = penalty_kwargs
+        self._penalty_fn = hutchinson_penalty if method == "hutchinson" else hgp_penalty
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                envs: EnvsArg) -> AlignmentLoss:
+        pen = self._penalty_fn(logits, features, labels, envs, **self.penalty_kwargs)
+        erm = env_mean_loss(logits, labels, envs, loss=self.penalty_kwargs.get("loss", "cross_entropy"),
+                            validate=False).mean()
+        return AlignmentLoss(erm + self.alpha * pen.hessian + self.beta * pen.gradient, erm,
+                             pen.hessian, pen.gradient)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, alpha={self.alpha}, beta={self.beta}"

@@ -1,0 +1,133 @@
+"""The generic path users have today: autograd double backward on a zero head perturbation.
+
+This mirrors the official code (a Python loop over environments, torch's
+functional losses, `torch.autograd.grad(..., create_graph=True)`, one
+Hessian-vector product per probe) and shares none of the closed-form math,
+so it is both the checking oracle and the benchmark baseline. Outputs carry an
+autograd graph: `.backward()` through them is the double backward being replaced.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._inputs import HeadProblem
+from ._penalty import deviation_penalty, env_weight, rademacher_probe
+
+# Hessian rows per batched double-backward call when computing the exact diagonal.
+DIAG_ROWS_PER_CALL = 1024
+
+
+def _functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, targets)
+    if loss == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.mse_loss(logits, targets)
+
+
+class _PerturbedHead:
+    """L_e(dW, db) = loss(logits_e + features_e dW^T + db) at dW = db = 0."""
+
+    def __init__(self, problem: HeadProblem):
+        dtype = problem.compute_dtype
+        c, d = problem.num_classes, problem.num_features
+        device = problem.logits.device
+        self.params: List[torch.Tensor] = [torch.zeros(c, d, dtype=dtype, device=device, requires_grad=True)]
+        if problem.bias:
+            self.params.append(torch.zeros(c, dtype=dtype, device=device, requires_grad=True))
+        self.env_losses = []
+        for e in range(problem.segments.num_envs):
+            idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
+            logits = problem.logits[idx].to(dtype) + problem.features[idx].to(dtype) @ self.params[0].T
+            if problem.bias:
+                logits = logits + self.params[1]
+            self.env_losses.append(_functional_loss(problem.loss, logits, problem.targets[idx]))
+        self.pooled_loss = sum(self.env_losses) / len(self.env_losses)
+
+    def grad(self, loss: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(loss, self.params, create_graph=True)
+
+    def hvp(self, grad: Sequence[torch.Tensor], vector: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(grad, self.params, grad_outputs=vector, create_graph=True)
+
+    def split(self, flat: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(..., C, Dh) -> parameter-shaped pieces."""
+        d = self.params[0].shape[1]
+        return (flat[..., :d],) + ((flat[..., d],) if len(self.params) == 2 else ())
+
+    @staticmethod
+    def flat(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parameter-shaped pieces -> (..., C, Dh), bias last."""
+        return torch.cat([pieces[0]] + [p.unsqueeze(-1) for p in pieces[1:]], -1)
+
+    def hess_diag(self, grad: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Exact diagonal: one Hessian-vector product per head parameter (batched over rows)."""
+        c, dh = grad[0].shape[0], grad[0].shape[1] + len(self.params) - 1
+        eye = torch.eye(c * dh, dtype=grad[0].dtype, device=grad[0].device)
+        diag = []
+        for start in range(0, c * dh, DIAG_ROWS_PER_CALL):
+            rows = eye[start:start + DIAG_ROWS_PER_CALL]
+            h_rows = torch.autograd.grad(grad, self.params, grad_outputs=self.split(rows.view(-1, c, dh)),
+                                         create_graph=True, is_grads_batched=True)
+            diag.append(self.flat(h_rows).view(rows.shape[0], -1).diagonal(offset=start))
+        return torch.cat(diag).view(c, dh)
+
+
+def _maybe_detach(t: torch.Tensor, detach: bool) -> torch.Tensor:
+    return t.detach() if detach else t
+
+
+def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-environment G_e, Dg_e or H_e V_e by autograd, stacked to (E, C, Dh)."""
+    head = _PerturbedHead(problem)
+    out = []
+    for e, env_loss in enumerate(head.env_losses):
+        grad = head.grad(env_loss)
+        if kind == "gradient":
+            out.append(head.flat(grad))
+        elif kind == "hess_diag":
+            out.append(head.hess_diag(grad))
+        else:
+            out.append(head.flat(head.hvp(grad, head.split(vector[e]))))
+    return torch.stack(out)
+
+
+def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_reference: bool,
+            estimator: str = "exact", num_probes: int = 1, generator: Optional[torch.Generator] = None,
+            reference: str = "pooled") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hessian term, gradient term) as the official code computes them."""
+    head = _PerturbedHead(problem)
+    num_envs = len(head.env_losses)
+    weight = env_weight(env_reduction, num_envs)
+    env_grads = [head.grad(env_loss) for env_loss in head.env_losses]
+    pooled_grad = head.grad(head.pooled_loss)
+    grads = torch.stack([head.flat(g) for g in env_grads])
+    gradient_term = deviation_penalty(grads, head.flat(pooled_grad), weight)
+
+    if method == "hgp":
+        hgps = torch.stack([head.flat(head.hvp(g, g)) for g in env_grads])
+        if reference == "pooled":
+            ref = head.flat(head.hvp(pooled_grad, pooled_grad))
+        else:
+            ref = hgps.mean(0)
+        return deviation_penalty(hgps, _maybe_detach(ref, detach_reference), weight), gradient_term
+
+    if estimator == "exact":
+        diags = torch.stack([head.hess_diag(g) for g in env_grads])
+        ref = head.hess_diag(pooled_grad)
+        return deviation_penalty(diags, _maybe_detach(ref, detach_reference), weight), gradient_term
+
+    c, dh = grads.shape[1], grads.shape[2]
+    diags = [0.0] * num_envs
+    ref = 0.0
+    for _ in range(num_probes):
+        probe = rademacher_probe(generator, num_envs, c, dh, grads.dtype, grads.device)
+        for e, g in enumerate(env_grads):
+            diags[e] = diags[e] + probe[e] * head.flat(head.hvp(g, head.split(probe[e])))
+        ref = ref + probe[num_envs] * head.flat(head.hvp(pooled_grad, head.split(probe[num_envs])))
+    diag_est = torch.stack(diags) / num_probes
+    ref = ref / num_probes
+    return deviation_penalty(diag_est, _maybe_detach(ref, detach_reference), weight), gradient_term
