@@ -15,9 +15,12 @@ from .base import Backend, HeadStats
 # raising ImportError with the reason the backend is unavailable.
 _FACTORIES: Dict[str, str] = {
     "torch": "hgkernels.backends.torch_backend:TorchBackend",
+    "triton": "hgkernels.backends.triton_backend:TritonBackend",
+    "native": "hgkernels.backends.native:NativeBackend",
 }
-# Preference order of backend="auto": first that is available and supports the inputs.
-AUTO_ORDER: List[str] = ["torch"]
+# Preference order of backend="auto": first that is available and supports the inputs
+# (each backend's unsupported_reason states its own limits: device, dtype, build).
+AUTO_ORDER: List[str] = ["triton", "native", "torch"]
 _CACHE: Dict[str, Backend] = {}
 
 BACKEND_NAMES = ("auto", "reference", *_FACTORIES)
