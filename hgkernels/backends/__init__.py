@@ -42,7 +42,7 @@ def select(name: str, problem: HeadProblem) -> Backend:
                 backend = load(candidate)
             except (ImportError, RuntimeError):
                 continue
-            if backend.unsupported_reason(problem) is None:
+            if backend.unsupported_reason(problem, auto=True) is None:
                 return backend
         raise ValueError("no backend supports these inputs")  # torch supports everything; kept for safety
     if name not in _FACTORIES:

@@ -34,8 +34,11 @@ class Backend:
 
     name: str = ""
 
-    def unsupported_reason(self, problem: HeadProblem) -> Optional[str]:
-        """None when this backend can run `problem`, else why not (device, dtype, build)."""
+    def unsupported_reason(self, problem: HeadProblem, auto: bool = False) -> Optional[str]:
+        """None when this backend can run `problem`, else why not (device, dtype, build).
+
+        ``auto`` is True when `backend="auto"` asks: a backend may accept inputs when
+        named explicitly but decline them for auto (Triton on CPU under the interpreter)."""
         return None
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
