@@ -1,0 +1,76 @@
+"""Shared test helpers: random cases and one "assert close, show where not" check."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 when both vanish)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> float:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    if not err <= rtol:  # also catches NaN
+        diff = (actual.detach().double() - expected.detach().double()).abs()
+        worst = torch.topk(diff.flatten(), min(5, diff.numel())).indices
+        rows = [f"  at {tuple(int(i) for i in torch.unravel_index(w, diff.shape))}: "
+                f"got {actual.flatten()[w].item():.12g}, expected {expected.flatten()[w].item():.12g}"
+                for w in worst]
+        raise AssertionError(f"{what}: relative error {err:.3e} > {rtol:.1e}\n" + "\n".join(rows))
+    return err
+
+
+@dataclass
+class Case:
+    logits: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+    envs: Union[torch.Tensor, List[int]]
+    loss: str
+    bias: bool
+
+    def leaves(self, dtype: Optional[torch.dtype] = None):
+        """Fresh requires-grad copies of logits and features (optionally cast)."""
+        dtype = dtype or self.logits.dtype
+        return (self.logits.detach().to(dtype).requires_grad_(True),
+                self.features.detach().to(dtype).requires_grad_(True))
+
+
+def make_case(seed: int, *, loss: str, bias: bool, sizes: List[int], num_classes: int, num_features: int,
+              shuffle: bool = True, as_sizes: bool = False, dtype=torch.float64, scale: float = 1.5) -> Case:
+    """A random case: env sizes `sizes`; ids shuffled (or a size list when as_sizes)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, d = sum(sizes), num_classes, num_features
+    env_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    if shuffle and not as_sizes:
+        env_ids = env_ids[torch.randperm(n, generator=gen)]
+    logits = scale * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    features = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if loss == "cross_entropy":
+        labels = torch.randint(0, c, (n,), generator=gen)
+    elif loss == "binary_cross_entropy":
+        labels = torch.rand(n, c, generator=gen, dtype=torch.float64)
+        labels[: n // 2] = labels[: n // 2].round()  # hard and soft targets
+    else:
+        labels = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    return Case(logits.to(dtype), features.to(dtype), labels if loss == "cross_entropy" else labels.to(dtype),
+                list(sizes) if as_sizes else env_ids, loss, bias)
+
+
+def penalty_and_grads(fn, case: Case, dtype=None, alpha: float = 0.7, beta: float = 1.3, **kwargs):
+    """Penalty values and d(alpha*hessian + beta*gradient)/d(logits, features)."""
+    logits, features = case.leaves(dtype)
+    labels = case.labels if case.loss == "cross_entropy" else case.labels.to(logits.dtype)
+    pen = fn(logits, features, labels, case.envs, loss=case.loss, bias=case.bias, **kwargs)
+    d_logits, d_features = torch.autograd.grad(alpha * pen.hessian + beta * pen.gradient, (logits, features))
+    return pen.hessian.detach(), pen.gradient.detach(), d_logits, d_features
