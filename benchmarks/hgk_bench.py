@@ -1,0 +1,383 @@
+"""Benchmark harness shared by the pytest-benchmark suite and `report.py`.
+
+One place for: the named head shapes and sweeps, seeded inputs, the timed calls
+(forward + backward of each penalty per backend and the generic-autograd
+baselines), peak memory, and the machine's floor for each case.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from hgkernels import backends, head_hessian_diag, hgp_penalty, hutchinson_penalty
+from hgkernels._inputs import prepare
+
+FLOAT_BYTES = 4  # float32, the training dtype every case uses
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark case: a linear head on N samples in E equal, grouped environments."""
+
+    name: str
+    n: int
+    d: int
+    c: int
+    e: int
+    loss: str = "cross_entropy"
+    # The official estimator's probes per environment (DomainBed 300, Colored MNIST scripts 150),
+    # with its environment reduction and reference detaching.
+    official_probes: int = 300
+    env_reduction: str = "mean"
+    detach_reference: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (N={self.n}, D={self.d}, C={self.c}, E={self.e})"
+
+
+_CMNIST = dict(loss="binary_cross_entropy", official_probes=150, env_reduction="sum", detach_reference=False)
+_OFFICEHOME = Shape("officehome", n=96, d=2048, c=65, e=3)
+
+SUBSETS: Dict[str, List[Shape]] = {
+    "named": [
+        Shape("cmnist", n=50000, d=390, c=1, e=2, **_CMNIST),
+        Shape("pacs", n=96, d=2048, c=7, e=3),
+        Shape("vlcs", n=96, d=2048, c=5, e=3),
+        _OFFICEHOME,
+        Shape("domainnet", n=160, d=2048, c=345, e=5),
+    ],
+    # Sweeps vary one size of the OfficeHome head at a time.
+    "sweep-n": [replace(_OFFICEHOME, name=f"sweep-n{n}", n=n) for n in (24, 96, 384, 1536, 6144)],
+    "sweep-c": [replace(_OFFICEHOME, name=f"sweep-c{c}", c=c) for c in (2, 7, 65, 345, 1000)],
+    "sweep-d": [replace(_OFFICEHOME, name=f"sweep-d{d}", d=d) for d in (128, 512, 2048, 8192)],
+    "sweep-e": [replace(_OFFICEHOME, name=f"sweep-e{e}", n=32 * e, e=e) for e in (2, 3, 5, 8)],
+    "stress": [Shape("stress", n=256, d=4096, c=32768, e=4)],
+    # Tiny shapes for the CI smoke run: both loss kinds, few probes, two N for the plot.
+    "smoke": [
+        Shape("smoke-ce", n=24, d=6, c=3, e=3, official_probes=3),
+        Shape("smoke-ce-n48", n=48, d=6, c=3, e=3, official_probes=3),
+        Shape("smoke-bce", n=20, d=5, c=1, e=2, **{**_CMNIST, "official_probes": 3}),
+    ],
+}
+SUBSET_ALIASES = {"sweeps": ["sweep-n", "sweep-c", "sweep-d", "sweep-e"],
+                  "all": ["named", "sweep-n", "sweep-c", "sweep-d", "sweep-e", "stress"]}
+
+
+def shapes_for(subsets: List[str]) -> List[Shape]:
+    """Shapes of the named subsets (aliases expanded, order kept); a shape equal in every size
+    and option to an earlier one (the sweeps pass through OfficeHome) is run once, under its first name."""
+    names: List[str] = []
+    for subset in subsets:
+        for name in SUBSET_ALIASES.get(subset, [subset]):
+            if name not in SUBSETS:
+                raise ValueError(f"subset must be one of {', '.join(list(SUBSETS) + list(SUBSET_ALIASES))}; "
+                                 f"got {subset!r}")
+            if name not in names:
+                names.append(name)
+    shapes: Dict[Shape, Shape] = {}
+    for shape in (shape for name in names for shape in SUBSETS[name]):
+        shapes.setdefault(replace(shape, name=""), shape)
+    return list(shapes.values())
+
+
+@dataclass
+class Inputs:
+    logits: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+    envs: torch.Tensor
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Inputs:
+    """Seeded float32 inputs: logits ~ N(0, 1), nonnegative ReLU-like features, grouped env ids."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape.n, shape.c, generator=gen)
+    features = torch.randn(shape.n, shape.d, generator=gen).relu_()
+    if shape.loss == "cross_entropy":
+        labels = torch.randint(0, shape.c, (shape.n,), generator=gen)
+    else:
+        labels = torch.randint(0, 2, (shape.n, shape.c), generator=gen).float()
+    envs = torch.arange(shape.e).repeat_interleave(shape.n // shape.e)
+    envs = torch.cat([envs, torch.full((shape.n - envs.numel(),), shape.e - 1)])
+    return Inputs(*(t.to(device) for t in (logits, features, labels, envs)))
+
+
+# ---- what is timed ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    """One timed computation. ``kind``: closed (a closed-form backend), unit (generic path, one
+    probe), official (generic path at the official probe count or HGP double backward), peer."""
+
+    penalty: str  # "hutchinson" or "hgp": which floor applies
+    backend: str
+    kind: str
+    label: str
+    probes: int = 0
+    forward_only: bool = False
+
+
+def closed_form_backends(shape: Shape, inputs: Inputs) -> Tuple[List[str], Dict[str, str]]:
+    """(available backend names, {unavailable name: reason}) for these inputs, found at run time."""
+    problem = prepare(inputs.logits, inputs.features, inputs.labels, inputs.envs, loss=shape.loss, bias=True,
+                      validate=False)
+    available, skipped = [], {}
+    for name in ("torch", "native", "triton"):
+        if name == "triton" and inputs.logits.device.type != "cuda":
+            skipped[name] = "CPU: Triton runs only under TRITON_INTERPRET, which is not a speed path"
+            continue
+        try:
+            reason = backends.load(name).unsupported_reason(problem)
+        except (ImportError, RuntimeError) as err:
+            reason = f"not importable ({err})"
+        if reason is None:
+            available.append(name)
+        else:
+            skipped[name] = reason
+    return available, skipped
+
+
+def backpack_reason() -> Optional[str]:
+    """None when BackPACK (backpack-for-pytorch) imports, else why not."""
+    try:
+        import backpack  # noqa: F401
+    except ImportError as err:
+        return f"backpack-for-pytorch not importable ({err})"
+    return None
+
+
+def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List[Method]:
+    methods = []
+    for name in available:
+        methods.append(Method("hutchinson", name, "closed", "exact Hutchinson"))
+        methods.append(Method("hgp", name, "closed", "HGP"))
+    methods += [
+        Method("hutchinson", "reference", "unit", "generic Hutchinson, 1 probe", probes=1),
+        Method("hutchinson", "reference", "official", f"generic Hutchinson, {shape.official_probes} probes",
+               probes=shape.official_probes),
+        Method("hgp", "reference", "official", "generic HGP double backward"),
+    ]
+    methods += [Method("diag", name, "closed", "exact diagonal, forward", forward_only=True) for name in available]
+    if with_backpack:
+        methods.append(Method("diag", "backpack", "peer", "BackPACK DiagHessian, forward", forward_only=True))
+    return methods
+
+
+def make_step(method: Method, shape: Shape, inputs: Inputs) -> Callable[[], None]:
+    """A zero-argument call doing the method once on fresh leaves (forward, then backward unless forward_only)."""
+    if method.backend == "backpack":
+        return _backpack_step(shape, inputs)
+    common = dict(loss=shape.loss, env_reduction=shape.env_reduction, detach_reference=shape.detach_reference,
+                  backend=method.backend, validate=False)
+    device = inputs.logits.device
+
+    def step() -> None:
+        logits = inputs.logits.detach().requires_grad_(True)
+        features = inputs.features.detach().requires_grad_(True)
+        if method.penalty == "diag":
+            head_hessian_diag(logits, features, inputs.labels, inputs.envs, loss=shape.loss,
+                              backend=method.backend, validate=False)
+            return
+        if method.penalty == "hgp":
+            pen = hgp_penalty(logits, features, inputs.labels, inputs.envs, **common)
+        elif method.probes:
+            gen = torch.Generator(device=device).manual_seed(0)
+            pen = hutchinson_penalty(logits, features, inputs.labels, inputs.envs, estimator="hutchinson",
+                                     num_probes=method.probes, generator=gen, **common)
+        else:
+            pen = hutchinson_penalty(logits, features, inputs.labels, inputs.envs, **common)
+        (pen.hessian + pen.gradient).backward()
+
+    return step
+
+
+def _backpack_step(shape: Shape, inputs: Inputs) -> Callable[[], None]:
+    """BackPACK's exact DiagHessian of each environment's loss on an nn.Linear head (its own loop over E)."""
+    from backpack import backpack, extend
+    from backpack.extensions import DiagHessian
+
+    # BackPACK hooks the head's backward; with constant features torch warns on every call.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    head = extend(torch.nn.Linear(shape.d, shape.c).to(inputs.features.device))
+    loss_fn = extend(torch.nn.CrossEntropyLoss() if shape.loss == "cross_entropy" else torch.nn.BCEWithLogitsLoss())
+    env_rows = [(inputs.envs == e).nonzero().squeeze(1) for e in range(shape.e)]
+
+    def step() -> None:
+        for rows in env_rows:
+            head.zero_grad()
+            with backpack(DiagHessian()):
+                loss_fn(head(inputs.features[rows]), inputs.labels[rows]).backward()
+
+    return step
+
+
+# ---- timing and memory ---------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds for one call, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def cpu_peak_is_exact() -> bool:
+    """Whether glibc returns freed blocks to the OS (see `peak_memory`)."""
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict whose "bytes" holds, after the block, the peak memory it added.
+
+    GPU: torch.cuda.max_memory_allocated over what was allocated before. CPU: the
+    resident-set high-water mark (VmHWM, reset by writing 5 to /proc/self/clear_refs)
+    over the resident size before. With a fixed MALLOC_MMAP_THRESHOLD_ (report.py
+    sets it) every large tensor is its own mapping, unmapped when freed, so RSS tracks
+    live tensors; without it glibc may reuse freed heap and the figure undercounts.
+    """
+    result = {"bytes": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    base = _proc_status_kb("VmRSS")
+    yield result
+    result["bytes"] = max(0, _proc_status_kb("VmHWM") - base) * 1024
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not in /proc/meminfo")
+
+
+def memory_estimate(method: Method, shape: Shape) -> int:
+    """Rough bytes a method needs, used only to refuse cases that clearly cannot fit.
+
+    Closed form: about eight (E, C, Dh) matrices live at once (statistics, their upstream
+    gradients and one product) plus a few per-sample copies. Generic path: autograd keeps the
+    graph of E+1 gradients and each HVP, about sixteen; official probes run in the same graph size.
+    """
+    stat = shape.e * shape.c * (shape.d + 1) * FLOAT_BYTES
+    per_sample = shape.n * (shape.c + shape.d) * FLOAT_BYTES
+    matrices = 16 if method.backend in ("reference", "backpack") else 8
+    return matrices * stat + 8 * per_sample
+
+
+# ---- the machine's floor -------------------------------------------------------------------------
+
+@dataclass
+class Ceilings:
+    """Measured peak rates: float32 GEMM (flop/s) and memory copy bandwidth (bytes/s, read + write)."""
+
+    sgemm_flops: float
+    copy_bytes: float
+    notes: str = field(default="")
+
+
+def measure_ceilings(device: torch.device, repeats: int = 3, quick: bool = False) -> Ceilings:
+    """Best of `repeats`: a large square float32 torch.mm, and copy_ between two big buffers
+    (far larger than any cache; ``quick`` shrinks both for smoke runs, whose floors mean little)."""
+    size = 512 if quick else 4096 if device.type == "cuda" else 1536
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    mm_time = min(timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
+    numel = (1 << 22) if quick else (1 << 28) if device.type == "cuda" else (1 << 26)  # 16 MiB / 1 GiB / 256 MiB
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy_time = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    return Ceilings(2 * size ** 3 / mm_time, 2 * numel * FLOAT_BYTES / copy_time,
+                    f"sgemm {size}x{size}x{size}, copy of {numel * FLOAT_BYTES >> 20} MiB")
+
+
+def work(penalty: str, shape: Shape) -> Tuple[float, float]:
+    """(flops, bytes) the closed form must at least do for forward + backward (forward only for "diag").
+
+    Flops count 2 per multiply-add of the per-environment GEMMs, each N x C x Dh:
+    exact Hutchinson forward reduces G and Dg (2 GEMMs); backward forms dr = Lam zh,
+    dq = Gam (zh*zh) and d zh from Gam^T q and Lam^T r (4) — 6 in all. HGP forward: G, s = G zh,
+    HG, and the pooled reference's G_bar zh and H_e G_bar (5); backward: tau = Gam zh, the M
+    reduction, d zh from three products and dr = M zh (6) — 11 in all, with s, t kept from forward.
+    Bytes: each pass over the samples reads logits and features once (exact: 1 forward + 1
+    backward pass that also writes their gradients; HGP: 2 dependent forward passes, M pass +
+    per-sample pass backward), plus every (E, C, Dh) statistic written or read once (exact 4, HGP 9).
+    Elementwise work is not counted: it is cheap next to these. The generic path computes the same
+    quantity (probes estimate the exact diagonal), so its rows are held to the same floor.
+    """
+    nc_dh = shape.n * shape.c * (shape.d + 1)
+    samples = shape.n * (shape.c + shape.d) * FLOAT_BYTES
+    stat = shape.e * shape.c * (shape.d + 1) * FLOAT_BYTES
+    if penalty == "diag":
+        return 2 * 2 * nc_dh, samples + stat
+    if penalty == "hutchinson":
+        return 6 * 2 * nc_dh, 3 * samples + 4 * stat
+    return 11 * 2 * nc_dh, 5 * samples + 9 * stat
+
+
+def floor_seconds(penalty: str, shape: Shape, ceilings: Ceilings) -> float:
+    """The case can run no faster than its flops at the sgemm rate or its bytes at the copy bandwidth."""
+    flops, nbytes = work(penalty, shape)
+    return max(flops / ceilings.sgemm_flops, nbytes / ceilings.copy_bytes)
+
+
+# ---- machine description -------------------------------------------------------------------------
+
+def machine_description(device: torch.device) -> Dict[str, str]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = {
+        "CPU": f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        "memory": f"{available_memory_bytes(torch.device('cpu')) / 2 ** 30:.1f} GiB available at start",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (no GPU used)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        desc["hgkernels commit"] = commit
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return desc

@@ -1,0 +1,339 @@
+"""Run a subset of the benchmark cases and write a markdown report and a log-log plot.
+
+    python benchmarks/report.py                      # named shapes + the N sweep, RESULTS.md + plot
+    python benchmarks/report.py --subset all --repeat 7
+    python benchmarks/report.py --smoke --out /tmp/r.md --plot /tmp/r.png
+
+Each case times forward + backward (forward alone for the diagonal rows) of every
+available closed-form backend and of the generic autograd baselines on the same
+seeded inputs. Each method gets a warm-up run (which also measures peak memory)
+and then `--repeat` timed runs, interleaved across methods so machine noise hits
+all alike; the table shows the median. A method whose single run exceeds
+budget / repeat runs once. The official baselines run once, last, when their
+estimated time (from the one-probe median and a two-probe run) fits the budget;
+otherwise they are reported as a time-out with that estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hgk_bench as hb  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Blocks from 128 KiB up get their own mapping, returned to the OS when freed (see hgk_bench.peak_memory).
+MMAP_THRESHOLD = "131072"
+
+
+@dataclass
+class Row:
+    shape: hb.Shape
+    method: hb.Method
+    status: str = "ok"
+    times: List[float] = field(default_factory=list)
+    peak_bytes: Optional[int] = None
+    floor: float = 0.0
+    estimate: Optional[float] = None  # seconds, official baselines only
+
+    @property
+    def median(self) -> Optional[float]:
+        return statistics.median(self.times) if self.times else None
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+def _first_run(row: Row, step, device: torch.device) -> Optional[float]:
+    """One call measuring time and peak memory; None (status set) when it runs out of memory."""
+    try:
+        with hb.peak_memory(device) as mem:
+            first = hb.timed(step, device)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_oom(err):
+            raise
+        row.status = "out of memory"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log(f"  {row.method.label} [{row.method.backend}]: out of memory")
+        return None
+    row.peak_bytes = mem["bytes"]
+    log(f"  {row.method.label} [{row.method.backend}]: first run {first * 1e3:.1f} ms")
+    return first
+
+
+def _official_estimate(row: Row, unit: Row, shape: hb.Shape, inputs: hb.Inputs, device: torch.device) -> float:
+    """Seconds the official run should take: the generic path costs a + b K for K probes, so the
+    one-probe median and a two-probe run give both terms. HGP does as many HVPs as one probe."""
+    if row.method.probes <= 1:
+        return unit.median
+    two = replace(row.method, probes=2)
+    t2 = min(hb.timed(hb.make_step(two, shape, inputs), device) for _ in range(2))
+    return unit.median + (row.method.probes - 1) * max(t2 - unit.median, 0.0)
+
+
+def run_case(shape: hb.Shape, device: torch.device, ceilings: hb.Ceilings, repeat: int, budget: float,
+             skipped_backends: Dict[str, str]) -> List[Row]:
+    inputs = hb.make_inputs(shape, device)
+    available, skipped = hb.closed_form_backends(shape, inputs)
+    skipped_backends.update(skipped)
+    methods = hb.methods_for(shape, available, with_backpack=hb.backpack_reason() is None)
+    rows = [Row(shape, m, floor=hb.floor_seconds(m.penalty, shape, ceilings)) for m in methods]
+    steps = {id(row): hb.make_step(row.method, shape, inputs) for row in rows}
+    memory_limit = hb.available_memory_bytes(device) // 2
+    runnable = []
+    for row in rows:
+        need = hb.memory_estimate(row.method, shape)
+        if need > memory_limit:
+            row.status = f"out of memory (est. {need / 2**30:.1f} GiB > half the {2 * memory_limit / 2**30:.1f} GiB free)"
+            log(f"  {row.method.label} [{row.method.backend}]: {row.status}")
+        else:
+            runnable.append(row)
+
+    # Everything but the official baselines: warm-up (with memory), then interleaved repeats.
+    repeated: List[Row] = []
+    for row in (r for r in runnable if r.method.kind != "official"):
+        first = _first_run(row, steps[id(row)], device)
+        if first is None:
+            continue
+        if first * repeat > budget:
+            row.times.append(first)  # too slow to repeat: its one (cold) run is the result
+        else:
+            repeated.append(row)
+    for _ in range(repeat):
+        for row in repeated:
+            row.times.append(hb.timed(steps[id(row)], device))
+
+    # Official baselines: run once when the estimate fits the budget, else report the time-out.
+    unit = _find(rows, "unit", "hutchinson")
+    for row in (r for r in runnable if r.method.kind == "official"):
+        if unit is None or unit.median is None:
+            row.status = "not run (the 1-probe run did not finish)"
+            continue
+        row.estimate = _official_estimate(row, unit, shape, inputs, device)
+        if row.estimate > budget:
+            row.status = f"time-out (est. {row.estimate:.0f} s > {budget:.0f} s budget)"
+            log(f"  {row.method.label} [{row.method.backend}]: {row.status}")
+            continue
+        first = _first_run(row, steps[id(row)], device)
+        if first is not None:
+            row.times.append(first)
+    return rows
+
+
+# ---- markdown ----------------------------------------------------------------------------------
+
+def _ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds * 1e3:.3g}" if seconds < 1 else f"{seconds * 1e3:,.0f}"
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "—" if x is None else (f"{x:.3g}" if x < 100 else f"{x:,.0f}")
+
+
+def _find(rows: List[Row], kind: str, penalty: str, backend: Optional[str] = None) -> Optional[Row]:
+    for row in rows:
+        m = row.method
+        if m.kind == kind and m.penalty == penalty and not m.forward_only and (backend is None or m.backend == backend):
+            return row
+    return None
+
+
+def _speedup(baseline: Optional[Row], row: Row) -> Optional[float]:
+    if baseline is None or baseline.median is None or row.median is None:
+        return None
+    return baseline.median / row.median
+
+
+def case_table(rows: List[Row]) -> List[str]:
+    unit = _find(rows, "unit", "hutchinson")
+    lines = ["| method | backend | time (ms) | runs | peak mem (MiB) | floor (ms) | time ÷ floor "
+             "| speed-up vs generic 1 probe |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        m = row.method
+        if row.median is None:
+            lines.append(f"| {m.label} | {m.backend} | {row.status} | 0 | — | {_ms(row.floor)} | — | — |")
+            continue
+        mem = "—" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:,.1f}"
+        speedup = None if m.forward_only else _speedup(unit, row)
+        lines.append(f"| {m.label} | {m.backend} | {_ms(row.median)} | {len(row.times)} | {mem} | {_ms(row.floor)} "
+                     f"| {_ratio(row.median / row.floor)} | {_ratio(speedup)} |")
+    return lines
+
+
+def _versus(base: Optional[Row], mine: Optional[Row]) -> str:
+    """base time ÷ mine as "12.3×"; from the estimate, marked, when the baseline timed out."""
+    if base is None or mine is None or mine.median is None:
+        return "—"
+    if base.median is None:
+        return "—" if base.estimate is None else f"~{_ratio(base.estimate / mine.median)}× (est., time-out)"
+    return f"{_ratio(base.median / mine.median)}×"
+
+
+def headline_table(all_rows: Dict[str, List[Row]]) -> List[str]:
+    lines = ["| case | backend | exact Hutchinson vs generic 1 probe | vs official K probes "
+             "| HGP vs generic 1 probe | vs official HGP double backward |",
+             "|---|---|---:|---:|---:|---:|"]
+    for rows in all_rows.values():
+        unit = _find(rows, "unit", "hutchinson")
+        official_diag = _find(rows, "official", "hutchinson")
+        official_hgp = _find(rows, "official", "hgp")
+        k = official_diag.method.probes if official_diag else 0
+        for row in rows:
+            if row.method.kind == "closed" and row.method.penalty == "hutchinson":
+                hgp = _find(rows, "closed", "hgp", row.method.backend)
+                lines.append(f"| {row.shape.name} | {row.method.backend} | {_versus(unit, row)} "
+                             f"| {_versus(official_diag, row)} (K={k}) | {_versus(unit, hgp)} "
+                             f"| {_versus(official_hgp, hgp)} |")
+    return lines
+
+
+def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceilings, machine: Dict[str, str],
+                   command: str, skipped_backends: Dict[str, str], plot_path: Optional[str], repeat: int,
+                   budget: float, device: torch.device, elapsed: float) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# hgkernels benchmarks", "",
+             f"Produced by `{command}` on {now} in {elapsed / 60:.1f} min.", "", "## Machine", ""]
+    lines += [f"- {key}: {value}" for key, value in machine.items()]
+    lines += [f"- measured ceilings: sgemm {ceilings.sgemm_flops / 1e9:.1f} GFLOP/s, "
+              f"copy {ceilings.copy_bytes / 1e9:.1f} GB/s ({ceilings.notes})",
+              f"- peak memory: {_memory_note(device)}"]
+    if device.type != "cuda":
+        lines.append("- GPU: none on this machine; no GPU numbers (triton backend not timed).")
+    if skipped_backends:
+        lines += ["", "Backends not timed:"] + [f"- {name}: {why}" for name, why in skipped_backends.items()]
+    reason = hb.backpack_reason()
+    if reason:
+        lines.append(f"- BackPACK peer not timed: {reason}")
+    lines += ["", "## Headline: closed form vs the generic double-backward path", "",
+              "Speed-up = the baseline's median time ÷ the closed form's median time, forward + backward, "
+              "same run and inputs.", ""]
+    lines += headline_table(all_rows)
+    lines += ["", "## Per case", "",
+              f"float32, validate=False, median of {repeat} interleaved runs after a warm-up run "
+              f"(methods slower than {budget:.0f} s ÷ {repeat} run once; official baselines run once, and "
+              f"not at all when estimated over {budget:.0f} s: time-out). *floor* = max(flops ÷ sgemm rate, bytes ÷ copy bandwidth) for "
+              "the quantity the row computes (counting in `hgk_bench.work`). Generic rows are "
+              "`backend=\"reference\"`: autograd double backward as in the official code. "
+              "Diagonal rows time the forward alone: `head_hessian_diag` against BackPACK's DiagHessian "
+              "(its loop over environments, gradient included).", ""]
+    for label, rows in all_rows.items():
+        lines += [f"### {label}", ""] + case_table(rows) + [""]
+    if plot_path:
+        lines += ["## Scaling", "", f"![time vs N]({os.path.relpath(plot_path, os.path.dirname(path))})", ""]
+    with open(path, "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def _memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated above what was allocated before the call"
+    exact = "" if hb.cpu_peak_is_exact() else (" (MALLOC_MMAP_THRESHOLD_ was not set, so reuse of freed "
+                                                "heap may make these undercount)")
+    return ("resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the resident "
+            "size before the warm-up call" + exact)
+
+
+# ---- plot --------------------------------------------------------------------------------------
+
+def write_plot(path: str, all_rows: Dict[str, List[Row]]) -> Optional[str]:
+    """Time vs N (log-log) per method and backend over the largest family of cases differing only in N."""
+    families: Dict[tuple, Dict[int, List[Row]]] = {}
+    for rows in all_rows.values():
+        s = rows[0].shape
+        families.setdefault((s.d, s.c, s.e, s.loss), {})[s.n] = rows
+    key, family = max(families.items(), key=lambda item: len(item[1]))
+    if len(family) < 2:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: Dict[str, List[tuple]] = {}
+    for n, rows in sorted(family.items()):
+        for row in rows:
+            if row.median is not None:
+                series.setdefault(f"{row.method.label} [{row.method.backend}]", []).append((n, row.median))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, points in series.items():
+        ns, ts = zip(*points)
+        ax.plot(ns, [t * 1e3 for t in ts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("N (samples)")
+    ax.set_ylabel("time (ms)")
+    d, c, e, loss = key
+    ax.set_title(f"time vs N: D={d}, C={c}, E={e}, {loss}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = list(hb.SUBSETS) + list(hb.SUBSET_ALIASES)
+    parser.add_argument("--subset", nargs="+", default=["named", "sweep-n"], choices=choices,
+                        help="case groups to run (default: named sweep-n)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats: checks the suite runs")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per method (median reported)")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed per method's single run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report path")
+    parser.add_argument("--plot", default=os.path.join(HERE, "time_vs_n.png"), help="PNG plot path")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.subset, args.repeat = ["smoke"], min(args.repeat, 2)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    command = "python benchmarks/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    start = datetime.datetime.now()
+    log(f"measuring the machine's ceilings on {device} ...")
+    ceilings = hb.measure_ceilings(device, quick=args.smoke)
+    log(f"  sgemm {ceilings.sgemm_flops / 1e9:.1f} GFLOP/s, copy {ceilings.copy_bytes / 1e9:.1f} GB/s")
+    shapes = hb.shapes_for(args.subset)
+    all_rows: Dict[str, List[Row]] = {}
+    skipped_backends: Dict[str, str] = {}
+    for index, shape in enumerate(shapes, 1):
+        log(f"[{index}/{len(shapes)}] {shape.label}")
+        all_rows[shape.label] = run_case(shape, device, ceilings, args.repeat, args.budget, skipped_backends)
+    plot_path = write_plot(args.plot, all_rows)
+    elapsed = (datetime.datetime.now() - start).total_seconds()
+    write_markdown(args.out, all_rows, ceilings, hb.machine_description(device), command.strip(), skipped_backends,
+                   plot_path, args.repeat, args.budget, device, elapsed)
+    log(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else " (no plot: no cases differing only in N)"))
+    return 0
+
+
+if __name__ == "__main__":
+    if not hb.cpu_peak_is_exact():
+        # glibc reads the threshold at start-up only, so restart once with it set.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+    sys.exit(main())
