@@ -1,0 +1,98 @@
+// pybind11 module over the kernels of hgk_kernels.h. Compiled once per device, linked
+// with cpu_kernels.cpp (hgkernels._native_cpu) or cuda_kernels.cu (hgkernels._native_cuda).
+// Tensors cross as raw addresses plus sizes and strides, so the module never touches the
+// torch C++ ABI and builds without torch; hgkernels/backends/native.py owns the tensors.
+#include <pybind11/pybind11.h>
+
+#include "hgk_kernels.h"
+
+#ifndef HGK_MODULE
+#error "HGK_MODULE (the Python module name) must be defined by the build"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+const T* ptr(uintptr_t address) {
+  return reinterpret_cast<const T*>(address);
+}
+
+template <typename T>
+T* mut(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// head: (logits, logits row stride, logits col stride, features, features row stride,
+//        labels or 0, targets or 0, loss, C, D, bias)
+template <typename T>
+hgk::Head<T> head_from(const py::tuple& t) {
+  return {ptr<T>(t[0].cast<uintptr_t>()), t[1].cast<int64_t>(),  t[2].cast<int64_t>(),
+          ptr<T>(t[3].cast<uintptr_t>()), t[4].cast<int64_t>(),  ptr<int64_t>(t[5].cast<uintptr_t>()),
+          ptr<T>(t[6].cast<uintptr_t>()), t[7].cast<int>(),      t[8].cast<int>(),
+          t[9].cast<int>(),               t[10].cast<bool>()};
+}
+
+// segments: (order, offsets, N, E)
+hgk::Segments segments_from(const py::tuple& t) {
+  return {ptr<int64_t>(t[0].cast<uintptr_t>()), ptr<int64_t>(t[1].cast<uintptr_t>()), t[2].cast<int64_t>(),
+          t[3].cast<int>()};
+}
+
+// launch: (threads, stream)
+hgk::Launch launch_from(const py::tuple& t) { return {t[0].cast<int>(), t[1].cast<uintptr_t>()}; }
+
+// layout: (C, K, gradient, hess_diag)
+template <typename Layout>
+Layout layout_from(const py::tuple& t) {
+  return {t[0].cast<int>(), t[1].cast<int>(), t[2].cast<bool>(), t[3].cast<bool>()};
+}
+
+// Calls fn with a value of the kernel's scalar type (double when is_double, else float);
+// head tuples are read with the GIL held, the kernels run without it.
+template <typename Fn>
+void with_scalar(bool is_double, Fn&& fn) {
+  if (is_double)
+    fn(double());
+  else
+    fn(float());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(HGK_MODULE, m) {
+  m.doc() = "hgkernels native kernels; csrc/hgk_kernels.h states what each computes";
+  m.def("stats_work_per_sample", [](py::tuple layout) {
+    return hgk::stats_work_per_sample(layout_from<hgk::StatsLayout>(layout));
+  });
+  m.def("backward_work_per_sample", [](py::tuple layout) {
+    return hgk::backward_work_per_sample(layout_from<hgk::BackwardLayout>(layout));
+  });
+  m.def("head_stats", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t dirs,
+                         uintptr_t work, uintptr_t out, py::tuple launch) {
+    with_scalar(is_double, [&](auto tag) {
+      using T = decltype(tag);
+      const auto h = head_from<T>(head);
+      const auto s = segments_from(seg);
+      const auto lay = layout_from<hgk::StatsLayout>(layout);
+      const auto l = launch_from(launch);
+      py::gil_scoped_release release;
+      hgk::head_stats<T>(h, s, lay, ptr<T>(dirs), mut<T>(work), mut<T>(out), l);
+    });
+  });
+  m.def("per_sample_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t mats,
+                                  uintptr_t gam, uintptr_t work, uintptr_t d_logits, uintptr_t d_features,
+                                  py::tuple launch) {
+    with_scalar(is_double, [&](auto tag) {
+      using T = decltype(tag);
+      const auto h = head_from<T>(head);
+      const auto s = segments_from(seg);
+      const auto lay = layout_from<hgk::BackwardLayout>(layout);
+      const auto l = launch_from(launch);
+      py::gil_scoped_release release;
+      hgk::per_sample_backward<T>(h, s, lay, ptr<T>(mats), ptr<T>(gam), mut<T>(work), mut<T>(d_logits),
+                                  mut<T>(d_features), l);
+    });
+  });
+}

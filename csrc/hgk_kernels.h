@@ -1,0 +1,63 @@
+// The two primitives of hgkernels/backends/base.py, implemented once per device (CPU in
+// cpu_kernels.cpp, CUDA in cuda_kernels.cu) over the per-sample math of hgk_math.h.
+// Samples are read through the environment segments (order, offsets); "row j" of a work
+// buffer is the j-th sample in that sorted order, while logits, features and outputs keep
+// the caller's rows. Every sum runs in a fixed order that does not depend on the thread
+// count or launch shape, so results are deterministic.
+#pragma once
+
+#include <cstdint>
+
+#include "hgk_math.h"
+
+namespace hgk {
+
+// One problem's inputs, all on the kernel's device. Feature columns are contiguous.
+template <typename T>
+struct Head {
+  const T* logits;
+  int64_t logits_row_stride, logits_col_stride;
+  const T* features;
+  int64_t features_row_stride;
+  const int64_t* labels;  // (N,) class ids for cross_entropy, else nullptr
+  const T* targets;       // (N, C) contiguous float targets, else nullptr
+  int loss, C, D;
+  bool bias;
+  HGK_HOST_DEVICE int head_width() const { return D + (bias ? 1 : 0); }
+  HGK_HOST_DEVICE Target<T> target(int64_t i) const { return {labels ? labels[i] : 0, targets ? targets + i * C : nullptr}; }
+};
+
+struct Segments {
+  const int64_t* order;    // (N,) sample index of each sorted position
+  const int64_t* offsets;  // (E + 1,) first sorted position of each environment
+  int64_t num_samples;
+  int num_envs;
+};
+
+struct Launch {
+  int threads;       // CPU: OpenMP threads (torch.get_num_threads())
+  uintptr_t stream;  // CUDA: cudaStream_t of the current torch stream
+};
+
+// Work buffer elements per sample (the caller allocates N times this, in T).
+HGK_HOST_DEVICE int64_t stats_work_per_sample(StatsLayout layout) {
+  return int64_t(layout.K) * layout.C + layout.C + layout.width();  // s_k, p, coefficients
+}
+HGK_HOST_DEVICE int64_t backward_work_per_sample(BackwardLayout layout) {
+  return 2 * int64_t(layout.width()) + 4 * int64_t(layout.C);  // dots, dots_sq, p, dp, coef, coef_sq
+}
+
+// Per-environment statistics: out (E, W, Dh) with W = layout.width() rows per environment,
+// out[e] = sum_{j in e} coef_j^T zh_j (zh_j ⊙ zh_j for the hess_diag rows), coef_j the
+// StatsLayout row of sample j. dirs (E, K*C, Dh) holds the HVP directions V_k.
+template <typename T>
+void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
+                Launch launch);
+
+// Per-sample backward: mats (E, W, Dh) stacks [Lam][V_k][U_k] as in BackwardLayout, gam (E, C, Dh)
+// is dPsi/dDg or nullptr. Writes d_logits (N, C) and d_features (N, D), contiguous, caller rows.
+template <typename T>
+void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* mats, const T* gam,
+                         T* work, T* d_logits, T* d_features, Launch launch);
+
+}  // namespace hgk
