@@ -20,7 +20,7 @@ import datetime
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -75,16 +75,6 @@ def _first_run(row: Row, step, device: torch.device) -> Optional[float]:
     return first
 
 
-def _official_estimate(row: Row, unit: Row, shape: hb.Shape, inputs: hb.Inputs, device: torch.device) -> float:
-    """Seconds the official run should take: the generic path costs a + b K for K probes, so the
-    one-probe median and a two-probe run give both terms. HGP does as many HVPs as one probe."""
-    if row.method.probes <= 1:
-        return unit.median
-    two = replace(row.method, probes=2)
-    t2 = min(hb.timed(hb.make_step(two, shape, inputs), device) for _ in range(2))
-    return unit.median + (row.method.probes - 1) * max(t2 - unit.median, 0.0)
-
-
 def run_case(shape: hb.Shape, device: torch.device, ceilings: hb.Ceilings, repeat: int, budget: float,
              skipped_backends: Dict[str, str]) -> List[Row]:
     inputs = hb.make_inputs(shape, device)
@@ -123,7 +113,7 @@ def run_case(shape: hb.Shape, device: torch.device, ceilings: hb.Ceilings, repea
         if unit is None or unit.median is None:
             row.status = "not run (the 1-probe run did not finish)"
             continue
-        row.estimate = _official_estimate(row, unit, shape, inputs, device)
+        row.estimate = hb.official_estimate(row.method, shape, inputs, device, unit.median)
         if row.estimate > budget:
             row.status = f"time-out (est. {row.estimate:.0f} s > {budget:.0f} s budget)"
             log(f"  {row.method.label} [{row.method.backend}]: {row.status}")
@@ -182,24 +172,23 @@ def _versus(base: Optional[Row], mine: Optional[Row]) -> str:
     if base is None or mine is None or mine.median is None:
         return "—"
     if base.median is None:
-        return "—" if base.estimate is None else f"~{_ratio(base.estimate / mine.median)}× (est., time-out)"
+        return "—" if base.estimate is None else f"~{_ratio(base.estimate / mine.median)}× (est.: time-out)"
     return f"{_ratio(base.median / mine.median)}×"
 
 
 def headline_table(all_rows: Dict[str, List[Row]]) -> List[str]:
-    lines = ["| case | backend | exact Hutchinson vs generic 1 probe | vs official K probes "
-             "| HGP vs generic 1 probe | vs official HGP double backward |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | backend | exact Hutchinson vs generic 1 probe | K | vs generic K probes (official) "
+             "| HGP vs generic 1 probe | vs generic HGP double backward (official) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for rows in all_rows.values():
         unit = _find(rows, "unit", "hutchinson")
         official_diag = _find(rows, "official", "hutchinson")
         official_hgp = _find(rows, "official", "hgp")
-        k = official_diag.method.probes if official_diag else 0
         for row in rows:
             if row.method.kind == "closed" and row.method.penalty == "hutchinson":
                 hgp = _find(rows, "closed", "hgp", row.method.backend)
                 lines.append(f"| {row.shape.name} | {row.method.backend} | {_versus(unit, row)} "
-                             f"| {_versus(official_diag, row)} (K={k}) | {_versus(unit, hgp)} "
+                             f"| {row.shape.official_probes} | {_versus(official_diag, row)} | {_versus(unit, hgp)} "
                              f"| {_versus(official_hgp, hgp)} |")
     return lines
 
@@ -299,6 +288,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per method (median reported)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed per method's single run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report path")
     parser.add_argument("--plot", default=os.path.join(HERE, "time_vs_n.png"), help="PNG plot path")
     args = parser.parse_args(argv)
@@ -312,8 +302,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     command = "python benchmarks/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = datetime.datetime.now()
+    machine = hb.machine_description(device)
     log(f"measuring the machine's ceilings on {device} ...")
     ceilings = hb.measure_ceilings(device, quick=args.smoke)
     log(f"  sgemm {ceilings.sgemm_flops / 1e9:.1f} GFLOP/s, copy {ceilings.copy_bytes / 1e9:.1f} GB/s")
@@ -325,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         all_rows[shape.label] = run_case(shape, device, ceilings, args.repeat, args.budget, skipped_backends)
     plot_path = write_plot(args.plot, all_rows)
     elapsed = (datetime.datetime.now() - start).total_seconds()
-    write_markdown(args.out, all_rows, ceilings, hb.machine_description(device), command.strip(), skipped_backends,
+    write_markdown(args.out, all_rows, ceilings, machine, command.strip(), skipped_backends,
                    plot_path, args.repeat, args.budget, device, elapsed)
     log(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else " (no plot: no cases differing only in N)"))
     return 0
