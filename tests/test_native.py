@@ -1,0 +1,195 @@
+"""The native backend (csrc/, hgkernels._native_cpu / _native_cuda) against the torch backend and
+the generic-autograd reference: float64 to 1e-10 relative on the same randomized matrix as
+test_parity.py, both primitives directly, float32/bfloat16 precision, determinism across runs
+and thread counts, non-contiguous inputs, and backend="auto" choosing native on CPU.
+
+Skipped with the import error when the extension is not built, except under CI=true, where
+the build is part of the job and a missing module must fail.
+"""
+import importlib
+import os
+import random
+
+import pytest
+import torch
+
+import hgkernels as hk
+from hgkernels import backends
+from hgkernels._inputs import prepare
+from _helpers import assert_close, make_case, penalty_and_grads
+from test_parity import random_config
+
+LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
+RTOL = 1e-10
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module), None
+    except ImportError as err:
+        return None, f"{module} is not built: {err}"
+
+
+_CPU, _CPU_ERROR = _load("hgkernels._native_cpu")
+if _CPU is None:
+    if os.environ.get("CI", "").lower() == "true":
+        raise ImportError(f"CI builds the native extension, but {_CPU_ERROR}")
+    pytest.skip(_CPU_ERROR, allow_module_level=True)
+_CUDA, _CUDA_ERROR = _load("hgkernels._native_cuda")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    _CUDA is None or not torch.cuda.is_available(),
+    reason=_CUDA_ERROR or "no CUDA device: the CUDA kernels compile here but cannot run"))]
+
+
+def _grads(fn, case, backend, device="cpu", dtype=None, **kwargs):
+    case = _on(case, device)
+    return penalty_and_grads(fn, case, backend=backend, dtype=dtype, **kwargs)
+
+
+def _on(case, device):
+    if device == "cpu":
+        return case
+    envs = case.envs.to(device) if isinstance(case.envs, torch.Tensor) else case.envs
+    return type(case)(case.logits.to(device), case.features.to(device), case.labels.to(device), envs, case.loss,
+                      case.bias)
+
+
+def _compare(ours, theirs, rtol, what):
+    for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), ours, theirs):
+        assert_close(a.cpu(), b.cpu(), rtol, f"{what}: {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(16))
+def test_hgp_matches_torch_and_reference(seed, device):
+    case_kw, opts = random_config(seed, max_head_params=50 * 65)
+    case = make_case(seed, **case_kw)
+    opts["reference"] = random.Random(seed).choice(["pooled", "mean"])
+    native = _grads(hk.hgp_penalty, case, "native", device, **opts)
+    _compare(native, _grads(hk.hgp_penalty, case, "torch", **opts), RTOL, "vs torch")
+    _compare(native, _grads(hk.hgp_penalty, case, "reference", **opts), RTOL, "vs reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(16))
+def test_exact_hutchinson_matches_torch_and_reference(seed, device):
+    case_kw, opts = random_config(1000 + seed, max_head_params=200)
+    case = make_case(seed, **case_kw)
+    native = _grads(hk.hutchinson_penalty, case, "native", device, **opts)
+    _compare(native, _grads(hk.hutchinson_penalty, case, "torch", **opts), RTOL, "vs torch")
+    _compare(native, _grads(hk.hutchinson_penalty, case, "reference", **opts), RTOL, "vs reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(10))
+def test_stochastic_hutchinson_matches_reference_at_same_probes(seed, device):
+    case_kw, opts = random_config(2000 + seed, max_head_params=50 * 65)
+    case = make_case(seed, **case_kw)
+
+    def run(backend, dev):
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        return _grads(hk.hutchinson_penalty, case, backend, dev, estimator="hutchinson", num_probes=3,
+                      generator=gen, **opts)
+
+    _compare(run("native", device), run("reference", device), RTOL, "vs reference")
+
+
+def _stat_directions(problem, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
+    return torch.randn(e, k, c, dh, generator=gen, dtype=torch.float64).to(problem.logits.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_primitives_match_torch_backend(loss, bias, k, device):
+    """head_stats (any subset) and per_sample_backward (any subset of upstreams) directly."""
+    case = _on(make_case(17 + k, loss=loss, bias=bias, sizes=[7, 1, 30, 3], num_classes=5, num_features=37), device)
+    problem = prepare(case.logits, case.features, case.labels, case.envs, loss=loss, bias=bias)
+    native, torch_backend = backends.load("native"), backends.load("torch")
+    dirs = _stat_directions(problem, k, 1) if k else None
+    ups = _stat_directions(problem, k, 2) if k else None
+    grad_up = _stat_directions(problem, 1, 3)[:, 0]
+    diag_up = _stat_directions(problem, 1, 4)[:, 0]
+    for flags in ({"gradient": True, "hess_diag": True}, {"gradient": True}, {"hess_diag": True}, {}):
+        if not flags and dirs is None:
+            continue
+        got = native.head_stats(problem, hvp_dirs=dirs, **flags)
+        want = torch_backend.head_stats(problem, hvp_dirs=dirs, **flags)
+        for name in ("grad", "hess_diag", "hvp"):
+            assert (getattr(got, name) is None) == (getattr(want, name) is None), name
+            if getattr(want, name) is not None:
+                assert_close(getattr(got, name).cpu(), getattr(want, name).cpu(), RTOL, f"head_stats {name} {flags}")
+    for upstream in ({"grad_up": grad_up, "diag_up": diag_up}, {"grad_up": grad_up}, {"diag_up": diag_up}, {}):
+        if not upstream and dirs is None:
+            continue
+        extra = {"hvp_dirs": dirs, "hvp_up": ups} if dirs is not None else {}
+        got = native.per_sample_backward(problem, **upstream, **extra)
+        want = torch_backend.per_sample_backward(problem, **upstream, **extra)
+        for name, a, b in zip(("d logits", "d features"), got, want):
+            assert_close(a.cpu(), b.cpu(), RTOL, f"per_sample_backward {name} {sorted(upstream)} K={k}")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("method", ["hgp", "exact"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_low_precision_against_float64(loss, method, dtype, rtol):
+    """float32 reads and sums in float32; bfloat16 inputs are upcast and summed in float32."""
+    case = make_case(5, loss=loss, bias=True, sizes=[40, 1, 23], num_classes=6, num_features=48, scale=1.0)
+    fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
+    exact = _grads(fn, case, "torch")
+    if dtype == torch.bfloat16:  # compare against float64 on the same (rounded) inputs
+        case = make_case(5, loss=loss, bias=True, sizes=[40, 1, 23], num_classes=6, num_features=48, scale=1.0)
+        case.logits, case.features = case.logits.bfloat16().double(), case.features.bfloat16().double()
+        if loss != "cross_entropy":
+            case.labels = case.labels.bfloat16().double()
+        exact = _grads(fn, case, "torch")
+    low = _grads(fn, case, "native", dtype=dtype)
+    assert low[2].dtype == dtype and low[3].dtype == dtype
+    _compare(low, exact, rtol, str(dtype))
+
+
+@pytest.mark.parametrize("method", ["hgp", "exact"])
+def test_deterministic_across_runs_and_thread_counts(method):
+    case = make_case(9, loss="cross_entropy", bias=True, sizes=[300, 1, 211], num_classes=9, num_features=150,
+                     dtype=torch.float32)
+    fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = _grads(fn, case, "native"), _grads(fn, case, "native")
+        torch.set_num_threads(1)
+        single = _grads(fn, case, "native")
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b, c in zip(("hessian", "gradient", "d logits", "d features"), first, second, single):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+        assert torch.equal(a, c), f"{name} differs between 2 threads and 1 thread"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_non_contiguous_inputs(loss):
+    """Column-sliced and transposed logits/features give the contiguous result."""
+    case = make_case(13, loss=loss, bias=True, sizes=[6, 1, 9], num_classes=4, num_features=10)
+    wide_logits = torch.randn(case.logits.shape[1], 3 * case.logits.shape[0], dtype=torch.float64)
+    wide_logits[:, ::3] = case.logits.T
+    logits = wide_logits[:, ::3].T  # strides (3, 3N): neither dimension contiguous
+    wide_features = torch.randn(case.features.shape[0], case.features.shape[1] + 5, dtype=torch.float64)
+    wide_features[:, 2:-3] = case.features
+    features = wide_features[:, 2:-3]  # row stride D + 5
+    assert not logits.is_contiguous() and not features.is_contiguous()
+    for fn in (hk.hgp_penalty, hk.hutchinson_penalty):
+        want = _grads(fn, case, "native")
+        sliced = type(case)(logits, features, case.labels, case.envs, loss, True)
+        got = penalty_and_grads(fn, sliced, backend="native")
+        _compare(got, want, 1e-14, "non-contiguous")
+
+
+def test_auto_picks_native_for_cpu_tensors():
+    case = make_case(1, loss="cross_entropy", bias=True, sizes=[3, 4], num_classes=3, num_features=5)
+    problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
+    assert backends.select("auto", problem).name == "native"
+
