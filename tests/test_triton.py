@@ -206,6 +206,66 @@ def test_importing_and_auto_on_cpu_never_import_triton():
     assert done.returncode == 0, done.stderr
 
 
+class _CountingKernels:
+    """Stands in for the kernels module and records each launch by kernel name."""
+
+    def __init__(self, module, log):
+        self.module, self.log = module, log
+
+    def __getattr__(self, name):
+        kernel = getattr(self.module, name)
+        log = self.log
+
+        class Launcher:
+            def __getitem__(self, grid):
+                log.append(name)
+                return kernel[grid]
+        return Launcher()
+
+
+@pytest.mark.parametrize("name,fn,kwargs,launches", [
+    ("exact hutchinson", hk.hutchinson_penalty, {}, ["head_stats_kernel", "per_sample_backward_kernel"]),
+    ("hgp pooled, undetached", hk.hgp_penalty, dict(detach_reference=False),
+     ["head_stats_kernel", "head_hvp_kernel", "head_hvp_kernel", "per_sample_backward_kernel"]),
+], ids=["exact hutchinson", "hgp"])
+def test_launch_counts_per_penalty(monkeypatch, name, fn, kwargs, launches):
+    """Forward + backward kernel launches (no row split here, so no finishing sums)."""
+    log = []
+    module = triton_backend._kernels()
+    monkeypatch.setattr(triton_backend, "_kernels", lambda: _CountingKernels(module, log))
+    monkeypatch.setattr(triton_backend.TILES, "min_programs", 1)
+    penalty_and_grads(fn, _case(15, "cross_entropy", True, [4, 9, 1], 3, 4), backend="triton", **kwargs)
+    assert log == launches
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter skips parts of Triton's compiler (it once let a non-constexpr global
+    through), so compile every kernel for an H100 (sm_90) at the default tiles, no GPU needed."""
+    code = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hgkernels.backends import _triton_kernels as kernels
+from hgkernels.backends.triton_backend import TILES
+blocks = dict(BLOCK_N=TILES.rows, BLOCK_C=TILES.classes, BLOCK_D=TILES.features)
+pointers = {"logit_ptr": "*bf16", "feat_ptr": "*bf16", "order_ptr": "*i64", "offsets_ptr": "*i64",
+            "target_ptr": "*i64"}
+for kernel, flags in ((kernels.head_stats_kernel, dict(GRAD=True, DIAG=True)), (kernels.head_hvp_kernel, {}),
+                      (kernels.per_sample_backward_kernel, dict(GRAD_UP=True, DIAG_UP=True, HVP_UP=True))):
+    consts = dict(LOSS=0, HAS_BIAS=True, **flags, **blocks)
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32") if n.endswith("_ptr") else "i32"
+                 for n in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=TILES.num_warps))
+    assert len(compiled.asm["cubin"]) > 0, kernel.__name__
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="large heads need a GPU; the interpreter is too slow")
 @pytest.mark.parametrize("c,d", [(32768, 16), (16, 8192)])
 def test_large_heads_on_gpu(monkeypatch, c, d):

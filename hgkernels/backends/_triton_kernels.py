@@ -1,4 +1,4 @@
-"""Triton kernels of the two backend primitives (DESIGN.md §1–2), one launch each.
+"""Triton kernels of the two backend primitives (DESIGN.md §1–2): one launch per primitive call.
 
 Imported only by `triton_backend` when a primitive runs, never by ``import hgkernels``.
 
@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 # LOSS codes, in the order of hgkernels._inputs.LOSSES
-CROSS_ENTROPY: tl.constexpr = 0
-BINARY_CROSS_ENTROPY: tl.constexpr = 1
-MSE: tl.constexpr = 2
+CROSS_ENTROPY = tl.constexpr(0)
+BINARY_CROSS_ENTROPY = tl.constexpr(1)
+MSE = tl.constexpr(2)
 
 
 @triton.jit
@@ -186,33 +186,27 @@ def _p_dot_apply(logit_ptr, l_sn, l_sc, lse, mat_ptr, m_sc, m_sd, feat_ptr, f_sn
 
 @triton.jit
 def head_stats_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, target_ptr, t_sn, t_sc,
-                      order_ptr, offsets_ptr, dir_ptr, v_se, v_sk, v_sc, v_sd,
-                      grad_ptr, diag_ptr, hvp_ptr,
-                      C, D, K, num_splits,
+                      order_ptr, offsets_ptr, grad_ptr, diag_ptr, C, D, num_splits,
                       LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, DIAG: tl.constexpr,
-                      HVP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial per-environment statistics over one split of a segment's row blocks.
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial G and Dg over one split of a segment's row blocks.
 
-    Grid: (class tiles x Dh tiles, E * K, splits); K = 1 unless HVP. Program
-    (tile, env * K + k, split) sums row blocks split, split + num_splits, ... of
-    environment env into the (BLOCK_C, BLOCK_D) tile of its partial output
-    (E, splits, K, C, Dh) — G and Dg when GRAD/DIAG, H_e V_ek when HVP — already
+    Grid: (class tiles x Dh tiles, E, splits). Program (tile, env, split) sums row
+    blocks split, split + num_splits, ... of environment env into the
+    (BLOCK_C, BLOCK_D) tile of its partial outputs (E, splits, C, Dh), already
     divided by N_e. Each program owns its output tile and sums in a fixed order.
     """
     Dh = D + HAS_BIAS
     num_dtiles = tl.cdiv(Dh, BLOCK_D)
     c0 = (tl.program_id(0) // num_dtiles) * BLOCK_C
     d0 = (tl.program_id(0) % num_dtiles) * BLOCK_D
-    env = tl.program_id(1) // K
-    k = tl.program_id(1) % K
+    env = tl.program_id(1)
     split = tl.program_id(2)
     start = tl.load(offsets_ptr + env)
     count = tl.load(offsets_ptr + env + 1) - start
-    dirs_k = dir_ptr + env * v_se + k * v_sk
 
     grad_acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     diag_acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    hvp_acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     for block in range(split, tl.cdiv(count, BLOCK_N), num_splits):
         rows, valid = _segment_rows(order_ptr, start, count, block, BLOCK_N)
         zh = _load_zh(feat_ptr, f_sn, f_sd, rows, valid, d0, D, HAS_BIAS, BLOCK_D)
@@ -226,27 +220,66 @@ def head_stats_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, target_ptr, t
         if DIAG:
             q = _curvature(p, cmask, C, LOSS)
             diag_acc += _dot(tl.trans(q), zh * zh)
-        if HVP:
-            s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False, HAS_BIAS,
-                            BLOCK_N, BLOCK_C, BLOCK_D)
-            p_dot_s = tl.zeros((BLOCK_N,), tl.float32)
-            if LOSS == CROSS_ENTROPY:
-                p_dot_s = _p_dot_apply(logit_ptr, l_sn, l_sc, lse, dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd,
-                                       rows, valid, C, D, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
-            t = _hess_apply(p, s, p_dot_s, cmask, C, LOSS)
-            hvp_acc += _dot(tl.trans(t), zh)
 
     inv_count = 1.0 / count.to(tl.float32)
     cols_c = c0 + tl.arange(0, BLOCK_C)
     cols_d = d0 + tl.arange(0, BLOCK_D)
-    out_offsets = ((env * num_splits + split) * K + k) * C * Dh + cols_c[:, None] * Dh + cols_d[None, :]
+    out_offsets = (env * num_splits + split) * C * Dh + cols_c[:, None] * Dh + cols_d[None, :]
     out_mask = (cols_c[:, None] < C) & (cols_d[None, :] < Dh)
     if GRAD:
         tl.store(grad_ptr + out_offsets, grad_acc * inv_count, mask=out_mask)
     if DIAG:
         tl.store(diag_ptr + out_offsets, diag_acc * inv_count, mask=out_mask)
-    if HVP:
-        tl.store(hvp_ptr + out_offsets, hvp_acc * inv_count, mask=out_mask)
+
+
+@triton.jit
+def head_hvp_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, order_ptr, offsets_ptr,
+                    dir_ptr, v_se, v_sk, v_sc, v_sd, hvp_ptr, C, D, K, num_splits,
+                    LOSS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial H_e V_ek over one split of a segment's row blocks.
+
+    Grid: (class tiles, E * K, splits). Program (tile, env * K + k, split) owns the
+    (BLOCK_C, Dh) rows of its partial output (E, splits, K, C, Dh): it zeroes them,
+    then adds t zh^T for each of its row blocks one Dh tile at a time. A program
+    spans all of Dh so that s = V zh and cross_entropy's p . s, full contractions
+    over Dh (and C), are computed once per row block and class tile.
+    """
+    Dh = D + HAS_BIAS
+    c0 = tl.program_id(0) * BLOCK_C
+    env = tl.program_id(1) // K
+    k = tl.program_id(1) % K
+    split = tl.program_id(2)
+    start = tl.load(offsets_ptr + env)
+    count = tl.load(offsets_ptr + env + 1) - start
+    dirs_k = dir_ptr + env * v_se + k * v_sk
+    inv_count = 1.0 / count.to(tl.float32)
+    cols_c = c0 + tl.arange(0, BLOCK_C)
+    out_k = hvp_ptr + ((env * num_splits + split) * K + k) * C * Dh
+
+    for d0 in range(0, Dh, BLOCK_D):
+        cols_d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(out_k + cols_c[:, None] * Dh + cols_d[None, :], tl.zeros((BLOCK_C, BLOCK_D), tl.float32),
+                 mask=(cols_c[:, None] < C) & (cols_d[None, :] < Dh))
+    for block in range(split, tl.cdiv(count, BLOCK_N), num_splits):
+        rows, valid = _segment_rows(order_ptr, start, count, block, BLOCK_N)
+        lse = tl.zeros((BLOCK_N,), tl.float32)
+        p_dot_s = tl.zeros((BLOCK_N,), tl.float32)
+        if LOSS == CROSS_ENTROPY:
+            lse = _row_logsumexp(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
+            p_dot_s = _p_dot_apply(logit_ptr, l_sn, l_sc, lse, dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd,
+                                   rows, valid, C, D, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
+        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+        s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False, HAS_BIAS,
+                        BLOCK_N, BLOCK_C, BLOCK_D)
+        t = inv_count * _hess_apply(p, s, p_dot_s, cmask, C, LOSS)
+        tl.debug_barrier()  # the previous block's (or the zeroing) stores land before these reads
+        for d0 in range(0, Dh, BLOCK_D):
+            zh = _load_zh(feat_ptr, f_sn, f_sd, rows, valid, d0, D, HAS_BIAS, BLOCK_D)
+            cols_d = d0 + tl.arange(0, BLOCK_D)
+            out_ptrs = out_k + cols_c[:, None] * Dh + cols_d[None, :]
+            out_mask = (cols_c[:, None] < C) & (cols_d[None, :] < Dh)
+            tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + _dot(tl.trans(t), zh), mask=out_mask)
 
 
 @triton.jit
@@ -325,37 +358,30 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
                     p_dot_tau = inv_count * _p_dot_apply(logit_ptr, l_sn, l_sc, lse, ups_k, u_sc, u_sd, feat_ptr,
                                                          f_sn, f_sd, rows, valid, C, D, HAS_BIAS,
                                                          BLOCK_N, BLOCK_C, BLOCK_D)
-                if LOSS != MSE:  # mse's A does not depend on p
-                    tl.debug_barrier()
-                    for c0 in range(0, C, BLOCK_C):
-                        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
-                        s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False,
-                                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
-                        tau = inv_count * _apply_tile(ups_k, u_sc, u_sd, feat_ptr, f_sn, f_sd, rows, valid, c0,
-                                                      C, D, False, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
+                for c0 in range(0, C, BLOCK_C):
+                    p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+                    s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False,
+                                    HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
+                    tau = inv_count * _apply_tile(ups_k, u_sc, u_sd, feat_ptr, f_sn, f_sd, rows, valid, c0,
+                                                  C, D, False, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
+                    tl.debug_barrier()  # earlier stores to these rows land before the reads below
+                    if LOSS != MSE:  # mse's A does not depend on p
                         dp_ptrs = dlogit_ptr + rows[:, None] * C + cols[None, :]
                         mask = valid[:, None] & cmask[None, :]
                         dp = tl.load(dp_ptrs, mask=mask, other=0.0)
                         dp += _hess_apply_grad_p(p, s, tau, p_dot_s, p_dot_tau, C, LOSS)
                         tl.store(dp_ptrs, dp, mask=mask)
-                # dz += U^T t / N_e + V^T sig with t = A s, sig = A tau
-                tl.debug_barrier()
-                for d0 in range(0, D, BLOCK_D):
-                    dz = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-                    for c0 in range(0, C, BLOCK_C):
-                        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
-                        s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False,
-                                        HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
-                        tau = inv_count * _apply_tile(ups_k, u_sc, u_sd, feat_ptr, f_sn, f_sd, rows, valid, c0,
-                                                      C, D, False, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
-                        t = inv_count * _hess_apply(p, s, p_dot_s, cmask, C, LOSS)
-                        sig = _hess_apply(p, tau, p_dot_tau, cmask, C, LOSS)
-                        dz += _dot(t, _mat_tile(ups_k, u_sc, u_sd, c0, d0, C, Dh, BLOCK_C, BLOCK_D))
+                    # dz += U^T t / N_e + V^T sig with t = A s, sig = A tau
+                    t = inv_count * _hess_apply(p, s, p_dot_s, cmask, C, LOSS)
+                    sig = _hess_apply(p, tau, p_dot_tau, cmask, C, LOSS)
+                    for d0 in range(0, D, BLOCK_D):
+                        dz = _dot(t, _mat_tile(ups_k, u_sc, u_sd, c0, d0, C, Dh, BLOCK_C, BLOCK_D))
                         dz += _dot(sig, _mat_tile(dirs_k, v_sc, v_sd, c0, d0, C, Dh, BLOCK_C, BLOCK_D))
-                    cols_d = d0 + tl.arange(0, BLOCK_D)
-                    dz_ptrs = dfeat_ptr + rows[:, None] * D + cols_d[None, :]
-                    mask = valid[:, None] & (cols_d[None, :] < D)
-                    tl.store(dz_ptrs, tl.load(dz_ptrs, mask=mask, other=0.0) + dz, mask=mask)
+                        cols_d = d0 + tl.arange(0, BLOCK_D)
+                        dz_ptrs = dfeat_ptr + rows[:, None] * D + cols_d[None, :]
+                        mask = valid[:, None] & (cols_d[None, :] < D)
+                        tl.store(dz_ptrs, tl.load(dz_ptrs, mask=mask, other=0.0) + dz, mask=mask)
+
 
         # d logits = link VJP of dp (mse: the identity)
         if LOSS != MSE:

@@ -25,12 +25,15 @@ from .base import Backend, HeadStats
 
 @dataclass
 class TileConfig:
-    """Block sizes (rounded to powers of two, at least 16 — the smallest tl.dot operand)
-    and the number of programs head_stats aims for before it splits segments' rows."""
+    """Block sizes (rounded to powers of two, at least 16 — the smallest tl.dot operand),
+    warps per program, and the number of programs head_stats aims for before it splits
+    segments' rows. The defaults keep every kernel within sm_90's 255 registers per
+    thread (ptxas reports at most a few bytes of spill); they are not tuned on hardware."""
 
-    rows: int = 32
-    classes: int = 64
-    features: int = 64
+    rows: int = 16
+    classes: int = 32
+    features: int = 32
+    num_warps: int = 8
     # None: four programs per streaming multiprocessor on CUDA, one elsewhere (no split)
     min_programs: Optional[int] = None
 
@@ -67,6 +70,19 @@ def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def _num_splits(problem: HeadProblem, programs: int, stat_elems: int, block_n: int) -> int:
+    """Row splits per segment: enough programs to fill the device, within PARTIAL_BUDGET."""
+    wanted = _cdiv(_target_programs(problem.logits.device), programs)
+    return max(1, min(wanted, _cdiv(problem.segments.max_count, block_n), PARTIAL_BUDGET // stat_elems, 65535))
+
+
+def _finish(part: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum partial statistics over the splits (dim 1) in a fixed order: deterministic, no atomics."""
+    if part is None:
+        return None
+    return part[:, 0] if part.shape[1] == 1 else part.sum(1)
 
 
 def _kernels():
@@ -126,47 +142,45 @@ class TritonBackend(Backend):
                    hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
         """Per-environment G (E, C, Dh), Dg (E, C, Dh) and H_e V_ek (E, K, C, Dh) in float32.
 
-        One launch for G and Dg together, one for the directions (each followed by a
-        fixed-order sum when rows are split)."""
+        One launch for G and Dg together and one for the directions, each followed by a
+        fixed-order sum over row splits when it splits."""
         grad = diag = hvp = None
         if gradient or hess_diag:
-            grad, diag, _ = self._launch_stats(problem, gradient, hess_diag, None)
+            grad, diag = self._gradient_and_diag(problem, gradient, hess_diag)
         if hvp_dirs is not None:
-            _, _, hvp = self._launch_stats(problem, False, False, hvp_dirs.to(torch.float32))
+            hvp = self._hvp(problem, hvp_dirs.to(torch.float32))
         return HeadStats(grad, diag, hvp)
 
-    def _launch_stats(self, problem: HeadProblem, gradient: bool, hess_diag: bool,
-                      hvp_dirs: Optional[torch.Tensor]):
+    def _gradient_and_diag(self, problem: HeadProblem, gradient: bool, hess_diag: bool):
         seg = problem.segments
         e, c, d, dh = seg.num_envs, problem.num_classes, problem.num_features, problem.head_width
-        device = problem.logits.device
         block_n, block_c, block_d = self._blocks(problem)
-        k = 1 if hvp_dirs is None else hvp_dirs.shape[1]
         tiles = _cdiv(c, block_c) * _cdiv(dh, block_d)
-        stat_elems = e * k * c * dh * (int(gradient) + int(hess_diag) + int(hvp_dirs is not None))
-        splits = min(_cdiv(_target_programs(device), tiles * e * k), _cdiv(seg.max_count, block_n),
-                     max(1, PARTIAL_BUDGET // stat_elems), 65535)
-        splits = max(1, splits)
+        splits = _num_splits(problem, tiles * e, e * c * dh * (int(gradient) + int(hess_diag)), block_n)
+        grad_part = _new_output((e, splits, c, dh), problem.logits.device) if gradient else None
+        diag_part = _new_output((e, splits, c, dh), problem.logits.device) if hess_diag else None
+        # a statistic not asked for gets the other's buffer as a placeholder the kernel never touches
+        _kernels().head_stats_kernel[(tiles, e, splits)](
+            *_rows_args(problem), grad_part if gradient else diag_part, diag_part if hess_diag else grad_part,
+            c, d, splits, LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias, GRAD=gradient, DIAG=hess_diag,
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
+        return _finish(grad_part), _finish(diag_part)
 
-        def partial(wanted: bool) -> Optional[torch.Tensor]:
-            return _new_output((e, splits, k, c, dh), device) if wanted else None
-
-        grad_part, diag_part, hvp_part = partial(gradient), partial(hess_diag), partial(hvp_dirs is not None)
-        anything = next(t for t in (grad_part, diag_part, hvp_part) if t is not None)
-        _kernels().head_stats_kernel[(tiles, e * k, splits)](
-            *_rows_args(problem), *_directions_args(hvp_dirs, anything),
-            *(t if t is not None else anything for t in (grad_part, diag_part, hvp_part)),
-            c, d, k, splits,
-            LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias, GRAD=gradient, DIAG=hess_diag,
-            HVP=hvp_dirs is not None, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
-
-        def finish(part: Optional[torch.Tensor], keep_k: bool) -> Optional[torch.Tensor]:
-            if part is None:
-                return None
-            total = part[:, 0] if splits == 1 else part.sum(1)  # fixed-order finish over the splits
-            return total if keep_k else total[:, 0]
-
-        return finish(grad_part, False), finish(diag_part, False), finish(hvp_part, True)
+    def _hvp(self, problem: HeadProblem, hvp_dirs: torch.Tensor) -> torch.Tensor:
+        seg = problem.segments
+        e, c, d, dh = seg.num_envs, problem.num_classes, problem.num_features, problem.head_width
+        k = hvp_dirs.shape[1]
+        block_n, block_c, block_d = self._blocks(problem)
+        tiles = _cdiv(c, block_c)
+        splits = _num_splits(problem, tiles * e * k, e * k * c * dh, block_n)
+        hvp_part = _new_output((e, splits, k, c, dh), problem.logits.device)
+        logits, features = problem.logits, problem.features
+        _kernels().head_hvp_kernel[(tiles, e * k, splits)](
+            logits, logits.stride(0), logits.stride(1), features, features.stride(0), features.stride(1),
+            seg.order, seg.offsets, hvp_dirs, *hvp_dirs.stride(), hvp_part, c, d, k, splits,
+            LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias,
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
+        return _finish(hvp_part)
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
@@ -186,5 +200,5 @@ class TritonBackend(Backend):
             d_logits, d_features, c, d, k,
             LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias, GRAD_UP=grad_up is not None,
             DIAG_UP=diag_up is not None, HVP_UP=hvp_dirs is not None,
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
         return d_logits, d_features
