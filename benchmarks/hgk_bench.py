@@ -118,12 +118,15 @@ class Method:
     """One timed computation. ``kind``: closed (a closed-form backend), unit (generic path, one
     probe), official (generic path at the official probe count or HGP double backward), peer."""
 
-    penalty: str  # "hutchinson" or "hgp": which floor applies
+    penalty: str  # "hutchinson", "hgp", or "diag" (the exact diagonal's forward alone): which floor applies
     backend: str
     kind: str
     label: str
     probes: int = 0
-    forward_only: bool = False
+
+    @property
+    def forward_only(self) -> bool:
+        return self.penalty == "diag"
 
 
 def closed_form_backends(shape: Shape, inputs: Inputs) -> Tuple[List[str], Dict[str, str]]:
@@ -166,9 +169,9 @@ def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List
                probes=shape.official_probes),
         Method("hgp", "reference", "official", "generic HGP double backward"),
     ]
-    methods += [Method("diag", name, "closed", "exact diagonal, forward", forward_only=True) for name in available]
+    methods += [Method("diag", name, "closed", "exact diagonal, forward") for name in available]
     if with_backpack:
-        methods.append(Method("diag", "backpack", "peer", "BackPACK DiagHessian, forward", forward_only=True))
+        methods.append(Method("diag", "backpack", "peer", "BackPACK DiagHessian, forward"))
     return methods
 
 

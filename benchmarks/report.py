@@ -139,57 +139,61 @@ def _ratio(x: Optional[float]) -> str:
 def _find(rows: List[Row], kind: str, penalty: str, backend: Optional[str] = None) -> Optional[Row]:
     for row in rows:
         m = row.method
-        if m.kind == kind and m.penalty == penalty and not m.forward_only and (backend is None or m.backend == backend):
+        if m.kind == kind and m.penalty == penalty and (backend is None or m.backend == backend):
             return row
     return None
 
 
-def _speedup(baseline: Optional[Row], row: Row) -> Optional[float]:
-    if baseline is None or baseline.median is None or row.median is None:
+def _speedup(baseline: Optional[Row], row: Optional[Row]) -> Optional[float]:
+    """Baseline median ÷ row median (from the baseline's estimate when it timed out)."""
+    if baseline is None or row is None or row.median is None:
         return None
-    return baseline.median / row.median
+    base = baseline.median if baseline.median is not None else baseline.estimate
+    return None if base is None else base / row.median
 
 
 def case_table(rows: List[Row]) -> List[str]:
     unit = _find(rows, "unit", "hutchinson")
-    lines = ["| method | backend | time (ms) | runs | peak mem (MiB) | floor (ms) | time ÷ floor "
+    lines = ["| method | backend | median (ms) | best (ms) | runs | peak mem (MiB) | floor (ms) | median ÷ floor "
              "| speed-up vs generic 1 probe |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         m = row.method
         if row.median is None:
-            lines.append(f"| {m.label} | {m.backend} | {row.status} | 0 | — | {_ms(row.floor)} | — | — |")
+            lines.append(f"| {m.label} | {m.backend} | {row.status} | — | 0 | — | {_ms(row.floor)} | — | — |")
             continue
         mem = "—" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:,.1f}"
         speedup = None if m.forward_only else _speedup(unit, row)
-        lines.append(f"| {m.label} | {m.backend} | {_ms(row.median)} | {len(row.times)} | {mem} | {_ms(row.floor)} "
-                     f"| {_ratio(row.median / row.floor)} | {_ratio(speedup)} |")
+        lines.append(f"| {m.label} | {m.backend} | {_ms(row.median)} | {_ms(min(row.times))} | {len(row.times)} "
+                     f"| {mem} | {_ms(row.floor)} | {_ratio(row.median / row.floor)} | {_ratio(speedup)} |")
     return lines
 
 
 def _versus(base: Optional[Row], mine: Optional[Row]) -> str:
-    """base time ÷ mine as "12.3×"; from the estimate, marked, when the baseline timed out."""
-    if base is None or mine is None or mine.median is None:
+    """The speed-up as "12.3×", marked as an estimate when the baseline timed out."""
+    value = _speedup(base, mine)
+    if value is None:
         return "—"
-    if base.median is None:
-        return "—" if base.estimate is None else f"~{_ratio(base.estimate / mine.median)}× (est.: time-out)"
-    return f"{_ratio(base.median / mine.median)}×"
+    return f"{_ratio(value)}×" if base.median is not None else f"~{_ratio(value)}× (est.: time-out)"
 
 
 def headline_table(all_rows: Dict[str, List[Row]]) -> List[str]:
     lines = ["| case | backend | exact Hutchinson vs generic 1 probe | K | vs generic K probes (official) "
-             "| HGP vs generic 1 probe | vs generic HGP double backward (official) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| HGP vs generic 1 probe | vs generic HGP double backward (official) "
+             "| diagonal forward vs BackPACK DiagHessian |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for rows in all_rows.values():
         unit = _find(rows, "unit", "hutchinson")
         official_diag = _find(rows, "official", "hutchinson")
         official_hgp = _find(rows, "official", "hgp")
+        backpack = _find(rows, "peer", "diag")
         for row in rows:
             if row.method.kind == "closed" and row.method.penalty == "hutchinson":
-                hgp = _find(rows, "closed", "hgp", row.method.backend)
-                lines.append(f"| {row.shape.name} | {row.method.backend} | {_versus(unit, row)} "
-                             f"| {row.shape.official_probes} | {_versus(official_diag, row)} | {_versus(unit, hgp)} "
-                             f"| {_versus(official_hgp, hgp)} |")
+                name = row.method.backend
+                hgp, diag = _find(rows, "closed", "hgp", name), _find(rows, "closed", "diag", name)
+                lines.append(f"| {row.shape.name} | {name} | {_versus(unit, row)} | {row.shape.official_probes} "
+                             f"| {_versus(official_diag, row)} | {_versus(unit, hgp)} | {_versus(official_hgp, hgp)} "
+                             f"| {_versus(backpack, diag)} |")
     return lines
 
 
@@ -211,8 +215,8 @@ def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceili
     if reason:
         lines.append(f"- BackPACK peer not timed: {reason}")
     lines += ["", "## Headline: closed form vs the generic double-backward path", "",
-              "Speed-up = the baseline's median time ÷ the closed form's median time, forward + backward, "
-              "same run and inputs.", ""]
+              "Speed-up = the baseline's median time ÷ the closed form's median time, forward + backward "
+              "(forward alone in the last column), same run and inputs.", ""]
     lines += headline_table(all_rows)
     lines += ["", "## Per case", "",
               f"float32, validate=False, median of {repeat} interleaved runs after a warm-up run "

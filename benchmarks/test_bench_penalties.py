@@ -107,7 +107,7 @@ def test_generic_official(benchmark, shape, penalty):
 def test_exact_diag_forward(benchmark, shape, backend):
     closed_form_backend(shape, backend)
     benchmark.group = f"{shape.name} diagonal forward"
-    run_benchmark(benchmark, hb.Method("diag", backend, "closed", "exact diagonal, forward", forward_only=True),
+    run_benchmark(benchmark, hb.Method("diag", backend, "closed", "exact diagonal, forward"),
                   shape)
 
 
@@ -117,5 +117,4 @@ def test_backpack_diag_forward(benchmark, shape):
     if reason:
         pytest.skip(reason)
     benchmark.group = f"{shape.name} diagonal forward"
-    run_benchmark(benchmark, hb.Method("diag", "backpack", "peer", "BackPACK DiagHessian, forward",
-                                       forward_only=True), shape)
+    run_benchmark(benchmark, hb.Method("diag", "backpack", "peer", "BackPACK DiagHessian, forward"), shape)
