@@ -91,6 +91,17 @@ def test_primitives_with_size_list_and_one_class():
     _check_primitives(_case(4, "binary_cross_entropy", True, [2, 7], 1, 3, as_sizes=True), num_dirs=3)
 
 
+def test_strided_inputs():
+    """Kernels read logits and features through their strides (column slices, a transposed view)."""
+    case = _case(3, "binary_cross_entropy", True, [6, 3], 3, 5)
+    wide = torch.randn(case.logits.shape[0], 2 * case.logits.shape[1], device=DEVICE)
+    wide[:, ::2] = case.logits
+    case.logits = wide[:, ::2]
+    case.features = case.features.T.contiguous().T
+    assert not case.logits.is_contiguous() and not case.features.is_contiguous()
+    _check_primitives(case)
+
+
 def test_row_split_partials_match_no_split(monkeypatch):
     """Splitting a segment's rows over programs only changes the summation grouping."""
     case = _case(5, "cross_entropy", True, [40, 3], 5, 6)

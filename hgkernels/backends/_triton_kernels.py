@@ -200,7 +200,7 @@ def head_stats_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, target_ptr, t
     num_dtiles = tl.cdiv(Dh, BLOCK_D)
     c0 = (tl.program_id(0) // num_dtiles) * BLOCK_C
     d0 = (tl.program_id(0) % num_dtiles) * BLOCK_D
-    env = tl.program_id(1)
+    env = tl.program_id(1).to(tl.int64)  # int64: offsets into E x splits x C x Dh may pass 2^31
     split = tl.program_id(2)
     start = tl.load(offsets_ptr + env)
     count = tl.load(offsets_ptr + env + 1) - start
@@ -239,16 +239,16 @@ def head_hvp_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, order_ptr, offs
                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial H_e V_ek over one split of a segment's row blocks.
 
-    Grid: (class tiles, E * K, splits). Program (tile, env * K + k, split) owns the
+    Grid: (E * K, class tiles, splits). Program (env * K + k, tile, split) owns the
     (BLOCK_C, Dh) rows of its partial output (E, splits, K, C, Dh): it zeroes them,
     then adds t zh^T for each of its row blocks one Dh tile at a time. A program
     spans all of Dh so that s = V zh and cross_entropy's p . s, full contractions
     over Dh (and C), are computed once per row block and class tile.
     """
     Dh = D + HAS_BIAS
-    c0 = tl.program_id(0) * BLOCK_C
-    env = tl.program_id(1) // K
-    k = tl.program_id(1) % K
+    c0 = tl.program_id(1) * BLOCK_C
+    env = (tl.program_id(0) // K).to(tl.int64)  # int64: offsets into E x splits x K x C x Dh may pass 2^31
+    k = tl.program_id(0) % K
     split = tl.program_id(2)
     start = tl.load(offsets_ptr + env)
     count = tl.load(offsets_ptr + env + 1) - start
@@ -300,7 +300,7 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
     barriers order these read-after-write steps on the same rows.
     """
     Dh = D + HAS_BIAS
-    env = tl.program_id(1)
+    env = tl.program_id(1).to(tl.int64)  # int64: env * C * Dh may pass 2^31
     start = tl.load(offsets_ptr + env)
     count = tl.load(offsets_ptr + env + 1) - start
     block = tl.program_id(0)

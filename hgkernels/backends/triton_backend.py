@@ -175,7 +175,7 @@ class TritonBackend(Backend):
         splits = _num_splits(problem, tiles * e * k, e * k * c * dh, block_n)
         hvp_part = _new_output((e, splits, k, c, dh), problem.logits.device)
         logits, features = problem.logits, problem.features
-        _kernels().head_hvp_kernel[(tiles, e * k, splits)](
+        _kernels().head_hvp_kernel[(e * k, tiles, splits)](
             logits, logits.stride(0), logits.stride(1), features, features.stride(0), features.stride(1),
             seg.order, seg.offsets, hvp_dirs, *hvp_dirs.stride(), hvp_part, c, d, k, splits,
             LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias,
