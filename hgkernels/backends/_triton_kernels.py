@@ -8,10 +8,13 @@ slots of one segment, so every per-environment sum is a loop inside one program
 and all environments share one launch. Slots past the segment's end read sample 0
 (finite data) with zh = 0, so they never reach a sum and are never stored.
 
-The per-sample quantities p, r, q, s = V zh, t = A s live only in registers; a
-tile over classes needs the row's log-sum-exp (an online pass over all classes)
-and, for cross_entropy's A s = p ⊙ s - p (p · s), the full dot product p · s, so
-those are recomputed where a program needs them rather than written out.
+The per-sample quantities p, r, q, s = V zh, t = A s live only in registers and
+are recomputed where a program needs them rather than written out, the price of
+one launch without scratch memory: a class tile needs the row's log-sum-exp (an
+online pass over all classes; each G/Dg program redoes it, elementwise and cheap)
+and, for cross_entropy's A s = p ⊙ s - p (p · s), the full p · s, a C x Dh
+contraction per row that the HVP kernel redoes in each of its ceil(C / BLOCK_C)
+class-tile programs. The backward does each contraction once per row.
 Every dot runs in IEEE fp32 (no TF32), which the 1e-5 float32 contract needs.
 """
 import triton

@@ -1,4 +1,4 @@
-"""Triton backend: each primitive of `base.Backend` is one fused kernel launch over all environments.
+"""Triton backend: each primitive call is one fused kernel launch over all environments.
 
 The kernels live in `_triton_kernels` and are imported on first use, so importing
 this module (which ``backend="auto"`` does) never imports triton. On CPU tensors
@@ -28,7 +28,7 @@ class TileConfig:
     """Block sizes (rounded to powers of two, at least 16 — the smallest tl.dot operand),
     warps per program, and the number of programs head_stats aims for before it splits
     segments' rows. The defaults keep every kernel within sm_90's 255 registers per
-    thread (ptxas reports at most a few bytes of spill); they are not tuned on hardware."""
+    thread (ptxas reports at most 48 bytes of spill); they are not tuned on hardware."""
 
     rows: int = 16
     classes: int = 32
@@ -91,7 +91,7 @@ def _kernels():
 
 
 def _rows_args(problem: HeadProblem):
-    """Pointer/stride arguments shared by both kernels: logits, features, targets, order, offsets."""
+    """Pointer/stride arguments of logits, features, targets, then the segments' order and offsets."""
     logits, features, targets = problem.logits, problem.features, problem.targets
     t_sc = targets.stride(1) if targets.dim() == 2 else 0
     return (logits, logits.stride(0), logits.stride(1), features, features.stride(0), features.stride(1),
