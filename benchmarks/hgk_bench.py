@@ -89,6 +89,13 @@ def shapes_for(subsets: List[str]) -> List[Shape]:
     return list(shapes.values())
 
 
+def shape_named(name: str) -> Shape:
+    for shape in (shape for shapes in SUBSETS.values() for shape in shapes):
+        if shape.name == name:
+            return shape
+    raise ValueError(f"no benchmark shape named {name!r}")
+
+
 @dataclass
 class Inputs:
     logits: torch.Tensor
@@ -260,20 +267,15 @@ def _proc_status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def cpu_peak_is_exact() -> bool:
-    """Whether glibc returns freed blocks to the OS (see `peak_memory`)."""
-    return os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None
-
-
 @contextmanager
 def peak_memory(device: torch.device):
     """Yields a dict whose "bytes" holds, after the block, the peak memory it added.
 
     GPU: torch.cuda.max_memory_allocated over what was allocated before. CPU: the
     resident-set high-water mark (VmHWM, reset by writing 5 to /proc/self/clear_refs)
-    over the resident size before. With a fixed MALLOC_MMAP_THRESHOLD_ (report.py
-    sets it) every large tensor is its own mapping, unmapped when freed, so RSS tracks
-    live tensors; without it glibc may reuse freed heap and the figure undercounts.
+    over the resident size before. With a fixed MALLOC_MMAP_THRESHOLD_ (report.py sets
+    it in each case's process) every large tensor is its own mapping, unmapped when freed,
+    so RSS tracks live tensors; without it glibc may reuse freed heap and the figure undercounts.
     """
     result = {"bytes": None}
     if device.type == "cuda":
@@ -394,7 +396,9 @@ def machine_description(device: torch.device) -> Dict[str, str]:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        desc["hgkernels commit"] = commit
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "hgkernels", "csrc"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        desc["hgkernels commit"] = commit + (" (with uncommitted changes in hgkernels/ or csrc/)" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         pass
     return desc

@@ -16,12 +16,16 @@ otherwise they are reported as a time-out with that estimate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,7 +44,7 @@ class Row:
     status: str = "ok"
     times: List[float] = field(default_factory=list)
     peak_bytes: Optional[int] = None
-    floor: float = 0.0
+    floor: Optional[float] = None  # seconds, set from the ceilings the parent process measured
     estimate: Optional[float] = None  # seconds, official baselines only
 
     @property
@@ -75,13 +79,12 @@ def _first_run(row: Row, step, device: torch.device) -> Optional[float]:
     return first
 
 
-def run_case(shape: hb.Shape, device: torch.device, ceilings: hb.Ceilings, repeat: int, budget: float,
-             skipped_backends: Dict[str, str]) -> List[Row]:
+def run_case(shape: hb.Shape, device: torch.device, repeat: int, budget: float) -> Tuple[List[Row], Dict[str, str]]:
+    """Time every method on one shape: (rows, {backend not timed: why})."""
     inputs = hb.make_inputs(shape, device)
     available, skipped = hb.closed_form_backends(shape, inputs)
-    skipped_backends.update(skipped)
     methods = hb.methods_for(shape, available, with_backpack=hb.backpack_reason() is None)
-    rows = [Row(shape, m, floor=hb.floor_seconds(m.penalty, shape, ceilings)) for m in methods]
+    rows = [Row(shape, m) for m in methods]
     steps = {id(row): hb.make_step(row.method, shape, inputs) for row in rows}
     memory_limit = hb.available_memory_bytes(device) // 2
     runnable = []
@@ -121,7 +124,37 @@ def run_case(shape: hb.Shape, device: torch.device, ceilings: hb.Ceilings, repea
         first = _first_run(row, steps[id(row)], device)
         if first is not None:
             row.times.append(first)
-    return rows
+    return rows, skipped
+
+
+def run_case_isolated(shape: hb.Shape, args: argparse.Namespace) -> Tuple[List[Row], Dict[str, str]]:
+    """`run_case` in a fresh process: a crash (a native backend's, say) becomes a result, not the
+    end of the report, and each case's peak memory starts from a clean process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "case.json")
+        command = [sys.executable, os.path.abspath(__file__), "--worker", shape.name, "--worker-out", out,
+                   "--repeat", str(args.repeat), "--budget", str(args.budget), "--device", args.device]
+        if args.threads is not None:
+            command += ["--threads", str(args.threads)]
+        # glibc reads the threshold at start-up only; see hgk_bench.peak_memory.
+        code = subprocess.run(command, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)).returncode
+        if code != 0:
+            why = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log(f"  case crashed ({why})")
+            return [Row(shape, hb.Method("", "—", "crash", "all methods"), status=f"crashed ({why})")], {}
+        with open(out) as result:
+            data = json.load(result)
+    rows = [Row(shape, hb.Method(**row.pop("method")), **row) for row in data["rows"]]
+    return rows, data["skipped"]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    rows, skipped = run_case(hb.shape_named(args.worker), torch.device(args.device), args.repeat, args.budget)
+    with open(args.worker_out, "w") as out:
+        json.dump({"skipped": skipped,
+                   "rows": [{k: v for k, v in dataclasses.asdict(row).items() if k != "shape"} for row in rows]},
+                  out)
+    return 0
 
 
 # ---- markdown ----------------------------------------------------------------------------------
@@ -236,11 +269,10 @@ def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceili
 
 def _memory_note(device: torch.device) -> str:
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated above what was allocated before the call"
-    exact = "" if hb.cpu_peak_is_exact() else (" (MALLOC_MMAP_THRESHOLD_ was not set, so reuse of freed "
-                                                "heap may make these undercount)")
-    return ("resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the resident "
-            "size before the warm-up call" + exact)
+        return "torch.cuda.max_memory_allocated above what was allocated before the warm-up call"
+    return (f"resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the resident "
+            f"size before the warm-up call; each case runs in its own process with "
+            f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}, so freed tensors leave the resident set")
 
 
 # ---- plot --------------------------------------------------------------------------------------
@@ -295,6 +327,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report path")
     parser.add_argument("--plot", default=os.path.join(HERE, "time_vs_n.png"), help="PNG plot path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case, write JSON
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.subset, args.repeat = ["smoke"], min(args.repeat, 2)
@@ -308,6 +342,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        return _worker(args)
     command = "python benchmarks/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = datetime.datetime.now()
     machine = hb.machine_description(device)
@@ -319,7 +355,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     skipped_backends: Dict[str, str] = {}
     for index, shape in enumerate(shapes, 1):
         log(f"[{index}/{len(shapes)}] {shape.label}")
-        all_rows[shape.label] = run_case(shape, device, ceilings, args.repeat, args.budget, skipped_backends)
+        rows, skipped = run_case_isolated(shape, args)
+        for row in (r for r in rows if r.method.kind != "crash"):
+            row.floor = hb.floor_seconds(row.method.penalty, shape, ceilings)
+        all_rows[shape.label] = rows
+        skipped_backends.update(skipped)
     plot_path = write_plot(args.plot, all_rows)
     elapsed = (datetime.datetime.now() - start).total_seconds()
     write_markdown(args.out, all_rows, ceilings, machine, command.strip(), skipped_backends,
@@ -329,8 +369,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if not hb.cpu_peak_is_exact():
-        # glibc reads the threshold at start-up only, so restart once with it set.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     sys.exit(main())
