@@ -86,6 +86,12 @@ def test_primitives_match_torch_across_tiles(loss):
     _check_primitives(_case(2, loss, True, [35, 1, 4], 20, 18), num_dirs=1, seed=3)
 
 
+@pytest.mark.parametrize("loss", LOSSES[:2])
+def test_primitives_with_large_logits(loss):
+    """Logits of size ~50 across two class tiles: the online log-sum-exp must not overflow."""
+    _check_primitives(_case(16, loss, True, [7, 3], 20, 3, scale=50.0), num_dirs=1)
+
+
 def test_primitives_with_size_list_and_one_class():
     _check_primitives(_case(4, "binary_cross_entropy", True, [2, 7], 1, 3, as_sizes=True), num_dirs=3)
 

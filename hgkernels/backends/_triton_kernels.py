@@ -10,7 +10,7 @@ and all environments share one launch. Slots past the segment's end read sample 
 
 The per-sample quantities p, r, q, s = V zh, t = A s live only in registers and
 are recomputed where a program needs them rather than written out, the price of
-one launch without scratch memory: a class tile needs the row's log-sum-exp (an
+one launch without scratch memory: a class tile needs the row's softmax max and sum (an
 online pass over all classes; each G/Dg program redoes it, elementwise and cheap)
 and, for cross_entropy's A s = p ⊙ s - p (p · s), the full p · s, a C x Dh
 contraction per row that the HVP kernel redoes in each of its ceil(C / BLOCK_C)
@@ -61,8 +61,10 @@ def _mat_tile(mat_ptr, m_sc, m_sd, c0, d0, C, Dh, BLOCK_C: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _row_logsumexp(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Online (running max) log-sum-exp over all C classes, so C is bounded by memory, not registers."""
+def _row_softmax_scale(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row max m and 1 / sum_c exp(a_c - m) in one online pass over all C classes (C is bounded by
+    memory, not registers). Softmax is then exp(a - m) / sum, as torch computes it: exp(a - lse)
+    would lose ~ulp(|a|) of the largest probability, which cross_entropy's A s cancels against."""
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_N,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -72,18 +74,19 @@ def _row_logsumexp(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N: tl.constexpr, BLOCK_
         new_max = tl.maximum(run_max, tl.max(a, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(a - new_max[:, None]), axis=1)
         run_max = new_max
-    return run_max + tl.log(run_sum)
+    return run_max, 1.0 / run_sum
 
 
 @triton.jit
-def _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C,
+               LOSS: tl.constexpr, BLOCK_C: tl.constexpr):
     """p on a class tile (softmax / sigmoid / the logits themselves for mse), zero past C."""
     cols = c0 + tl.arange(0, BLOCK_C)
     cmask = cols < C
     a = tl.load(logit_ptr + rows[:, None] * l_sn + cols[None, :] * l_sc, mask=cmask[None, :], other=0.0)
     a = a.to(tl.float32)
     if LOSS == CROSS_ENTROPY:
-        p = tl.exp(a - lse[:, None])
+        p = tl.exp(a - row_max[:, None]) * inv_sum[:, None]
     elif LOSS == BINARY_CROSS_ENTROPY:
         p = tl.sigmoid(a)
     else:
@@ -175,12 +178,13 @@ def _apply_tile(mat_ptr, m_sc, m_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D
 
 
 @triton.jit
-def _p_dot_apply(logit_ptr, l_sn, l_sc, lse, mat_ptr, m_sc, m_sd, feat_ptr, f_sn, f_sd, rows, valid, C, D,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _p_dot_apply(logit_ptr, l_sn, l_sc, row_max, inv_sum, mat_ptr, m_sc, m_sd, feat_ptr, f_sn, f_sd,
+                 rows, valid, C, D, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """p . (mat zh) per row over all classes (softmax rows only)."""
     total = tl.zeros((BLOCK_N,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, CROSS_ENTROPY, BLOCK_C)
+        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, CROSS_ENTROPY, BLOCK_C)
         s = _apply_tile(mat_ptr, m_sc, m_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False, HAS_BIAS,
                         BLOCK_N, BLOCK_C, BLOCK_D)
         total += tl.sum(p * s, axis=1)
@@ -213,10 +217,11 @@ def head_stats_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, target_ptr, t
     for block in range(split, tl.cdiv(count, BLOCK_N), num_splits):
         rows, valid = _segment_rows(order_ptr, start, count, block, BLOCK_N)
         zh = _load_zh(feat_ptr, f_sn, f_sd, rows, valid, d0, D, HAS_BIAS, BLOCK_D)
-        lse = tl.zeros((BLOCK_N,), tl.float32)
+        row_max = tl.zeros((BLOCK_N,), tl.float32)
+        inv_sum = tl.zeros((BLOCK_N,), tl.float32)
         if LOSS == CROSS_ENTROPY:
-            lse = _row_logsumexp(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
-        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+            row_max, inv_sum = _row_softmax_scale(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
+        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
         if GRAD:
             r = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
             grad_acc += _dot(tl.trans(r), zh)
@@ -266,13 +271,14 @@ def head_hvp_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, order_ptr, offs
                  mask=(cols_c[:, None] < C) & (cols_d[None, :] < Dh))
     for block in range(split, tl.cdiv(count, BLOCK_N), num_splits):
         rows, valid = _segment_rows(order_ptr, start, count, block, BLOCK_N)
-        lse = tl.zeros((BLOCK_N,), tl.float32)
+        row_max = tl.zeros((BLOCK_N,), tl.float32)
+        inv_sum = tl.zeros((BLOCK_N,), tl.float32)
         p_dot_s = tl.zeros((BLOCK_N,), tl.float32)
         if LOSS == CROSS_ENTROPY:
-            lse = _row_logsumexp(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
-            p_dot_s = _p_dot_apply(logit_ptr, l_sn, l_sc, lse, dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd,
-                                   rows, valid, C, D, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
-        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+            row_max, inv_sum = _row_softmax_scale(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
+            p_dot_s = _p_dot_apply(logit_ptr, l_sn, l_sc, row_max, inv_sum, dirs_k, v_sc, v_sd,
+                                   feat_ptr, f_sn, f_sd, rows, valid, C, D, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
+        p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
         s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False, HAS_BIAS,
                         BLOCK_N, BLOCK_C, BLOCK_D)
         t = inv_count * _hess_apply(p, s, p_dot_s, cmask, C, LOSS)
@@ -312,13 +318,14 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
         inv_count = 1.0 / count.to(tl.float32)
         lam_e = lam_ptr + env * lam_se
         gam_e = gam_ptr + env * gam_se
-        lse = tl.zeros((BLOCK_N,), tl.float32)
+        row_max = tl.zeros((BLOCK_N,), tl.float32)
+        inv_sum = tl.zeros((BLOCK_N,), tl.float32)
         if LOSS == CROSS_ENTROPY:
-            lse = _row_logsumexp(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
+            row_max, inv_sum = _row_softmax_scale(logit_ptr, l_sn, l_sc, rows, C, BLOCK_N, BLOCK_C)
 
         # dp = dr * dr/dp + dq * dq/dp with dr = Lam zh / N_e, dq = Gam (zh ⊙ zh) / N_e
         for c0 in range(0, C, BLOCK_C):
-            p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+            p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
             dp = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
             if GRAD_UP:
                 dp += _residual_slope(C, LOSS) * _apply_tile(lam_e, lam_sc, lam_sd, feat_ptr, f_sn, f_sd, rows,
@@ -335,7 +342,7 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
             dz = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             gam_q = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+                p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
                 if GRAD_UP:
                     r = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
                     dz += _dot(r, _mat_tile(lam_e, lam_sc, lam_sd, c0, d0, C, Dh, BLOCK_C, BLOCK_D))
@@ -356,13 +363,14 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
                 p_dot_s = tl.zeros((BLOCK_N,), tl.float32)
                 p_dot_tau = tl.zeros((BLOCK_N,), tl.float32)
                 if LOSS == CROSS_ENTROPY:
-                    p_dot_s = _p_dot_apply(logit_ptr, l_sn, l_sc, lse, dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd,
-                                           rows, valid, C, D, HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
-                    p_dot_tau = inv_count * _p_dot_apply(logit_ptr, l_sn, l_sc, lse, ups_k, u_sc, u_sd, feat_ptr,
-                                                         f_sn, f_sd, rows, valid, C, D, HAS_BIAS,
+                    p_dot_s = _p_dot_apply(logit_ptr, l_sn, l_sc, row_max, inv_sum, dirs_k, v_sc, v_sd,
+                                           feat_ptr, f_sn, f_sd, rows, valid, C, D, HAS_BIAS,
+                                           BLOCK_N, BLOCK_C, BLOCK_D)
+                    p_dot_tau = inv_count * _p_dot_apply(logit_ptr, l_sn, l_sc, row_max, inv_sum, ups_k, u_sc, u_sd,
+                                                         feat_ptr, f_sn, f_sd, rows, valid, C, D, HAS_BIAS,
                                                          BLOCK_N, BLOCK_C, BLOCK_D)
                 for c0 in range(0, C, BLOCK_C):
-                    p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+                    p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
                     s = _apply_tile(dirs_k, v_sc, v_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, False,
                                     HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
                     tau = inv_count * _apply_tile(ups_k, u_sc, u_sd, feat_ptr, f_sn, f_sd, rows, valid, c0,
@@ -392,13 +400,13 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
             p_dot_dp = tl.zeros((BLOCK_N,), tl.float32)
             if LOSS == CROSS_ENTROPY:
                 for c0 in range(0, C, BLOCK_C):
-                    p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+                    p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
                     dp = tl.load(dlogit_ptr + rows[:, None] * C + cols[None, :],
                                  mask=valid[:, None] & cmask[None, :], other=0.0)
                     p_dot_dp += tl.sum(p * dp, axis=1)
                 tl.debug_barrier()
             for c0 in range(0, C, BLOCK_C):
-                p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, lse, c0, C, LOSS, BLOCK_C)
+                p, cols, cmask = _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C, LOSS, BLOCK_C)
                 dp_ptrs = dlogit_ptr + rows[:, None] * C + cols[None, :]
                 mask = valid[:, None] & cmask[None, :]
                 dp = tl.load(dp_ptrs, mask=mask, other=0.0)
