@@ -127,25 +127,31 @@ def run_case(shape: hb.Shape, device: torch.device, repeat: int, budget: float) 
     return rows, skipped
 
 
-def run_case_isolated(shape: hb.Shape, args: argparse.Namespace) -> Tuple[List[Row], Dict[str, str]]:
+def run_case_isolated(shape: hb.Shape, args: argparse.Namespace,
+                      notes: List[str]) -> Tuple[List[Row], Dict[str, str]]:
     """`run_case` in a fresh process: a crash (a native backend's, say) becomes a result, not the
-    end of the report, and each case's peak memory starts from a clean process."""
+    end of the report, and each case's peak memory starts from a clean process. A crashed case
+    is tried once more, and the crash is kept in `notes` (a module rebuilt under a running
+    process crashes it too)."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", shape.name, "--repeat", str(args.repeat),
+               "--budget", str(args.budget), "--device", args.device]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    # glibc reads the threshold at start-up only; see hgk_bench.peak_memory.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "case.json")
-        command = [sys.executable, os.path.abspath(__file__), "--worker", shape.name, "--worker-out", out,
-                   "--repeat", str(args.repeat), "--budget", str(args.budget), "--device", args.device]
-        if args.threads is not None:
-            command += ["--threads", str(args.threads)]
-        # glibc reads the threshold at start-up only; see hgk_bench.peak_memory.
-        code = subprocess.run(command, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)).returncode
-        if code != 0:
+        for attempt in (1, 2):
+            code = subprocess.run(command + ["--worker-out", out], env=env).returncode
+            if code == 0:
+                with open(out) as result:
+                    data = json.load(result)
+                rows = [Row(shape, hb.Method(**row.pop("method")), **row) for row in data["rows"]]
+                return rows, data["skipped"]
             why = f"signal {-code}" if code < 0 else f"exit code {code}"
-            log(f"  case crashed ({why})")
-            return [Row(shape, hb.Method("", "—", "crash", "all methods"), status=f"crashed ({why})")], {}
-        with open(out) as result:
-            data = json.load(result)
-    rows = [Row(shape, hb.Method(**row.pop("method")), **row) for row in data["rows"]]
-    return rows, data["skipped"]
+            notes.append(f"{shape.name}: attempt {attempt} crashed ({why})")
+            log(f"  attempt {attempt} crashed ({why})")
+    return [Row(shape, hb.Method("", "—", "crash", "all methods"), status=f"crashed ({why})")], {}
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -231,8 +237,8 @@ def headline_table(all_rows: Dict[str, List[Row]]) -> List[str]:
 
 
 def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceilings, machine: Dict[str, str],
-                   command: str, skipped_backends: Dict[str, str], plot_path: Optional[str], repeat: int,
-                   budget: float, device: torch.device, elapsed: float) -> None:
+                   command: str, skipped_backends: Dict[str, str], notes: List[str], plot_path: Optional[str],
+                   repeat: int, budget: float, device: torch.device, elapsed: float) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# hgkernels benchmarks", "",
              f"Produced by `{command}` on {now} in {elapsed / 60:.1f} min.", "", "## Machine", ""]
@@ -247,6 +253,8 @@ def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceili
     reason = hb.backpack_reason()
     if reason:
         lines.append(f"- BackPACK peer not timed: {reason}")
+    if notes:
+        lines += ["", "Crashed case processes (each crashed case is run once more):"] + [f"- {n}" for n in notes]
     lines += ["", "## Headline: closed form vs the generic double-backward path", "",
               "Speed-up = the baseline's median time ÷ the closed form's median time, forward + backward "
               "(forward alone in the last column), same run and inputs.", ""]
@@ -353,16 +361,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     shapes = hb.shapes_for(args.subset)
     all_rows: Dict[str, List[Row]] = {}
     skipped_backends: Dict[str, str] = {}
+    notes: List[str] = []
     for index, shape in enumerate(shapes, 1):
         log(f"[{index}/{len(shapes)}] {shape.label}")
-        rows, skipped = run_case_isolated(shape, args)
+        rows, skipped = run_case_isolated(shape, args, notes)
         for row in (r for r in rows if r.method.kind != "crash"):
             row.floor = hb.floor_seconds(row.method.penalty, shape, ceilings)
         all_rows[shape.label] = rows
         skipped_backends.update(skipped)
     plot_path = write_plot(args.plot, all_rows)
     elapsed = (datetime.datetime.now() - start).total_seconds()
-    write_markdown(args.out, all_rows, ceilings, machine, command.strip(), skipped_backends,
+    write_markdown(args.out, all_rows, ceilings, machine, command.strip(), skipped_backends, notes,
                    plot_path, args.repeat, args.budget, device, elapsed)
     log(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else " (no plot: no cases differing only in N)"))
     return 0
