@@ -81,9 +81,9 @@ PYBIND11_MODULE(HGK_MODULE, m) {
       hgk::head_stats<T>(h, s, lay, ptr<T>(dirs), mut<T>(work), mut<T>(out), l);
     });
   });
-  m.def("per_sample_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t mats,
-                                  uintptr_t gam, uintptr_t work, uintptr_t d_logits, uintptr_t d_features,
-                                  py::tuple launch) {
+  m.def("per_sample_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t grad_up,
+                                  uintptr_t dirs, uintptr_t ups, uintptr_t gam, uintptr_t work, uintptr_t d_logits,
+                                  uintptr_t d_features, py::tuple launch) {
     with_scalar(is_double, [&](auto tag) {
       using T = decltype(tag);
       const auto h = head_from<T>(head);
@@ -91,8 +91,8 @@ PYBIND11_MODULE(HGK_MODULE, m) {
       const auto lay = layout_from<hgk::BackwardLayout>(layout);
       const auto l = launch_from(launch);
       py::gil_scoped_release release;
-      hgk::per_sample_backward<T>(h, s, lay, ptr<T>(mats), ptr<T>(gam), mut<T>(work), mut<T>(d_logits),
-                                  mut<T>(d_features), l);
+      hgk::per_sample_backward<T>(h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups), ptr<T>(gam), mut<T>(work),
+                                  mut<T>(d_logits), mut<T>(d_features), l);
     });
   });
 }

@@ -11,13 +11,16 @@
 namespace hgk {
 namespace {
 
-constexpr int kLanes = 8;         // dot-product partial sums per pair (one AVX register of floats)
 constexpr int kDotRows = 2;       // samples per dot micro-tile
 constexpr int kDotMats = 4;       // matrix rows per dot micro-tile
-constexpr int kRowBlock = 16;     // sorted samples per task (and per backward pass block)
+constexpr int kRowBlock = 32;     // sorted samples per task (and per backward pass block)
 constexpr int kMatBlock = 32;     // matrix rows per dots task
-constexpr int kColBlock = 64;     // head columns per accumulator tile
-constexpr int kReduceRows = 4;    // coefficient columns per reduce tile
+constexpr int kColBlock = 64;     // head columns per reduce task
+constexpr int kCoefBlock = 64;    // coefficient columns per reduce task
+constexpr int kGroupRows = 32;    // samples packed at a time by a reduce task
+constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient columns) ...
+constexpr int kTileCols = 16;     // ... by head columns
+constexpr int kPanelRows = 64;    // matrix rows per expand panel
 
 struct Task {
   int env;
@@ -44,39 +47,51 @@ T inv_count(const Segments& s, int e) {
   return T(1) / T(s.offsets[e + 1] - s.offsets[e]);
 }
 
+// One SIMD register of T through the GCC/Clang vector extension (the compiler's auto-vectorizer
+// does not keep the accumulator tiles below in registers); loads need only T's alignment.
+template <typename T>
+struct Simd {
+  typedef T type __attribute__((vector_size(32), aligned(sizeof(T))));
+  static constexpr int lanes = 32 / sizeof(T);
+  static type load(const T* p) { return *reinterpret_cast<const type*>(p); }
+  static void store(T* p, type v) { *reinterpret_cast<type*>(p) = v; }
+};
+
+// out[r][q] = m[q] . x[r] over D (x squared when Square): lanes of partial sums per pair, added in lane order.
 template <typename T, bool Square, int Mats>
 void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) {
-  T acc[kDotRows][Mats][kLanes] = {};
+  using V = Simd<T>;
+  typename V::type acc[kDotRows][Mats] = {};
   int d = 0;
-  for (; d + kLanes <= D; d += kLanes)
+  for (; d + V::lanes <= D; d += V::lanes)
     for (int r = 0; r < kDotRows; ++r) {
-      T xv[kLanes];
-      for (int l = 0; l < kLanes; ++l) xv[l] = Square ? x[r][d + l] * x[r][d + l] : x[r][d + l];
-      for (int q = 0; q < Mats; ++q)
-        for (int l = 0; l < kLanes; ++l) acc[r][q][l] += xv[l] * m[q][d + l];
+      typename V::type xv = V::load(x[r] + d);
+      if (Square) xv = xv * xv;
+      for (int q = 0; q < Mats; ++q) acc[r][q] += xv * V::load(m[q] + d);
     }
   for (int r = 0; r < kDotRows; ++r)
     for (int q = 0; q < Mats; ++q) {
       T total = T(0);
-      for (int l = 0; l < kLanes; ++l) total += acc[r][q][l];
+      for (int l = 0; l < V::lanes; ++l) total += acc[r][q][l];
       for (int t = d; t < D; ++t) total += (Square ? x[r][t] * x[r][t] : x[r][t]) * m[q][t];
       out[r][q] = total;
     }
 }
 
-// out[j * M + m] = mats[m] . x_j (x_j = zh_j, or zh_j ⊙ zh_j when Square) for sorted rows
-// [row_begin, row_end) and matrix rows [mat_begin, mat_end) of one environment's (M, Dh) mats.
+// out[j * out_stride + m] = mats[m] . x_j (x_j = zh_j, or zh_j ⊙ zh_j when Square) for sorted rows
+// [row_begin, row_end) and matrix rows [mat_begin, mat_end) of one environment's (rows, Dh) mats.
 template <typename T, bool Square>
-void dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* mats, int M,
-                int mat_begin, int mat_end, T* out) {
+void dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* mats,
+                int mat_begin, int mat_end, T* out, int64_t out_stride) {
   const int Dh = h.head_width();
-  for (int64_t j = row_begin; j < row_end; j += kDotRows) {
-    const T* x[kDotRows];
-    for (int r = 0; r < kDotRows; ++r)  // rows past the block repeat its last one; never stored
-      x[r] = h.features + s.order[std::min(j + r, row_end - 1)] * h.features_row_stride;
-    for (int q0 = mat_begin; q0 < mat_end; q0 += kDotMats) {
-      const T* m[kDotMats];
-      for (int q = 0; q < kDotMats; ++q) m[q] = mats + int64_t(std::min(q0 + q, mat_end - 1)) * Dh;
+  // Matrix rows outer: each quad of rows is read from memory once per block of samples.
+  for (int q0 = mat_begin; q0 < mat_end; q0 += kDotMats) {
+    const T* m[kDotMats];
+    for (int q = 0; q < kDotMats; ++q) m[q] = mats + int64_t(std::min(q0 + q, mat_end - 1)) * Dh;
+    for (int64_t j = row_begin; j < row_end; j += kDotRows) {
+      const T* x[kDotRows];
+      for (int r = 0; r < kDotRows; ++r)  // rows past the block repeat its last one; never stored
+        x[r] = h.features + s.order[std::min(j + r, row_end - 1)] * h.features_row_stride;
       T tile[kDotRows][kDotMats];
       if (q0 + kDotMats <= mat_end)
         dots_tile<T, Square, kDotMats>(x, m, h.D, tile);
@@ -88,50 +103,100 @@ void dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t 
         }
       for (int r = 0; r < kDotRows && j + r < row_end; ++r)
         for (int q = 0; q < kDotMats && q0 + q < mat_end; ++q)
-          out[(j + r) * M + q0 + q] = tile[r][q] + (h.bias ? m[q][h.D] : T(0));  // bias: zh_D = 1
+          out[(j + r) * out_stride + q0 + q] = tile[r][q] + (h.bias ? m[q][h.D] : T(0));  // bias: zh_D = 1
     }
   }
 }
 
-// d_features of sorted rows [row_begin, row_end) of environment env (at most kRowBlock):
-// coef @ mats + zh ⊙ (coef_sq @ gam), the feature columns only.
+// acc[r][v] += sum_k a[k][r] * b[k][v] for k < K: the register tile of reduce and expand
+// (a: K x kTileRows with stride a_stride, b: K rows of kTileCols with stride b_stride).
 template <typename T>
-void expand_block(const Head<T>& h, const Segments& s, int env, int64_t row_begin, int64_t row_end, const T* coef,
-                  const T* mats, int M, const T* coef_sq, const T* gam, T* d_features) {
-  const int Dh = h.head_width(), C = h.C;
-  const int rows = int(row_end - row_begin);
-  for (int d0 = 0; d0 < h.D; d0 += kColBlock) {
-    const int cols = std::min(kColBlock, h.D - d0);
-    T acc[kRowBlock][kColBlock] = {};
-    for (int m = 0; m < M; ++m) {
-      const T* mrow = mats + (int64_t(env) * M + m) * Dh + d0;
-      for (int r = 0; r < rows; ++r) {
-        const T cf = coef[(row_begin + r) * M + m];
-        for (int d = 0; d < cols; ++d) acc[r][d] += cf * mrow[d];
-      }
+void rank_k_tile(int K, const T* a, int64_t a_stride, const T* b, int64_t b_stride, T (*acc)[kTileCols]) {
+  using V = Simd<T>;
+  constexpr int vecs = kTileCols / V::lanes;
+  typename V::type tile[kTileRows][vecs];
+  for (int r = 0; r < kTileRows; ++r)
+    for (int v = 0; v < vecs; ++v) tile[r][v] = V::load(acc[r] + v * V::lanes);
+  for (int k = 0; k < K; ++k) {
+    typename V::type bk[vecs];
+    for (int v = 0; v < vecs; ++v) bk[v] = V::load(b + k * b_stride + v * V::lanes);
+    for (int r = 0; r < kTileRows; ++r) {
+      const T ak = a[k * a_stride + r];
+      for (int v = 0; v < vecs; ++v) tile[r][v] += ak * bk[v];
     }
-    if (gam) {
-      T acc_sq[kRowBlock][kColBlock] = {};
-      for (int c = 0; c < C; ++c) {
-        const T* grow = gam + (int64_t(env) * C + c) * Dh + d0;
-        for (int r = 0; r < rows; ++r) {
-          const T cf = coef_sq[(row_begin + r) * C + c];
-          for (int d = 0; d < cols; ++d) acc_sq[r][d] += cf * grow[d];
-        }
+  }
+  for (int r = 0; r < kTileRows; ++r)
+    for (int v = 0; v < vecs; ++v) V::store(acc[r] + v * V::lanes, tile[r][v]);
+}
+
+// One environment's (rows, Dh) matrix whose row m pairs with coefficient column first_coef + m.
+template <typename T>
+struct Part {
+  const T* mats;
+  int rows, first_coef;
+};
+
+// acc (kRowBlock, D) += coef[:, part] @ part.mats[:, :D] for the block's rows: panels of kPanelRows
+// matrix rows (a few pages, so the column sweep stays within the TLB) by register tiles.
+template <typename T>
+void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int rows, T* acc) {
+  const int Dh = h.head_width(), D = h.D, full = D - D % kTileCols;
+  for (int m0 = 0; m0 < part.rows; m0 += kPanelRows) {
+    const int panel = std::min(kPanelRows, part.rows - m0);
+    const T* a = coef_t + size_t(part.first_coef + m0) * kRowBlock;
+    const T* b = part.mats + int64_t(m0) * Dh;
+    for (int d0 = 0; d0 < full; d0 += kTileCols)
+      for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+        T tile[kTileRows][kTileCols];
+        for (int r = 0; r < kTileRows; ++r) std::copy(acc + size_t(r0 + r) * D + d0, acc + size_t(r0 + r) * D + d0 + kTileCols, tile[r]);
+        rank_k_tile<T>(panel, a + r0, kRowBlock, b + d0, Dh, tile);
+        for (int r = 0; r < kTileRows; ++r) std::copy(tile[r], tile[r] + kTileCols, acc + size_t(r0 + r) * D + d0);
       }
-      for (int r = 0; r < rows; ++r) {
-        const T* x = h.features + s.order[row_begin + r] * h.features_row_stride + d0;
-        for (int d = 0; d < cols; ++d) acc[r][d] += x[d] * acc_sq[r][d];
-      }
-    }
+    for (int m = 0; m < panel; ++m)  // columns past the last full tile
+      for (int r = 0; r < rows; ++r)
+        for (int d = full; d < D; ++d) acc[size_t(r) * D + d] += a[size_t(m) * kRowBlock + r] * b[int64_t(m) * Dh + d];
+  }
+}
+
+// d_features of sorted rows [row_begin, row_end) (at most kRowBlock): coef @ stacked parts
+// + zh ⊙ (coef_sq @ gam), the feature columns only. acc and acc_sq are (kRowBlock, D) scratch.
+template <typename T>
+void expand_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* coef, int W,
+                  const Part<T>* parts, int num_parts, const T* coef_sq, const T* env_gam, T* d_features,
+                  std::vector<T>& coef_t, std::vector<T>& acc, std::vector<T>& acc_sq) {
+  const int C = h.C, D = h.D, rows = int(row_end - row_begin);
+  // Coefficients transposed to (W, kRowBlock), zero past the block's rows: a register tile of
+  // kTileRows samples reads them as one contiguous run per matrix row.
+  coef_t.assign(size_t(std::max(W, C)) * kRowBlock, T(0));
+  acc.assign(size_t(kRowBlock) * D, T(0));
+  for (int r = 0; r < rows; ++r)
+    for (int m = 0; m < W; ++m) coef_t[size_t(m) * kRowBlock + r] = coef[(row_begin + r) * W + m];
+  for (int p = 0; p < num_parts; ++p) expand_part<T>(h, parts[p], coef_t.data(), rows, acc.data());
+  if (env_gam) {
+    coef_t.assign(coef_t.size(), T(0));
+    acc_sq.assign(size_t(kRowBlock) * D, T(0));
     for (int r = 0; r < rows; ++r)
-      std::copy(acc[r], acc[r] + cols, d_features + s.order[row_begin + r] * h.D + d0);
+      for (int c = 0; c < C; ++c) coef_t[size_t(c) * kRowBlock + r] = coef_sq[(row_begin + r) * C + c];
+    expand_part<T>(h, Part<T>{env_gam, C, 0}, coef_t.data(), rows, acc_sq.data());
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = s.order[row_begin + r];
+    const T* x = h.features + i * h.features_row_stride;
+    const T* a = acc.data() + size_t(r) * D;
+    T* dx = d_features + i * D;
+    if (env_gam) {
+      const T* a_sq = acc_sq.data() + size_t(r) * D;
+      for (int d = 0; d < D; ++d) dx[d] = a[d] + x[d] * a_sq[d];
+    } else {
+      std::copy(a, a + D, dx);
+    }
   }
 }
 
 // out[e] = sum_{j in e} coef_j^T x_j over (E, W, Dh); x_j = zh_j ⊙ zh_j for coefficient columns in
-// [square_begin, square_end), zh_j for the others. One task per (environment, column tile) sums its
-// whole environment in row order.
+// [square_begin, square_end), zh_j for the others. One task per (environment, coefficient block,
+// column block) sums its whole environment in row order, kGroupRows rows at a time: the group's
+// features are packed once and stay in L1 while every register tile of the task passes over them.
 template <typename T>
 void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int square_begin, int square_end, T* out,
             Launch launch) {
@@ -141,32 +206,51 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
   };
   std::vector<Tile> tiles;
   for (int e = 0; e < s.num_envs; ++e)
-    for (int c = 0; c < W; c += kReduceRows)
+    for (int c = 0; c < W; c += kCoefBlock)
       for (int d = 0; d < Dh; d += kColBlock)
-        tiles.push_back({e, c, std::min(c + kReduceRows, W), d, std::min(d + kColBlock, Dh)});
+        tiles.push_back({e, c, std::min(c + kCoefBlock, W), d, std::min(d + kColBlock, Dh)});
 #pragma omp parallel for schedule(static) num_threads(launch.threads)
   for (int64_t t = 0; t < int64_t(tiles.size()); ++t) {
     const Tile& tile = tiles[t];
-    const int c0 = tile.coef_begin, rows = tile.coef_end - tile.coef_begin;
     const int d0 = tile.col_begin, cols = tile.col_end - tile.col_begin;
-    const int feature_cols = std::max(0, std::min(cols, h.D - d0));  // the rest is the bias column
-    bool square[kReduceRows];
-    for (int c = 0; c < rows; ++c) square[c] = c0 + c >= square_begin && c0 + c < square_end;
-    T acc[kReduceRows][kColBlock] = {};
-    T x[kColBlock], x2[kColBlock];
-    for (int64_t j = s.offsets[tile.env]; j < s.offsets[tile.env + 1]; ++j) {
-      const T* row = h.features + s.order[j] * h.features_row_stride + d0;
-      for (int d = 0; d < feature_cols; ++d) x[d] = row[d];
-      for (int d = feature_cols; d < cols; ++d) x[d] = T(1);
-      for (int d = 0; d < cols; ++d) x2[d] = x[d] * x[d];
-      const T* cf = coef + j * W + c0;
-      for (int c = 0; c < rows; ++c) {
-        const T* src = square[c] ? x2 : x;
-        for (int d = 0; d < cols; ++d) acc[c][d] += cf[c] * src[d];
+    const int feature_cols = std::max(0, std::min(cols, h.D - d0));  // then the bias column, then zero padding
+    const bool any_square = tile.coef_begin < square_end && square_begin < tile.coef_end;
+    std::vector<T> acc(size_t(kCoefBlock) * kColBlock, T(0));
+    std::vector<T> x(size_t(kGroupRows) * kColBlock), x2(any_square ? x.size() : 0);
+    T coef_group[kGroupRows * kTileRows];
+    for (int64_t g0 = s.offsets[tile.env]; g0 < s.offsets[tile.env + 1]; g0 += kGroupRows) {
+      const int group = int(std::min<int64_t>(kGroupRows, s.offsets[tile.env + 1] - g0));
+      for (int k = 0; k < group; ++k) {
+        const T* row = h.features + s.order[g0 + k] * h.features_row_stride + d0;
+        T* xk = x.data() + size_t(k) * kColBlock;
+        for (int d = 0; d < feature_cols; ++d) xk[d] = row[d];
+        for (int d = feature_cols; d < kColBlock; ++d) xk[d] = d < cols ? T(1) : T(0);
+        if (any_square)
+          for (int d = 0; d < kColBlock; ++d) x2[size_t(k) * kColBlock + d] = xk[d] * xk[d];
+      }
+      // Tiles of kTileRows coefficient columns that never straddle the squared range.
+      for (int c0 = tile.coef_begin; c0 < tile.coef_end;) {
+        const bool square = c0 >= square_begin && c0 < square_end;
+        const int limit = square ? square_end : (c0 < square_begin ? std::min(square_begin, tile.coef_end) : tile.coef_end);
+        const int rows = std::min(kTileRows, std::min(limit, tile.coef_end) - c0);
+        for (int k = 0; k < group; ++k)
+          for (int r = 0; r < kTileRows; ++r) coef_group[k * kTileRows + r] = r < rows ? coef[(g0 + k) * W + c0 + r] : T(0);
+        const T* src = square ? x2.data() : x.data();
+        for (int v0 = 0; v0 < cols; v0 += kTileCols) {
+          T part[kTileRows][kTileCols];
+          T* base = acc.data() + size_t(c0 - tile.coef_begin) * kColBlock + v0;
+          for (int r = 0; r < kTileRows; ++r)
+            for (int v = 0; v < kTileCols; ++v) part[r][v] = r < rows ? base[size_t(r) * kColBlock + v] : T(0);
+          rank_k_tile<T>(group, coef_group, kTileRows, src + v0, kColBlock, part);
+          for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < kTileCols; ++v) base[size_t(r) * kColBlock + v] = part[r][v];
+        }
+        c0 += rows;
       }
     }
-    for (int c = 0; c < rows; ++c)
-      std::copy(acc[c], acc[c] + cols, out + (int64_t(tile.env) * W + c0 + c) * Dh + d0);
+    for (int c = tile.coef_begin; c < tile.coef_end; ++c)
+      std::copy(acc.data() + size_t(c - tile.coef_begin) * kColBlock,
+                acc.data() + size_t(c - tile.coef_begin) * kColBlock + cols, out + (int64_t(tile.env) * W + c) * Dh + d0);
   }
 }
 
@@ -185,8 +269,8 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 #pragma omp parallel for schedule(static) num_threads(launch.threads)
     for (int64_t t = 0; t < int64_t(work_tasks.size()); ++t) {
       const Task& task = work_tasks[t];
-      dots_block<T, false>(h, s, task.row_begin, task.row_end, dirs + int64_t(task.env) * KC * h.head_width(), KC,
-                           task.col_begin, task.col_end, dirs_dots);
+      dots_block<T, false>(h, s, task.row_begin, task.row_end, dirs + int64_t(task.env) * KC * h.head_width(),
+                           task.col_begin, task.col_end, dirs_dots, KC);
     }
   }
 #pragma omp parallel for schedule(static) num_threads(launch.threads)
@@ -202,9 +286,9 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 // One pass over the features: each task takes a block of one environment's rows through
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
 template <typename T>
-void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* mats, const T* gam,
-                         T* work, T* d_logits, T* d_features, Launch launch) {
-  const int C = h.C, W = layout.width(), Dh = h.head_width();
+void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+                         const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch) {
+  const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
   const int64_t N = s.num_samples;
   T* dots = work;
   T* dots_sq = dots + N * W;
@@ -212,20 +296,35 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   T* coef = scratch + 2 * N * C;
   T* coef_sq = coef + N * W;
   const std::vector<Task> blocks = tasks(s, kRowBlock, 1, 1);
-#pragma omp parallel for schedule(static) num_threads(launch.threads)
-  for (int64_t t = 0; t < int64_t(blocks.size()); ++t) {
-    const Task& block = blocks[t];
-    const int e = block.env;
-    dots_block<T, false>(h, s, block.row_begin, block.row_end, mats + int64_t(e) * W * Dh, W, 0, W, dots);
-    if (gam) dots_block<T, true>(h, s, block.row_begin, block.row_end, gam + int64_t(e) * C * Dh, C, 0, C, dots_sq);
-    const T w = inv_count<T>(s, e);
-    for (int64_t j = block.row_begin; j < block.row_end; ++j) {
-      const int64_t i = s.order[j];
-      backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
-                      dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
-                      coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
+#pragma omp parallel num_threads(launch.threads)
+  {
+    std::vector<T> coef_t, acc, acc_sq;  // per-thread scratch of expand_block
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < int64_t(blocks.size()); ++t) {
+      const Task& block = blocks[t];
+      const int e = block.env;
+      Part<T> parts[3];
+      int num_parts = 0;
+      if (layout.gradient) parts[num_parts++] = {grad_up + int64_t(e) * C * Dh, C, 0};
+      if (KC) {
+        parts[num_parts++] = {dirs + int64_t(e) * KC * Dh, KC, layout.dirs_begin()};
+        parts[num_parts++] = {ups + int64_t(e) * KC * Dh, KC, layout.ups_begin()};
+      }
+      for (int p = 0; p < num_parts; ++p)
+        dots_block<T, false>(h, s, block.row_begin, block.row_end, parts[p].mats, 0, parts[p].rows,
+                             dots + parts[p].first_coef, W);
+      const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
+      if (gam) dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
+      const T w = inv_count<T>(s, e);
+      for (int64_t j = block.row_begin; j < block.row_end; ++j) {
+        const int64_t i = s.order[j];
+        backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
+                        dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
+                        coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
+      }
+      expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam, d_features,
+                      coef_t, acc, acc_sq);
     }
-    expand_block<T>(h, s, e, block.row_begin, block.row_end, coef, mats, W, coef_sq, gam, d_features);
   }
 }
 
@@ -234,8 +333,9 @@ template void head_stats<float>(const Head<float>&, const Segments&, StatsLayout
 template void head_stats<double>(const Head<double>&, const Segments&, StatsLayout, const double*, double*, double*,
                                  Launch);
 template void per_sample_backward<float>(const Head<float>&, const Segments&, BackwardLayout, const float*,
-                                         const float*, float*, float*, float*, Launch);
+                                         const float*, const float*, const float*, float*, float*, float*, Launch);
 template void per_sample_backward<double>(const Head<double>&, const Segments&, BackwardLayout, const double*,
-                                          const double*, double*, double*, double*, Launch);
+                                          const double*, const double*, const double*, double*, double*, double*,
+                                          Launch);
 
 }  // namespace hgk

@@ -34,9 +34,10 @@ __device__ T inv_count(const Segments& s, int e) {
   return T(1) / T(s.offsets[e + 1] - s.offsets[e]);
 }
 
-// out[j * M + m] = mats[e(j), m] . x_j (x_j = zh_j, or zh_j ⊙ zh_j when square): one warp per (j, m).
+// out[j * out_stride + m] = mats[e(j), m] . x_j (x_j = zh_j, or zh_j ⊙ zh_j when square), mats (E, M, Dh):
+// one warp per (j, m).
 template <typename T>
-__global__ void dots_kernel(Head<T> h, Segments s, const T* mats, int M, bool square, T* out) {
+__global__ void dots_kernel(Head<T> h, Segments s, const T* mats, int M, bool square, T* out, int64_t out_stride) {
   const int64_t pair = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (pair >= s.num_samples * M) return;
@@ -48,7 +49,7 @@ __global__ void dots_kernel(Head<T> h, Segments s, const T* mats, int M, bool sq
   T acc = T(0);
   for (int d = lane; d < h.D; d += kWarp) acc += (square ? x[d] * x[d] : x[d]) * row[d];
   for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-  if (lane == 0) out[j * M + m] = acc + (h.bias ? row[h.D] : T(0));  // bias: zh_D = 1
+  if (lane == 0) out[j * out_stride + m] = acc + (h.bias ? row[h.D] : T(0));  // bias: zh_D = 1
 }
 
 template <typename T>
@@ -94,9 +95,23 @@ __global__ void backward_rows_kernel(Head<T> h, Segments s, BackwardLayout layou
                   d_logits + i * C, 1);
 }
 
-// d_features[i, d] = coef_j . mats[e][:, d] + zh_j[d] (coef_sq_j . gam[e][:, d]): one thread per (j, d).
+// Per-environment (E, rows, Dh) matrices whose row m pairs with coefficient column first_coef + m.
 template <typename T>
-__global__ void expand_kernel(Head<T> h, Segments s, const T* coef, const T* mats, int M, const T* coef_sq,
+struct Part {
+  const T* mats;
+  int rows, first_coef;
+};
+
+template <typename T>
+struct Parts {
+  Part<T> part[3];
+  int count;
+};
+
+// d_features[i, d] = sum over parts of coef_j . part[e][:, d] + zh_j[d] (coef_sq_j . gam[e][:, d]):
+// one thread per (j, d).
+template <typename T>
+__global__ void expand_kernel(Head<T> h, Segments s, const T* coef, int W, Parts<T> parts, const T* coef_sq,
                               const T* gam, T* d_features) {
   const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= s.num_samples * h.D) return;
@@ -106,7 +121,11 @@ __global__ void expand_kernel(Head<T> h, Segments s, const T* coef, const T* mat
   const int Dh = h.head_width(), C = h.C;
   const int64_t i = s.order[j];
   T acc = T(0);
-  for (int m = 0; m < M; ++m) acc += coef[j * M + m] * mats[(int64_t(e) * M + m) * Dh + d];
+  for (int p = 0; p < parts.count; ++p) {
+    const Part<T> part = parts.part[p];
+    const T* mats = part.mats + int64_t(e) * part.rows * Dh + d;
+    for (int m = 0; m < part.rows; ++m) acc += coef[j * W + part.first_coef + m] * mats[int64_t(m) * Dh];
+  }
   if (gam) {
     T acc_sq = T(0);
     for (int c = 0; c < C; ++c) acc_sq += coef_sq[j * C + c] * gam[(int64_t(e) * C + c) * Dh + d];
@@ -116,9 +135,11 @@ __global__ void expand_kernel(Head<T> h, Segments s, const T* coef, const T* mat
 }
 
 template <typename T>
-void dots(const Head<T>& h, const Segments& s, const T* mats, int M, bool square, T* out, cudaStream_t stream) {
+void dots(const Head<T>& h, const Segments& s, const T* mats, int M, bool square, T* out, int64_t out_stride,
+          cudaStream_t stream) {
   if (M == 0 || s.num_samples == 0) return;
-  dots_kernel<T><<<blocks_for(s.num_samples * M * kWarp), kThreads, 0, stream>>>(h, s, mats, M, square, out);
+  dots_kernel<T><<<blocks_for(s.num_samples * M * kWarp), kThreads, 0, stream>>>(h, s, mats, M, square, out,
+                                                                                 out_stride);
   check(cudaGetLastError(), "hgkernels dots kernel");
 }
 
@@ -133,7 +154,7 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
   T* dirs_dots = work;
   T* p_scratch = dirs_dots + N * KC;
   T* coef = p_scratch + N * C;
-  dots<T>(h, s, dirs, KC, false, dirs_dots, stream);
+  dots<T>(h, s, dirs, KC, false, dirs_dots, KC, stream);
   stats_rows_kernel<T><<<blocks_for(N), kThreads, 0, stream>>>(h, s, layout, dirs_dots, p_scratch, coef);
   check(cudaGetLastError(), "hgkernels stats_rows kernel");
   const int diag_begin = layout.diag_begin();
@@ -145,22 +166,29 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 }
 
 template <typename T>
-void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* mats, const T* gam,
-                         T* work, T* d_logits, T* d_features, Launch launch) {
+void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+                         const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch) {
   const auto stream = reinterpret_cast<cudaStream_t>(launch.stream);
-  const int C = h.C, W = layout.width();
+  const int C = h.C, KC = layout.K * h.C, W = layout.width();
   const int64_t N = s.num_samples;
   T* dots_out = work;
   T* dots_sq = dots_out + N * W;
   T* scratch = dots_sq + N * C;
   T* coef = scratch + 2 * N * C;
   T* coef_sq = coef + N * W;
-  dots<T>(h, s, mats, W, false, dots_out, stream);
-  if (gam) dots<T>(h, s, gam, C, true, dots_sq, stream);
+  Parts<T> parts{};
+  if (layout.gradient) parts.part[parts.count++] = {grad_up, C, 0};
+  if (KC) {
+    parts.part[parts.count++] = {dirs, KC, layout.dirs_begin()};
+    parts.part[parts.count++] = {ups, KC, layout.ups_begin()};
+  }
+  for (int p = 0; p < parts.count; ++p)
+    dots<T>(h, s, parts.part[p].mats, parts.part[p].rows, false, dots_out + parts.part[p].first_coef, W, stream);
+  if (gam) dots<T>(h, s, gam, C, true, dots_sq, C, stream);
   backward_rows_kernel<T><<<blocks_for(N), kThreads, 0, stream>>>(
       h, s, layout, dots_out, gam ? dots_sq : nullptr, scratch, coef, gam ? coef_sq : nullptr, d_logits);
   check(cudaGetLastError(), "hgkernels backward_rows kernel");
-  expand_kernel<T><<<blocks_for(N * h.D), kThreads, 0, stream>>>(h, s, coef, mats, W, gam ? coef_sq : nullptr, gam,
+  expand_kernel<T><<<blocks_for(N * h.D), kThreads, 0, stream>>>(h, s, coef, W, parts, gam ? coef_sq : nullptr, gam,
                                                                  d_features);
   check(cudaGetLastError(), "hgkernels expand kernel");
 }
@@ -170,8 +198,9 @@ template void head_stats<float>(const Head<float>&, const Segments&, StatsLayout
 template void head_stats<double>(const Head<double>&, const Segments&, StatsLayout, const double*, double*, double*,
                                  Launch);
 template void per_sample_backward<float>(const Head<float>&, const Segments&, BackwardLayout, const float*,
-                                         const float*, float*, float*, float*, Launch);
+                                         const float*, const float*, const float*, float*, float*, float*, Launch);
 template void per_sample_backward<double>(const Head<double>&, const Segments&, BackwardLayout, const double*,
-                                          const double*, double*, double*, double*, Launch);
+                                          const double*, const double*, const double*, double*, double*, double*,
+                                          Launch);
 
 }  // namespace hgk

@@ -54,10 +54,12 @@ template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch);
 
-// Per-sample backward: mats (E, W, Dh) stacks [Lam][V_k][U_k] as in BackwardLayout, gam (E, C, Dh)
-// is dPsi/dDg or nullptr. Writes d_logits (N, C) and d_features (N, D), contiguous, caller rows.
+// Per-sample backward. The per-environment matrices, in BackwardLayout's order, arrive as separate
+// contiguous arrays (so callers need not concatenate them): grad_up = Lam (E, C, Dh) or nullptr,
+// dirs = V and ups = U (E, K*C, Dh) each (K may be 0), gam = dPsi/dDg (E, C, Dh) or nullptr.
+// Writes d_logits (N, C) and d_features (N, D), contiguous, in the caller's rows.
 template <typename T>
-void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* mats, const T* gam,
-                         T* work, T* d_logits, T* d_features, Launch launch);
+void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+                         const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch);
 
 }  // namespace hgk

@@ -66,6 +66,10 @@ class _Call:
     def empty(self, *shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
+    def matrix(self, mats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per-environment (E, rows, Dh) matrices as the kernels read them: compute dtype, contiguous."""
+        return None if mats is None else mats.to(self.dtype).contiguous()
+
 
 class NativeBackend(Backend):
     """Compiled kernels: CPU tensors through hgkernels._native_cpu, CUDA tensors through _native_cuda."""
@@ -94,7 +98,7 @@ class NativeBackend(Backend):
         call = _Call(self._module(problem.logits.device), problem)
         e, c, dh = call.num_envs, call.c, call.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
-        dirs = hvp_dirs.reshape(e, k * c, dh).to(call.dtype).contiguous() if k else None
+        dirs = call.matrix(hvp_dirs.reshape(e, k * c, dh)) if k else None
         layout = (c, k, gradient, hess_diag)
         work = call.empty(call.n * call.module.stats_work_per_sample(layout))
         # Output rows per environment: [G (gradient)][Dg (hess_diag)][H V_k (hvp)] (csrc StatsLayout).
@@ -113,16 +117,15 @@ class NativeBackend(Backend):
         call = _Call(self._module(problem.logits.device), problem)
         e, c, dh = call.num_envs, call.c, call.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
-        # Stacked per-environment matrices [Lam][V_k][U_k] (csrc BackwardLayout).
-        stack = ([grad_up] if grad_up is not None else []) + (
-            [hvp_dirs.reshape(e, k * c, dh), hvp_up.reshape(e, k * c, dh)] if k else [])
-        mats = torch.cat(stack, 1).to(call.dtype).contiguous() if stack else call.empty(e, 0, dh)
-        gam = diag_up.to(call.dtype).contiguous() if diag_up is not None else None
-        layout = (c, k, grad_up is not None, gam is not None)
+        # Per-environment matrices [Lam][V_k][U_k] (csrc BackwardLayout), each passed as is when contiguous.
+        lam, gam = call.matrix(grad_up), call.matrix(diag_up)
+        dirs = call.matrix(hvp_dirs.reshape(e, k * c, dh)) if k else None
+        ups = call.matrix(hvp_up.reshape(e, k * c, dh)) if k else None
+        layout = (c, k, lam is not None, gam is not None)
         work = call.empty(call.n * call.module.backward_work_per_sample(layout))
         d_logits = call.empty(call.n, c)
         d_features = call.empty(call.n, call.d)
-        call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, mats.data_ptr(),
-                                        _address(gam), work.data_ptr(), d_logits.data_ptr(), d_features.data_ptr(),
-                                        call.launch)
+        call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(lam),
+                                        _address(dirs), _address(ups), _address(gam), work.data_ptr(),
+                                        d_logits.data_ptr(), d_features.data_ptr(), call.launch)
         return d_logits, d_features
