@@ -88,7 +88,8 @@ def _link_tile(logit_ptr, l_sn, l_sc, rows, row_max, inv_sum, c0, C,
     if LOSS == CROSS_ENTROPY:
         p = tl.exp(a - row_max[:, None]) * inv_sum[:, None]
     elif LOSS == BINARY_CROSS_ENTROPY:
-        p = tl.sigmoid(a)
+        e = tl.exp(-tl.abs(a))  # sigmoid without overflowing exp for large |a|
+        p = tl.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     else:
         p = a
     return tl.where(cmask[None, :], p, 0.0), cols, cmask
