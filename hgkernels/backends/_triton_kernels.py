@@ -10,11 +10,12 @@ and all environments share one launch. Slots past the segment's end read sample 
 
 The per-sample quantities p, r, q, s = V zh, t = A s live only in registers and
 are recomputed where a program needs them rather than written out, the price of
-one launch without scratch memory: a class tile needs the row's softmax max and sum (an
-online pass over all classes; each G/Dg program redoes it, elementwise and cheap)
-and, for cross_entropy's A s = p ⊙ s - p (p · s), the full p · s, a C x Dh
-contraction per row that the HVP kernel redoes in each of its ceil(C / BLOCK_C)
-class-tile programs. The backward does each contraction once per row.
+one launch without scratch memory. A class tile needs the row's softmax max and
+sum (an online pass over all C), and cross_entropy's A s = p ⊙ s - p (p · s)
+needs the full p · s (a C x Dh contraction per row): every G/Dg program and every
+HVP class-tile program redoes them, so those two kernels cost O(C^2 / BLOCK_C)
+per row — negligible while C spans a few class tiles, wasteful for C in the
+thousands. The backward does each contraction once per row.
 Every dot runs in IEEE fp32 (no TF32), which the 1e-5 float32 contract needs.
 """
 import triton
