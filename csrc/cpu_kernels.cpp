@@ -1,8 +1,8 @@
 // CPU kernels (OpenMP). Work is split into fixed tasks (environment × row block × column
 // block) whose boundaries depend only on the problem's shape, and each output element is
-// summed by one task in row order, so results are bitwise identical for any thread count.
-// Inner loops run over contiguous columns into small accumulator tiles kept in L1, which
-// the compiler vectorizes without reassociating any sum.
+// summed by one task in a fixed order, so results are bitwise identical for any thread count.
+// The GEMM-shaped sums (sum_i coef_i zh_i^T, coef @ matrices, matrices @ zh) run through
+// small register tiles of SIMD vectors: each lane is its own sum, so nothing is reassociated.
 #include <algorithm>
 #include <vector>
 
@@ -21,6 +21,12 @@ constexpr int kGroupRows = 32;    // samples packed at a time by a reduce task
 constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient columns) ...
 constexpr int kTileCols = 16;     // ... by head columns
 constexpr int kPanelRows = 64;    // matrix rows per expand panel
+
+// A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
+// a descheduled thread: regions with less work than this many multiply-adds run on one thread.
+constexpr double kMinParallelWork = double(1 << 21);
+
+int threads_for(Launch launch, double work) { return work >= kMinParallelWork ? launch.threads : 1; }
 
 struct Task {
   int env;
@@ -209,7 +215,7 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
     for (int c = 0; c < W; c += kCoefBlock)
       for (int d = 0; d < Dh; d += kColBlock)
         tiles.push_back({e, c, std::min(c + kCoefBlock, W), d, std::min(d + kColBlock, Dh)});
-#pragma omp parallel for schedule(static) num_threads(launch.threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(s.num_samples) * W * Dh))
   for (int64_t t = 0; t < int64_t(tiles.size()); ++t) {
     const Tile& tile = tiles[t];
     const int d0 = tile.col_begin, cols = tile.col_end - tile.col_begin;
@@ -266,14 +272,14 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
   T* coef = p_scratch + N * C;
   if (KC) {  // s_k = V_k zh for every sample: tiles of rows × direction rows
     const std::vector<Task> work_tasks = tasks(s, kRowBlock, KC, kMatBlock);
-#pragma omp parallel for schedule(static) num_threads(launch.threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(N) * KC * h.head_width()))
     for (int64_t t = 0; t < int64_t(work_tasks.size()); ++t) {
       const Task& task = work_tasks[t];
       dots_block<T, false>(h, s, task.row_begin, task.row_end, dirs + int64_t(task.env) * KC * h.head_width(),
                            task.col_begin, task.col_end, dirs_dots, KC);
     }
   }
-#pragma omp parallel for schedule(static) num_threads(launch.threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(N) * (W + KC) * 8))
   for (int64_t j = 0; j < N; ++j) {
     const int64_t i = s.order[j];
     stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
@@ -296,7 +302,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   T* coef = scratch + 2 * N * C;
   T* coef_sq = coef + N * W;
   const std::vector<Task> blocks = tasks(s, kRowBlock, 1, 1);
-#pragma omp parallel num_threads(launch.threads)
+#pragma omp parallel num_threads(threads_for(launch, 2.0 * N * (W + C) * Dh))
   {
     std::vector<T> coef_t, acc, acc_sq;  // per-thread scratch of expand_block
 #pragma omp for schedule(static)
