@@ -15,12 +15,13 @@ constexpr int kDotRows = 2;       // samples per dot micro-tile
 constexpr int kDotMats = 4;       // matrix rows per dot micro-tile
 constexpr int kRowBlock = 32;     // sorted samples per task (and per backward pass block)
 constexpr int kMatBlock = 32;     // matrix rows per dots task
-constexpr int kColBlock = 64;     // head columns per reduce task
+constexpr int kColBlock = 512;    // head columns per reduce task
 constexpr int kCoefBlock = 64;    // coefficient columns per reduce task
 constexpr int kGroupRows = 32;    // samples packed at a time by a reduce task
 constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient columns) ...
 constexpr int kTileCols = 16;     // ... by head columns
 constexpr int kPanelRows = 64;    // matrix rows per expand panel
+constexpr int kDirectRows = 16;   // expansions with at most this many matrix rows skip the tiles
 
 // A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
 // a descheduled thread: regions with less work than this many multiply-adds run on one thread.
@@ -114,24 +115,24 @@ void dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t 
   }
 }
 
-// acc[r][v] += sum_k a[k][r] * b[k][v] for k < K: the register tile of reduce and expand
+// acc[r][v] += sum_k a[k][r] * b[k][v] for r < Rows, k < K: the register tile of reduce and expand
 // (a: K x kTileRows with stride a_stride, b: K rows of kTileCols with stride b_stride).
-template <typename T>
+template <typename T, int Rows = kTileRows>
 void rank_k_tile(int K, const T* a, int64_t a_stride, const T* b, int64_t b_stride, T (*acc)[kTileCols]) {
   using V = Simd<T>;
   constexpr int vecs = kTileCols / V::lanes;
-  typename V::type tile[kTileRows][vecs];
-  for (int r = 0; r < kTileRows; ++r)
+  typename V::type tile[Rows][vecs];
+  for (int r = 0; r < Rows; ++r)
     for (int v = 0; v < vecs; ++v) tile[r][v] = V::load(acc[r] + v * V::lanes);
   for (int k = 0; k < K; ++k) {
     typename V::type bk[vecs];
     for (int v = 0; v < vecs; ++v) bk[v] = V::load(b + k * b_stride + v * V::lanes);
-    for (int r = 0; r < kTileRows; ++r) {
+    for (int r = 0; r < Rows; ++r) {
       const T ak = a[k * a_stride + r];
       for (int v = 0; v < vecs; ++v) tile[r][v] += ak * bk[v];
     }
   }
-  for (int r = 0; r < kTileRows; ++r)
+  for (int r = 0; r < Rows; ++r)
     for (int v = 0; v < vecs; ++v) V::store(acc[r] + v * V::lanes, tile[r][v]);
 }
 
@@ -161,6 +162,44 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
     for (int m = 0; m < panel; ++m)  // columns past the last full tile
       for (int r = 0; r < rows; ++r)
         for (int d = full; d < D; ++d) acc[size_t(r) * D + d] += a[size_t(m) * kRowBlock + r] * b[int64_t(m) * Dh + d];
+  }
+}
+
+// expand_block for few matrix rows (W + C <= kDirectRows, e.g. C = 1 heads): one sample at a time,
+// one SIMD vector of columns at a time, straight into d_features. Sums run over m in the same
+// order as expand_block's, so the two paths agree bitwise.
+template <typename T>
+void expand_rows_direct(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* coef,
+                        int W, const Part<T>* parts, int num_parts, const T* coef_sq, const T* env_gam,
+                        T* d_features) {
+  using V = Simd<T>;
+  const int C = h.C, D = h.D, Dh = h.head_width(), full = D - D % V::lanes;
+  for (int64_t j = row_begin; j < row_end; ++j) {
+    const int64_t i = s.order[j];
+    const T* x = h.features + i * h.features_row_stride;
+    T* dx = d_features + i * D;
+    const T* cf = coef + j * W;
+    const T* cf_sq = env_gam ? coef_sq + j * C : nullptr;
+    for (int d = 0; d < full; d += V::lanes) {
+      typename V::type acc = {}, acc_sq = {};
+      for (int p = 0; p < num_parts; ++p)
+        for (int m = 0; m < parts[p].rows; ++m) acc += cf[parts[p].first_coef + m] * V::load(parts[p].mats + int64_t(m) * Dh + d);
+      if (env_gam) {
+        for (int c = 0; c < C; ++c) acc_sq += cf_sq[c] * V::load(env_gam + int64_t(c) * Dh + d);
+        acc += V::load(x + d) * acc_sq;
+      }
+      V::store(dx + d, acc);
+    }
+    for (int d = full; d < D; ++d) {
+      T acc = T(0), acc_sq = T(0);
+      for (int p = 0; p < num_parts; ++p)
+        for (int m = 0; m < parts[p].rows; ++m) acc += cf[parts[p].first_coef + m] * parts[p].mats[int64_t(m) * Dh + d];
+      if (env_gam) {
+        for (int c = 0; c < C; ++c) acc_sq += cf_sq[c] * env_gam[int64_t(c) * Dh + d];
+        acc += x[d] * acc_sq;
+      }
+      dx[d] = acc;
+    }
   }
 }
 
@@ -247,7 +286,12 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
           T* base = acc.data() + size_t(c0 - tile.coef_begin) * kColBlock + v0;
           for (int r = 0; r < kTileRows; ++r)
             for (int v = 0; v < kTileCols; ++v) part[r][v] = r < rows ? base[size_t(r) * kColBlock + v] : T(0);
-          rank_k_tile<T>(group, coef_group, kTileRows, src + v0, kColBlock, part);
+          switch (rows) {  // heads with C = 1 have single-row tiles: skip the padding rows' work
+            case 1: rank_k_tile<T, 1>(group, coef_group, kTileRows, src + v0, kColBlock, part); break;
+            case 2: rank_k_tile<T, 2>(group, coef_group, kTileRows, src + v0, kColBlock, part); break;
+            case 3: rank_k_tile<T, 3>(group, coef_group, kTileRows, src + v0, kColBlock, part); break;
+            default: rank_k_tile<T>(group, coef_group, kTileRows, src + v0, kColBlock, part);
+          }
           for (int r = 0; r < rows; ++r)
             for (int v = 0; v < kTileCols; ++v) base[size_t(r) * kColBlock + v] = part[r][v];
         }
@@ -328,8 +372,12 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
                         dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
                         coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
       }
-      expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam, d_features,
-                      coef_t, acc, acc_sq);
+      if (W + (gam ? C : 0) <= kDirectRows)
+        expand_rows_direct<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam,
+                              d_features);
+      else
+        expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam,
+                        d_features, coef_t, acc, acc_sq);
     }
   }
 }
