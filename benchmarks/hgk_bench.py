@@ -250,13 +250,14 @@ def official_estimate(method: Method, shape: Shape, inputs: Inputs, device: torc
                       unit_seconds: float) -> float:
     """Seconds an official baseline should take, from the one-probe time `unit_seconds`.
 
-    The generic estimator costs a + b K for K probes, so a two-probe run gives b; HGP's
-    double backward does as many Hessian-vector products as one probe."""
+    The generic estimator costs a + b K for K probes, so a run with a few probes gives b (four,
+    so that the slope stands above timing noise); HGP's double backward does as many
+    Hessian-vector products as one probe."""
     if method.probes <= 1:
         return unit_seconds
-    two_probes = make_step(replace(method, probes=2), shape, inputs)
-    t2 = min(timed(two_probes, device) for _ in range(2))
-    return unit_seconds + (method.probes - 1) * max(t2 - unit_seconds, 0.0)
+    few = min(4, method.probes)
+    t_few = timed(make_step(replace(method, probes=few), shape, inputs), device)
+    return unit_seconds + (method.probes - 1) * max(t_few - unit_seconds, 0.0) / (few - 1)
 
 
 def _proc_status_kb(key: str) -> int:
