@@ -193,3 +193,29 @@ def test_auto_picks_native_for_cpu_tensors():
     problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
     assert backends.select("auto", problem).name == "native"
 
+
+
+def _op_arguments():
+    from hgkernels.backends.native import _operands
+    case = make_case(3, loss="cross_entropy", bias=True, sizes=[4, 1, 6], num_classes=3, num_features=5)
+    problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(3, rows, 6, generator=gen, dtype=torch.float64) for rows in (3, 6, 6, 3)]
+    return _operands(problem), mats
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (shape-only) implementation and dispatch of the two native custom ops."""
+    from hgkernels.backends.native import native_head_stats, native_per_sample_backward
+    operands, (lam, dirs, ups, gam) = _op_arguments()
+    for flags in ((True, True, dirs), (True, False, None), (False, False, dirs)):
+        torch.library.opcheck(native_head_stats, (*operands, *flags))
+    for upstream in ((lam, dirs, ups, gam), (None, None, None, gam), (lam, None, None, None)):
+        torch.library.opcheck(native_per_sample_backward, (*operands, *upstream))
+
+
+def test_custom_op_compiles_fullgraph():
+    from hgkernels.backends.native import native_head_stats
+    operands, (_, dirs, _, _) = _op_arguments()
+    compiled = torch.compile(native_head_stats, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*operands, True, True, dirs), native_head_stats(*operands, True, True, dirs))

@@ -1,13 +1,13 @@
 """Native backend: the fused C++ (OpenMP) and CUDA kernels of csrc/, bound with pybind11.
 
-The compiled modules take raw addresses, sizes and strides (no torch C++ ABI); this file
-owns the tensors: it lays out the arguments, allocates outputs and work buffers, and calls the
-two primitives of csrc/hgk_kernels.h, which mirror `base.Backend`. float16/bfloat16 inputs are
-upcast to float32 here, so every kernel reads and accumulates in float32 or float64.
+The compiled modules take raw addresses, sizes and strides (no torch C++ ABI). This file
+owns the tensors: two `torch.library.custom_op`s (``hgkernels::native_head_stats`` and
+``hgkernels::native_per_sample_backward``, with shape-only fakes for torch.compile) lay out
+the arguments, allocate outputs and work buffers and call the two primitives of
+csrc/hgk_kernels.h; `NativeBackend` maps `base.Backend` onto them. float16/bfloat16 inputs
+are upcast to float32 here, so every kernel reads and accumulates in float32 or float64.
 Results are deterministic: the kernels sum in a fixed order for any thread count.
 """
-from __future__ import annotations
-
 import importlib
 from typing import Optional, Tuple
 
@@ -27,37 +27,38 @@ def _import(name: str):
         return None, f"hgkernels.{name} is not built ({err}); reinstall with a C++ compiler (and nvcc for CUDA)"
 
 
+_CPU, _CPU_ERROR = _import("_native_cpu")
+_CUDA, _CUDA_ERROR = _import("_native_cuda")
+
+
 def _address(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-class _Call:
-    """One problem laid out for the kernels: tensors in the compute dtype, and the argument tuples."""
+def _matrix(mats: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Per-environment (E, rows, Dh) matrices as the kernels read them: compute dtype, contiguous."""
+    return None if mats is None else mats.to(dtype).contiguous()
 
-    def __init__(self, module, problem: HeadProblem):
-        dtype = problem.compute_dtype
-        logits = problem.logits.detach().to(dtype)
-        features = problem.features.detach().to(dtype)
-        if features.stride(1) != 1:  # kernels read feature rows as contiguous runs
-            features = features.contiguous()
-        targets = problem.targets.contiguous()
-        self.module = module
-        self.device = logits.device
-        self.dtype = dtype
-        self.is_double = dtype == torch.float64
+
+class _Kernels:
+    """One problem's argument tuples for the compiled module of its device.
+
+    Expects logits/features in the compute dtype with unit feature-column stride, targets
+    contiguous (int64 ids for cross_entropy, else (N, C) floats), order/offsets int64."""
+
+    def __init__(self, logits, features, targets, order, offsets, loss: int, bias: bool):
+        self.module = _CUDA if logits.device.type == "cuda" else _CPU
+        self.dtype, self.device = logits.dtype, logits.device
+        self.is_double = logits.dtype == torch.float64
         self.n, self.c = logits.shape
         self.d = features.shape[1]
-        self.head_width = problem.head_width
-        self.features = features
-        segments = problem.segments
-        self.num_envs = segments.num_envs
-        is_ce = problem.loss == "cross_entropy"
-        # Keep every tensor whose address crosses the binding alive for the call's duration.
-        self._alive = (logits, features, targets, segments.order, segments.offsets)
+        self.head_width = self.d + int(bias)
+        self.num_envs = offsets.shape[0] - 1
+        is_ce = loss == _LOSS_CODES["cross_entropy"]
         self.head = (logits.data_ptr(), logits.stride(0), logits.stride(1), features.data_ptr(), features.stride(0),
-                     targets.data_ptr() if is_ce else 0, 0 if is_ce else targets.data_ptr(),
-                     _LOSS_CODES[problem.loss], self.c, self.d, problem.bias)
-        self.segments = (segments.order.data_ptr(), segments.offsets.data_ptr(), self.n, self.num_envs)
+                     targets.data_ptr() if is_ce else 0, 0 if is_ce else targets.data_ptr(), loss, self.c, self.d,
+                     bias)
+        self.segments = (order.data_ptr(), offsets.data_ptr(), self.n, self.num_envs)
         if self.device.type == "cuda":
             self.launch = (1, torch.cuda.current_stream(self.device).cuda_stream)
         else:
@@ -66,9 +67,68 @@ class _Call:
     def empty(self, *shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
-    def matrix(self, mats: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Per-environment (E, rows, Dh) matrices as the kernels read them: compute dtype, contiguous."""
-        return None if mats is None else mats.to(self.dtype).contiguous()
+
+def _stats_width(c: int, gradient: bool, hess_diag: bool, dirs: Optional[torch.Tensor]) -> int:
+    """Output rows per environment: [G (gradient)][Dg (hess_diag)][H V_k (dirs)] (csrc StatsLayout)."""
+    return c * (int(gradient) + int(hess_diag)) + (0 if dirs is None else dirs.shape[1])
+
+
+@torch.library.custom_op("hgkernels::native_head_stats", mutates_args=())
+def native_head_stats(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, order: torch.Tensor,
+                      offsets: torch.Tensor, loss: int, bias: bool, gradient: bool, hess_diag: bool,
+                      dirs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-environment statistics (E, W, Dh), rows [G][Dg][H V_k] as requested; dirs (E, K*C, Dh)."""
+    call = _Kernels(logits, features, targets, order, offsets, loss, bias)
+    k = 0 if dirs is None else dirs.shape[1] // call.c
+    layout = (call.c, k, gradient, hess_diag)
+    work = call.empty(call.n * call.module.stats_work_per_sample(layout))
+    out = call.empty(call.num_envs, _stats_width(call.c, gradient, hess_diag, dirs), call.head_width)
+    call.module.head_stats(call.is_double, call.head, call.segments, layout, _address(dirs), work.data_ptr(),
+                           out.data_ptr(), call.launch)
+    return out
+
+
+@native_head_stats.register_fake
+def _(logits, features, targets, order, offsets, loss, bias, gradient, hess_diag, dirs):
+    width = _stats_width(logits.shape[1], gradient, hess_diag, dirs)
+    return logits.new_empty(offsets.shape[0] - 1, width, features.shape[1] + int(bias))
+
+
+@torch.library.custom_op("hgkernels::native_per_sample_backward", mutates_args=())
+def native_per_sample_backward(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
+                               order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
+                               grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
+                               ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d_logits (N, C), d_features (N, D)) from upstream Lam (E, C, Dh), directions V and their
+    upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together)."""
+    call = _Kernels(logits, features, targets, order, offsets, loss, bias)
+    k = 0 if dirs is None else dirs.shape[1] // call.c
+    layout = (call.c, k, grad_up is not None, diag_up is not None)
+    work = call.empty(call.n * call.module.backward_work_per_sample(layout))
+    d_logits = call.empty(call.n, call.c)
+    d_features = call.empty(call.n, call.d)
+    call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(grad_up),
+                                    _address(dirs), _address(ups), _address(diag_up), work.data_ptr(),
+                                    d_logits.data_ptr(), d_features.data_ptr(), call.launch)
+    return d_logits, d_features
+
+
+@native_per_sample_backward.register_fake
+def _(logits, features, targets, order, offsets, loss, bias, grad_up, dirs, ups, diag_up):
+    return logits.new_empty(logits.shape), features.new_empty(features.shape)
+
+
+def _operands(problem: HeadProblem):
+    """The problem's tensors as the ops take them (see `_Kernels`)."""
+    dtype = problem.compute_dtype
+    logits = problem.logits.detach().to(dtype)
+    features = problem.features.detach().to(dtype)
+    if features.stride(1) != 1:  # kernels read feature rows as contiguous runs
+        features = features.contiguous()
+    segments = problem.segments
+    return (logits, features, problem.targets.contiguous(), segments.order, segments.offsets,
+            _LOSS_CODES[problem.loss], problem.bias)
 
 
 class NativeBackend(Backend):
@@ -77,34 +137,23 @@ class NativeBackend(Backend):
     name = "native"
 
     def __init__(self):
-        self._cpu, self._cpu_error = _import("_native_cpu")
-        self._cuda, self._cuda_error = _import("_native_cuda")
-        if self._cpu is None and self._cuda is None:
-            raise ImportError(self._cpu_error)
-
-    def _module(self, device: torch.device):
-        return self._cuda if device.type == "cuda" else self._cpu
+        if _CPU is None and _CUDA is None:
+            raise ImportError(_CPU_ERROR)
 
     def unsupported_reason(self, problem: HeadProblem, auto: bool = False) -> Optional[str]:
         device = problem.logits.device
-        if device.type not in ("cpu", "cuda"):
-            return f"native kernels run on CPU and CUDA tensors, not {device.type}"
-        if self._module(device) is None:
-            return self._cuda_error if device.type == "cuda" else self._cpu_error
-        return None
+        if device.type == "cuda":
+            return _CUDA_ERROR
+        if device.type == "cpu":
+            return _CPU_ERROR
+        return f"native kernels run on CPU and CUDA tensors, not {device.type}"
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
                    hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
-        call = _Call(self._module(problem.logits.device), problem)
-        e, c, dh = call.num_envs, call.c, call.head_width
+        e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
-        dirs = call.matrix(hvp_dirs.reshape(e, k * c, dh)) if k else None
-        layout = (c, k, gradient, hess_diag)
-        work = call.empty(call.n * call.module.stats_work_per_sample(layout))
-        # Output rows per environment: [G (gradient)][Dg (hess_diag)][H V_k (hvp)] (csrc StatsLayout).
-        out = call.empty(e, c * (int(gradient) + int(hess_diag) + k), dh)
-        call.module.head_stats(call.is_double, call.head, call.segments, layout, _address(dirs), work.data_ptr(),
-                               out.data_ptr(), call.launch)
+        dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), problem.compute_dtype) if k else None
+        out = native_head_stats(*_operands(problem), gradient, hess_diag, dirs)
         diag_begin = c if gradient else 0
         diag_end = diag_begin + (c if hess_diag else 0)
         return HeadStats(out[:, :c] if gradient else None,
@@ -114,18 +163,10 @@ class NativeBackend(Backend):
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
                             hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        call = _Call(self._module(problem.logits.device), problem)
-        e, c, dh = call.num_envs, call.c, call.head_width
+        e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
-        # Per-environment matrices [Lam][V_k][U_k] (csrc BackwardLayout), each passed as is when contiguous.
-        lam, gam = call.matrix(grad_up), call.matrix(diag_up)
-        dirs = call.matrix(hvp_dirs.reshape(e, k * c, dh)) if k else None
-        ups = call.matrix(hvp_up.reshape(e, k * c, dh)) if k else None
-        layout = (c, k, lam is not None, gam is not None)
-        work = call.empty(call.n * call.module.backward_work_per_sample(layout))
-        d_logits = call.empty(call.n, c)
-        d_features = call.empty(call.n, call.d)
-        call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(lam),
-                                        _address(dirs), _address(ups), _address(gam), work.data_ptr(),
-                                        d_logits.data_ptr(), d_features.data_ptr(), call.launch)
-        return d_logits, d_features
+        dtype = problem.compute_dtype
+        dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), dtype) if k else None
+        ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
+        return native_per_sample_backward(*_operands(problem), _matrix(grad_up, dtype), dirs, ups,
+                                          _matrix(diag_up, dtype))
