@@ -226,6 +226,10 @@ def headline_table(all_rows: Dict[str, List[Row]]) -> List[str]:
              "| diagonal forward vs BackPACK DiagHessian |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for rows in all_rows.values():
+        crash = _find(rows, "crash", "")
+        if crash is not None:
+            lines.append(f"| {crash.shape.name} | — | {crash.status} | {crash.shape.official_probes} | — | — | — | — |")
+            continue
         unit = _find(rows, "unit", "hutchinson")
         official_diag = _find(rows, "official", "hutchinson")
         official_hgp = _find(rows, "official", "hgp")
@@ -297,8 +301,13 @@ def write_plot(path: str, all_rows: Dict[str, List[Row]]) -> Optional[str]:
         families.setdefault((s.d, s.c, s.e, s.loss), {})[s.n] = rows
     key, family = max(families.items(), key=lambda item: len(item[1]))
     if len(family) < 2:
+        log("no plot: no cases differ only in N")
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log("no plot: matplotlib is not installed")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -377,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elapsed = (datetime.datetime.now() - start).total_seconds()
     write_markdown(args.out, all_rows, ceilings, machine, command.strip(), skipped_backends, notes,
                    plot_path, args.repeat, args.budget, device, elapsed)
-    log(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else " (no plot: no cases differing only in N)"))
+    log(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else " (no plot)"))
     return 0
 
 

@@ -1,6 +1,7 @@
 """The benchmark suite and report still run: tiny shapes, in subprocesses, so CI notices rot."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -55,4 +56,5 @@ def test_report_writes_table_and_plot(tmp_path):
     for label in ("generic Hutchinson, 1 probe", "generic Hutchinson, 3 probes", "generic HGP double backward"):
         timed = [row for row in rows if row[0] == label and row[1] == "reference"]
         assert len(timed) == 3 and all(float(row[2]) > 0 for row in timed), timed
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional, the table is not
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
