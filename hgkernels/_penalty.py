@@ -23,9 +23,11 @@ def env_weight(env_reduction: str, num_envs: int) -> float:
     return 1.0 / num_envs if env_reduction == "mean" else 1.0
 
 
-def deviation_penalty(stats: torch.Tensor, ref: torch.Tensor, weight: float) -> torch.Tensor:
-    """R_e ||stats_e - ref||^2, summed over all C x Dh entries."""
-    return weight * (stats - ref).square().sum()
+def deviation_penalty(deviation: torch.Tensor, weight: float) -> torch.Tensor:
+    """R_e ||S_e - S_ref||^2 from the deviations S_e - S_ref, summed over all C x Dh entries.
+
+    Plans keep the deviations: the backward's upstream matrices are 2 R_e alpha (S_e - S_ref)."""
+    return weight * deviation.square().sum()
 
 
 def rademacher_probe(generator: Optional[torch.Generator], num_envs: int, num_classes: int, head_width: int,
@@ -54,14 +56,14 @@ class ExactDiagPlan:
     def forward(self, backend: Backend, problem: HeadProblem):
         stats = backend.head_stats(problem, gradient=True, hess_diag=True)
         self.weight = env_weight(self.env_reduction, problem.segments.num_envs)
-        self.grad, self.diag = stats.grad, stats.hess_diag
-        return (deviation_penalty(self.diag, self.diag.mean(0), self.weight),
-                deviation_penalty(self.grad, self.grad.mean(0), self.weight))
+        self.diag_dev = stats.hess_diag - stats.hess_diag.mean(0)
+        self.grad_dev = stats.grad - stats.grad.mean(0)
+        return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
     def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
         # The reference is a mean, so deviations sum to zero and detaching it changes nothing.
-        gam = 2 * alpha * self.weight * (self.diag - self.diag.mean(0))
-        lam = 2 * beta * self.weight * (self.grad - self.grad.mean(0))
+        gam = (2 * self.weight * alpha) * self.diag_dev
+        lam = (2 * self.weight * beta) * self.grad_dev
         return backend.per_sample_backward(problem, grad_up=lam, diag_up=gam)
 
 
@@ -91,9 +93,9 @@ class StochasticDiagPlan:
         self.weight = env_weight(self.env_reduction, e)
         live = _generator_for(problem.logits.device, self.generator)
         self.state = live.get_state()  # backward replays the same probes from here
-        self.grad = backend.head_stats(problem, gradient=True).grad
-        own_sum = torch.zeros_like(self.grad)
-        ref_sum = torch.zeros_like(self.grad[0])
+        grad = backend.head_stats(problem, gradient=True).grad
+        own_sum = torch.zeros_like(grad)
+        ref_sum = torch.zeros_like(grad[0])
         for own, ref in self._probe_batches(problem, live):
             k = ref.shape[0]
             dirs = torch.cat([own, ref.expand(e, *ref.shape)], 1)
@@ -101,15 +103,16 @@ class StochasticDiagPlan:
             own_sum += (own * hv[:, :k]).sum(1)
             ref_sum += (ref * hv[:, k:].mean(0)).sum(0)  # H_bar v = mean_e H_e v
         self.diag, self.ref = own_sum / self.num_probes, ref_sum / self.num_probes
-        return (deviation_penalty(self.diag, self.ref, self.weight),
-                deviation_penalty(self.grad, self.grad.mean(0), self.weight))
+        self.diag_dev = self.diag - self.ref
+        self.grad_dev = grad - grad.mean(0)
+        return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
     def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
         e = problem.segments.num_envs
-        gam = 2 * alpha * self.weight * (self.diag - self.ref)
+        gam = (2 * self.weight * alpha) * self.diag_dev
         # An undetached reference receives -sum_e Gam_e, spread over H_bar = mean_e H_e.
         gam_ref = None if self.detach_reference else -gam.sum(0) / e
-        lam = 2 * beta * self.weight * (self.grad - self.grad.mean(0))
+        lam = (2 * self.weight * beta) * self.grad_dev
         d_logits = d_features = None
         replay = torch.Generator(device=problem.logits.device)
         replay.set_state(self.state)
@@ -138,27 +141,27 @@ class HGPPlan:
         e = problem.segments.num_envs
         self.weight = env_weight(self.env_reduction, e)
         self.grad = backend.head_stats(problem, gradient=True).grad
-        grad_mean = self.grad.mean(0)
+        self.grad_mean = grad_mean = self.grad.mean(0)
         # With one environment the pooled and mean references coincide; the mean keeps the penalty exactly 0.
         self.pooled = self.reference == "pooled" and e > 1
         dirs = [self.grad]
         if self.pooled:
             dirs.append(grad_mean.expand_as(self.grad))
         hv = backend.head_stats(problem, hvp_dirs=torch.stack(dirs, 1)).hvp
-        self.hgp = hv[:, 0]
-        self.ref = hv[:, 1].mean(0) if self.pooled else self.hgp.mean(0)
-        return (deviation_penalty(self.hgp, self.ref, self.weight),
-                deviation_penalty(self.grad, grad_mean, self.weight))
+        hgp = hv[:, 0]
+        self.hgp_dev = hgp - (hv[:, 1].mean(0) if self.pooled else hgp.mean(0))
+        self.grad_dev = self.grad - grad_mean
+        return deviation_penalty(self.hgp_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
     def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
         e = problem.segments.num_envs
-        gam = 2 * alpha * self.weight * (self.hgp - self.ref)
-        lam = 2 * beta * self.weight * (self.grad - self.grad.mean(0))
+        gam = (2 * self.weight * alpha) * self.hgp_dev
+        lam = (2 * self.weight * beta) * self.grad_dev
         dirs: List[torch.Tensor] = [self.grad]
         ups: List[torch.Tensor] = [gam]
         if self.pooled and not self.detach_reference:
             # S_ref = (1/E) sum_e H_e G_bar receives -sum_e Gam_e.
-            dirs.append(self.grad.mean(0).expand_as(self.grad))
+            dirs.append(self.grad_mean.expand_as(self.grad))
             ups.append((-gam.sum(0) / e).expand_as(gam))
         dirs_t, ups_t = torch.stack(dirs, 1), torch.stack(ups, 1)
         # dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E).

@@ -105,7 +105,7 @@ def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_ref
     env_grads = [head.grad(env_loss) for env_loss in head.env_losses]
     pooled_grad = head.grad(head.pooled_loss)
     grads = torch.stack([head.flat(g) for g in env_grads])
-    gradient_term = deviation_penalty(grads, head.flat(pooled_grad), weight)
+    gradient_term = deviation_penalty(grads - head.flat(pooled_grad), weight)
 
     if method == "hgp":
         hgps = torch.stack([head.flat(head.hvp(g, g)) for g in env_grads])
@@ -113,12 +113,12 @@ def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_ref
             ref = head.flat(head.hvp(pooled_grad, pooled_grad))
         else:
             ref = hgps.mean(0)
-        return deviation_penalty(hgps, _maybe_detach(ref, detach_reference), weight), gradient_term
+        return deviation_penalty(hgps - _maybe_detach(ref, detach_reference), weight), gradient_term
 
     if estimator == "exact":
         diags = torch.stack([head.hess_diag(g) for g in env_grads])
         ref = head.hess_diag(pooled_grad)
-        return deviation_penalty(diags, _maybe_detach(ref, detach_reference), weight), gradient_term
+        return deviation_penalty(diags - _maybe_detach(ref, detach_reference), weight), gradient_term
 
     c, dh = grads.shape[1], grads.shape[2]
     diags = [0.0] * num_envs
@@ -130,4 +130,4 @@ def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_ref
         ref = ref + probe[num_envs] * head.flat(head.hvp(pooled_grad, head.split(probe[num_envs])))
     diag_est = torch.stack(diags) / num_probes
     ref = ref / num_probes
-    return deviation_penalty(diag_est, _maybe_detach(ref, detach_reference), weight), gradient_term
+    return deviation_penalty(diag_est - _maybe_detach(ref, detach_reference), weight), gradient_term
