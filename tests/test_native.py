@@ -194,6 +194,16 @@ def test_auto_picks_native_for_cpu_tensors():
     assert backends.select("auto", problem).name == "native"
 
 
+def test_auto_leaves_large_cpu_heads_to_torch_but_native_still_runs_them():
+    from hgkernels.backends.native import AUTO_MAX_CPU_HEAD
+    c = 64
+    d = AUTO_MAX_CPU_HEAD // c  # C x (D + 1) just above the limit
+    case = make_case(2, loss="cross_entropy", bias=True, sizes=[2, 3], num_classes=c, num_features=d,
+                     dtype=torch.float32)
+    problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
+    assert backends.select("auto", problem).name == "torch"
+    assert backends.select("native", problem).name == "native"
+
 
 def _op_arguments():
     from hgkernels.backends.native import _operands

@@ -17,6 +17,10 @@ from .._inputs import HeadProblem
 from .base import Backend, HeadStats
 
 _LOSS_CODES = {"cross_entropy": 0, "binary_cross_entropy": 1, "mse": 2}
+# backend="auto" sends CPU problems here only up to this head size (C x Dh). Measured on 2 cores,
+# one thread, fwd+bwd: native is faster at PACS (C x Dh = 14343), torch's MKL GEMMs win from
+# OfficeHome (133185) up (README, Backends).
+AUTO_MAX_CPU_HEAD = 1 << 15
 
 
 def _import(name: str):
@@ -145,6 +149,9 @@ class NativeBackend(Backend):
         if device.type == "cuda":
             return _CUDA_ERROR
         if device.type == "cpu":
+            if _CPU_ERROR is None and auto and problem.num_classes * problem.head_width > AUTO_MAX_CPU_HEAD:
+                return (f"the head has C x Dh = {problem.num_classes * problem.head_width} > {AUTO_MAX_CPU_HEAD} "
+                        "entries, where the torch backend's BLAS GEMMs are faster on CPU")
             return _CPU_ERROR
         return f"native kernels run on CPU and CUDA tensors, not {device.type}"
 
