@@ -316,7 +316,7 @@ def write_plot(path: str, all_rows: Dict[str, List[Row]]) -> Optional[str]:
         for row in rows:
             if row.median is not None:
                 series.setdefault(f"{row.method.label} [{row.method.backend}]", []).append((n, row.median))
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for name, points in series.items():
         ns, ts = zip(*points)
         ax.plot(ns, [t * 1e3 for t in ts], marker="o", label=name)
@@ -327,7 +327,7 @@ def write_plot(path: str, all_rows: Dict[str, List[Row]]) -> Optional[str]:
     d, c, e, loss = key
     ax.set_title(f"time vs N: D={d}, C={c}, E={e}, {loss}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
