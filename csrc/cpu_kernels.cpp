@@ -382,14 +382,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   }
 }
 
-template void head_stats<float>(const Head<float>&, const Segments&, StatsLayout, const float*, float*, float*,
-                                Launch);
-template void head_stats<double>(const Head<double>&, const Segments&, StatsLayout, const double*, double*, double*,
-                                 Launch);
-template void per_sample_backward<float>(const Head<float>&, const Segments&, BackwardLayout, const float*,
-                                         const float*, const float*, const float*, float*, float*, float*, Launch);
-template void per_sample_backward<double>(const Head<double>&, const Segments&, BackwardLayout, const double*,
-                                          const double*, const double*, const double*, double*, double*, double*,
-                                          Launch);
+HGK_INSTANTIATE_PRIMITIVES(float)
+HGK_INSTANTIATE_PRIMITIVES(double)
 
 }  // namespace hgk

@@ -62,4 +62,11 @@ template <typename T>
 void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch);
 
+// Each device's source defines the two primitives and instantiates them for float and double here,
+// inside namespace hgk, so the signatures are written once.
+#define HGK_INSTANTIATE_PRIMITIVES(T)                                                                          \
+  template void head_stats<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, Launch);        \
+  template void per_sample_backward<T>(const Head<T>&, const Segments&, BackwardLayout, const T*, const T*,   \
+                                       const T*, const T*, T*, T*, T*, Launch);
+
 }  // namespace hgk
