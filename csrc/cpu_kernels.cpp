@@ -340,11 +340,8 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
                          const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch) {
   const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
   const int64_t N = s.num_samples;
-  T* dots = work;
-  T* dots_sq = dots + N * W;
-  T* scratch = dots_sq + N * C;
-  T* coef = scratch + 2 * N * C;
-  T* coef_sq = coef + N * W;
+  const BackwardWork<T> buf(work, N, layout);
+  T *dots = buf.dots, *dots_sq = buf.dots_sq, *scratch = buf.scratch, *coef = buf.coef, *coef_sq = buf.coef_sq;
   const std::vector<Task> blocks = tasks(s, kRowBlock, 1, 1);
 #pragma omp parallel num_threads(threads_for(launch, 2.0 * N * (W + C) * Dh))
   {

@@ -171,11 +171,8 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   const auto stream = reinterpret_cast<cudaStream_t>(launch.stream);
   const int C = h.C, KC = layout.K * h.C, W = layout.width();
   const int64_t N = s.num_samples;
-  T* dots_out = work;
-  T* dots_sq = dots_out + N * W;
-  T* scratch = dots_sq + N * C;
-  T* coef = scratch + 2 * N * C;
-  T* coef_sq = coef + N * W;
+  const BackwardWork<T> buf(work, N, layout);
+  T *dots_out = buf.dots, *dots_sq = buf.dots_sq, *scratch = buf.scratch, *coef = buf.coef, *coef_sq = buf.coef_sq;
   Parts<T> parts{};
   if (layout.gradient) parts.part[parts.count++] = {grad_up, C, 0};
   if (KC) {

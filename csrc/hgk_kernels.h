@@ -47,6 +47,23 @@ HGK_HOST_DEVICE int64_t backward_work_per_sample(BackwardLayout layout) {
   return 2 * int64_t(layout.width()) + 4 * int64_t(layout.C);  // dots, dots_sq, p, dp, coef, coef_sq
 }
 
+// The per-sample backward's work buffer carved into its arrays (N rows each, widths as in
+// backward_work_per_sample): both devices lay it out through this one struct.
+template <typename T>
+struct BackwardWork {
+  T* dots;     // (N, W) upstream matrices applied to zh
+  T* dots_sq;  // (N, C) Gam applied to zh ⊙ zh
+  T* scratch;  // (N, 2C) p and dp
+  T* coef;     // (N, W) coefficients of the expansion back to features
+  T* coef_sq;  // (N, C) coefficients against zh ⊙ Gam
+  HGK_HOST_DEVICE BackwardWork(T* work, int64_t N, BackwardLayout layout)
+      : dots(work),
+        dots_sq(dots + N * layout.width()),
+        scratch(dots_sq + N * layout.C),
+        coef(scratch + 2 * N * layout.C),
+        coef_sq(coef + N * layout.width()) {}
+};
+
 // Per-environment statistics: out (E, W, Dh) with W = layout.width() rows per environment,
 // out[e] = sum_{j in e} coef_j^T zh_j (zh_j ⊙ zh_j for the hess_diag rows), coef_j the
 // StatsLayout row of sample j. dirs (E, K*C, Dh) holds the HVP directions V_k.
