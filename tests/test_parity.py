@@ -97,3 +97,25 @@ def test_head_statistics_match_reference(kind, loss, bias):
         results.append([flat.detach()] + list(torch.autograd.grad((flat * weights).sum(), inputs, materialize_grads=True)))
     for i, (a, b) in enumerate(zip(*results)):
         assert_close(a, b, RTOL, f"{kind} output #{i}")
+
+
+@pytest.mark.parametrize("as_sizes", [False, True])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_torch_backend_chunking_matches_one_chunk(monkeypatch, loss, as_sizes):
+    """Cases here fit one chunk; walking the slots a few rows at a time (shuffled ids, and grouped
+    equal sizes where chunks are views) gives the same penalties and gradients."""
+    from hgkernels.backends import torch_backend
+    sizes = [7, 7, 7] if as_sizes else [5, 1, 9, 4]
+    case = make_case(11, loss=loss, bias=True, sizes=sizes, num_classes=4, num_features=6, as_sizes=as_sizes)
+    runs = [(hk.hutchinson_penalty, {}), (hk.hgp_penalty, {"detach_reference": False}),
+            (hk.hutchinson_penalty, {"estimator": "hutchinson", "num_probes": 3, "detach_reference": False})]
+    for fn, kwargs in runs:
+        def run():
+            extra = {"generator": torch.Generator().manual_seed(0)} if "estimator" in kwargs else {}
+            return penalty_and_grads(fn, case, backend="torch", **kwargs, **extra)
+        whole = run()
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 3 * 6 * 3)  # a few rows per chunk
+        chunked = run()
+        monkeypatch.undo()
+        for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), chunked, whole):
+            assert_close(a, b, 1e-12, f"{fn.__name__} {kwargs}: {name}")
