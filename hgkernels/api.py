@@ -8,6 +8,7 @@ import torch
 from . import backends, reference as reference_path
 from ._inputs import ENV_REDUCTIONS, EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan
+from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space
 from .backends.base import Backend
 
 
@@ -32,6 +33,17 @@ def _check_common(env_reduction: str, detach_reference: bool, backend: str) -> N
     check_choice("backend", backend, backends.BACKEND_NAMES)
 
 
+FORMS = ("auto", "feature", "sample")
+
+
+def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
+    """Whether the plan works in sample space (N × N Gram matrices) rather than on C × Dh statistics.
+    One environment always takes the C × Dh form, whose deviations are then exact zeros."""
+    if problem.segments.num_envs < 2:
+        return False
+    return form == "sample" or (form == "auto" and prefers_sample_space(problem, method))
+
+
 def _run(problem: HeadProblem, backend: str, plan, reference_call) -> Penalty:
     if backend == "reference":
         return Penalty(*reference_call())
@@ -43,7 +55,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
                        loss: str = "cross_entropy", bias: bool = True, estimator: str = "exact",
                        num_probes: int = 300, generator: Optional[torch.Generator] = None,
                        env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
-                       num_envs: Optional[int] = None, validate: bool = True) -> Penalty:
+                       num_envs: Optional[int] = None, validate: bool = True, form: str = "auto") -> Penalty:
     """Hessian-diagonal alignment (the paper's Hutchinson method) for a linear head.
 
     Args:
@@ -64,6 +76,12 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         num_envs: E when some environment ids may be absent from envs (absent ones raise).
         validate: run data-dependent checks (label range, NaN/Inf, empty environments);
             they synchronise a GPU, so ``False`` skips them in tight loops.
+        form: how the closed form is organised (same values up to rounding): ``"feature"``
+            builds the C × Dh statistics (cost ∝ N·C·Dh), ``"sample"`` works with N × N Gram
+            matrices of the features (cost ∝ N²·Dh, cheaper when the batch is small against
+            the classes, e.g. DomainNet's 345), ``"auto"`` picks the one with fewer flops.
+            Only the exact estimator has a sample form; ``backend="reference"`` ignores it,
+            and one environment always takes the feature form (exact zeros).
 
     Returns:
         Penalty(hessian, gradient): R_e ||Dg_e - mean Dg||^2 and R_e ||G_e - G_bar||^2.
@@ -74,10 +92,15 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     _check_common(env_reduction, detach_reference, backend)
+    check_choice("form", form, FORMS)
+    if form == "sample" and estimator != "exact":
+        raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
     problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
     if generator is not None and generator.device.type != problem.logits.device.type:
         raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
-    if estimator == "exact":
+    if estimator == "exact" and _sample_form(form, problem, "hutchinson"):
+        plan = SampleExactDiagPlan(env_reduction)
+    elif estimator == "exact":
         plan = ExactDiagPlan(env_reduction)
     else:
         plan = StochasticDiagPlan(env_reduction, detach_reference, num_probes, generator)
@@ -89,10 +112,10 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
 def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                 loss: str = "cross_entropy", bias: bool = True, reference: str = "pooled",
                 env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
-                num_envs: Optional[int] = None, validate: bool = True) -> Penalty:
+                num_envs: Optional[int] = None, validate: bool = True, form: str = "auto") -> Penalty:
     """Hessian-gradient-product alignment (the paper's HGP method) for a linear head.
 
-    Arguments as in `hutchinson_penalty`, plus ``reference``: ``"pooled"`` (official:
+    Arguments as in `hutchinson_penalty` (``form`` included), plus ``reference``: ``"pooled"`` (official:
     H_bar G_bar, the pooled loss's Hessian times its gradient) or ``"mean"`` (mean_e H_e G_e).
 
     Returns:
@@ -100,8 +123,12 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
     """
     check_choice("reference", reference, ("pooled", "mean"))
     _check_common(env_reduction, detach_reference, backend)
+    check_choice("form", form, FORMS)
     problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
-    plan = HGPPlan(env_reduction, detach_reference, reference)
+    if _sample_form(form, problem, "hgp"):
+        plan = SampleHGPPlan(env_reduction, detach_reference, reference)
+    else:
+        plan = HGPPlan(env_reduction, detach_reference, reference)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference))
 

@@ -67,10 +67,14 @@ def make_case(seed: int, *, loss: str, bias: bool, sizes: List[int], num_classes
                 list(sizes) if as_sizes else env_ids, loss, bias)
 
 
-def penalty_and_grads(fn, case: Case, dtype=None, alpha: float = 0.7, beta: float = 1.3, **kwargs):
-    """Penalty values and d(alpha*hessian + beta*gradient)/d(logits, features)."""
+def penalty_and_grads(fn, case: Case, dtype=None, alpha: float = 0.7, beta: float = 1.3, form: str = "feature",
+                      **kwargs):
+    """Penalty values and d(alpha*hessian + beta*gradient)/d(logits, features).
+
+    ``form`` defaults to the C × Dh form, so backend kernels stay under test; tests of the
+    sample (Gram) form ask for it."""
     logits, features = case.leaves(dtype)
     labels = case.labels if case.loss == "cross_entropy" else case.labels.to(logits.dtype)
-    pen = fn(logits, features, labels, case.envs, loss=case.loss, bias=case.bias, **kwargs)
+    pen = fn(logits, features, labels, case.envs, loss=case.loss, bias=case.bias, form=form, **kwargs)
     d_logits, d_features = torch.autograd.grad(alpha * pen.hessian + beta * pen.gradient, (logits, features))
     return pen.hessian.detach(), pen.gradient.detach(), d_logits, d_features

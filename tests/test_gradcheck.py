@@ -18,11 +18,15 @@ def _check(fn, case):
     assert torch.autograd.gradcheck(penalty, case.leaves(), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+FORMS = ("feature", "sample")
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_exact_hutchinson(loss, bias):
+def test_exact_hutchinson(loss, bias, form):
     case = make_case(1, loss=loss, bias=bias, sizes=[4, 1, 3], num_classes=3, num_features=4)
-    _check(lambda *a: hk.hutchinson_penalty(*a, loss=loss, bias=bias, backend="torch"), case)
+    _check(lambda *a: hk.hutchinson_penalty(*a, loss=loss, bias=bias, backend="torch", form=form), case)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -34,12 +38,13 @@ def test_stochastic_hutchinson(loss):
                                             detach_reference=False, backend="torch"), case)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("reference,detach", [("pooled", False), ("mean", True), ("mean", False)])
-def test_hgp(loss, reference, detach):
+def test_hgp(loss, reference, detach, form):
     case = make_case(3, loss=loss, bias=True, sizes=[2, 4, 3], num_classes=3, num_features=3)
     _check(lambda *a: hk.hgp_penalty(*a, loss=loss, reference=reference, detach_reference=detach,
-                                     env_reduction="sum", backend="torch"), case)
+                                     env_reduction="sum", backend="torch", form=form), case)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

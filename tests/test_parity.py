@@ -1,5 +1,8 @@
 """The torch backend against the generic-autograd `reference` path in float64 (≤ 1e-10 relative).
 
+The exact and HGP penalties run in both forms: C × Dh statistics ("feature") and N × N
+Gram matrices ("sample").
+
 Each seed draws a fresh configuration: loss kind, bias, 1–6 environments of unequal
 sizes (size 1 included), shuffled ids or a size list, C in 1–50, D in 1–64, both
 references, both reductions, detach on/off. Values and gradients w.r.t. logits and
@@ -32,24 +35,29 @@ def random_config(seed: int, max_head_params: int):
         env_reduction=rng.choice(["mean", "sum"]), detach_reference=rng.random() < 0.5)
 
 
-def check_parity(fn, case, **kwargs):
-    ours = penalty_and_grads(fn, case, backend="torch", **kwargs)
+def check_parity(fn, case, form="feature", **kwargs):
+    ours = penalty_and_grads(fn, case, backend="torch", form=form, **kwargs)
     ref = penalty_and_grads(fn, case, backend="reference", **kwargs)
     for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), ours, ref):
         assert_close(a, b, RTOL, name)
 
 
+FORMS = ("feature", "sample")
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(36))
-def test_hgp_matches_reference(seed):
+def test_hgp_matches_reference(seed, form):
     case_kw, opts = random_config(seed, max_head_params=50 * 65)
     case = make_case(seed, **case_kw)
-    check_parity(hk.hgp_penalty, case, reference=random.Random(seed).choice(["pooled", "mean"]), **opts)
+    check_parity(hk.hgp_penalty, case, form, reference=random.Random(seed).choice(["pooled", "mean"]), **opts)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(36))
-def test_exact_hutchinson_matches_reference(seed):
+def test_exact_hutchinson_matches_reference(seed, form):
     case_kw, opts = random_config(1000 + seed, max_head_params=200)
-    check_parity(hk.hutchinson_penalty, make_case(seed, **case_kw), **opts)
+    check_parity(hk.hutchinson_penalty, make_case(seed, **case_kw), form, **opts)
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -64,11 +72,12 @@ def test_stochastic_hutchinson_matches_reference_at_same_probes(seed):
         assert_close(a, b, RTOL, name)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_exact_hutchinson_largest_head(loss):
+def test_exact_hutchinson_largest_head(loss, form):
     """C = 50, D = 64: the top of the required range for the exact diagonal too."""
     case = make_case(7, loss=loss, bias=True, sizes=[9, 4], num_classes=50, num_features=64)
-    check_parity(hk.hutchinson_penalty, case, env_reduction="sum", detach_reference=False)
+    check_parity(hk.hutchinson_penalty, case, form, env_reduction="sum", detach_reference=False)
 
 
 @pytest.mark.parametrize("kind", ["gradient", "hess_diag", "hvp"])

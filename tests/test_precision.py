@@ -17,6 +17,8 @@ METHODS = {
     "exact": (hk.hutchinson_penalty, {}),
     "stochastic": (hk.hutchinson_penalty, dict(estimator="hutchinson", num_probes=8)),
     "hgp": (hk.hgp_penalty, dict(detach_reference=False)),
+    "exact, sample form": (hk.hutchinson_penalty, dict(form="sample")),
+    "hgp, sample form": (hk.hgp_penalty, dict(detach_reference=False, form="sample")),
 }
 
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hgkernels as hk
+from hgkernels import losses
 from _helpers import assert_close, make_case, penalty_and_grads
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
@@ -29,7 +30,8 @@ def cases(draw, min_envs=1, max_envs=5):
 
 
 options = st.fixed_dictionaries({"env_reduction": st.sampled_from(["mean", "sum"]),
-                                 "detach_reference": st.booleans()})
+                                 "detach_reference": st.booleans(),
+                                 "form": st.sampled_from(["feature", "sample"])})
 penalty_names = st.sampled_from(sorted(PENALTIES))
 
 
@@ -104,8 +106,10 @@ def test_one_environment_gives_exact_zeros(case, name, opts):
 @PROPERTY_SETTINGS
 @given(case=cases(min_envs=1, max_envs=1), copies=st.integers(2, 4), name=penalty_names, opts=options)
 def test_identical_environments_give_zero(case, copies, name, opts):
-    """E copies of one environment align perfectly: each term is E·||S_e - S_ref||² with a deviation
-    that is zero in exact arithmetic, so it is at most rounding (1e-12 relative) squared."""
+    """E copies of one environment align perfectly. The feature form computes each term as
+    E·||S_e - S_ref||² with a deviation that is zero in exact arithmetic: at most rounding (1e-12
+    relative) squared. The sample form sums a quadratic form whose terms cancel: at most rounding
+    times the triangle bound T² of the statistic, T = sum_i ||x_i|| ||phi_i|| for S = sum_i x_i phi_i^T."""
     n = case.logits.shape[0]
     stacked = make_like(case, torch.arange(n).repeat(copies), [n] * copies)
     hessian, gradient, _, _ = run(name, stacked, **opts)
@@ -119,8 +123,19 @@ def test_identical_environments_give_zero(case, copies, name, opts):
     def sq_norm(params):
         return sum(t.square().sum().item() for t in params if t is not None)
 
-    assert gradient.item() <= copies * 1e-24 * sq_norm(grad)
-    assert hessian.item() <= copies * 1e-24 * sq_norm(stat)
+    if opts["form"] == "feature":
+        assert gradient.item() <= copies * 1e-24 * sq_norm(grad)
+        assert hessian.item() <= copies * 1e-24 * sq_norm(stat)
+        return
+    zh = torch.cat([case.features, torch.ones(n, 1, dtype=torch.float64)], 1) if case.bias else case.features
+    p = losses.link(case.loss, case.logits)
+    grad_bound = (losses.residual(case.loss, p, case.labels).norm(dim=1) * zh.norm(dim=1)).sum() / n
+    if name == "exact":  # x_i = q_i / n, phi_i = zh_i ⊙ zh_i
+        stat_bound = (losses.curvature(case.loss, p).norm(dim=1) * zh.square().norm(dim=1)).sum() / n
+    else:  # x_i = A_i G zh_i / n with ||A_i|| <= 2, phi_i = zh_i
+        stat_bound = 2 * sq_norm(grad) ** 0.5 * zh.square().sum() / n
+    assert gradient.item() <= 1e-12 * (copies * grad_bound.item()) ** 2
+    assert hessian.item() <= 1e-12 * (copies * stat_bound.item()) ** 2
 
 
 @settings(max_examples=15, deadline=None)

@@ -66,6 +66,8 @@ def test_bad_input(fn, overrides, error, match):
     (dict(env_reduction="max"), ValueError, "env_reduction must be one of"),
     (dict(detach_reference="yes"), TypeError, "detach_reference must be a bool"),
     (dict(num_envs=0), ValueError, "num_envs must be a positive int"),
+    (dict(form="gram"), ValueError, "form must be one of"),
+    (dict(estimator="hutchinson", form="sample"), ValueError, "form='sample' needs estimator='exact'"),
 ])
 def test_bad_hutchinson_options(overrides, error, match):
     with pytest.raises(error, match=match):
@@ -75,6 +77,11 @@ def test_bad_hutchinson_options(overrides, error, match):
 def test_bad_hgp_reference():
     with pytest.raises(ValueError, match="reference must be one of"):
         call(hk.hgp_penalty, reference="median")
+
+
+def test_bad_hgp_form():
+    with pytest.raises(ValueError, match="form must be one of"):
+        call(hk.hgp_penalty, form="samples")
 
 
 def test_bad_hvp_vector():

@@ -1,0 +1,69 @@
+"""The sample (Gram) form: when `form="auto"` takes it, and how it compares with the C × Dh form.
+
+Its float64 parity with `reference`, gradcheck, precision and properties run in the shared
+suites (test_parity, test_gradcheck, test_precision, test_properties) with form="sample".
+"""
+import pytest
+import torch
+
+import hgkernels as hk
+from hgkernels import _sample_space, api
+from hgkernels._inputs import prepare
+from _helpers import assert_close, make_case, penalty_and_grads
+
+
+def _problem(n, d, c, e, loss="cross_entropy"):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, c, (n,), generator=gen) if loss == "cross_entropy" else torch.rand(n, c, generator=gen)
+    envs = torch.arange(n) % e
+    return prepare(torch.randn(n, c, generator=gen), torch.randn(n, d, generator=gen), labels, envs, loss=loss,
+                   bias=True)
+
+
+@pytest.mark.parametrize("shape,method,sample", [
+    ((160, 2048, 345, 5), "hgp", True),             # DomainNet head: N ≪ C
+    ((160, 2048, 345, 5), "hutchinson", True),
+    ((96, 2048, 65, 3), "hgp", True),               # OfficeHome
+    ((96, 2048, 7, 3), "hutchinson", False),        # PACS exact: few classes, the C × Dh form
+    ((3000, 64, 2, 2), "hgp", False),               # many samples, few classes
+    ((3000, 64, 2, 2), "hutchinson", False),
+])
+def test_auto_takes_the_cheaper_form(shape, method, sample):
+    assert _sample_space.prefers_sample_space(_problem(*shape), method) is sample
+
+
+def test_one_environment_keeps_the_feature_form_even_when_asked():
+    problem = _problem(20, 8, 50, 1)
+    assert _sample_space.prefers_sample_space(problem, "hgp")  # the cost model alone would pick it
+    assert not api._sample_form("sample", problem, "hgp")
+    assert not api._sample_form("auto", problem, "hgp")
+
+
+@pytest.mark.parametrize("fn,kwargs", [
+    (hk.hutchinson_penalty, {}),
+    (hk.hgp_penalty, {"reference": "pooled", "detach_reference": True}),
+    (hk.hgp_penalty, {"reference": "pooled", "detach_reference": False, "env_reduction": "sum"}),
+], ids=["exact", "hgp detached", "hgp undetached"])
+def test_auto_at_a_wide_head_runs_the_sample_form(monkeypatch, fn, kwargs):
+    """form="auto" routes a many-class head to the sample plans, and their result is the feature form's."""
+    case = make_case(3, loss="cross_entropy", bias=True, sizes=[9, 14, 5, 11], num_classes=120, num_features=300)
+    used = []
+    for plan in (_sample_space.SampleExactDiagPlan, _sample_space.SampleHGPPlan):
+        monkeypatch.setattr(plan, "forward", lambda self, *a, _f=plan.forward: used.append(1) or _f(self, *a))
+    auto = penalty_and_grads(fn, case, backend="torch", form="auto", **kwargs)
+    assert used, "form='auto' did not take the sample form at C=120, N=39"
+    feature = penalty_and_grads(fn, case, backend="torch", form="feature", **kwargs)
+    for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), auto, feature):
+        assert_close(a, b, 1e-11, name)
+
+
+@pytest.mark.parametrize("method", ["exact", "hgp"])
+def test_float32_wide_head_against_float64(method):
+    """A DomainNet-like head scaled down (C=345, 5 environments, shuffled): float32 within 1e-5."""
+    case = make_case(8, loss="cross_entropy", bias=True, sizes=[12, 7, 20, 9, 16], num_classes=345,
+                     num_features=256, scale=3.0)
+    fn = hk.hutchinson_penalty if method == "exact" else hk.hgp_penalty
+    low = penalty_and_grads(fn, case, dtype=torch.float32, backend="torch", form="sample")
+    high = penalty_and_grads(fn, case, backend="torch", form="feature")
+    for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), low, high):
+        assert_close(a, b, 1e-5, name)
