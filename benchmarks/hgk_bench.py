@@ -19,6 +19,7 @@ import torch
 
 from hgkernels import backends, head_hessian_diag, hgp_penalty, hutchinson_penalty
 from hgkernels._inputs import prepare
+from hgkernels._sample_space import SAMPLE_GRAM_COST, SAMPLE_QUAD_COST, prefers_sample_space
 
 FLOAT_BYTES = 4  # float32, the training dtype every case uses
 
@@ -122,14 +123,20 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Inputs:
 
 @dataclass(frozen=True)
 class Method:
-    """One timed computation. ``kind``: closed (a closed-form backend), unit (generic path, one
-    probe), official (generic path at the official probe count or HGP double backward), peer."""
+    """One timed computation. ``kind``: closed (a closed-form backend, form="auto"), feature (the same
+    forced into the C × Dh form, timed where auto takes the sample form, so the backend's own kernels
+    show), unit (generic path, one probe), official (generic path at the official probe count or HGP
+    double backward), peer."""
 
     penalty: str  # "hutchinson", "hgp", or "diag" (the exact diagonal's forward alone): which floor applies
     backend: str
     kind: str
     label: str
     probes: int = 0
+
+    @property
+    def form(self) -> str:
+        return "feature" if self.kind == "feature" else "auto"
 
     @property
     def forward_only(self) -> bool:
@@ -167,9 +174,12 @@ def backpack_reason() -> Optional[str]:
 
 def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List[Method]:
     methods = []
+    labels = {"hutchinson": "exact Hutchinson", "hgp": "HGP"}
     for name in available:
-        methods.append(Method("hutchinson", name, "closed", "exact Hutchinson"))
-        methods.append(Method("hgp", name, "closed", "HGP"))
+        for penalty, label in labels.items():
+            methods.append(Method(penalty, name, "closed", label))
+            if shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1):
+                methods.append(Method(penalty, name, "feature", f"{label}, C × Dh form"))
     methods += [
         Method("hutchinson", "reference", "unit", "generic Hutchinson, 1 probe", probes=1),
         Method("hutchinson", "reference", "official", f"generic Hutchinson, {shape.official_probes} probes",
@@ -187,7 +197,7 @@ def make_step(method: Method, shape: Shape, inputs: Inputs) -> Callable[[], None
     if method.backend == "backpack":
         return _backpack_step(shape, inputs)
     common = dict(loss=shape.loss, env_reduction=shape.env_reduction, detach_reference=shape.detach_reference,
-                  backend=method.backend, validate=False)
+                  backend=method.backend, validate=False, form=method.form)
     device = inputs.logits.device
 
     def step() -> None:
@@ -346,10 +356,11 @@ def measure_ceilings(device: torch.device, repeats: int = 3, quick: bool = False
                     f"sgemm {size}x{size}x{size}, copy of {numel * FLOAT_BYTES >> 20} MiB")
 
 
-def work(penalty: str, shape: Shape) -> Tuple[float, float]:
-    """(flops, bytes) the closed form must at least do for forward + backward (forward only for "diag").
+def work(penalty: str, shape: Shape) -> Dict[str, Tuple[float, float]]:
+    """{form: (flops, bytes)} the closed form must at least do for forward + backward (forward only
+    for "diag") in each of its forms, "feature" (C × Dh statistics) and "sample" (N × N Gram).
 
-    Flops count 2 per multiply-add of the per-environment GEMMs, each N x C x Dh:
+    Feature form: flops count 2 per multiply-add of the per-environment GEMMs, each N x C x Dh:
     exact Hutchinson forward reduces G and Dg (2 GEMMs); backward forms dr = Lam zh,
     dq = Gam (zh*zh) and d zh from Gam^T q and Lam^T r (4) — 6 in all. HGP forward: G, s = G zh,
     HG, and the pooled reference's G_bar zh and H_e G_bar (5); backward: tau = Gam zh, the M
@@ -357,6 +368,9 @@ def work(penalty: str, shape: Shape) -> Tuple[float, float]:
     Bytes: each pass over the samples reads logits and features once (exact: 1 forward + 1
     backward pass that also writes their gradients; HGP: 2 dependent forward passes, M pass +
     per-sample pass backward), plus every (E, C, Dh) statistic written or read once (exact 4, HGP 9).
+    Sample form: the Gram GEMMs (N x N x Dh; exact: features and squared features, forward and
+    backward, 4; HGP 2) and the N x N x C quadratic forms (hgkernels._sample_space's counts); bytes:
+    one forward and one backward pass over the samples.
     Elementwise work is not counted: it is cheap next to these. The generic path computes the same
     quantity (probes estimate the exact diagonal), so its rows are held to the same floor.
     """
@@ -364,16 +378,24 @@ def work(penalty: str, shape: Shape) -> Tuple[float, float]:
     samples = shape.n * (shape.c + shape.d) * FLOAT_BYTES
     stat = shape.e * shape.c * (shape.d + 1) * FLOAT_BYTES
     if penalty == "diag":
-        return 2 * 2 * nc_dh, samples + stat
+        return {"feature": (2 * 2 * nc_dh, samples + stat)}
     if penalty == "hutchinson":
-        return 6 * 2 * nc_dh, 3 * samples + 4 * stat
-    return 11 * 2 * nc_dh, 5 * samples + 9 * stat
+        feature = (6 * 2 * nc_dh, 3 * samples + 4 * stat)
+    else:
+        feature = (11 * 2 * nc_dh, 5 * samples + 9 * stat)
+    n2 = shape.n * shape.n
+    sample = (2 * (SAMPLE_GRAM_COST[penalty] * n2 * (shape.d + 1) + SAMPLE_QUAD_COST[penalty] * n2 * shape.c),
+              3 * samples)
+    return {"feature": feature, "sample": sample} if shape.e > 1 else {"feature": feature}
 
 
-def floor_seconds(penalty: str, shape: Shape, ceilings: Ceilings) -> float:
-    """The case can run no faster than its flops at the sgemm rate or its bytes at the copy bandwidth."""
-    flops, nbytes = work(penalty, shape)
-    return max(flops / ceilings.sgemm_flops, nbytes / ceilings.copy_bytes)
+def floor_seconds(penalty: str, shape: Shape, ceilings: Ceilings, form: str = "auto") -> float:
+    """The case can run no faster than its flops at the sgemm rate or its bytes at the copy bandwidth,
+    in the given form ("auto": whichever form needs less)."""
+    forms = work(penalty, shape)
+    if form != "auto":
+        forms = {form: forms[form]}
+    return min(max(flops / ceilings.sgemm_flops, nbytes / ceilings.copy_bytes) for flops, nbytes in forms.values())
 
 
 # ---- machine description -------------------------------------------------------------------------

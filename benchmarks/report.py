@@ -289,7 +289,8 @@ def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceili
               f"float32, validate=False, median of {repeat} interleaved runs after a warm-up run "
               f"(methods slower than {budget:.0f} s ÷ {repeat} run once; the official probe counts run once, "
               f"and not at all when estimated over {budget:.0f} s: time-out). *floor* = max(flops ÷ sgemm rate, bytes ÷ copy bandwidth) for "
-              "the quantity the row computes (counting in `hgk_bench.work`). Generic rows are "
+              "the quantity the row computes, in the cheaper of its two forms (C × Dh statistics or N × N Gram "
+              "matrices; counting in `hgk_bench.work`). Closed-form rows use `form=\"auto\"`. Generic rows are "
               "`backend=\"reference\"`: autograd double backward as in the official code. "
               "Diagonal rows time the forward alone: `head_hessian_diag` against BackPACK's DiagHessian "
               "(its loop over environments, gradient included).", ""]
@@ -399,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"[{index}/{len(shapes)}] {shape.label}")
         rows, skipped = run_case_isolated(shape, args, notes)
         for row in (r for r in rows if r.method.kind != "crash"):
-            row.floor = hb.floor_seconds(row.method.penalty, shape, ceilings)
+            row.floor = hb.floor_seconds(row.method.penalty, shape, ceilings, row.method.form)
         all_rows[shape.label] = rows
         skipped_backends.update(skipped)
     plot_path = write_plot(args.plot, all_rows)

@@ -56,7 +56,7 @@ def run_benchmark(benchmark, method: hb.Method, shape: hb.Shape, estimate: float
     step = hb.make_step(method, shape, inputs_for(shape))
     with hb.peak_memory(DEVICE) as mem:
         first = hb.timed(step, DEVICE)
-    floor = hb.floor_seconds(method.penalty, shape, ceilings())
+    floor = hb.floor_seconds(method.penalty, shape, ceilings(), method.form)
     benchmark.extra_info.update(case=shape.label, method=method.label, backend=method.backend,
                                 floor_ms=floor * 1e3, first_run_over_floor=first / floor,
                                 peak_mem_mib=mem["bytes"] / 2**20)
@@ -69,11 +69,16 @@ def run_benchmark(benchmark, method: hb.Method, shape: hb.Shape, estimate: float
 @shape_param
 @pytest.mark.parametrize("backend", CLOSED_FORM)
 @pytest.mark.parametrize("penalty", ["hutchinson", "hgp"])
-def test_closed_form(benchmark, shape, penalty, backend):
+@pytest.mark.parametrize("kind", ["closed", "feature"], ids=["form-auto", "form-feature"])
+def test_closed_form(benchmark, shape, penalty, backend, kind):
+    """form="auto", and the C × Dh form where auto takes the sample form (the backend's own kernels)."""
     closed_form_backend(shape, backend)
+    if kind == "feature" and not (shape.e > 1 and hb.prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1)):
+        pytest.skip("form='auto' already takes the C × Dh form here")
     benchmark.group = f"{shape.name} fwd+bwd"
     label = "exact Hutchinson" if penalty == "hutchinson" else "HGP"
-    run_benchmark(benchmark, hb.Method(penalty, backend, "closed", label), shape)
+    run_benchmark(benchmark, hb.Method(penalty, backend, kind, label if kind == "closed" else f"{label}, C × Dh form"),
+                  shape)
 
 
 @shape_param

@@ -38,9 +38,9 @@ SAMPLE_GRAM_COST = {"hutchinson": 4, "hgp": 2}
 SAMPLE_QUAD_COST = {"hutchinson": 6, "hgp": 14}
 
 
-def prefers_sample_space(problem: HeadProblem, method: str) -> bool:
-    """True when the sample form should be faster (the cost model above)."""
-    n, c, dh = problem.logits.shape[0], problem.num_classes, problem.head_width
+def prefers_sample_space(method: str, n: int, c: int, dh: int) -> bool:
+    """True when the sample form should be faster for `method` ("hutchinson", "hgp") on N samples,
+    C classes and head width Dh (the cost model above)."""
     feature = FEATURE_SLOWDOWN * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
     sample = SAMPLE_GRAM_COST[method] * n * n * dh + SAMPLE_QUAD_COST[method] * n * n * c
     return sample < feature

@@ -41,7 +41,8 @@ def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
     One environment always takes the C × Dh form, whose deviations are then exact zeros."""
     if problem.segments.num_envs < 2:
         return False
-    return form == "sample" or (form == "auto" and prefers_sample_space(problem, method))
+    return form == "sample" or (form == "auto" and prefers_sample_space(
+        method, problem.logits.shape[0], problem.num_classes, problem.head_width))
 
 
 def _run(problem: HeadProblem, backend: str, plan, reference_call) -> Penalty:

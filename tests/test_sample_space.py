@@ -29,12 +29,15 @@ def _problem(n, d, c, e, loss="cross_entropy"):
     ((3000, 64, 2, 2), "hutchinson", False),
 ])
 def test_auto_takes_the_cheaper_form(shape, method, sample):
-    assert _sample_space.prefers_sample_space(_problem(*shape), method) is sample
+    problem = _problem(*shape)
+    assert api._sample_form("auto", problem, method) is sample
+    assert api._sample_form("feature", problem, method) is False
+    assert api._sample_form("sample", problem, method) is True
 
 
 def test_one_environment_keeps_the_feature_form_even_when_asked():
     problem = _problem(20, 8, 50, 1)
-    assert _sample_space.prefers_sample_space(problem, "hgp")  # the cost model alone would pick it
+    assert _sample_space.prefers_sample_space("hgp", 20, 50, 9)  # the cost model alone would pick it
     assert not api._sample_form("sample", problem, "hgp")
     assert not api._sample_form("auto", problem, "hgp")
 
