@@ -21,7 +21,8 @@ constexpr int kGroupRows = 32;    // samples packed at a time by a reduce task
 constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient columns) ...
 constexpr int kTileCols = 16;     // ... by head columns
 constexpr int kPanelRows = 64;    // matrix rows per expand panel
-constexpr int kDirectRows = 16;   // expansions with at most this many matrix rows skip the tiles
+constexpr int kDirectRows = 16;   // expansions / reductions with at most this many rows skip the tiles
+constexpr int kDirectBlockRows = 2048;  // samples per task of the direct reduction
 
 // A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
 // a descheduled thread: regions with less work than this many multiply-adds run on one thread.
@@ -165,41 +166,79 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
   }
 }
 
-// expand_block for few matrix rows (W + C <= kDirectRows, e.g. C = 1 heads): one sample at a time,
-// one SIMD vector of columns at a time, straight into d_features. Sums run over m in the same
-// order as expand_block's, so the two paths agree bitwise.
-template <typename T>
-void expand_rows_direct(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* coef,
-                        int W, const Part<T>* parts, int num_parts, const T* coef_sq, const T* env_gam,
-                        T* d_features) {
+// out[q] = mats[q] . x over D for q < n (x squared when Square), one pass over x: each dot in
+// row_dot's order (lanes, lane-order sum, tail), so it matches the tiled dots bit for bit.
+template <typename T, bool Square>
+void row_dots(const T* x, const T* const* mats, int n, int D, T* out) {
   using V = Simd<T>;
-  const int C = h.C, D = h.D, Dh = h.head_width(), full = D - D % V::lanes;
+  typename V::type acc[kDirectRows] = {};
+  int d = 0;
+  for (; d + V::lanes <= D; d += V::lanes) {
+    typename V::type xv = V::load(x + d);
+    if (Square) xv = xv * xv;
+    for (int q = 0; q < n; ++q) acc[q] += xv * V::load(mats[q] + d);
+  }
+  for (int q = 0; q < n; ++q) {
+    T total = T(0);
+    for (int l = 0; l < V::lanes; ++l) total += acc[q][l];
+    for (int t = d; t < D; ++t) total += (Square ? x[t] * x[t] : x[t]) * mats[q][t];
+    out[q] = total;
+  }
+}
+
+// One sample's d_features for few matrix rows (W + C <= kDirectRows, e.g. C = 1 heads): coef @ the
+// stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam), one SIMD vector of columns at a time.
+template <typename T>
+void expand_row_direct(const T* x, const T* coef, const T* const* mats, int W, const T* coef_sq, const T* gam,
+                       int C, int D, int64_t Dh, T* dx) {
+  using V = Simd<T>;
+  const int full = D - D % V::lanes;
+  for (int d = 0; d < full; d += V::lanes) {
+    typename V::type acc = {}, acc_sq = {};
+    for (int m = 0; m < W; ++m) acc += coef[m] * V::load(mats[m] + d);
+    if (gam) {
+      for (int c = 0; c < C; ++c) acc_sq += coef_sq[c] * V::load(gam + c * Dh + d);
+      acc += V::load(x + d) * acc_sq;
+    }
+    V::store(dx + d, acc);
+  }
+  for (int d = full; d < D; ++d) {
+    T acc = T(0), acc_sq = T(0);
+    for (int m = 0; m < W; ++m) acc += coef[m] * mats[m][d];
+    if (gam) {
+      for (int c = 0; c < C; ++c) acc_sq += coef_sq[c] * gam[c * Dh + d];
+      acc += x[d] * acc_sq;
+    }
+    dx[d] = acc;
+  }
+}
+
+// The whole backward of sorted rows [row_begin, row_end) for few matrix rows, one sample at a time:
+// its dots, its closed form and its d_features while the feature row is in L1.
+template <typename T>
+void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout layout, int64_t row_begin,
+                          int64_t row_end, T w, const Part<T>* parts, int num_parts, const T* gam, T* d_logits,
+                          T* d_features) {
+  const int C = h.C, D = h.D, W = layout.width();
+  const int64_t Dh = h.head_width();
+  const T* mats[kDirectRows];
+  const T* gam_rows[kDirectRows];
+  for (int p = 0; p < num_parts; ++p)
+    for (int m = 0; m < parts[p].rows; ++m) mats[parts[p].first_coef + m] = parts[p].mats + m * Dh;
+  for (int c = 0; gam && c < C; ++c) gam_rows[c] = gam + c * Dh;
+  T dots[kDirectRows], dots_sq[kDirectRows], p[kDirectRows], dp[kDirectRows], coef[kDirectRows], coef_sq[kDirectRows];
   for (int64_t j = row_begin; j < row_end; ++j) {
     const int64_t i = s.order[j];
     const T* x = h.features + i * h.features_row_stride;
-    T* dx = d_features + i * D;
-    const T* cf = coef + j * W;
-    const T* cf_sq = env_gam ? coef_sq + j * C : nullptr;
-    for (int d = 0; d < full; d += V::lanes) {
-      typename V::type acc = {}, acc_sq = {};
-      for (int p = 0; p < num_parts; ++p)
-        for (int m = 0; m < parts[p].rows; ++m) acc += cf[parts[p].first_coef + m] * V::load(parts[p].mats + int64_t(m) * Dh + d);
-      if (env_gam) {
-        for (int c = 0; c < C; ++c) acc_sq += cf_sq[c] * V::load(env_gam + int64_t(c) * Dh + d);
-        acc += V::load(x + d) * acc_sq;
-      }
-      V::store(dx + d, acc);
+    row_dots<T, false>(x, mats, W, D, dots);
+    if (gam) row_dots<T, true>(x, gam_rows, C, D, dots_sq);
+    if (h.bias) {  // zh_D = 1 (and its square)
+      for (int m = 0; m < W; ++m) dots[m] += mats[m][D];
+      for (int c = 0; gam && c < C; ++c) dots_sq[c] += gam_rows[c][D];
     }
-    for (int d = full; d < D; ++d) {
-      T acc = T(0), acc_sq = T(0);
-      for (int p = 0; p < num_parts; ++p)
-        for (int m = 0; m < parts[p].rows; ++m) acc += cf[parts[p].first_coef + m] * parts[p].mats[int64_t(m) * Dh + d];
-      if (env_gam) {
-        for (int c = 0; c < C; ++c) acc_sq += cf_sq[c] * env_gam[int64_t(c) * Dh + d];
-        acc += x[d] * acc_sq;
-      }
-      dx[d] = acc;
-    }
+    backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w, dots,
+                    dots_sq, p, dp, coef, coef_sq, d_logits + i * C, 1);
+    expand_row_direct<T>(x, coef, mats, W, coef_sq, gam, C, D, Dh, d_features + i * D);
   }
 }
 
@@ -235,6 +274,76 @@ void expand_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_
     } else {
       std::copy(a, a + D, dx);
     }
+  }
+}
+
+// m . x over D: lanes of partial sums added in lane order, then the tail (dots_tile's order).
+template <typename T>
+T row_dot(const T* x, const T* m, int D) {
+  using V = Simd<T>;
+  typename V::type acc = {};
+  int d = 0;
+  for (; d + V::lanes <= D; d += V::lanes) acc += V::load(x + d) * V::load(m + d);
+  T total = T(0);
+  for (int l = 0; l < V::lanes; ++l) total += acc[l];
+  for (; d < D; ++d) total += x[d] * m[d];
+  return total;
+}
+
+// head_stats for few coefficient columns (W <= kDirectRows, e.g. C = 1 heads), in one pass: packing
+// feature groups for register tiles would cost more than the few multiply-adds per element. Each
+// task streams whole feature rows of one environment's block of kDirectBlockRows samples (sequential
+// memory, which the prefetchers follow); per row it takes the direction dots, the row's closed form
+// and the rank-1 update of W × Dh partial sums while the row is in L1. The blocks' partials are then
+// added in block order. Fixed blocks and orders: the same bits for any thread count.
+template <typename T>
+void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch) {
+  using V = Simd<T>;
+  const int C = h.C, KC = layout.K * C, W = layout.width(), Dh = h.head_width(), D = h.D;
+  const int simd_cols = D / V::lanes * V::lanes;
+  const int square_begin = layout.diag_begin(), square_end = layout.hess_diag ? square_begin + C : square_begin;
+  const bool any_square = square_begin < square_end;
+  const std::vector<Task> blocks = tasks(s, kDirectBlockRows, 1, 1);
+  std::vector<T> partial(blocks.size() * size_t(W) * Dh);
+  const int threads = threads_for(launch, double(s.num_samples) * (W + KC) * Dh);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < int64_t(blocks.size()); ++t) {
+    const Task& block = blocks[t];
+    T* acc = partial.data() + size_t(t) * W * Dh;
+    std::fill(acc, acc + size_t(W) * Dh, T(0));
+    const T* env_dirs = KC ? dirs + int64_t(block.env) * KC * Dh : nullptr;
+    const T w = inv_count<T>(s, block.env);
+    T dots[kDirectRows], p[kDirectRows], cf[kDirectRows];  // KC, C, W <= kDirectRows
+    for (int64_t j = block.row_begin; j < block.row_end; ++j) {
+      const int64_t i = s.order[j];
+      const T* x = h.features + i * h.features_row_stride;
+      for (int k = 0; k < KC; ++k)
+        dots[k] = row_dot<T>(x, env_dirs + int64_t(k) * Dh, D) + (h.bias ? env_dirs[int64_t(k) * Dh + D] : T(0));
+      stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w, dots, p,
+                   cf);
+      for (int d = 0; d < simd_cols; d += V::lanes) {
+        const typename V::type xv = V::load(x + d);
+        const typename V::type xv2 = any_square ? xv * xv : xv;
+        for (int m = 0; m < W; ++m) {
+          T* a = acc + size_t(m) * Dh + d;
+          V::store(a, V::load(a) + cf[m] * (m >= square_begin && m < square_end ? xv2 : xv));
+        }
+      }
+      for (int d = simd_cols; d < Dh; ++d) {  // the last feature columns, then the bias column (zh = 1)
+        const T xd = d < D ? x[d] : T(1);
+        for (int m = 0; m < W; ++m) acc[size_t(m) * Dh + d] += cf[m] * (m >= square_begin && m < square_end ? xd * xd : xd);
+      }
+    }
+  }
+  // out[e] = its blocks' partials in block order, parallel over output elements.
+  const int64_t per_env = int64_t(W) * Dh;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t k = 0; k < int64_t(s.num_envs) * per_env; ++k) {
+    const int e = int(k / per_env);
+    T total = T(0);
+    for (size_t t = 0; t < blocks.size(); ++t)
+      if (blocks[t].env == e) total += partial[t * per_env + k % per_env];
+    out[k] = total;
   }
 }
 
@@ -310,6 +419,7 @@ template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch) {
   const int C = h.C, KC = layout.K * C, W = layout.width();
+  if (W <= kDirectRows) return stats_direct<T>(h, s, layout, dirs, out, launch);
   const int64_t N = s.num_samples;
   T* dirs_dots = work;
   T* p_scratch = dirs_dots + N * KC;
@@ -357,24 +467,25 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
         parts[num_parts++] = {dirs + int64_t(e) * KC * Dh, KC, layout.dirs_begin()};
         parts[num_parts++] = {ups + int64_t(e) * KC * Dh, KC, layout.ups_begin()};
       }
+      const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
+      const T w = inv_count<T>(s, e);
+      if (W + (gam ? C : 0) <= kDirectRows) {
+        backward_rows_direct<T>(h, s, layout, block.row_begin, block.row_end, w, parts, num_parts, env_gam, d_logits,
+                                d_features);
+        continue;
+      }
       for (int p = 0; p < num_parts; ++p)
         dots_block<T, false>(h, s, block.row_begin, block.row_end, parts[p].mats, 0, parts[p].rows,
                              dots + parts[p].first_coef, W);
-      const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
       if (gam) dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
-      const T w = inv_count<T>(s, e);
       for (int64_t j = block.row_begin; j < block.row_end; ++j) {
         const int64_t i = s.order[j];
         backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                         dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
                         coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
       }
-      if (W + (gam ? C : 0) <= kDirectRows)
-        expand_rows_direct<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam,
-                              d_features);
-      else
-        expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam,
-                        d_features, coef_t, acc, acc_sq);
+      expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam,
+                      d_features, coef_t, acc, acc_sq);
     }
   }
 }

@@ -107,7 +107,20 @@ def _stat_directions(problem, k, seed):
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_primitives_match_torch_backend(loss, bias, k, device):
     """head_stats (any subset) and per_sample_backward (any subset of upstreams) directly."""
-    case = _on(make_case(17 + k, loss=loss, bias=bias, sizes=[7, 1, 30, 3], num_classes=5, num_features=37), device)
+    _check_primitives(loss, bias, k, device, sizes=[7, 1, 30, 3], num_classes=5, num_features=37)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("num_classes,k", [(1, 0), (1, 2), (3, 1)])
+def test_primitives_few_classes_many_samples(loss, num_classes, k):
+    """Few classes take the CPU kernels' one-pass paths (at most 16 matrix rows); environments of
+    thousands of samples span several of their 2048-row blocks, whose partial sums are added in order."""
+    _check_primitives(loss, True, k, "cpu", sizes=[2500, 1, 4100], num_classes=num_classes, num_features=19)
+
+
+def _check_primitives(loss, bias, k, device, sizes, num_classes, num_features):
+    case = _on(make_case(17 + k, loss=loss, bias=bias, sizes=sizes, num_classes=num_classes,
+                         num_features=num_features), device)
     problem = prepare(case.logits, case.features, case.labels, case.envs, loss=loss, bias=bias)
     native, torch_backend = backends.load("native"), backends.load("torch")
     dirs = _stat_directions(problem, k, 1) if k else None
@@ -153,8 +166,11 @@ def test_low_precision_against_float64(loss, method, dtype, rtol):
 
 
 @pytest.mark.parametrize("method", ["hgp", "exact"])
-def test_deterministic_across_runs_and_thread_counts(method):
-    case = make_case(9, loss="cross_entropy", bias=True, sizes=[300, 1, 211], num_classes=9, num_features=150,
+@pytest.mark.parametrize("loss,sizes,num_classes", [("cross_entropy", [300, 1, 211], 9),
+                                                    ("binary_cross_entropy", [3000, 1, 2211], 1)])
+def test_deterministic_across_runs_and_thread_counts(method, loss, sizes, num_classes):
+    """Tiled paths (C = 9) and the one-pass few-class paths over several row blocks (C = 1)."""
+    case = make_case(9, loss=loss, bias=True, sizes=sizes, num_classes=num_classes, num_features=150,
                      dtype=torch.float32)
     fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
     threads = torch.get_num_threads()

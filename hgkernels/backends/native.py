@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._inputs import HeadProblem
+from .._memory import empty_output
 from .base import Backend, HeadStats
 
 _LOSS_CODES = {"cross_entropy": 0, "binary_cross_entropy": 1, "mse": 2}
@@ -111,7 +112,7 @@ def native_per_sample_backward(logits: torch.Tensor, features: torch.Tensor, tar
     layout = (call.c, k, grad_up is not None, diag_up is not None)
     work = call.empty(call.n * call.module.backward_work_per_sample(layout))
     d_logits = call.empty(call.n, call.c)
-    d_features = call.empty(call.n, call.d)
+    d_features = empty_output((call.n, call.d), call.dtype, call.device)
     call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(grad_up),
                                     _address(dirs), _address(ups), _address(diag_up), work.data_ptr(),
                                     d_logits.data_ptr(), d_features.data_ptr(), call.launch)

@@ -18,6 +18,7 @@ import torch
 
 from .. import losses
 from .._inputs import EnvSegments, HeadProblem
+from .._memory import empty_output
 from .base import Backend, HeadStats
 
 # Elements of the widest per-chunk temporary (E × rows × max(D, K·C)): about 2 MB in float32.
@@ -155,7 +156,7 @@ class TorchBackend(Backend):
         pad = _PaddedLayout(problem.segments)
         d, dtype = problem.num_features, problem.compute_dtype
         d_logits = problem.logits.new_empty(problem.logits.shape, dtype=dtype)
-        d_features = problem.features.new_empty(problem.features.shape, dtype=dtype)
+        d_features = empty_output(tuple(problem.features.shape), dtype, problem.features.device)
         if hvp_dirs is not None:
             e, k, c, dh = hvp_dirs.shape
             dirs, ups = hvp_dirs.reshape(e, k * c, dh), hvp_up.reshape(e, k * c, dh)
