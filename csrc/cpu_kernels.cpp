@@ -22,7 +22,8 @@ constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient
 constexpr int kTileCols = 16;     // ... by head columns
 constexpr int kPanelRows = 64;    // matrix rows per expand panel
 constexpr int kDirectRows = 16;   // expansions / reductions with at most this many rows skip the tiles
-constexpr int kDirectBlockRows = 2048;  // samples per task of the direct reduction
+constexpr int kDirectBlockRows = 2048;  // samples per task of the one-pass statistics
+constexpr int kDirectAccBytes = 16 << 10;  // ... whose W × Dh partial sums must stay in L1
 
 // A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
 // a descheduled thread: regions with less work than this many multiply-adds run on one thread.
@@ -290,7 +291,8 @@ T row_dot(const T* x, const T* m, int D) {
   return total;
 }
 
-// head_stats for few coefficient columns (W <= kDirectRows, e.g. C = 1 heads), in one pass: packing
+// head_stats for few coefficient columns (W <= kDirectRows and W × Dh partial sums that fit in L1,
+// e.g. C = 1 heads), in one pass: packing
 // feature groups for register tiles would cost more than the few multiply-adds per element. Each
 // task streams whole feature rows of one environment's block of kDirectBlockRows samples (sequential
 // memory, which the prefetchers follow); per row it takes the direction dots, the row's closed form
@@ -419,7 +421,8 @@ template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch) {
   const int C = h.C, KC = layout.K * C, W = layout.width();
-  if (W <= kDirectRows) return stats_direct<T>(h, s, layout, dirs, out, launch);
+  if (W <= kDirectRows && size_t(W) * h.head_width() * sizeof(T) <= kDirectAccBytes)
+    return stats_direct<T>(h, s, layout, dirs, out, launch);
   const int64_t N = s.num_samples;
   T* dirs_dots = work;
   T* p_scratch = dirs_dots + N * KC;

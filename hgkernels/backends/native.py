@@ -1,10 +1,11 @@
 """Native backend: the fused C++ (OpenMP) and CUDA kernels of csrc/, bound with pybind11.
 
 The compiled modules take raw addresses, sizes and strides (no torch C++ ABI). This file
-owns the tensors: two `torch.library.custom_op`s (``hgkernels::native_head_stats`` and
-``hgkernels::native_per_sample_backward``, with shape-only fakes for torch.compile) lay out
-the arguments, allocate outputs and work buffers and call the two primitives of
-csrc/hgk_kernels.h; `NativeBackend` maps `base.Backend` onto them. float16/bfloat16 inputs
+owns the tensors: two functions lay out the arguments, allocate outputs and work buffers
+and call the two primitives of csrc/hgk_kernels.h; `NativeBackend` maps `base.Backend`
+onto them. Under torch.compile they run as `torch.library.custom_op`s
+(``hgkernels::native_head_stats`` and ``hgkernels::native_per_sample_backward``, with
+shape-only fakes); in eager mode they are called directly (see `_op`). float16/bfloat16 inputs
 are upcast to float32 here, so every kernel reads and accumulates in float32 or float64.
 Results are deterministic: the kernels sum in a fixed order for any thread count.
 """
@@ -78,8 +79,7 @@ def _stats_width(c: int, gradient: bool, hess_diag: bool, dirs: Optional[torch.T
     return c * (int(gradient) + int(hess_diag)) + (0 if dirs is None else dirs.shape[1])
 
 
-@torch.library.custom_op("hgkernels::native_head_stats", mutates_args=())
-def native_head_stats(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, order: torch.Tensor,
+def _head_stats_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, order: torch.Tensor,
                       offsets: torch.Tensor, loss: int, bias: bool, gradient: bool, hess_diag: bool,
                       dirs: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-environment statistics (E, W, Dh), rows [G][Dg][H V_k] as requested; dirs (E, K*C, Dh)."""
@@ -93,14 +93,16 @@ def native_head_stats(logits: torch.Tensor, features: torch.Tensor, targets: tor
     return out
 
 
+native_head_stats = torch.library.custom_op("hgkernels::native_head_stats", mutates_args=())(_head_stats_impl)
+
+
 @native_head_stats.register_fake
 def _(logits, features, targets, order, offsets, loss, bias, gradient, hess_diag, dirs):
     width = _stats_width(logits.shape[1], gradient, hess_diag, dirs)
     return logits.new_empty(offsets.shape[0] - 1, width, features.shape[1] + int(bias))
 
 
-@torch.library.custom_op("hgkernels::native_per_sample_backward", mutates_args=())
-def native_per_sample_backward(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
+def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
                                order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
                                grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
                                ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
@@ -119,9 +121,20 @@ def native_per_sample_backward(logits: torch.Tensor, features: torch.Tensor, tar
     return d_logits, d_features
 
 
+native_per_sample_backward = torch.library.custom_op("hgkernels::native_per_sample_backward",
+                                                     mutates_args=())(_per_sample_backward_impl)
+
+
 @native_per_sample_backward.register_fake
 def _(logits, features, targets, order, offsets, loss, bias, grad_up, dirs, ups, diag_up):
     return logits.new_empty(logits.shape), features.new_empty(features.shape)
+
+
+def _op(custom_op, impl):
+    """The custom op while torch.compile traces (it needs the op and its fake); in eager mode the
+    implementation itself: the op's dispatch costs about 60 µs a call (a fifth of a PACS-sized step)
+    and, on its first call, an import of torch._dynamo (about 1 s and 150 MB)."""
+    return custom_op if torch.compiler.is_compiling() else impl
 
 
 def _operands(problem: HeadProblem):
@@ -161,7 +174,7 @@ class NativeBackend(Backend):
         e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), problem.compute_dtype) if k else None
-        out = native_head_stats(*_operands(problem), gradient, hess_diag, dirs)
+        out = _op(native_head_stats, _head_stats_impl)(*_operands(problem), gradient, hess_diag, dirs)
         diag_begin = c if gradient else 0
         diag_end = diag_begin + (c if hess_diag else 0)
         return HeadStats(out[:, :c] if gradient else None,
@@ -176,5 +189,5 @@ class NativeBackend(Backend):
         dtype = problem.compute_dtype
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), dtype) if k else None
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
-        return native_per_sample_backward(*_operands(problem), _matrix(grad_up, dtype), dirs, ups,
-                                          _matrix(diag_up, dtype))
+        return _op(native_per_sample_backward, _per_sample_backward_impl)(
+            *_operands(problem), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
