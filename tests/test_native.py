@@ -245,3 +245,32 @@ def test_custom_op_compiles_fullgraph():
     operands, (_, dirs, _, _) = _op_arguments()
     compiled = torch.compile(native_head_stats, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*operands, True, True, dirs), native_head_stats(*operands, True, True, dirs))
+
+
+def test_penalty_under_torch_compile_takes_the_custom_ops(monkeypatch):
+    """Traced by torch.compile, the backend calls the custom ops (eager calls skip their dispatch)."""
+    from hgkernels.backends import native
+    calls = []
+    for name in ("native_head_stats", "native_per_sample_backward"):
+        op = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
+    case = make_case(21, loss="cross_entropy", bias=True, sizes=[5, 8], num_classes=3, num_features=4)
+    eager = penalty_and_grads(hk.hutchinson_penalty, case, backend="native")
+    assert calls == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = penalty_and_grads(hk.hutchinson_penalty, case, backend="native")
+    assert calls == ["native_head_stats", "native_per_sample_backward"]
+    _compare(traced, eager, 0.0, "custom ops vs direct calls")
+
+
+def test_eager_calls_do_not_import_dynamo():
+    """The custom ops' dispatch would import torch._dynamo (about 1 s, 150 MB) on the first call."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, hgkernels as hk\n"
+            "l = torch.randn(6, 3, requires_grad=True); f = torch.randn(6, 4, requires_grad=True)\n"
+            "p = hk.hutchinson_penalty(l, f, torch.tensor([0, 1, 2, 0, 1, 2]), [3, 3], backend='native')\n"
+            "(p.hessian + p.gradient).backward()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
