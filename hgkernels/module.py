@@ -44,7 +44,7 @@ class HessianAlignmentLoss(torch.nn.Module):
     products); ``alpha`` and ``beta`` weight the Hessian and gradient terms and may be
     changed between steps (e.g. a warm-up schedule). Other keywords go to the penalty
     function (loss, bias, estimator, num_probes, generator, reference, env_reduction,
-    detach_reference, backend, validate).
+    detach_reference, backend, validate, form).
 
     ``forward(logits, features, labels, envs)`` returns AlignmentLoss(total, erm, hessian, gradient).
     """
