@@ -18,7 +18,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from hgkernels import backends, head_hessian_diag, hgp_penalty, hutchinson_penalty
-from hgkernels import _memory as hk_memory
 from hgkernels._inputs import prepare
 from hgkernels._sample_space import SAMPLE_GRAM_COST, SAMPLE_QUAD_COST, prefers_sample_space
 
@@ -415,8 +414,6 @@ def machine_description(device: torch.device) -> Dict[str, str]:
         "load average (1, 5, 15 min) at start": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "huge pages for large outputs (HGK_HUGE_PAGES)": (
-            f"{'on' if hk_memory.ENABLED else 'off'}; kernel THP mode {hk_memory.huge_pages_available() or 'unknown'}"),
     }
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,6 +3,7 @@
     python benchmarks/report.py                      # named shapes + the N sweep, RESULTS.md + plot
     python benchmarks/report.py --subset all --repeat 7
     python benchmarks/report.py --smoke --out /tmp/r.md --plot /tmp/r.png
+    python benchmarks/report.py --cases cmnist pacs --out /tmp/r.md --plot /tmp/r.png
 
 Each case times forward + backward (forward alone for the diagonal rows) of every
 available closed-form backend and of the generic autograd baselines on the same
@@ -362,6 +363,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     choices = list(hb.SUBSETS) + list(hb.SUBSET_ALIASES)
     parser.add_argument("--subset", nargs="+", default=["named", "sweep-n"], choices=choices,
                         help="case groups to run (default: named sweep-n)")
+    parser.add_argument("--cases", nargs="+", default=None, help="only these case names of the subsets (e.g. cmnist)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats: checks the suite runs")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per method (median reported)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed per method's single run")
@@ -393,6 +395,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ceilings = hb.measure_ceilings(device, quick=args.smoke)
     log(f"  sgemm {ceilings.sgemm_flops / 1e9:.1f} GFLOP/s, copy {ceilings.copy_bytes / 1e9:.1f} GB/s")
     shapes = hb.shapes_for(args.subset)
+    if args.cases:
+        unknown = set(args.cases) - {shape.name for shape in shapes}
+        if unknown:
+            raise SystemExit(f"--cases: {sorted(unknown)} not in subsets {args.subset}")
+        shapes = [shape for shape in shapes if shape.name in args.cases]
     all_rows: Dict[str, List[Row]] = {}
     skipped_backends: Dict[str, str] = {}
     notes: List[str] = []

@@ -1,68 +1,74 @@
-"""Large CPU outputs on transparent huge pages.
+"""Large CPU outputs reuse the previous call's memory once nothing else holds it.
 
 Every training step returns a fresh d_features (N × D). For a big batch (Colored MNIST:
 50 000 × 390, 78 MB) glibc hands out freshly mapped memory, and the first write into it
-takes one page fault per 4 KiB page: measured 20 ms for 78 MB on the 2-core CPU, more
-than the kernels' own arithmetic. Where the kernel keeps transparent huge pages on
-request (/sys/kernel/mm/transparent_hugepage/enabled = madvise or always), asking for them
-before the first write cuts that to 4 ms (one fault per 2 MiB). This is the same hint
-PyTorch's THP_MEM_ALLOC_ENABLE sets for every allocation; here it applies only to the
-library's own large outputs, and like PyTorch's it is opt-in: set HGK_HUGE_PAGES=1.
-Why not by default: inside a VM that reports freed memory to its host (virtio free page
-reporting, as on this project's Firecracker machines), a freed huge page goes back to the
-host and the next one faults in from the host: every few steps one call took 80–100 ms
-instead of 20 (benchmarks/RESULTS.md). Anywhere the hint is unavailable it is skipped.
+takes one page fault per 4 KiB page: about 20 ms on the 2-core CPU, more than the
+kernels' own arithmetic. So the storage of the last large output of each dtype is kept,
+and the next call writes into it again when its only owner is this module, i.e. every
+tensor on it (the gradient, its views, a leaf's .grad) has been freed: the memory is
+then invisible to anyone else, and reusing it is what a caching allocator does. While
+any tensor still uses it, the call allocates fresh memory instead. CUDA tensors already
+go through PyTorch's caching allocator and are not pooled.
+
+The ownership test: no tensor on the storage (torch._C._storage_Use_Count, what torch's
+CUDA-graph trees use for the same question) and no other reference to its Python object
+(a storage has one Python object, so `t.untyped_storage()` held by a user shows up in its
+reference count). Where the count is missing, outputs are plain torch.empty. The cost: one
+retained block per dtype, of the largest recent output's size.
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import sys
-from typing import Optional, Tuple
+import threading
+from typing import Dict, Optional, Tuple
 
 import torch
 
-HUGE_PAGE = 2 << 20
-MIN_HUGE_BYTES = 4 << 20  # smaller outputs gain little and would waste part of a huge page
-_MADV_HUGEPAGE = 14  # linux/mman.h
-ENABLED = os.environ.get("HGK_HUGE_PAGES", "0") == "1"
+MIN_POOLED_BYTES = 4 << 20  # smaller outputs fault in quickly; pooling them would only hold memory
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_lock = threading.Lock()
+_pool: Dict[torch.dtype, torch.UntypedStorage] = {}
 
 
-def _load_madvise():
-    if not sys.platform.startswith("linux"):
+def _python_refs(pool: Dict, key) -> int:
+    storage = pool.get(key)
+    return sys.getrefcount(storage)
+
+
+def _free_storage(key) -> Optional[torch.UntypedStorage]:
+    """The pooled storage of `key` when only the pool holds it, else None."""
+    if key not in _pool or _python_refs(_pool, key) != _REFS_WHEN_FREE:  # before taking a local reference
         return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
+    storage = _pool[key]
+    return storage if _use_count(storage._cdata) == 1 else None
 
 
-_madvise = _load_madvise()
+# References to a pooled storage's Python object when only the pool holds it, measured the same way.
+_REFS_WHEN_FREE = _python_refs({None: torch.empty(1).untyped_storage()}, None)
 
 
 def empty_output(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty(shape), on huge pages when enabled, large, on CPU, and the OS takes the hint.
-
-    The tensor starts at the first 2 MiB boundary of a slightly larger storage (at most one
-    huge page more), so whole huge pages cover it; it is contiguous and owns that storage."""
+    """An uninitialised contiguous tensor; large CPU ones on the pooled storage when it is free."""
     numel = 1
     for size in shape:
         numel *= size
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = numel * itemsize
-    if not ENABLED or device.type != "cpu" or _madvise is None or nbytes < MIN_HUGE_BYTES:
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or _use_count is None or nbytes < MIN_POOLED_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    raw = torch.empty(numel + HUGE_PAGE // itemsize, dtype=dtype)
-    begin = raw.data_ptr()
-    start = -(-begin // HUGE_PAGE) * HUGE_PAGE
-    whole_pages = (begin + raw.numel() * itemsize - start) // HUGE_PAGE * HUGE_PAGE
-    _madvise(start, whole_pages, _MADV_HUGEPAGE)  # a hint: failure leaves ordinary pages
-    out = torch.empty(0, dtype=dtype)
-    out.set_(raw.untyped_storage(), (start - begin) // itemsize, shape, _contiguous_strides(shape))
+    with _lock:  # two threads must not both find the storage free
+        storage = _free_storage(dtype)
+        if storage is None or not nbytes <= storage.nbytes() <= 2 * nbytes:  # in use, too small, or twice too big
+            storage = torch.empty(numel, dtype=dtype).untyped_storage()
+            _pool[dtype] = storage
+        out = torch.empty(0, dtype=dtype)
+        out.set_(storage, 0, shape, _contiguous_strides(shape))
     return out
+
+
+def release() -> None:
+    """Drop the retained storages (tensors still using them keep theirs)."""
+    with _lock:
+        _pool.clear()
 
 
 def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -71,12 +77,3 @@ def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
-
-
-def huge_pages_available() -> Optional[str]:
-    """The THP mode in use ("always", "madvise", "never"), or None when it cannot be read."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read().split("[", 1)[1].split("]", 1)[0]
-    except (OSError, IndexError):
-        return None
