@@ -20,6 +20,8 @@ The backward is written out below (chain rule through the N × N and N × C alge
 """
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 
 from . import losses
@@ -53,36 +55,64 @@ def _rows(loss: str, fn, p: torch.Tensor, *vectors: torch.Tensor) -> torch.Tenso
 
 
 class _Gram:
-    """K = phi phi^T (+ 1 with a bias column) over all samples, its same-environment part, and the
-    gradient dPsi/dK accumulated as the backward goes: ``dk`` for entries K_ij live in both phi_i
-    and phi_j, ``dk_rows`` for entries whose phi_j side belongs to a detached reference."""
+    """K = phi phi^T (+ 1 with a bias column) over all samples and its same-environment part
+    Kb = K ⊙ same, stacked so one GEMM gives both (Kb x, K x).
+
+    The backward collects dPsi/dK as outer-product terms dPsi/dK_ij += l_i . r_j in three groups,
+    each summed by one GEMM at the end: ``masked`` (entries of Kb) and ``full`` (entries of K),
+    live in phi_i and phi_j; ``rows``, live in phi_i only (the phi_j side is a detached reference)."""
 
     def __init__(self, phi: torch.Tensor, bias: bool, same: torch.Tensor, num_envs: int):
         self.phi = phi
-        self.k = phi @ phi.T
+        k = phi @ phi.T
         if bias:
-            self.k += 1
+            k += 1
         self.same = same
-        self.kb = self.k * same
         self.num_envs = num_envs
+        self.n = phi.shape[0]
+        self.stacked = torch.cat([k * same, k])  # (2N, N)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.stacked[self.n:]
+
+    @property
+    def kb(self) -> torch.Tensor:
+        return self.stacked[:self.n]
+
+    def apply(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(Kb x, K x)."""
+        both = self.stacked @ x
+        return both[:self.n], both[self.n:]
+
+    def spread(self, x: torch.Tensor, kx: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """sum_e ||X_e - mean_f X_f||^2, with kx = apply(x)."""
+        return (x * kx[0]).sum() - (x * kx[1]).sum() / self.num_envs
 
     def begin_backward(self) -> None:
-        """Fresh dPsi/dK accumulators (a graph may be backpropagated through more than once)."""
-        self.dk = torch.zeros_like(self.k)
-        self.dk_rows = torch.zeros_like(self.k)
+        """Fresh dPsi/dK terms (a graph may be backpropagated through more than once)."""
+        self.masked: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.full: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.rows: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
-    def spread(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_e ||X_e - mean_f X_f||^2."""
-        return (x * (self.kb @ x)).sum() - (x * (self.k @ x)).sum() / self.num_envs
-
-    def spread_backward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def spread_backward(self, x: torch.Tensor, kx: Tuple[torch.Tensor, torch.Tensor],
+                        scale: torch.Tensor) -> torch.Tensor:
         """dPsi/dx for Psi = scale * spread(x); adds its dPsi/dK."""
-        self.dk += scale * (self.same - 1.0 / self.num_envs) * (x @ x.T)
-        return (2 * scale) * (self.kb @ x - (self.k @ x) / self.num_envs)
+        self.masked.append((scale * x, x))
+        self.full.append((-scale / self.num_envs * x, x))
+        return (2 * scale) * (kx[0] - kx[1] / self.num_envs)
 
     def d_phi(self) -> torch.Tensor:
-        """dPsi/dphi from the accumulated dPsi/dK (K_ij depends on phi_i and phi_j)."""
-        return (self.dk + self.dk.T + self.dk_rows) @ self.phi
+        """dPsi/dphi from the collected dPsi/dK terms (K_ij depends on phi_i and phi_j)."""
+        def outer(terms):
+            return torch.cat([l for l, _ in terms], 1) @ torch.cat([r for _, r in terms], 1).T
+        both_sides = self.same * outer(self.masked) if self.masked else torch.zeros_like(self.kb)
+        if self.full:
+            both_sides += outer(self.full)
+        d_k = both_sides + both_sides.T
+        if self.rows:
+            d_k += outer(self.rows)
+        return d_k @ self.phi
 
 
 def _same_env(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
@@ -127,15 +157,16 @@ class SampleExactDiagPlan(_SamplePlan):
         self._setup(problem)
         self.gram_sq = _Gram(self.z * self.z, problem.bias, self.same, self.num_envs)
         self.wq = self.w * losses.curvature(problem.loss, self.p)
-        hessian = self.weight * self.gram_sq.spread(self.wq)
-        gradient = self.weight * self.gram.spread(self.wr)
+        self.wq_k, self.wr_k = self.gram_sq.apply(self.wq), self.gram.apply(self.wr)
+        hessian = self.weight * self.gram_sq.spread(self.wq, self.wq_k)
+        gradient = self.weight * self.gram.spread(self.wr, self.wr_k)
         return hessian.clamp(min=0), gradient.clamp(min=0)
 
     def backward(self, backend, problem: HeadProblem, alpha, beta):
         self.gram.begin_backward()
         self.gram_sq.begin_backward()
-        d_wq = self.gram_sq.spread_backward(self.wq, self.weight * alpha)
-        d_wr = self.gram.spread_backward(self.wr, self.weight * beta)
+        d_wq = self.gram_sq.spread_backward(self.wq, self.wq_k, self.weight * alpha)
+        d_wr = self.gram.spread_backward(self.wr, self.wr_k, self.weight * beta)
         d_p = losses.curvature_slope(problem.loss, self.p) * (self.w * d_wq)
         d_z = 2 * self.z * self.gram_sq.d_phi()
         return self._finish(problem, d_p, d_wr, d_z)
@@ -154,46 +185,48 @@ class SampleHGPPlan(_SamplePlan):
     def forward(self, backend, problem: HeadProblem):
         self._setup(problem)
         loss, p, e, gram = problem.loss, self.p, self.num_envs, self.gram
-        self.s = gram.kb @ self.wr
+        self.wr_k = gram.apply(self.wr)
+        self.s = self.wr_k[0]
         self.a = self.w * _rows(loss, losses.hess_apply, p, self.s)  # H_e G_e coefficients
+        self.a_k = gram.apply(self.a)
         if self.pooled:
-            self.s_ref = (gram.k @ self.wr) / e  # G_bar zh_i
+            self.s_ref = self.wr_k[1] / e  # G_bar zh_i
             self.b = self.w * _rows(loss, losses.hess_apply, p, self.s_ref) / e  # reference coefficients
             # sum_e ||X_e - Y||^2 = <a, Kb a> - 2 <a, K b> + E <b, K b>
             self.k_b = gram.k @ self.b
-            hessian = (self.a * (gram.kb @ self.a)).sum() - 2 * (self.a * self.k_b).sum() + e * (self.b * self.k_b).sum()
+            hessian = (self.a * self.a_k[0]).sum() - 2 * (self.a * self.k_b).sum() + e * (self.b * self.k_b).sum()
         else:
-            hessian = gram.spread(self.a)
-        gradient = gram.spread(self.wr)
+            hessian = gram.spread(self.a, self.a_k)
+        gradient = gram.spread(self.wr, self.wr_k)
         return (self.weight * hessian).clamp(min=0), (self.weight * gradient).clamp(min=0)
 
     def backward(self, backend, problem: HeadProblem, alpha, beta):
         loss, p, e, gram = problem.loss, self.p, self.num_envs, self.gram
         gram.begin_backward()
         scale = self.weight * alpha
-        d_wr = gram.spread_backward(self.wr, self.weight * beta)
+        d_wr = gram.spread_backward(self.wr, self.wr_k, self.weight * beta)
+        undetached_pooled = self.pooled and not self.detach_reference
         if self.pooled:
-            d_a = (2 * scale) * (gram.kb @ self.a - self.k_b)
-            gram.dk += scale * self.same * (self.a @ self.a.T)
-            cross = (-2 * scale) * (self.a @ self.b.T)  # <a, K b>: the b side is the reference
-            if self.detach_reference:
-                gram.dk_rows += cross
-            else:
-                gram.dk += cross
-                d_b = (2 * scale) * (e * self.k_b - gram.k @ self.a)
-                gram.dk += (scale * e) * (self.b @ self.b.T)
-                d_u = self.w * d_b / e
-                d_s_ref = _rows(loss, losses.hess_apply, p, d_u)
-                d_p_ref = _rows(loss, losses.hess_apply_grad_p, p, self.s_ref, d_u)
-                d_wr = d_wr + (gram.k @ d_s_ref) / e
-                gram.dk += (d_s_ref @ self.wr.T) / e
+            d_a = (2 * scale) * (self.a_k[0] - self.k_b)
+            gram.masked.append((scale * self.a, self.a))
+            cross = ((-2 * scale) * self.a, self.b)  # <a, K b>: the b side is the reference
+            (gram.full if undetached_pooled else gram.rows).append(cross)
         else:
-            d_a = gram.spread_backward(self.a, scale)
+            d_a = gram.spread_backward(self.a, self.a_k, scale)
         d_t = self.w * d_a
         d_s = _rows(loss, losses.hess_apply, p, d_t)  # A_i is symmetric
         d_p = _rows(loss, losses.hess_apply_grad_p, p, self.s, d_t)
-        if self.pooled and not self.detach_reference:
-            d_p = d_p + d_p_ref
-        d_wr = d_wr + gram.kb @ d_s
-        gram.dk += self.same * (d_s @ self.wr.T)
+        gram.masked.append((d_s, self.wr))
+        if undetached_pooled:
+            d_b = (2 * scale) * (e * self.k_b - self.a_k[1])
+            gram.full.append(((scale * e) * self.b, self.b))
+            d_u = self.w * d_b / e
+            d_s_ref = _rows(loss, losses.hess_apply, p, d_u)
+            d_p = d_p + _rows(loss, losses.hess_apply_grad_p, p, self.s_ref, d_u)
+            gram.full.append((d_s_ref / e, self.wr))
+            c = d_s.shape[1]
+            kb_d, k_d = gram.apply(torch.cat([d_s, d_s_ref], 1))
+            d_wr = d_wr + kb_d[:, :c] + k_d[:, c:] / e
+        else:
+            d_wr = d_wr + gram.kb @ d_s
         return self._finish(problem, d_p, d_wr, torch.zeros_like(self.z))
