@@ -76,10 +76,11 @@ class CMakeBuild(build_ext):
         import pybind11
 
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake" + ("_cuda" if cuda else "")))
-        os.makedirs(build_dir, exist_ok=True)
+        staging = os.path.join(build_dir, "modules")
+        os.makedirs(staging, exist_ok=True)
         args = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
                 f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-                f"-DHGK_OUTPUT_DIR={out_dir}", f"-DHGK_CUDA={'ON' if cuda else 'OFF'}",
+                f"-DHGK_OUTPUT_DIR={staging}", f"-DHGK_CUDA={'ON' if cuda else 'OFF'}",
                 f"-DHGK_MARCH_NATIVE={'OFF' if _flag('HGK_MARCH_NATIVE', '1') in ('0', 'false', 'off', 'no') else 'ON'}"]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             args.append("-GNinja")
@@ -88,7 +89,20 @@ class CMakeBuild(build_ext):
         subprocess.check_call(args)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs])
-        return {CPU_MODULE} | ({CUDA_MODULE} if cuda else set())
+        modules = {CPU_MODULE} | ({CUDA_MODULE} if cuda else set())
+        for name in modules:
+            _install_atomically(os.path.join(staging, os.path.basename(self.get_ext_filename(name))), out_dir)
+        return modules
+
+
+def _install_atomically(path: str, out_dir: str) -> None:
+    """Copy a built module into the package by rename: a process that has the old file loaded keeps
+    its (now unlinked) copy, where linking or copying in place would rewrite pages it has mapped."""
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, os.path.basename(path))
+    temporary = target + ".tmp"
+    shutil.copy2(path, temporary)
+    os.replace(temporary, target)
 
 
 if _flag("HGK_NATIVE", "1") in ("0", "false", "off", "no"):
