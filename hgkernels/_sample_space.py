@@ -20,12 +20,13 @@ The backward is written out below (chain rule through the N × N and N × C alge
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import losses
 from ._inputs import HeadProblem
+from ._memory import empty_output
 from ._penalty import env_weight
 
 # Cost model for form="auto", fitted to fwd+bwd times of both forms on the 2-core CPU
@@ -102,8 +103,9 @@ class _Gram:
         self.full.append((-scale / self.num_envs * x, x))
         return (2 * scale) * (kx[0] - kx[1] / self.num_envs)
 
-    def d_phi(self) -> torch.Tensor:
-        """dPsi/dphi from the collected dPsi/dK terms (K_ij depends on phi_i and phi_j)."""
+    def d_phi(self, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """dPsi/dphi from the collected dPsi/dK terms (K_ij depends on phi_i and phi_j), added in
+        place to `add_to` when given (one GEMM, no N × D temporary)."""
         def outer(terms):
             return torch.cat([l for l, _ in terms], 1) @ torch.cat([r for _, r in terms], 1).T
         both_sides = self.same * outer(self.masked) if self.masked else torch.zeros_like(self.kb)
@@ -112,7 +114,9 @@ class _Gram:
         d_k = both_sides + both_sides.T
         if self.rows:
             d_k += outer(self.rows)
-        return d_k @ self.phi
+        if add_to is None:
+            return torch.mm(d_k, self.phi, out=empty_output(tuple(self.phi.shape), self.phi.dtype, self.phi.device))
+        return add_to.addmm_(d_k, self.phi)
 
 
 def _same_env(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
@@ -144,10 +148,11 @@ class _SamplePlan:
         self.gram = _Gram(self.z, problem.bias, self.same, self.num_envs)
         self.wr = self.w * losses.residual(problem.loss, self.p, problem.targets)  # G_e = sum_{i in e} wr_i zh_i^T
 
-    def _finish(self, problem: HeadProblem, d_p: torch.Tensor, d_wr: torch.Tensor, d_z: torch.Tensor):
-        """dPsi/dlogits, dPsi/dfeatures from dPsi/dp (residual path excluded), dPsi/dwr and the direct dz."""
+    def _finish(self, problem: HeadProblem, d_p: torch.Tensor, d_wr: torch.Tensor, d_z: Optional[torch.Tensor]):
+        """dPsi/dlogits, dPsi/dfeatures from dPsi/dp (residual path excluded), dPsi/dwr and the
+        features' gradient through other Gram matrices (None when there are none)."""
         d_p = d_p + losses.residual_slope(problem.loss, problem.num_classes) * (self.w * d_wr)
-        return losses.link_vjp(problem.loss, self.p, d_p), d_z + self.gram.d_phi()
+        return losses.link_vjp(problem.loss, self.p, d_p), self.gram.d_phi(add_to=d_z)
 
 
 class SampleExactDiagPlan(_SamplePlan):
@@ -168,7 +173,7 @@ class SampleExactDiagPlan(_SamplePlan):
         d_wq = self.gram_sq.spread_backward(self.wq, self.wq_k, self.weight * alpha)
         d_wr = self.gram.spread_backward(self.wr, self.wr_k, self.weight * beta)
         d_p = losses.curvature_slope(problem.loss, self.p) * (self.w * d_wq)
-        d_z = 2 * self.z * self.gram_sq.d_phi()
+        d_z = self.gram_sq.d_phi().mul_(self.z).mul_(2)  # phi = zh ⊙ zh
         return self._finish(problem, d_p, d_wr, d_z)
 
 
@@ -229,4 +234,4 @@ class SampleHGPPlan(_SamplePlan):
             d_wr = d_wr + kb_d[:, :c] + k_d[:, c:] / e
         else:
             d_wr = d_wr + gram.kb @ d_s
-        return self._finish(problem, d_p, d_wr, torch.zeros_like(self.z))
+        return self._finish(problem, d_p, d_wr, None)
