@@ -33,7 +33,10 @@ from ._penalty import env_weight
 # (N 24–1536, C 7–1000, D 128–4096; benchmarks/RESULTS.md): the C × Dh form costs FEATURE_COST
 # N·C·Dh multiply-adds but runs them at about half the Gram GEMMs' rate and pays about
 # FEATURE_OVERHEAD multiply-adds' worth of extra small ops; the sample form costs SAMPLE_GRAM_COST
-# N²·Dh (Gram GEMMs) plus SAMPLE_QUAD_COST N²·C (quadratic forms and masks).
+# N²·Dh (Gram GEMMs) plus SAMPLE_QUAD_COST N²·C (quadratic forms and masks). The model is
+# conservative at sub-millisecond heads: PACS's exact penalty keeps the C × Dh form, which the
+# torch backend runs about 30% slower than the sample form there but the native kernels
+# (what auto uses on CPU) run about 40% faster.
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
 FEATURE_SLOWDOWN = 2
 FEATURE_OVERHEAD = 10_000_000
