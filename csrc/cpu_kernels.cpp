@@ -279,6 +279,7 @@ void expand_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_
 }
 
 // m . x over D: lanes of partial sums added in lane order, then the tail (dots_tile's order).
+// One dot at a time: row_dots over the statistics' one or two directions measured 25% slower.
 template <typename T>
 T row_dot(const T* x, const T* m, int D) {
   using V = Simd<T>;

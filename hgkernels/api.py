@@ -26,14 +26,15 @@ class HeadParams(NamedTuple):
     bias: Optional[torch.Tensor]
 
 
-def _check_common(env_reduction: str, detach_reference: bool, backend: str) -> None:
+FORMS = ("auto", "feature", "sample")
+
+
+def _check_common(env_reduction: str, detach_reference: bool, backend: str, form: str) -> None:
     check_choice("env_reduction", env_reduction, ENV_REDUCTIONS)
+    check_choice("form", form, FORMS)
     if not isinstance(detach_reference, bool):
         raise TypeError(f"detach_reference must be a bool; got {type(detach_reference).__name__}")
     check_choice("backend", backend, backends.BACKEND_NAMES)
-
-
-FORMS = ("auto", "feature", "sample")
 
 
 def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
@@ -80,7 +81,8 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         form: how the closed form is organised (same values up to rounding): ``"feature"``
             builds the C × Dh statistics (cost ∝ N·C·Dh), ``"sample"`` works with N × N Gram
             matrices of the features (cost ∝ N²·Dh, cheaper when the batch is small against
-            the classes, e.g. DomainNet's 345), ``"auto"`` picks the one with fewer flops.
+            the classes, e.g. DomainNet's 345), ``"auto"`` picks by a cost model fitted
+            to both forms' CPU times (hgkernels/_sample_space.py).
             Only the exact estimator has a sample form; ``backend="reference"`` ignores it,
             and one environment always takes the feature form (exact zeros).
 
@@ -92,8 +94,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-    _check_common(env_reduction, detach_reference, backend)
-    check_choice("form", form, FORMS)
+    _check_common(env_reduction, detach_reference, backend, form)
     if form == "sample" and estimator != "exact":
         raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
     problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
@@ -123,8 +124,7 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
         Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
     """
     check_choice("reference", reference, ("pooled", "mean"))
-    _check_common(env_reduction, detach_reference, backend)
-    check_choice("form", form, FORMS)
+    _check_common(env_reduction, detach_reference, backend, form)
     problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
     if _sample_form(form, problem, "hgp"):
         plan = SampleHGPPlan(env_reduction, detach_reference, reference)

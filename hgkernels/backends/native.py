@@ -80,8 +80,8 @@ def _stats_width(c: int, gradient: bool, hess_diag: bool, dirs: Optional[torch.T
 
 
 def _head_stats_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, order: torch.Tensor,
-                      offsets: torch.Tensor, loss: int, bias: bool, gradient: bool, hess_diag: bool,
-                      dirs: Optional[torch.Tensor]) -> torch.Tensor:
+                     offsets: torch.Tensor, loss: int, bias: bool, gradient: bool, hess_diag: bool,
+                     dirs: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-environment statistics (E, W, Dh), rows [G][Dg][H V_k] as requested; dirs (E, K*C, Dh)."""
     call = _Kernels(logits, features, targets, order, offsets, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
@@ -103,10 +103,10 @@ def _(logits, features, targets, order, offsets, loss, bias, gradient, hess_diag
 
 
 def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
-                               order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
-                               grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
-                               ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
-                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+                              order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
+                              grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
+                              ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d_logits (N, C), d_features (N, D)) from upstream Lam (E, C, Dh), directions V and their
     upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together)."""
     call = _Kernels(logits, features, targets, order, offsets, loss, bias)
