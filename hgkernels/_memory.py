@@ -52,7 +52,7 @@ def empty_output(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.devic
     numel = 1
     for size in shape:
         numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or _use_count is None or nbytes < MIN_POOLED_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:  # two threads must not both find the storage free
@@ -60,9 +60,7 @@ def empty_output(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.devic
         if storage is None or not nbytes <= storage.nbytes() <= 2 * nbytes:  # in use, too small, or twice too big
             storage = torch.empty(numel, dtype=dtype).untyped_storage()
             _pool[dtype] = storage
-        out = torch.empty(0, dtype=dtype)
-        out.set_(storage, 0, shape, _contiguous_strides(shape))
-    return out
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # contiguous strides
 
 
 def release() -> None:
@@ -70,10 +68,3 @@ def release() -> None:
     with _lock:
         _pool.clear()
 
-
-def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))

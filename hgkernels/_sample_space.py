@@ -111,7 +111,7 @@ class _Gram:
         place to `add_to` when given (one GEMM, no N × D temporary)."""
         def outer(terms):
             return torch.cat([l for l, _ in terms], 1) @ torch.cat([r for _, r in terms], 1).T
-        both_sides = self.same * outer(self.masked) if self.masked else torch.zeros_like(self.kb)
+        both_sides = self.same * outer(self.masked)  # every plan has the gradient term's spread here
         if self.full:
             both_sides += outer(self.full)
         d_k = both_sides + both_sides.T
