@@ -19,7 +19,6 @@ import torch
 
 from hgkernels import backends, head_hessian_diag, hgp_penalty, hutchinson_penalty
 from hgkernels._inputs import prepare
-from hgkernels._memory import release as release_retained_outputs
 from hgkernels._sample_space import SAMPLE_GRAM_COST, SAMPLE_QUAD_COST, prefers_sample_space
 
 FLOAT_BYTES = 4  # float32, the training dtype every case uses
@@ -294,10 +293,7 @@ def peak_memory(device: torch.device):
     over the resident size before. With a fixed MALLOC_MMAP_THRESHOLD_ (report.py sets
     it in each case's process) every large tensor is its own mapping, unmapped when freed,
     so RSS tracks live tensors; without it glibc may reuse freed heap and the figure undercounts.
-    The library's retained output block (hgkernels._memory) is dropped first, so each method's
-    figure includes the block it keeps.
     """
-    release_retained_outputs()
     result = {"bytes": None}
     if device.type == "cuda":
         torch.cuda.synchronize(device)

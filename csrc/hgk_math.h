@@ -65,7 +65,10 @@ HGK_HOST_DEVICE T residual_slope(int loss, int C) {
 template <typename T>
 HGK_HOST_DEVICE void residual(int loss, const T* p, Target<T> y, int C, T w, T* r) {
   if (loss == CROSS_ENTROPY) {
-    for (int c = 0; c < C; ++c) r[c] = w * (p[c] - (c == y.label ? T(1) : T(0)));
+    // A label outside [0, C) (possible only with validate=False) poisons the row with NaN,
+    // the documented result on every backend, instead of a silently finite residual.
+    const T poison = (y.label < 0 || y.label >= C) ? T(NAN) : T(0);
+    for (int c = 0; c < C; ++c) r[c] = w * (p[c] - (c == y.label ? T(1) : T(0))) + poison;
   } else {
     const T slope = w * residual_slope<T>(loss, C);
     for (int c = 0; c < C; ++c) r[c] = slope * (p[c] - y.row[c]);

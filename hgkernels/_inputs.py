@@ -6,7 +6,6 @@ message; backends assume validated inputs (STYLE.md, rule 8).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional, Sequence, Union
 
 import torch
@@ -24,35 +23,49 @@ class EnvSegments:
     sample indices sorted by environment (stable), so environment ``e`` owns
     ``order[offsets[e]:offsets[e+1]]``. Kernels read rows through ``order``
     instead of gathering the features into a sorted copy.
+
+    ``counts`` are the per-environment sizes on the host, or None while torch.compile
+    traces ids given as a tensor (reading them would need the data); the device-side
+    ``counts_tensor`` then comes from the ids and ``max_count`` is the bound N.
+    The derived tensors are made on first use and kept (plain attributes rather than
+    functools.cached_property, whose lock torch.compile cannot trace).
     """
 
-    def __init__(self, env_ids: torch.Tensor, counts: Sequence[int], grouped: bool):
+    def __init__(self, env_ids: torch.Tensor, num_envs: int, counts: Optional[Sequence[int]], grouped: bool):
         self.env_ids = env_ids
-        self.counts = tuple(int(c) for c in counts)
-        self.num_envs = len(self.counts)
+        self.num_envs = num_envs
+        self.counts = None if counts is None else tuple(int(c) for c in counts)
         self.device = env_ids.device
         # grouped: env_ids is already non-decreasing, so `order` is the identity
         self.grouped = grouped
+        self._counts_tensor = self._offsets = self._order = None
 
-    @cached_property
+    @property
     def counts_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.counts, dtype=torch.int64, device=self.device)
+        if self._counts_tensor is None:
+            if self.counts is not None:
+                self._counts_tensor = torch.tensor(self.counts, dtype=torch.int64, device=self.device)
+            else:
+                ones = torch.ones_like(self.env_ids)
+                self._counts_tensor = ones.new_zeros(self.num_envs).index_add_(0, self.env_ids, ones)
+        return self._counts_tensor
 
-    @cached_property
+    @property
     def offsets(self) -> torch.Tensor:
-        offs = torch.zeros(self.num_envs + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(self.counts_tensor, 0, out=offs[1:])
-        return offs
+        if self._offsets is None:
+            self._offsets = torch.cat([self.counts_tensor.new_zeros(1), torch.cumsum(self.counts_tensor, 0)])
+        return self._offsets
 
-    @cached_property
+    @property
     def order(self) -> torch.Tensor:
-        if self.grouped:
-            return torch.arange(self.env_ids.numel(), device=self.device)
-        return torch.argsort(self.env_ids, stable=True)
+        if self._order is None:
+            self._order = (torch.arange(self.env_ids.numel(), device=self.device) if self.grouped
+                           else torch.argsort(self.env_ids, stable=True))
+        return self._order
 
     @property
     def max_count(self) -> int:
-        return max(self.counts)
+        return max(self.counts) if self.counts is not None else self.env_ids.numel()
 
 
 @dataclass
@@ -88,8 +101,12 @@ class HeadProblem:
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.logits.dtype)
 
-    def with_tensors(self, logits: torch.Tensor, features: torch.Tensor) -> "HeadProblem":
-        return HeadProblem(logits, features, self.targets, self.loss, self.bias, self.segments)
+    def with_tensors(self, logits: Optional[torch.Tensor], features: Optional[torch.Tensor],
+                     targets: Optional[torch.Tensor] = None) -> "HeadProblem":
+        """The same problem on other tensors (None drops them: an autograd context keeps its
+        tensors as saved tensors, which autograd frees after backward)."""
+        return HeadProblem(logits, features, self.targets if targets is None else targets, self.loss, self.bias,
+                           self.segments)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,14 +118,32 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
+def _check_finite(name: str, tensor: torch.Tensor, masked_logits: bool = False) -> None:
+    """NaN/Inf raise; with ``masked_logits`` (cross_entropy) a -inf logit is a masked class and
+    allowed, as long as each row keeps a finite one."""
     # A sum is finite only when every entry is, and it is one pass without temporaries
-    # (isfinite makes several N×D masks); only an overflowing sum needs the elementwise check.
-    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+    # (isfinite makes several N×D masks); only a non-finite sum needs the elementwise check.
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+        return
+    if not masked_logits:
         raise ValueError(f"{name} contains NaN or Inf")
+    if bool(torch.isnan(tensor).any()) or bool((tensor == float("inf")).any()):
+        raise ValueError(f"{name} contains NaN or +Inf (-inf is allowed, for masked classes)")
+    if bool((tensor.amax(1) == float("-inf")).any()):
+        raise ValueError(f"{name} has a row whose every entry is -inf (at least one class must be unmasked)")
 
 
-def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[int], validate: bool) -> EnvSegments:
+def _listed(ids: Sequence[int], limit: int = 8) -> str:
+    """A short list for an error message: the first `limit` ids and how many there are."""
+    shown = ", ".join(map(str, ids[:limit]))
+    return f"[{shown}]" if len(ids) <= limit else f"[{shown}, ...] ({len(ids)} in all)"
+
+
+def _in_compiled_trace() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[int]) -> EnvSegments:
     if num_envs is not None and (isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1):
         raise ValueError(f"num_envs must be a positive int; got {num_envs!r}")
     if isinstance(envs, torch.Tensor):
@@ -119,20 +154,29 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
         if envs.device != device:
             raise ValueError(f"envs is on {envs.device} but logits are on {device}")
         env_ids = envs.to(torch.int64)
-        if validate or num_envs is None:
-            lo, hi = int(env_ids.min()), int(env_ids.max())
-            if lo < 0:
-                raise ValueError(f"envs holds a negative environment id ({lo})")
-            if num_envs is not None and hi >= num_envs:
-                raise ValueError(f"envs holds id {hi} but num_envs={num_envs}")
+        if _in_compiled_trace():
+            # The sizes live in the data; a traced graph cannot read them (see EnvSegments).
+            if num_envs is None:
+                raise ValueError("under torch.compile, envs given as a tensor of ids needs num_envs= "
+                                 "(or pass envs as a list of sizes)")
+            return EnvSegments(env_ids, num_envs, None, grouped=False)
+        # Checked whatever `validate` says: the sizes are read on the host anyway, and an id
+        # outside [0, E) or an empty environment has no meaning (a mean over no samples).
+        lo, hi = (int(v) for v in torch.aminmax(env_ids))
+        if lo < 0:
+            raise ValueError(f"envs holds a negative environment id ({lo})")
+        if num_envs is not None and hi >= num_envs:
+            raise ValueError(f"envs holds id {hi} but num_envs={num_envs}")
         e = num_envs if num_envs is not None else hi + 1
+        if e > n:  # some environment must be empty; say so before sizing anything by E
+            raise ValueError(f"envs: {e} environments (ids 0..{e - 1}) but only {n} samples, so some environment "
+                             "has no samples; number the environments 0..E-1")
         counts = torch.bincount(env_ids, minlength=e).tolist()
-        if validate:
-            empty = [i for i, c in enumerate(counts) if c == 0]
-            if empty:
-                raise ValueError(f"environment(s) {empty} of {e} have no samples in envs")
+        empty = [i for i, c in enumerate(counts) if c == 0]
+        if empty:
+            raise ValueError(f"envs: environment(s) {_listed(empty)} of {e} have no samples")
         grouped = bool((env_ids[1:] >= env_ids[:-1]).all())
-        return EnvSegments(env_ids, counts, grouped)
+        return EnvSegments(env_ids, e, counts, grouped)
     if isinstance(envs, (list, tuple)):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in envs):
             raise TypeError("envs given as a sequence must hold ints (per-environment sizes)")
@@ -142,8 +186,9 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
             raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples")
         if num_envs is not None and num_envs != len(envs):
             raise ValueError(f"num_envs={num_envs} disagrees with {len(envs)} sizes in envs")
-        env_ids = torch.repeat_interleave(torch.arange(len(envs), device=device), torch.tensor(envs, device=device))
-        return EnvSegments(env_ids, envs, grouped=True)
+        env_ids = torch.repeat_interleave(torch.arange(len(envs), device=device), torch.tensor(envs, device=device),
+                                          output_size=n)
+        return EnvSegments(env_ids, len(envs), envs, grouped=True)
     raise TypeError(f"envs must be a 1-D integer tensor of ids or a list of sizes; got {type(envs).__name__}")
 
 
@@ -176,12 +221,28 @@ def _targets(loss: str, labels, n: int, c: int, device, dtype, validate: bool) -
     return labels.to(dtype)
 
 
+def _check_not_vmapped(**tensors) -> None:
+    for name, t in tensors.items():
+        while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            if torch._C._functorch.is_batchedtensor(t):
+                raise ValueError(f"{name} is batched by torch.func.vmap (vmap, jacfwd and hessian batch the inputs): "
+                                 "hgkernels penalties do not support vmap, since their environment layout is "
+                                 "read from the data; call once per batch element (torch.func.grad and jacrev work)")
+            t = torch._C._functorch.get_unwrapped(t)
+
+
 def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: Optional[int] = None,
             validate: bool = True) -> HeadProblem:
     """Check the user's tensors and build the `HeadProblem` every backend consumes.
 
     1-D logits are read as a single logit per sample (C = 1). Raises TypeError
     for wrong types/dtypes and ValueError for wrong shapes, devices or values.
+
+    ``validate=False`` skips the scans that read every value (NaN/Inf in logits, features
+    and targets; the label range; binary targets in [0, 1]). The structural checks stay: an
+    environment id outside [0, E) or an empty environment always raises. A cross_entropy
+    label outside [0, C) then makes every label-dependent output NaN (the gradient term, HGP's
+    Hessian term, all gradients) on every backend; nothing is read out of bounds.
     """
     check_choice("loss", loss, LOSSES)
     if not isinstance(bias, bool):
@@ -204,11 +265,16 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
         raise ValueError(f"logits {tuple(logits.shape)} and features {tuple(features.shape)} must be non-empty")
     if features.device != logits.device:
         raise ValueError(f"features is on {features.device} but logits are on {logits.device}")
+    if logits.device.type == "meta":
+        raise ValueError("logits are on the meta device, which holds no values: hgkernels needs cpu or cuda tensors "
+                         "(under torch.compile, fake tensors are traced as usual)")
+    if not _in_compiled_trace():  # dynamo traces neither functorch's queries nor vmap
+        _check_not_vmapped(logits=logits, features=features, labels=labels, envs=envs)
     if features.dtype != logits.dtype:
         raise TypeError(f"features dtype {features.dtype} must match logits dtype {logits.dtype}")
     if validate:
-        _check_finite("logits", logits)
+        _check_finite("logits", logits, masked_logits=loss == "cross_entropy")
         _check_finite("features", features)
     targets = _targets(loss, labels, n, c, logits.device, compute_dtype(logits.dtype), validate)
-    segments = _segments(envs, n, logits.device, num_envs, validate)
+    segments = _segments(envs, n, logits.device, num_envs)
     return HeadProblem(logits, features, targets, loss, bias, segments)

@@ -1,13 +1,18 @@
-"""Penalty algebra on the small per-environment tensors (DESIGN.md §1–2) and the autograd Function.
+"""Penalty algebra on the small per-environment tensors (docs/design.md §1–2) and the autograd Function.
 
 A *plan* turns backend statistics into the two penalty terms (forward) and turns
 the upstream weights (alpha, beta) into the upstream matrices the backend's
 per-sample backward consumes (Gam, Lam, M). `PenaltyFunction` is the only place
 that knows about autograd; backends only see tensors.
+
+A plan's forward is also an ordinary differentiable function of the statistics: with
+statistics that autograd can differentiate (the torch backend, or the native custom op
+under torch.compile) it is the *composed* path, used where the hand-written backward
+cannot serve — torch.compile, torch.func transforms and double backward.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +44,10 @@ def rademacher_probe(generator: Optional[torch.Generator], num_envs: int, num_cl
     return (2 * bits - 1).to(dtype)
 
 
+def maybe_detach(t: torch.Tensor, detach: bool) -> torch.Tensor:
+    return t.detach() if detach else t
+
+
 def _generator_for(device: torch.device, generator: Optional[torch.Generator]) -> torch.Generator:
     if generator is not None:
         return generator
@@ -47,27 +56,73 @@ def _generator_for(device: torch.device, generator: Optional[torch.Generator]) -
     return torch.default_generator
 
 
-class ExactDiagPlan:
+class StateHolder:
+    """An object whose tensor attributes (and tuples of them) are state a backward needs.
+
+    `PenaltyFunction` moves that state into autograd's saved tensors after the forward, so
+    autograd frees it after backward (unless retain_graph) and checks in-place changes;
+    nested holders (a plan's Gram matrices) are walked too."""
+
+    def state_slots(self) -> List[Tuple["StateHolder", str]]:
+        slots = []
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value
+                                                   and all(isinstance(v, torch.Tensor) for v in value)):
+                slots.append((self, name))
+            elif isinstance(value, StateHolder):
+                slots.extend(value.state_slots())
+        return slots
+
+
+def take_state(holder: StateHolder) -> Tuple[List[Tuple[StateHolder, str]], List[torch.Tensor]]:
+    """Remove the holder's state: (slots, flat tensors), tuples flattened with their length."""
+    slots = holder.state_slots()
+    flat: List[torch.Tensor] = []
+    for owner, name in slots:
+        value = getattr(owner, name)
+        flat.extend(value if isinstance(value, tuple) else (value,))
+        setattr(owner, name, len(value) if isinstance(value, tuple) else None)
+    return slots, flat
+
+
+def put_state(slots: Sequence[Tuple[StateHolder, str]], flat: Sequence[torch.Tensor]) -> None:
+    """Inverse of `take_state`, from the tensors autograd saved."""
+    at = 0
+    for owner, name in slots:
+        length = getattr(owner, name)
+        if length is None:
+            setattr(owner, name, flat[at])
+            at += 1
+        else:
+            setattr(owner, name, tuple(flat[at:at + length]))
+            at += length
+
+
+class ExactDiagPlan(StateHolder):
     """Hutchinson method with the exact head-Hessian diagonal: S_e = Dg_e, S_ref = mean_e Dg_e."""
 
-    def __init__(self, env_reduction: str):
+    def __init__(self, env_reduction: str, detach_reference: bool):
         self.env_reduction = env_reduction
+        self.detach_reference = detach_reference
+
+    def feature_form(self, generator_state=None) -> "ExactDiagPlan":
+        return ExactDiagPlan(self.env_reduction, self.detach_reference)
 
     def forward(self, backend: Backend, problem: HeadProblem):
         stats = backend.head_stats(problem, gradient=True, hess_diag=True)
         self.weight = env_weight(self.env_reduction, problem.segments.num_envs)
-        self.diag_dev = stats.hess_diag - stats.hess_diag.mean(0)
+        self.diag_dev = stats.hess_diag - maybe_detach(stats.hess_diag.mean(0), self.detach_reference)
         self.grad_dev = stats.grad - stats.grad.mean(0)
         return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
     def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
-        # The reference is a mean, so deviations sum to zero and detaching it changes nothing.
+        # The reference is a mean, so deviations sum to zero and detaching it changes nothing here.
         gam = (2 * self.weight * alpha) * self.diag_dev
         lam = (2 * self.weight * beta) * self.grad_dev
         return backend.per_sample_backward(problem, grad_up=lam, diag_up=gam)
 
 
-class StochasticDiagPlan:
+class StochasticDiagPlan(StateHolder):
     """The official estimator: S_e = (1/K) sum_k v_k ⊙ H_e v_k, S_ref the same on H_bar with its own probes."""
 
     def __init__(self, env_reduction: str, detach_reference: bool, num_probes: int,
@@ -76,6 +131,14 @@ class StochasticDiagPlan:
         self.detach_reference = detach_reference
         self.num_probes = num_probes
         self.generator = generator
+
+    def feature_form(self, generator_state: Optional[torch.Tensor] = None) -> "StochasticDiagPlan":
+        """A fresh plan; with `generator_state`, one that replays the probes drawn from that state."""
+        generator = self.generator
+        if generator_state is not None:
+            generator = torch.Generator(device=self.device)
+            generator.set_state(generator_state)
+        return StochasticDiagPlan(self.env_reduction, self.detach_reference, self.num_probes, generator)
 
     def _probe_batches(self, problem: HeadProblem, gen: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Yield (own (E, k, C, Dh), ref (k, C, Dh)) probe batches drawn from `gen`."""
@@ -91,19 +154,20 @@ class StochasticDiagPlan:
     def forward(self, backend: Backend, problem: HeadProblem):
         e = problem.segments.num_envs
         self.weight = env_weight(self.env_reduction, e)
-        live = _generator_for(problem.logits.device, self.generator)
+        self.device = problem.logits.device
+        live = _generator_for(self.device, self.generator)
         self.state = live.get_state()  # backward replays the same probes from here
         grad = backend.head_stats(problem, gradient=True).grad
-        own_sum = torch.zeros_like(grad)
-        ref_sum = torch.zeros_like(grad[0])
+        own_sum = grad.new_zeros(grad.shape)
+        ref_sum = grad.new_zeros(grad.shape[1:])
         for own, ref in self._probe_batches(problem, live):
             k = ref.shape[0]
             dirs = torch.cat([own, ref.expand(e, *ref.shape)], 1)
             hv = backend.head_stats(problem, hvp_dirs=dirs).hvp
-            own_sum += (own * hv[:, :k]).sum(1)
-            ref_sum += (ref * hv[:, k:].mean(0)).sum(0)  # H_bar v = mean_e H_e v
+            own_sum = own_sum + (own * hv[:, :k]).sum(1)
+            ref_sum = ref_sum + (ref * hv[:, k:].mean(0)).sum(0)  # H_bar v = mean_e H_e v
         self.diag, self.ref = own_sum / self.num_probes, ref_sum / self.num_probes
-        self.diag_dev = self.diag - self.ref
+        self.diag_dev = self.diag - maybe_detach(self.ref, self.detach_reference)
         self.grad_dev = grad - grad.mean(0)
         return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
@@ -129,13 +193,16 @@ class StochasticDiagPlan:
         return d_logits, d_features
 
 
-class HGPPlan:
+class HGPPlan(StateHolder):
     """HGP: S_e = H_e G_e; S_ref = H_bar G_bar (pooled, official) or mean_e H_e G_e."""
 
     def __init__(self, env_reduction: str, detach_reference: bool, reference: str):
         self.env_reduction = env_reduction
         self.detach_reference = detach_reference
         self.reference = reference
+
+    def feature_form(self, generator_state=None) -> "HGPPlan":
+        return HGPPlan(self.env_reduction, self.detach_reference, self.reference)
 
     def forward(self, backend: Backend, problem: HeadProblem):
         e = problem.segments.num_envs
@@ -149,7 +216,8 @@ class HGPPlan:
             dirs.append(grad_mean.expand_as(self.grad))
         hv = backend.head_stats(problem, hvp_dirs=torch.stack(dirs, 1)).hvp
         hgp = hv[:, 0]
-        self.hgp_dev = hgp - (hv[:, 1].mean(0) if self.pooled else hgp.mean(0))
+        ref = hv[:, 1].mean(0) if self.pooled else hgp.mean(0)
+        self.hgp_dev = hgp - maybe_detach(ref, self.detach_reference)
         self.grad_dev = self.grad - grad_mean
         return deviation_penalty(self.hgp_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
@@ -172,21 +240,56 @@ class HGPPlan:
         return backend.per_sample_backward(problem, grad_up=total_grad_up, hvp_dirs=dirs_t, hvp_up=ups_t)
 
 
+DOUBLE_BACKWARD_NOTE = ("the hand-written backward is not itself differentiable, so with create_graph=True "
+                        "hgkernels differentiates the torch closed form by autograd instead")
+
+
+def differentiable_grads(outputs_fn, inputs: Sequence[torch.Tensor], upstream: Sequence[torch.Tensor]):
+    """d<outputs, upstream>/d inputs as a differentiable graph, for a backward run with create_graph=True:
+    outputs_fn recomputes the outputs with ops autograd can differentiate again."""
+    with torch.enable_grad():
+        outputs = outputs_fn()
+    live = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(outputs, live, upstream, create_graph=True, allow_unused=True))
+    return [next(grads) if t.requires_grad else None for t in inputs]
+
+
+def _torch_backend() -> Backend:
+    from .backends import load
+    return load("torch")
+
+
 class PenaltyFunction(torch.autograd.Function):
-    """(logits, features) -> (hessian term, gradient term), backward by the plan's closed form."""
+    """(logits, features) -> (hessian term, gradient term), backward by the plan's closed form.
+
+    Everything the backward reads is an autograd saved tensor: the inputs, the targets and
+    environment ids (so changing them in place before backward raises, as torch's own losses
+    do) and the plan's state (freed after backward unless retain_graph)."""
 
     @staticmethod
     def forward(ctx, logits, features, problem: HeadProblem, backend: Backend, plan):
         problem = problem.with_tensors(logits, features)
         hessian, gradient = plan.forward(backend, problem)
-        ctx.save_for_backward(logits, features)
-        ctx.problem, ctx.backend, ctx.plan = problem, backend, plan
+        ctx.slots, state = take_state(plan)
+        ctx.save_for_backward(logits, features, problem.targets, problem.segments.env_ids, *state)
+        ctx.problem, ctx.backend, ctx.plan = problem.with_tensors(None, None), backend, plan
         return hessian, gradient
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, alpha, beta):
-        logits, features = ctx.saved_tensors
-        problem = ctx.problem.with_tensors(logits, features)
-        d_logits, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta)
+        logits, features, targets, _env_ids, *state = ctx.saved_tensors
+        problem = ctx.problem.with_tensors(logits, features, targets)
+        if torch.is_grad_enabled():  # create_graph=True: see DOUBLE_BACKWARD_NOTE
+            put_state(ctx.slots, state)
+            generator_state = getattr(ctx.plan, "state", None)
+            take_state(ctx.plan)
+            plan = ctx.plan.feature_form(generator_state)
+            d_logits, d_features = differentiable_grads(
+                lambda: plan.forward(_torch_backend(), problem), (logits, features), (alpha, beta))
+            return d_logits, d_features, None, None, None
+        put_state(ctx.slots, state)
+        try:
+            d_logits, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta)
+        finally:
+            take_state(ctx.plan)
         return d_logits.to(logits.dtype), d_features.to(features.dtype), None, None, None

@@ -26,8 +26,7 @@ import torch
 
 from . import losses
 from ._inputs import HeadProblem
-from ._memory import empty_output
-from ._penalty import env_weight
+from ._penalty import ExactDiagPlan, HGPPlan, StateHolder, env_weight
 
 # Cost model for form="auto", fitted to fwd+bwd times of both forms on the 2-core CPU
 # (N 24–1536, C 7–1000, D 128–4096; benchmarks/RESULTS.md): the C × Dh form costs FEATURE_COST
@@ -52,13 +51,27 @@ def prefers_sample_space(method: str, n: int, c: int, dh: int) -> bool:
     return sample < feature
 
 
+def _power_of_two_above(x: torch.Tensor) -> torch.Tensor:
+    """A power of two >= max |x| (1 for x = 0): dividing by it is exact and brings x to [-1, 1]."""
+    _, exponent = torch.frexp(x.detach().abs().amax())
+    return torch.ldexp(torch.ones_like(x.detach().abs().amax()), exponent)
+
+
+def scaled_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum(x * y) with x and y scaled by powers of two, so that products of large entries (float32
+    MSE logits near 1e30) overflow to ±inf in the total, as in the feature form, rather than
+    producing inf - inf = NaN inside the sum."""
+    sx, sy = _power_of_two_above(x), _power_of_two_above(y)
+    return ((x / sx) * (y / sy)).sum() * sx * sy
+
+
 def _rows(loss: str, fn, p: torch.Tensor, *vectors: torch.Tensor) -> torch.Tensor:
     """A losses.* direction function on one direction per sample: (N, C) vectors against p (N, C)."""
     out = fn(loss, p, *(v.unsqueeze(1) for v in vectors))
     return out.squeeze(1) if out.dim() == 3 else out
 
 
-class _Gram:
+class _Gram(StateHolder):
     """K = phi phi^T (+ 1 with a bias column) over all samples and its same-environment part
     Kb = K ⊙ same, stacked so one GEMM gives both (Kb x, K x).
 
@@ -91,7 +104,7 @@ class _Gram:
 
     def spread(self, x: torch.Tensor, kx: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """sum_e ||X_e - mean_f X_f||^2, with kx = apply(x)."""
-        return (x * kx[0]).sum() - (x * kx[1]).sum() / self.num_envs
+        return scaled_dot(x, kx[0] - kx[1] / self.num_envs)
 
     def begin_backward(self) -> None:
         """Fresh dPsi/dK terms (a graph may be backpropagated through more than once)."""
@@ -117,8 +130,9 @@ class _Gram:
         d_k = both_sides + both_sides.T
         if self.rows:
             d_k += outer(self.rows)
+        self.masked = self.full = self.rows = None  # this backward's terms; a retained graph starts afresh
         if add_to is None:
-            return torch.mm(d_k, self.phi, out=empty_output(tuple(self.phi.shape), self.phi.dtype, self.phi.device))
+            return d_k @ self.phi
         return add_to.addmm_(d_k, self.phi)
 
 
@@ -133,11 +147,12 @@ def _sample_weight(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
     return inv_count[problem.segments.env_ids].unsqueeze(1)
 
 
-class _SamplePlan:
+class _SamplePlan(StateHolder):
     """Shared set-up: p, r, per-sample weights and the feature Gram matrix."""
 
-    def __init__(self, env_reduction: str):
+    def __init__(self, env_reduction: str, detach_reference: bool):
         self.env_reduction = env_reduction
+        self.detach_reference = detach_reference
 
     def _setup(self, problem: HeadProblem) -> None:
         dtype = problem.compute_dtype
@@ -160,6 +175,9 @@ class _SamplePlan:
 
 class SampleExactDiagPlan(_SamplePlan):
     """Exact Hutchinson: Dg_e = sum_{i in e} (q_i / N_e) (zh_i ⊙ zh_i)^T, Gram of squared features."""
+
+    def feature_form(self, generator_state=None) -> ExactDiagPlan:
+        return ExactDiagPlan(self.env_reduction, self.detach_reference)
 
     def forward(self, backend, problem: HeadProblem):
         self._setup(problem)
@@ -186,9 +204,12 @@ class SampleHGPPlan(_SamplePlan):
     The pooled reference H_bar G_bar = sum_j (w_j / E) u_j zh_j^T with u_j = A_j (K wr)_j / E."""
 
     def __init__(self, env_reduction: str, detach_reference: bool, reference: str):
-        super().__init__(env_reduction)
-        self.detach_reference = detach_reference
+        super().__init__(env_reduction, detach_reference)
+        self.reference = reference
         self.pooled = reference == "pooled"
+
+    def feature_form(self, generator_state=None) -> HGPPlan:
+        return HGPPlan(self.env_reduction, self.detach_reference, self.reference)
 
     def forward(self, backend, problem: HeadProblem):
         self._setup(problem)
@@ -200,9 +221,9 @@ class SampleHGPPlan(_SamplePlan):
         if self.pooled:
             self.s_ref = self.wr_k[1] / e  # G_bar zh_i
             self.b = self.w * _rows(loss, losses.hess_apply, p, self.s_ref) / e  # reference coefficients
-            # sum_e ||X_e - Y||^2 = <a, Kb a> - 2 <a, K b> + E <b, K b>
+            # sum_e ||X_e - Y||^2 = <a, Kb a> - 2 <a, K b> + E <b, K b>, as one dot (see scaled_dot)
             self.k_b = gram.k @ self.b
-            hessian = (self.a * self.a_k[0]).sum() - 2 * (self.a * self.k_b).sum() + e * (self.b * self.k_b).sum()
+            hessian = scaled_dot(torch.cat([self.a, e * self.b]), torch.cat([self.a_k[0] - 2 * self.k_b, self.k_b]))
         else:
             hessian = gram.spread(self.a, self.a_k)
         gradient = gram.spread(self.wr, self.wr_k)

@@ -6,8 +6,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import backends, reference as reference_path
-from ._inputs import ENV_REDUCTIONS, EnvsArg, HeadProblem, check_choice, prepare
-from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan
+from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
+from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan, differentiable_grads
 from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space
 from .backends.base import Backend
 
@@ -27,6 +27,11 @@ class HeadParams(NamedTuple):
 
 
 FORMS = ("auto", "feature", "sample")
+ESTIMATORS = ("exact", "hutchinson")
+REFERENCES = ("pooled", "mean")
+# The enumerated options of the penalty functions, checked by them and by HessianAlignmentLoss.
+OPTION_CHOICES = {"loss": LOSSES, "env_reduction": ENV_REDUCTIONS, "backend": backends.BACKEND_NAMES, "form": FORMS,
+                  "estimator": ESTIMATORS, "reference": REFERENCES}
 
 
 def _check_common(env_reduction: str, detach_reference: bool, backend: str, form: str) -> None:
@@ -46,10 +51,35 @@ def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
         method, problem.logits.shape[0], problem.num_classes, problem.head_width))
 
 
-def _run(problem: HeadProblem, backend: str, plan, reference_call) -> Penalty:
+def _check_targets_grad(problem: HeadProblem, labels) -> None:
+    if isinstance(labels, torch.Tensor) and labels.requires_grad and torch.is_grad_enabled():
+        raise ValueError("labels requires grad (soft targets from a trainable model): the closed-form backends give "
+                         "no gradient with respect to targets; pass labels.detach(), or backend='reference', "
+                         "which differentiates through them")
+
+
+def _traced() -> bool:
+    """torch.compile tracing, or a torch.func transform (grad, jacrev, ...) around the call."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def composed_backend(impl: Backend) -> Backend:
+    """Statistics autograd can differentiate: the native custom ops while torch.compile traces (their
+    autograd formula is the per-sample backward), else the torch backend's ops."""
+    if impl.name == "native" and torch.compiler.is_compiling():
+        return impl
+    return backends.load("torch")
+
+
+def _run(problem: HeadProblem, backend: str, plan, reference_call, labels) -> Penalty:
     if backend == "reference":
         return Penalty(*reference_call())
+    _check_targets_grad(problem, labels)
     impl = backends.select(backend, problem)
+    if _traced():
+        # The autograd Function's hand-written backward cannot be traced or transformed; autograd
+        # differentiates the feature form's ops instead (same values up to rounding).
+        return Penalty(*plan.feature_form().forward(composed_backend(impl), problem))
     return Penalty(*PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan))
 
 
@@ -89,7 +119,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
     Returns:
         Penalty(hessian, gradient): R_e ||Dg_e - mean Dg||^2 and R_e ||G_e - G_bar||^2.
     """
-    check_choice("estimator", estimator, ("exact", "hutchinson"))
+    check_choice("estimator", estimator, ESTIMATORS)
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -101,14 +131,14 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
     if generator is not None and generator.device.type != problem.logits.device.type:
         raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
     if estimator == "exact" and _sample_form(form, problem, "hutchinson"):
-        plan = SampleExactDiagPlan(env_reduction)
+        plan = SampleExactDiagPlan(env_reduction, detach_reference)
     elif estimator == "exact":
-        plan = ExactDiagPlan(env_reduction)
+        plan = ExactDiagPlan(env_reduction, detach_reference)
     else:
         plan = StochasticDiagPlan(env_reduction, detach_reference, num_probes, generator)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
-        estimator=estimator, num_probes=num_probes, generator=generator))
+        estimator=estimator, num_probes=num_probes, generator=generator), labels)
 
 
 def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
@@ -123,7 +153,7 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
     Returns:
         Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
     """
-    check_choice("reference", reference, ("pooled", "mean"))
+    check_choice("reference", reference, REFERENCES)
     _check_common(env_reduction, detach_reference, backend, form)
     problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
     if _sample_form(form, problem, "hgp"):
@@ -131,28 +161,38 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
     else:
         plan = HGPPlan(env_reduction, detach_reference, reference)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
-        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference))
+        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference), labels)
+
+
+def _statistic(backend: Backend, problem: HeadProblem, kind: str, vector: Optional[torch.Tensor]) -> torch.Tensor:
+    if kind == "gradient":
+        return backend.head_stats(problem, gradient=True).grad
+    if kind == "hess_diag":
+        return backend.head_stats(problem, hess_diag=True).hess_diag
+    return backend.head_stats(problem, hvp_dirs=vector.unsqueeze(1)).hvp[:, 0]
 
 
 class _HeadStatistic(torch.autograd.Function):
-    """One per-environment statistic (E, C, Dh), differentiable in logits, features and the HVP vector."""
+    """One per-environment statistic (E, C, Dh), differentiable in logits, features and the HVP vector
+    (saved tensors as in `PenaltyFunction`)."""
 
     @staticmethod
     def forward(ctx, logits, features, vector, problem: HeadProblem, backend: Backend, kind: str):
         problem = problem.with_tensors(logits, features)
-        ctx.save_for_backward(logits, features, vector)
-        ctx.problem, ctx.backend, ctx.kind = problem, backend, kind
-        if kind == "gradient":
-            return backend.head_stats(problem, gradient=True).grad
-        if kind == "hess_diag":
-            return backend.head_stats(problem, hess_diag=True).hess_diag
-        return backend.head_stats(problem, hvp_dirs=vector.unsqueeze(1)).hvp[:, 0]
+        ctx.save_for_backward(logits, features, vector, problem.targets, problem.segments.env_ids)
+        ctx.problem, ctx.backend, ctx.kind = problem.with_tensors(None, None), backend, kind
+        return _statistic(backend, problem, kind, vector)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, upstream):
-        logits, features, vector = ctx.saved_tensors
-        problem, backend = ctx.problem.with_tensors(logits, features), ctx.backend
+        logits, features, vector, targets, _env_ids = ctx.saved_tensors
+        problem, backend = ctx.problem.with_tensors(logits, features, targets), ctx.backend
+        if torch.is_grad_enabled():  # create_graph=True (_penalty.DOUBLE_BACKWARD_NOTE)
+            torch_backend = backends.load("torch")
+            inputs = (logits, features) if vector is None else (logits, features, vector)
+            grads = differentiable_grads(lambda: _statistic(torch_backend, problem, ctx.kind, vector), inputs,
+                                         (upstream,))
+            return (*grads, *([None] * (6 - len(grads))))
         upstream = upstream.contiguous()
         d_vector = None
         if ctx.kind == "gradient":
@@ -175,8 +215,12 @@ def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bia
     if backend == "reference":
         stats = reference_path.stats(problem, kind, flat_vector)
     else:
+        _check_targets_grad(problem, labels)
         impl = backends.select(backend, problem)
-        stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
+        if _traced():
+            stats = _statistic(composed_backend(impl), problem, kind, flat_vector)
+        else:
+            stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
     d = problem.num_features
     return HeadParams(stats[..., :d], stats[..., d] if bias else None)
 

@@ -15,9 +15,13 @@ import torch
 
 
 def _one_hot_residual(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # A label outside [0, C) (possible only with validate=False) gives a NaN row, as the
+    # compiled kernels do, instead of an out-of-bounds index.
+    num_classes = p.shape[-1]
+    valid = ((targets >= 0) & (targets < num_classes)).unsqueeze(-1)
     r = p.clone()
-    r.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(r[..., :1], -1.0))
-    return r
+    r.scatter_add_(-1, targets.clamp(0, num_classes - 1).unsqueeze(-1), torch.full_like(r[..., :1], -1.0))
+    return torch.where(valid, r, float("nan"))
 
 
 def link(loss: str, logits: torch.Tensor) -> torch.Tensor:

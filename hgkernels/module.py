@@ -1,13 +1,14 @@
 """`nn.Module` wrapper: ERM loss plus the alignment penalties, with the parts for logging."""
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ._inputs import EnvsArg, check_choice, prepare
-from .api import hgp_penalty, hutchinson_penalty
+from .api import OPTION_CHOICES, hgp_penalty, hutchinson_penalty
 
 
 class AlignmentLoss(NamedTuple):
@@ -52,17 +53,26 @@ class HessianAlignmentLoss(torch.nn.Module):
     def __init__(self, method: str = "hutchinson", alpha: float = 1.0, beta: float = 1.0, **penalty_kwargs):
         super().__init__()
         check_choice("method", method, ("hutchinson", "hgp"))
+        self._penalty_fn = hutchinson_penalty if method == "hutchinson" else hgp_penalty
+        # Options are checked here, not at the first forward.
+        accepted = [name for name, p in inspect.signature(self._penalty_fn).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        for name, value in penalty_kwargs.items():
+            if name not in accepted:
+                raise TypeError(f"HessianAlignmentLoss(method={method!r}) got an unexpected option {name!r}; "
+                                f"it takes {', '.join(accepted)}")
+            if name in OPTION_CHOICES:
+                check_choice(name, value, OPTION_CHOICES[name])
         self.method = method
         self.alpha = alpha
         self.beta = beta
         self.penalty_kwargs = penalty_kwargs
-        self._penalty_fn = hutchinson_penalty if method == "hutchinson" else hgp_penalty
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                 envs: EnvsArg) -> AlignmentLoss:
         pen = self._penalty_fn(logits, features, labels, envs, **self.penalty_kwargs)
         erm = env_mean_loss(logits, labels, envs, loss=self.penalty_kwargs.get("loss", "cross_entropy"),
-                            validate=False).mean()
+                            num_envs=self.penalty_kwargs.get("num_envs"), validate=False).mean()
         return AlignmentLoss(erm + self.alpha * pen.hessian + self.beta * pen.gradient, erm,
                              pen.hessian, pen.gradient)
 

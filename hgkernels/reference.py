@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import HeadProblem
-from ._penalty import deviation_penalty, env_weight, rademacher_probe
+from ._penalty import deviation_penalty, env_weight, maybe_detach, rademacher_probe
 
 # Hessian rows per batched double-backward call when computing the exact diagonal.
 DIAG_ROWS_PER_CALL = 1024
@@ -22,10 +22,38 @@ DIAG_ROWS_PER_CALL = 1024
 
 def _functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if loss == "cross_entropy":
-        return F.cross_entropy(logits, targets)
+        num_classes = logits.shape[1]
+        invalid = (targets < 0) | (targets >= num_classes)
+        if not bool(invalid.any()):
+            return F.cross_entropy(logits, targets)
+        # validate=False let labels outside [0, C) through: the closed forms make those samples'
+        # residuals NaN. A NaN-weighted term linear in the logits does the same here: it poisons
+        # the gradient and everything built on it, and adds nothing to the Hessian.
+        poison = torch.where(invalid, float("nan"), 0.0).to(logits.dtype).unsqueeze(1)
+        linear = (poison * (logits - logits.detach())).sum() / logits.shape[0]
+        return F.cross_entropy(logits, targets.clamp(0, num_classes - 1)) + linear
     if loss == "binary_cross_entropy":
         return F.binary_cross_entropy_with_logits(logits, targets)
     return F.mse_loss(logits, targets)
+
+
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    # inference-mode tensors cannot be saved for backward; a clone outside inference mode can
+    return t.clone() if t.is_inference() else t
+
+
+def autograd_enabled(fn):
+    """Run `fn` with autograd on, as this path needs it whatever the caller's mode (no_grad,
+    inference_mode); outside grad mode the results come back detached."""
+    def run(*args, **kwargs):
+        caller_grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.enable_grad():
+            out = fn(*args, **kwargs)
+        if caller_grad:
+            return out
+        return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    return run
 
 
 class _PerturbedHead:
@@ -41,10 +69,10 @@ class _PerturbedHead:
         self.env_losses = []
         for e in range(problem.segments.num_envs):
             idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
-            logits = problem.logits[idx].to(dtype) + problem.features[idx].to(dtype) @ self.params[0].T
+            logits = _usable(problem.logits)[idx].to(dtype) + _usable(problem.features)[idx].to(dtype) @ self.params[0].T
             if problem.bias:
                 logits = logits + self.params[1]
-            self.env_losses.append(_functional_loss(problem.loss, logits, problem.targets[idx]))
+            self.env_losses.append(_functional_loss(problem.loss, logits, _usable(problem.targets)[idx]))
         self.pooled_loss = sum(self.env_losses) / len(self.env_losses)
 
     def grad(self, loss: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -76,10 +104,7 @@ class _PerturbedHead:
         return torch.cat(diag).view(c, dh)
 
 
-def _maybe_detach(t: torch.Tensor, detach: bool) -> torch.Tensor:
-    return t.detach() if detach else t
-
-
+@autograd_enabled
 def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-environment G_e, Dg_e or H_e V_e by autograd, stacked to (E, C, Dh)."""
     head = _PerturbedHead(problem)
@@ -95,6 +120,7 @@ def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None
     return torch.stack(out)
 
 
+@autograd_enabled
 def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_reference: bool,
             estimator: str = "exact", num_probes: int = 1, generator: Optional[torch.Generator] = None,
             reference: str = "pooled") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,12 +139,12 @@ def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_ref
             ref = head.flat(head.hvp(pooled_grad, pooled_grad))
         else:
             ref = hgps.mean(0)
-        return deviation_penalty(hgps - _maybe_detach(ref, detach_reference), weight), gradient_term
+        return deviation_penalty(hgps - maybe_detach(ref, detach_reference), weight), gradient_term
 
     if estimator == "exact":
         diags = torch.stack([head.hess_diag(g) for g in env_grads])
         ref = head.hess_diag(pooled_grad)
-        return deviation_penalty(diags - _maybe_detach(ref, detach_reference), weight), gradient_term
+        return deviation_penalty(diags - maybe_detach(ref, detach_reference), weight), gradient_term
 
     c, dh = grads.shape[1], grads.shape[2]
     diags = [0.0] * num_envs
@@ -130,4 +156,4 @@ def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_ref
         ref = ref + probe[num_envs] * head.flat(head.hvp(pooled_grad, head.split(probe[num_envs])))
     diag_est = torch.stack(diags) / num_probes
     ref = ref / num_probes
-    return deviation_penalty(diag_est - _maybe_detach(ref, detach_reference), weight), gradient_term
+    return deviation_penalty(diag_est - maybe_detach(ref, detach_reference), weight), gradient_term

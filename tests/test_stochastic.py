@@ -89,7 +89,8 @@ def test_many_probes_penalty_approaches_exact_penalty(loss):
     est = hk.hutchinson_penalty(case.logits, case.features, case.labels, case.envs, loss=loss,
                                 estimator="hutchinson", num_probes=3000,
                                 generator=torch.Generator().manual_seed(2))
-    assert torch.equal(exact.gradient, est.gradient)
+    # the same statistic, though exact takes the sample form here and the estimator the feature form
+    assert torch.allclose(exact.gradient, est.gradient, rtol=1e-12, atol=0)
     # mse's Hessian diagonal needs no probes to be exact only when the off-diagonal vanishes; it
     # does not here, so all three losses converge statistically: within 10% at 3000 probes.
     assert abs(est.hessian.item() - exact.hessian.item()) < 0.1 * exact.hessian.item()

@@ -1,12 +1,14 @@
 """Backend registry: closed-form implementations of the two primitives of `base.Backend`.
 
-Optional backends (Triton, native) register lazily so that importing hgkernels
-on a CPU machine never imports triton or a compiled module.
+Every backend is instantiated once, when this package is imported, so that `select` only
+reads a table (torch.compile cannot trace imports). That imports the compiled native
+module when it was built, but never triton: the Triton backend imports its kernels on
+first use.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from .._inputs import HeadProblem
 from .base import Backend, HeadStats
@@ -21,17 +23,27 @@ _FACTORIES: Dict[str, str] = {
 # Preference order of backend="auto": first that is available and supports the inputs
 # (each backend's unsupported_reason states its own limits: device, dtype, build).
 AUTO_ORDER: List[str] = ["triton", "native", "torch"]
-_CACHE: Dict[str, Backend] = {}
-
 BACKEND_NAMES = ("auto", "reference", *_FACTORIES)
 
 
+def _instantiate(name: str) -> Union[Backend, Exception]:
+    module, attr = _FACTORIES[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), attr)()
+    except (ImportError, RuntimeError) as err:
+        return err
+
+
+# name -> the backend, or the ImportError/RuntimeError saying why it is unavailable
+_INSTANCES: Dict[str, Union[Backend, Exception]] = {name: _instantiate(name) for name in _FACTORIES}
+
+
 def load(name: str) -> Backend:
-    """Instantiate a registered backend; ImportError/RuntimeError says why it is unavailable."""
-    if name not in _CACHE:
-        module, attr = _FACTORIES[name].split(":")
-        _CACHE[name] = getattr(importlib.import_module(module), attr)()
-    return _CACHE[name]
+    """A registered backend; raises the ImportError/RuntimeError that says why it is unavailable."""
+    backend = _INSTANCES[name]
+    if isinstance(backend, Exception):
+        raise backend
+    return backend
 
 
 def select(name: str, problem: HeadProblem) -> Backend:

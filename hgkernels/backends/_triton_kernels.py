@@ -102,6 +102,8 @@ def _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS: tl.constexp
     if LOSS == CROSS_ENTROPY:
         label = tl.load(target_ptr + rows * t_sn)
         r = p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        # a label outside [0, C) (validate=False) poisons the row with NaN, as on every backend
+        r = tl.where(((label < 0) | (label >= C))[:, None], float("nan"), r)
     else:
         y = tl.load(target_ptr + rows[:, None] * t_sn + cols[None, :] * t_sc, mask=cmask[None, :], other=0.0)
         r = (p - y.to(tl.float32)) * _residual_slope(C, LOSS)

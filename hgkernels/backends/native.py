@@ -15,7 +15,6 @@ from typing import Optional, Tuple
 import torch
 
 from .._inputs import HeadProblem
-from .._memory import empty_output
 from .base import Backend, HeadStats
 
 _LOSS_CODES = {"cross_entropy": 0, "binary_cross_entropy": 1, "mse": 2}
@@ -102,6 +101,33 @@ def _(logits, features, targets, order, offsets, loss, bias, gradient, hess_diag
     return logits.new_empty(offsets.shape[0] - 1, width, features.shape[1] + int(bias))
 
 
+def _stats_setup_context(ctx, inputs, output):
+    logits, features, targets, order, offsets, loss, bias, gradient, hess_diag, dirs = inputs
+    ctx.save_for_backward(logits, features, targets, order, offsets, dirs)
+    ctx.loss, ctx.bias, ctx.gradient, ctx.hess_diag = loss, bias, gradient, hess_diag
+
+
+def _stats_backward(ctx, upstream):
+    """The statistics' autograd formula (what torch.compile differentiates): the per-sample backward
+    with the upstream rows [dG][dDg][d(H V_k)], and dV_k = H_e (upstream of H V_k) (H_e is symmetric)."""
+    logits, features, targets, order, offsets, dirs = ctx.saved_tensors
+    c = logits.shape[1]
+    grad_up = upstream[:, :c] if ctx.gradient else None
+    diag_begin = c if ctx.gradient else 0
+    diag_up = upstream[:, diag_begin:diag_begin + c] if ctx.hess_diag else None
+    ups = upstream[:, diag_begin + (c if ctx.hess_diag else 0):] if dirs is not None else None
+    operands = (logits, features, targets, order, offsets, ctx.loss, ctx.bias)
+    contiguous = [None if t is None else t.contiguous() for t in (grad_up, ups, diag_up)]
+    d_logits, d_features = native_per_sample_backward(*operands, contiguous[0], dirs, contiguous[1], contiguous[2])
+    d_dirs = None
+    if dirs is not None and ctx.needs_input_grad[9]:
+        d_dirs = native_head_stats(*operands, False, False, contiguous[1])
+    return d_logits, d_features, None, None, None, None, None, None, None, d_dirs
+
+
+native_head_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+
 def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
                               order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
                               grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
@@ -114,7 +140,7 @@ def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targ
     layout = (call.c, k, grad_up is not None, diag_up is not None)
     work = call.empty(call.n * call.module.backward_work_per_sample(layout))
     d_logits = call.empty(call.n, call.c)
-    d_features = empty_output((call.n, call.d), call.dtype, call.device)
+    d_features = call.empty(call.n, call.d)
     call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(grad_up),
                                     _address(dirs), _address(ups), _address(diag_up), work.data_ptr(),
                                     d_logits.data_ptr(), d_features.data_ptr(), call.launch)
@@ -140,8 +166,8 @@ def _op(custom_op, impl):
 def _operands(problem: HeadProblem):
     """The problem's tensors as the ops take them (see `_Kernels`)."""
     dtype = problem.compute_dtype
-    logits = problem.logits.detach().to(dtype)
-    features = problem.features.detach().to(dtype)
+    logits = problem.logits.to(dtype)
+    features = problem.features.to(dtype)
     if features.stride(1) != 1:  # kernels read feature rows as contiguous runs
         features = features.contiguous()
     segments = problem.segments

@@ -11,14 +11,12 @@ is a view, not a copy. Padded slots carry zero weight, so they never reach a sum
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 from .. import losses
 from .._inputs import EnvSegments, HeadProblem
-from .._memory import empty_output
 from .base import Backend, HeadStats
 
 # Elements of the widest per-chunk temporary (E × rows × max(D, K·C)): about 2 MB in float32.
@@ -30,25 +28,15 @@ class _PaddedLayout:
         self.num_envs = segments.num_envs
         self.max_count = segments.max_count
         self.num_samples = segments.env_ids.numel()
-        self.is_view = segments.grouped and len(set(segments.counts)) == 1
-        self.segments = segments
-
-    @cached_property
-    def slot_is_sample(self) -> torch.Tensor:
-        """(E, Nmax) bool: which padded slots hold a real sample."""
-        slot = torch.arange(self.max_count, device=self.segments.device)
-        return slot < self.segments.counts_tensor.unsqueeze(1)
-
-    @cached_property
-    def sample_index(self) -> torch.Tensor:
-        """(E, Nmax) sample index of each slot; padded slots repeat a real sample (any finite row will do)."""
-        slot = torch.arange(self.max_count, device=self.segments.device)
-        position = (self.segments.offsets[:-1].unsqueeze(1) + slot).clamp(max=self.num_samples - 1)
-        return self.segments.order[position]
-
-    @cached_property
-    def inv_count(self) -> torch.Tensor:
-        return 1.0 / self.segments.counts_tensor.to(torch.float64)
+        self.is_view = segments.grouped and segments.counts is not None and len(set(segments.counts)) == 1
+        self.inv_count = 1.0 / segments.counts_tensor.to(torch.float64)
+        if not self.is_view:
+            slot = torch.arange(self.max_count, device=segments.device)
+            # (E, Nmax): which padded slots hold a real sample, and the sample index of each slot
+            # (padded slots repeat a real sample: any finite row will do)
+            self.slot_is_sample = slot < segments.counts_tensor.unsqueeze(1)
+            position = (segments.offsets[:-1].unsqueeze(1) + slot).clamp(max=self.num_samples - 1)
+            self.sample_index = segments.order[position]
 
     def gather(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """(E, rows, ...) of x's samples in slots `rows`."""
@@ -156,7 +144,7 @@ class TorchBackend(Backend):
         pad = _PaddedLayout(problem.segments)
         d, dtype = problem.num_features, problem.compute_dtype
         d_logits = problem.logits.new_empty(problem.logits.shape, dtype=dtype)
-        d_features = empty_output(tuple(problem.features.shape), dtype, problem.features.device)
+        d_features = problem.features.new_empty(problem.features.shape, dtype=dtype)
         if hvp_dirs is not None:
             e, k, c, dh = hvp_dirs.shape
             dirs, ups = hvp_dirs.reshape(e, k * c, dh), hvp_up.reshape(e, k * c, dh)
