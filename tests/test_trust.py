@@ -1,0 +1,399 @@
+"""Trust: a right answer or a clear error, whatever the autograd mode, transform, layout or process.
+
+One test (or parametrized group) per way a call used to go silently wrong, crash or contradict
+the README; each failed on the code before its fix. CPU only.
+"""
+import io
+import multiprocessing
+import weakref
+
+import pytest
+import torch
+
+import hgkernels as hk
+from hgkernels import backends
+from _helpers import assert_close, make_case
+
+CLOSED_FORM = ["torch", "native"]
+FORMS = ["feature", "sample"]
+PENALTIES = {"hutchinson": hk.hutchinson_penalty, "hgp": hk.hgp_penalty}
+
+
+def _case(seed=0, loss="cross_entropy", sizes=(5, 7, 4), c=3, d=4, **kw):
+    return make_case(seed, loss=loss, bias=True, sizes=list(sizes), num_classes=c, num_features=d, **kw)
+
+
+def _head_inputs(case, dtype=torch.float64):
+    """A head W (leaf) producing the case's logits shape from its features: (W, logits fn)."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(case.logits.shape[1], case.features.shape[1], generator=gen, dtype=dtype, requires_grad=True)
+    feats = case.features.to(dtype)
+    return w, feats
+
+
+# 1. No memory handed to the user is ever reused -------------------------------------------------
+
+def _consumer(queue, done, result):
+    grad = queue.get()
+    kept = grad.clone()
+    done.wait(60)  # the producer has run another step meanwhile
+    result.put(bool(torch.equal(grad, kept)))
+
+
+def test_shared_gradient_is_not_overwritten_by_the_next_step():
+    """A gradient sent to another process (shared memory) keeps its values after the producer drops it."""
+    ctx = multiprocessing.get_context("spawn")
+    import torch.multiprocessing  # registers the tensor reductions for the queue  # noqa: F401
+    queue, done, result = ctx.Queue(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_consumer, args=(queue, done, result))
+    proc.start()
+    try:
+        n, d = 3000, 700  # d_features of 8.4 MB: the size the removed output pool used to recycle
+        case = _case(1, sizes=(1500, 1500), c=2, d=d, dtype=torch.float32)
+        for step in range(2):
+            feats = case.features.clone().requires_grad_(True)
+            pen = hk.hutchinson_penalty(case.logits * (step + 1), feats, case.labels, case.envs, backend="native",
+                                        form="feature")
+            (pen.hessian + pen.gradient).backward()
+            if step == 0:
+                queue.put(feats.grad)
+                del feats, pen  # the producer keeps no reference
+        done.set()
+        assert result.get(timeout=120), "the consumer's gradient changed under it"
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+def test_saved_gradient_holds_only_its_own_bytes(backend):
+    """torch.save of a gradient writes its own bytes, not a larger recycled block with an older step's values."""
+    for rows in (3000, 2000):  # a larger call first, then a smaller one
+        case = _case(2, sizes=(rows // 2, rows - rows // 2), c=2, d=700, dtype=torch.float32)
+        feats = case.features.clone().requires_grad_(True)
+        pen = hk.hutchinson_penalty(case.logits, feats, case.labels, case.envs, backend=backend, form="feature")
+        (pen.hessian + pen.gradient).backward()
+        grad = feats.grad
+        assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+        buffer = io.BytesIO()
+        torch.save(grad, buffer)
+        assert buffer.tell() < grad.numel() * grad.element_size() + 4096
+        del feats, pen, grad
+
+
+# 2. Double backward: right, or differentiated by autograd -----------------------------------------
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+@pytest.mark.parametrize("detach", [True, False])
+def test_double_backward_matches_reference(backend, form, method, detach):
+    """d/dW of (dPsi/dW . v) equals the generic autograd path's (create_graph=True)."""
+    case = _case(3)
+    fn = PENALTIES[method]
+    v = torch.randn(case.logits.shape[1], case.features.shape[1], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    results = []
+    for impl in (backend, "reference"):
+        w, feats = _head_inputs(case)
+        pen = fn(feats @ w.T, feats, case.labels, case.envs, backend=impl, form=form, detach_reference=detach)
+        (g,) = torch.autograd.grad(pen.hessian + pen.gradient, w, create_graph=True)
+        (hvp,) = torch.autograd.grad((g * v).sum(), w)
+        results.append((g.detach(), hvp))
+    assert_close(results[0][0], results[1][0], 1e-10, "first derivative")
+    assert_close(results[0][1], results[1][1], 1e-9, "second derivative")
+    assert results[1][1].abs().max() > 1e-6  # the check is not trivial
+
+
+def test_double_backward_of_head_statistics_matches_reference():
+    case = _case(4)
+    v = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = []
+    for impl in ("native", "reference"):
+        w, feats = _head_inputs(case)
+        stat = hk.head_hessian_diag(feats @ w.T, feats, case.labels, case.envs, backend=impl)
+        (g,) = torch.autograd.grad(stat.weight.square().sum(), w, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), w)
+        out.append(h)
+    assert_close(out[0], out[1], 1e-9, "second derivative of a head statistic")
+    assert out[1].abs().max() > 1e-6
+
+
+# 3. Labels or env ids changed in place between forward and backward ------------------------------
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("what", ["labels", "envs"])
+def test_inplace_change_before_backward_raises(backend, form, what):
+    case = _case(5)
+    logits, feats = case.leaves()
+    labels, envs = case.labels.clone(), case.envs.clone()
+    pen = hk.hgp_penalty(logits, feats, labels, envs, backend=backend, form=form)
+    if what == "labels":
+        labels[0] = (labels[0] + 1) % case.logits.shape[1]
+    else:
+        envs[[0, 1]] = envs[[1, 0]]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (pen.hessian + pen.gradient).backward()
+
+
+# 4. Targets that require grad ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "mse"])
+def test_targets_requiring_grad_raise_on_closed_forms(backend, loss):
+    case = _case(6, loss=loss)
+    targets = case.labels.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="labels requires grad"):
+        hk.hutchinson_penalty(case.logits, case.features, targets, case.envs, loss=loss, backend=backend)
+    # the reference path differentiates through them, and no_grad needs no target gradient
+    pen = hk.hutchinson_penalty(case.logits, case.features, targets, case.envs, loss=loss, backend="reference")
+    assert pen.gradient.requires_grad
+    with torch.no_grad():
+        hk.hutchinson_penalty(case.logits, case.features, targets, case.envs, loss=loss, backend=backend)
+
+
+# 5. Large environment ids ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("big", [2_000_000, 10**9, 2**62])
+def test_large_environment_id_is_a_short_error(big):
+    case = _case(7)
+    envs = case.envs.clone()
+    envs[0] = big
+    with pytest.raises(ValueError, match="envs") as err:
+        hk.hutchinson_penalty(case.logits, case.features, case.labels, envs)
+    assert len(str(err.value)) < 300
+
+
+def test_many_missing_ids_are_listed_briefly():
+    case = _case(8, sizes=(30, 30))
+    envs = case.envs * 2  # ids 0 and 2: id 1 is empty
+    with pytest.raises(ValueError, match=r"environment\(s\) \[1\] of 3 have no samples"):
+        hk.hutchinson_penalty(case.logits, case.features, case.labels, envs)
+    envs = case.envs * 25  # ids 0 and 25: 24 empty environments, listed briefly
+    with pytest.raises(ValueError, match=r"\(24 in all\)"):
+        hk.hutchinson_penalty(case.logits, case.features, case.labels, envs, num_envs=26)
+
+
+# 6. validate=False: one documented behaviour on every backend ---------------------------------------
+
+ALL_PATHS = [("torch", "feature"), ("native", "feature"), ("torch", "sample"), ("reference", "feature"),
+             ("triton", "feature")]
+
+
+@pytest.mark.parametrize("backend,form", ALL_PATHS)
+@pytest.mark.parametrize("bad_label", [-1, 3, 1000])
+def test_out_of_range_label_without_validation_gives_nan(backend, form, bad_label):
+    case = _case(9, dtype=torch.float32)
+    labels = case.labels.clone()
+    labels[4] = bad_label
+    logits, feats = case.leaves()
+    for fn in (hk.hutchinson_penalty, hk.hgp_penalty):
+        pen = fn(logits, feats, labels, case.envs, backend=backend, form=form, validate=False)
+        assert torch.isnan(pen.gradient)
+        d_logits, d_feats = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+        assert torch.isnan(d_logits).all() and torch.isnan(d_feats).all()
+    # the exact Hessian diagonal does not depend on labels: it stays right
+    good = hk.hutchinson_penalty(case.logits, case.features, case.labels, case.envs, backend="torch")
+    bad = hk.hutchinson_penalty(case.logits, case.features, labels, case.envs, backend=backend, form=form,
+                                validate=False)
+    assert_close(bad.hessian, good.hessian, 1e-5, "label-free Hessian term")
+    with pytest.raises(ValueError, match="labels must lie in"):
+        hk.hutchinson_penalty(case.logits, case.features, labels, case.envs, backend=backend, form=form)
+
+
+@pytest.mark.parametrize("backend,form", ALL_PATHS)
+def test_structural_env_errors_are_raised_even_without_validation(backend, form):
+    case = _case(10, dtype=torch.float32)
+    for envs, num_envs, match in ((case.envs, 4, "have no samples"), (case.envs + 1, None, r"\[0\] of 4"),
+                                  (case.envs, 2, "num_envs=2"), (case.envs - 1, None, "negative")):
+        with pytest.raises(ValueError, match=match):
+            hk.hgp_penalty(case.logits, case.features, case.labels, envs, num_envs=num_envs, backend=backend,
+                           form=form, validate=False)
+
+
+# 7. torch.compile(fullgraph=True) on the public API ------------------------------------------------
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+def test_compiled_training_step_fullgraph(backend, method):
+    """The documented configuration: sizes as a list or ids with num_envs, validate=False."""
+    torch._dynamo.reset()
+    case = _case(11, sizes=(6, 6, 6), shuffle=True)
+    ids, sizes = case.envs, [6, 6, 6]
+    order = torch.argsort(ids, stable=True)
+    for envs, perm in ((sizes, order), (ids, torch.arange(18))):
+        feats = case.features[perm]
+        labels = case.labels[perm]
+
+        def step(w, b):
+            logits = feats @ w.T + b
+            loss_fn = hk.HessianAlignmentLoss(method, alpha=0.5, beta=2.0, backend=backend, validate=False,
+                                              num_envs=3)
+            out = loss_fn(logits, feats, labels, envs)
+            return out.total
+
+        w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        eager = step(w, b)
+        eager_grads = torch.autograd.grad(eager, (w, b))
+        compiled = torch.compile(step, fullgraph=True)(w, b)
+        compiled_grads = torch.autograd.grad(compiled, (w, b))
+        assert_close(compiled, eager, 1e-12, "compiled value")
+        for got, want in zip(compiled_grads, eager_grads):
+            assert_close(got, want, 1e-10, "compiled gradient")
+
+
+# 8. torch.func transforms ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+def test_torch_func_grad_and_jacrev_match_eager(backend, method):
+    case = _case(12)
+    fn = PENALTIES[method]
+    feats = case.features
+
+    def objective(w):
+        pen = fn(feats @ w.T, feats, case.labels, case.envs, backend=backend)
+        return pen.hessian + 0.5 * pen.gradient
+
+    w, _ = _head_inputs(case)
+    (eager,) = torch.autograd.grad(objective(w), w)
+    assert_close(torch.func.grad(objective)(w.detach()), eager, 1e-10, "torch.func.grad")
+    assert_close(torch.func.jacrev(objective)(w.detach()), eager, 1e-10, "torch.func.jacrev")
+
+
+def test_vmap_is_refused_with_our_error():
+    case = _case(13)
+    batch = torch.stack([case.logits, 2 * case.logits])
+    with pytest.raises(ValueError, match="vmap"):
+        torch.func.vmap(lambda lg: hk.hgp_penalty(lg, case.features, case.labels, case.envs).hessian)(batch)
+
+
+# 9. Meta tensors --------------------------------------------------------------------------------
+
+def test_meta_tensors_are_a_clear_error():
+    with pytest.raises(ValueError, match="meta device"):
+        hk.hgp_penalty(torch.randn(6, 3, device="meta"), torch.randn(6, 4, device="meta"),
+                       torch.zeros(6, dtype=torch.int64, device="meta"), [3, 3])
+
+
+# 10. Determinism: what is bitwise stable (README "Determinism") ------------------------------------
+
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+def test_readme_determinism_native_feature_form_bitwise_across_threads(method):
+    case = _case(14, sizes=(3000, 2500), c=4, d=40, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            logits, feats = case.leaves()
+            pen = PENALTIES[method](logits, feats, case.labels, case.envs, backend="native", form="feature")
+            grads = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+            runs.append((pen.hessian, pen.gradient, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+# 11. Memory after backward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", FORMS)
+def test_backward_frees_what_it_needed(form):
+    """The N x N Gram matrices (sample form) and the statistics are autograd saved tensors: freed by
+    backward while the output lives on (e.g. kept for logging)."""
+    case = _case(15, sizes=(40, 50))
+    logits, feats = case.leaves()
+    pen = hk.hgp_penalty(logits, feats, case.labels, case.envs, backend="torch", form=form)
+    node = pen.hessian.grad_fn
+    saved = node.saved_tensors
+    refs = [weakref.ref(t) for t in saved if t.numel() >= 90 * 90 or t.dim() == 3]
+    assert refs, "expected per-environment statistics or Gram matrices among the saved tensors"
+    del saved
+    (pen.hessian + pen.gradient).backward()
+    assert all(r() is None for r in refs)
+    with pytest.raises(RuntimeError, match="freed"):
+        node.saved_tensors
+    # retain_graph keeps them for a second backward, which gives the same gradients
+    logits2, feats2 = case.leaves()
+    pen2 = hk.hgp_penalty(logits2, feats2, case.labels, case.envs, backend="torch", form=form)
+    first = torch.autograd.grad(pen2.hessian + pen2.gradient, (logits2, feats2), retain_graph=True)
+    second = torch.autograd.grad(pen2.hessian + pen2.gradient, (logits2, feats2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# 12. Smaller items ---------------------------------------------------------------------------------
+
+def test_readme_one_environment_exact_zeros_and_the_stochastic_exception():
+    case = _case(16, sizes=(9,))
+    for fn, kw in ((hk.hutchinson_penalty, {}), (hk.hgp_penalty, {})):
+        pen = fn(case.logits, case.features, case.labels, case.envs, **kw)
+        assert pen.hessian == 0 and pen.gradient == 0
+    est = hk.hutchinson_penalty(case.logits, case.features, case.labels, case.envs, estimator="hutchinson",
+                                num_probes=4, generator=torch.Generator().manual_seed(0))
+    assert est.gradient == 0
+    assert est.hessian > 0  # independent probes for the pooled reference: a nonzero estimate of zero
+
+
+def test_module_options_are_checked_at_construction():
+    with pytest.raises(TypeError, match="estimator"):
+        hk.HessianAlignmentLoss("hgp", estimator="hutchinson")
+    with pytest.raises(ValueError, match="form"):
+        hk.HessianAlignmentLoss("hutchinson", form="gram")
+    with pytest.raises(TypeError, match="unexpected option 'alpha_weight'"):
+        hk.HessianAlignmentLoss("hutchinson", alpha_weight=1.0)
+
+
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+def test_huge_float32_mse_logits_overflow_alike_in_both_forms(method):
+    case = _case(17, loss="mse", sizes=(6, 5), c=1, dtype=torch.float32)
+    logits = case.logits * 1e30
+    values = [PENALTIES[method](logits, case.features, case.labels, case.envs, loss="mse", form=form,
+                                backend="torch", validate=False) for form in FORMS]
+    for term in ("hessian", "gradient"):
+        got = [getattr(v, term) for v in values]
+        assert not any(torch.isnan(g) for g in got), f"{term}: {got}"
+        assert torch.equal(torch.isinf(got[0]), torch.isinf(got[1])), f"{term}: {got}"
+
+
+@pytest.mark.parametrize("backend,form", ALL_PATHS[:4])
+def test_masked_classes_with_minus_inf_logits(backend, form):
+    case = _case(18, c=4)
+    logits = case.logits.clone()
+    logits[::3, 1] = float("-inf")
+    labels = torch.where(case.labels == 1, 0, case.labels)
+    want = hk.hgp_penalty(logits, case.features, labels, case.envs, backend="reference")
+    got = hk.hgp_penalty(logits, case.features, labels, case.envs, backend=backend, form=form)
+    assert_close(got.hessian, want.hessian, 1e-10, "hessian")
+    assert_close(got.gradient, want.gradient, 1e-10, "gradient")
+    for bad, match in ((float("nan"), "NaN"), (float("inf"), r"\+Inf")):
+        worse = logits.clone()
+        worse[0, 2] = bad
+        with pytest.raises(ValueError, match=match):
+            hk.hgp_penalty(worse, case.features, labels, case.envs, backend=backend, form=form)
+    masked_row = logits.clone()
+    masked_row[2] = float("-inf")
+    with pytest.raises(ValueError, match="every entry is -inf"):
+        hk.hgp_penalty(masked_row, case.features, labels, case.envs, backend=backend, form=form)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_reference_works_under_no_grad_and_inference_mode(mode):
+    case = _case(19)
+    want = hk.hgp_penalty(case.logits, case.features, case.labels, case.envs, backend="torch")
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        logits, feats = case.logits.clone(), case.features.clone()
+        for backend in ("reference", "torch", "native"):
+            got = hk.hgp_penalty(logits, feats, case.labels, case.envs, backend=backend)
+            assert not got.hessian.requires_grad
+            assert_close(got.hessian, want.hessian, 1e-10, f"{backend} hessian under {mode}")
+            assert_close(got.gradient, want.gradient, 1e-10, f"{backend} gradient under {mode}")
+
+
+def test_backend_table_is_built_without_importing_triton():
+    """backends are instantiated when hgkernels is imported (torch.compile cannot trace imports)."""
+    assert set(backends._INSTANCES) == {"torch", "native", "triton"}
