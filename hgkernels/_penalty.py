@@ -244,14 +244,17 @@ DOUBLE_BACKWARD_NOTE = ("the hand-written backward is not itself differentiable,
                         "hgkernels differentiates the torch closed form by autograd instead")
 
 
-def differentiable_grads(outputs_fn, inputs: Sequence[torch.Tensor], upstream: Sequence[torch.Tensor]):
-    """d<outputs, upstream>/d inputs as a differentiable graph, for a backward run with create_graph=True:
-    outputs_fn recomputes the outputs with ops autograd can differentiate again."""
+def differentiable_grads(outputs_fn, inputs: Sequence[torch.Tensor], upstream):
+    """The vector-Jacobian product <upstream, d outputs_fn(*inputs) / d inputs> as a differentiable graph,
+    for a backward run with create_graph=True; outputs_fn recomputes the outputs with torch ops.
+
+    torch.func.vjp treats the inputs as the variables (partial derivatives: logits and features are
+    often functions of each other through the head, and that path is autograd's to add), while the
+    result stays differentiable in them for the next order."""
     with torch.enable_grad():
-        outputs = outputs_fn()
-    live = [t for t in inputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(outputs, live, upstream, create_graph=True, allow_unused=True))
-    return [next(grads) if t.requires_grad else None for t in inputs]
+        _, vjp = torch.func.vjp(outputs_fn, *inputs)
+        grads = vjp(upstream)
+    return [g if t.requires_grad else None for g, t in zip(grads, inputs)]
 
 
 def _torch_backend() -> Backend:
@@ -285,7 +288,8 @@ class PenaltyFunction(torch.autograd.Function):
             take_state(ctx.plan)
             plan = ctx.plan.feature_form(generator_state)
             d_logits, d_features = differentiable_grads(
-                lambda: plan.forward(_torch_backend(), problem), (logits, features), (alpha, beta))
+                lambda lg, ft: plan.forward(_torch_backend(), problem.with_tensors(lg, ft)), (logits, features),
+                (alpha, beta))
             return d_logits, d_features, None, None, None
         put_state(ctx.slots, state)
         try:

@@ -189,9 +189,10 @@ class _HeadStatistic(torch.autograd.Function):
         problem, backend = ctx.problem.with_tensors(logits, features, targets), ctx.backend
         if torch.is_grad_enabled():  # create_graph=True (_penalty.DOUBLE_BACKWARD_NOTE)
             torch_backend = backends.load("torch")
+            def statistic(lg, ft, vec=None):
+                return _statistic(torch_backend, problem.with_tensors(lg, ft), ctx.kind, vec)
             inputs = (logits, features) if vector is None else (logits, features, vector)
-            grads = differentiable_grads(lambda: _statistic(torch_backend, problem, ctx.kind, vector), inputs,
-                                         (upstream,))
+            grads = differentiable_grads(statistic, inputs, upstream)
             return (*grads, *([None] * (6 - len(grads))))
         upstream = upstream.contiguous()
         d_vector = None

@@ -27,7 +27,7 @@ def _head_inputs(case, dtype=torch.float64):
     """A head W (leaf) producing the case's logits shape from its features: (W, logits fn)."""
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(case.logits.shape[1], case.features.shape[1], generator=gen, dtype=dtype, requires_grad=True)
-    feats = case.features.to(dtype)
+    feats = case.features.to(dtype).requires_grad_(True)
     return w, feats
 
 
@@ -98,11 +98,12 @@ def test_double_backward_matches_reference(backend, form, method, detach):
     for impl in (backend, "reference"):
         w, feats = _head_inputs(case)
         pen = fn(feats @ w.T, feats, case.labels, case.envs, backend=impl, form=form, detach_reference=detach)
-        (g,) = torch.autograd.grad(pen.hessian + pen.gradient, w, create_graph=True)
-        (hvp,) = torch.autograd.grad((g * v).sum(), w)
-        results.append((g.detach(), hvp))
-    assert_close(results[0][0], results[1][0], 1e-10, "first derivative")
-    assert_close(results[0][1], results[1][1], 1e-9, "second derivative")
+        g, g_feats = torch.autograd.grad(pen.hessian + pen.gradient, (w, feats), create_graph=True)
+        hvp, hvp_feats = torch.autograd.grad((g * v).sum(), (w, feats))
+        results.append((g.detach(), hvp, g_feats.detach(), hvp_feats))
+    for at, what in enumerate(("first derivative", "second derivative", "first derivative (features)",
+                               "second derivative (features)")):
+        assert_close(results[0][at], results[1][at], 1e-9, what)
     assert results[1][1].abs().max() > 1e-6  # the check is not trivial
 
 
