@@ -1,4 +1,4 @@
-// Per-sample math of DESIGN.md (the §1 table and §2 per-sample backward), written once
+// Per-sample math of docs/design.md (the §1 table and §2 per-sample backward), written once
 // for the C++ CPU kernels and the CUDA kernels. Every function works on one sample's
 // C-long rows; T is float or double (half-precision inputs arrive upcast to float).
 #pragma once

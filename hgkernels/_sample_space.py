@@ -2,8 +2,8 @@
 
 Every statistic is a sum over samples X_e = sum_{i in e} x_i phi_i^T (x_i a C-vector,
 phi_i = zh_i, or zh_i ⊙ zh_i for the Hessian diagonal), so every squared norm the
-penalties need is a quadratic form in the Gram matrix K_ij = phi_i . phi_j (DESIGN.md
-§1, last paragraph). With E environments and the mean reference,
+penalties need is a quadratic form in the Gram matrix K_ij = phi_i . phi_j (docs/design.md
+§3.1). With E environments and the mean reference,
 
     sum_e ||X_e - mean_f X_f||^2 = <x, (K ⊙ same) x> - <x, K x> / E,
 

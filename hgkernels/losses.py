@@ -1,4 +1,4 @@
-"""Per-loss closed forms (DESIGN.md §1 table and §2), the one Python home of this math.
+"""Per-loss closed forms (docs/design.md §1 table and §2), the one Python home of this math.
 
 Every loss is written through a "link" p = link(a) and
 

@@ -23,7 +23,7 @@ from hgkernels.backends import triton_backend  # noqa: E402  (after the importor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
-RTOL_FP32 = 1e-5  # DESIGN.md §4, against float32 torch and against float64 alike
+RTOL_FP32 = 1e-5  # docs/design.md §4.8, against float32 torch and against float64 alike
 RTOL_HALF = 1e-2
 OUTPUT_NAMES = ("hessian term", "gradient term", "d logits", "d features")
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the two backend primitives (DESIGN.md §1–2): one launch per primitive call.
+"""Triton kernels of the two backend primitives (docs/design.md §1–2): one launch per primitive call.
 
 Imported only by `triton_backend` when a primitive runs, never by ``import hgkernels``.
 
@@ -304,7 +304,7 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
                                LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_UP: tl.constexpr,
                                DIAG_UP: tl.constexpr, HVP_UP: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d logits (N, C) and d features (N, D) for one row block of one environment (DESIGN.md §2).
+    """d logits (N, C) and d features (N, D) for one row block of one environment (docs/design.md §2).
 
     Grid: (row blocks of the largest segment, E). Lam = dPsi/dG_e (`lam`), Gam =
     dPsi/dDg_e (`gam`), and per direction k: V_ek (`dir`) with upstream U_ek (`up`).

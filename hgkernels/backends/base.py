@@ -8,7 +8,7 @@ Shapes (E environments, C classes, D features, Dh = D + bias, K directions):
 * ``per_sample_backward`` — given upstream gradients dPsi/dG_e (``grad_up``),
   dPsi/dDg_e (``diag_up``) and dPsi/d(H_e V_ek) for fixed directions V
   (``hvp_up`` against ``hvp_dirs``), return dPsi/dlogits (N, C) and
-  dPsi/dfeatures (N, D) in the compute dtype (DESIGN.md §2).
+  dPsi/dfeatures (N, D) in the compute dtype (docs/design.md §2).
 
 The gradient that flows into a direction V (HGP's V = G_e) is itself an
 HVP, dPsi/dV_ek = H_e @ hvp_up[e, k] (H_e is symmetric), so it needs no third primitive.

@@ -1,4 +1,4 @@
-"""Closed form in plain torch ops (DESIGN.md §1–2), all environments at once.
+"""Closed form in plain torch ops (docs/design.md §1–2), all environments at once.
 
 Samples are laid out as (E, Nmax, ...) — one row of slots per environment, padded
 to the largest one — so every per-environment reduction is one batched GEMM and

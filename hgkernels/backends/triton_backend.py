@@ -185,7 +185,7 @@ class TritonBackend(Backend):
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
                             hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """d logits (N, C) and d features (N, D) in float32, one launch (DESIGN.md §2)."""
+        """d logits (N, C) and d features (N, D) in float32, one launch (docs/design.md §2)."""
         seg = problem.segments
         n, c, d = problem.logits.shape[0], problem.num_classes, problem.num_features
         device = problem.logits.device
