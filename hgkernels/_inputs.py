@@ -143,7 +143,9 @@ def _in_compiled_trace() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[int]) -> EnvSegments:
+def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[int], shard: bool) -> EnvSegments:
+    """``shard``: this is one rank's part of a distributed batch, where an environment (or the whole
+    batch) may be absent locally; the emptiness check then runs on the global counts."""
     if num_envs is not None and (isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1):
         raise ValueError(f"num_envs must be a positive int; got {num_envs!r}")
     if isinstance(envs, torch.Tensor):
@@ -162,26 +164,28 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
             return EnvSegments(env_ids, num_envs, None, grouped=False)
         # Checked whatever `validate` says: the sizes are read on the host anyway, and an id
         # outside [0, E) or an empty environment has no meaning (a mean over no samples).
+        if shard and n == 0:
+            return EnvSegments(env_ids, num_envs, [0] * num_envs, grouped=True)
         lo, hi = (int(v) for v in torch.aminmax(env_ids))
         if lo < 0:
             raise ValueError(f"envs holds a negative environment id ({lo})")
         if num_envs is not None and hi >= num_envs:
             raise ValueError(f"envs holds id {hi} but num_envs={num_envs}")
         e = num_envs if num_envs is not None else hi + 1
-        if e > n:  # some environment must be empty; say so before sizing anything by E
+        if e > n and not shard:  # some environment must be empty; say so before sizing anything by E
             raise ValueError(f"envs: {e} environments (ids 0..{e - 1}) but only {n} samples, so some environment "
                              "has no samples; number the environments 0..E-1")
         counts = torch.bincount(env_ids, minlength=e).tolist()
         empty = [i for i, c in enumerate(counts) if c == 0]
-        if empty:
+        if empty and not shard:
             raise ValueError(f"envs: environment(s) {_listed(empty)} of {e} have no samples")
         grouped = bool((env_ids[1:] >= env_ids[:-1]).all())
         return EnvSegments(env_ids, e, counts, grouped)
     if isinstance(envs, (list, tuple)):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in envs):
             raise TypeError("envs given as a sequence must hold ints (per-environment sizes)")
-        if len(envs) == 0 or any(c <= 0 for c in envs):
-            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {list(envs)}")
+        if len(envs) == 0 or any(c < 0 or (c == 0 and not shard) for c in envs):
+            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {_listed(list(envs))}")
         if sum(envs) != n:
             raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples")
         if num_envs is not None and num_envs != len(envs):
@@ -232,7 +236,7 @@ def _check_not_vmapped(**tensors) -> None:
 
 
 def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: Optional[int] = None,
-            validate: bool = True) -> HeadProblem:
+            validate: bool = True, shard: bool = False) -> HeadProblem:
     """Check the user's tensors and build the `HeadProblem` every backend consumes.
 
     1-D logits are read as a single logit per sample (C = 1). Raises TypeError
@@ -240,7 +244,9 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
 
     ``validate=False`` skips the scans that read every value (NaN/Inf in logits, features
     and targets; the label range; binary targets in [0, 1]). The structural checks stay: an
-    environment id outside [0, E) or an empty environment always raises. A cross_entropy
+    environment id outside [0, E) or an empty environment always raises. ``shard`` (one rank's
+    part of a distributed batch, ids needing ``num_envs``) admits an empty batch or environment:
+    the distributed path checks the global counts. A cross_entropy
     label outside [0, C) then makes every label-dependent output NaN (the gradient term, HGP's
     Hessian term, all gradients) on every backend; nothing is read out of bounds.
     """
@@ -261,7 +267,7 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
     n, c = logits.shape
     if features.shape[0] != n:
         raise ValueError(f"features has {features.shape[0]} rows but logits has {n}")
-    if n == 0 or c == 0 or features.shape[1] == 0:
+    if (n == 0 and not shard) or c == 0 or features.shape[1] == 0:
         raise ValueError(f"logits {tuple(logits.shape)} and features {tuple(features.shape)} must be non-empty")
     if features.device != logits.device:
         raise ValueError(f"features is on {features.device} but logits are on {logits.device}")
@@ -276,5 +282,7 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
         _check_finite("logits", logits, masked_logits=loss == "cross_entropy")
         _check_finite("features", features)
     targets = _targets(loss, labels, n, c, logits.device, compute_dtype(logits.dtype), validate)
-    segments = _segments(envs, n, logits.device, num_envs)
+    if shard and isinstance(envs, torch.Tensor) and num_envs is None:
+        raise ValueError("num_envs is needed for a rank's shard given as ids (hgkernels.distributed agrees on it)")
+    segments = _segments(envs, n, logits.device, num_envs, shard)
     return HeadProblem(logits, features, targets, loss, bias, segments)

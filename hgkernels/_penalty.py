@@ -140,11 +140,12 @@ class StochasticDiagPlan(StateHolder):
             generator.set_state(generator_state)
         return StochasticDiagPlan(self.env_reduction, self.detach_reference, self.num_probes, generator)
 
-    def _probe_batches(self, problem: HeadProblem, gen: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def _probe_batches(self, problem: HeadProblem, gen: torch.Generator,
+                       num_samples: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Yield (own (E, k, C, Dh), ref (k, C, Dh)) probe batches drawn from `gen`."""
         e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         device = problem.logits.device
-        per_probe = max((e + 1) * c * dh, problem.logits.shape[0] * c)
+        per_probe = max((e + 1) * c * dh, num_samples * c)
         batch = max(1, min(self.num_probes, PROBE_BATCH_ELEMENTS // per_probe))
         for start in range(0, self.num_probes, batch):
             draws = torch.stack([rademacher_probe(gen, e, c, dh, problem.compute_dtype, device)
@@ -160,7 +161,7 @@ class StochasticDiagPlan(StateHolder):
         grad = backend.head_stats(problem, gradient=True).grad
         own_sum = grad.new_zeros(grad.shape)
         ref_sum = grad.new_zeros(grad.shape[1:])
-        for own, ref in self._probe_batches(problem, live):
+        for own, ref in self._probe_batches(problem, live, backend.num_samples(problem)):
             k = ref.shape[0]
             dirs = torch.cat([own, ref.expand(e, *ref.shape)], 1)
             hv = backend.head_stats(problem, hvp_dirs=dirs).hvp
@@ -181,7 +182,7 @@ class StochasticDiagPlan(StateHolder):
         replay = torch.Generator(device=problem.logits.device)
         replay.set_state(self.state)
         grad_up = lam
-        for own, ref in self._probe_batches(problem, replay):
+        for own, ref in self._probe_batches(problem, replay, backend.num_samples(problem)):
             dirs, ups = own, gam.unsqueeze(1) * own / self.num_probes
             if gam_ref is not None:
                 dirs = torch.cat([dirs, ref.expand(e, *ref.shape)], 1)
@@ -283,6 +284,9 @@ class PenaltyFunction(torch.autograd.Function):
         logits, features, targets, _env_ids, *state = ctx.saved_tensors
         problem = ctx.problem.with_tensors(logits, features, targets)
         if torch.is_grad_enabled():  # create_graph=True: see DOUBLE_BACKWARD_NOTE
+            if not ctx.backend.differentiable_again:
+                raise RuntimeError("create_graph=True (double backward) through a penalty with a process_group is "
+                                   "not supported: the collectives run inside the hand-written backward")
             put_state(ctx.slots, state)
             generator_state = getattr(ctx.plan, "state", None)
             take_state(ctx.plan)

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import backends, reference as reference_path
+from . import backends, distributed, reference as reference_path
 from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan, differentiable_grads
 from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space
@@ -51,7 +51,7 @@ def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
         method, problem.logits.shape[0], problem.num_classes, problem.head_width))
 
 
-def _check_targets_grad(problem: HeadProblem, labels) -> None:
+def _check_targets_grad(labels) -> None:
     if isinstance(labels, torch.Tensor) and labels.requires_grad and torch.is_grad_enabled():
         raise ValueError("labels requires grad (soft targets from a trainable model): the closed-form backends give "
                          "no gradient with respect to targets; pass labels.detach(), or backend='reference', "
@@ -71,12 +71,41 @@ def composed_backend(impl: Backend) -> Backend:
     return backends.load("torch")
 
 
-def _run(problem: HeadProblem, backend: str, plan, reference_call, labels) -> Penalty:
+def _prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Optional[int], validate: bool,
+              config: Sequence[Tuple[str, object]]):
+    """Run `build(num_envs, shard)` -> (problem, plan), the option checks and `prepare`. With a process
+    group, E is agreed first (ids without num_envs) and, with validate, every rank learns whether any
+    rank's inputs or options were rejected, so all raise together instead of waiting in a collective."""
+    if process_group is None:
+        return build(num_envs, False)
+    distributed.check_group(process_group)
+    check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+    num_envs = distributed.agree_num_envs(envs, num_envs, process_group)
+    if not validate:
+        return build(num_envs, True)
+    built, error = None, None
+    try:
+        built = build(num_envs, True)
+    except (ValueError, TypeError) as err:
+        error = err
+    distributed.agree(process_group, error, [("num_envs", num_envs), *config])
+    return built
+
+
+def _run(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
+         ddp_reduction: str = "mean") -> Penalty:
     if backend == "reference":
+        if process_group is not None:
+            raise ValueError("backend='reference' has no process_group support: its autograd statistics are "
+                             "this rank's; use a closed-form backend")
         return Penalty(*reference_call())
-    _check_targets_grad(problem, labels)
     impl = backends.select(backend, problem)
-    if _traced():
+    if process_group is not None:
+        if _traced():
+            raise ValueError("process_group under torch.compile or torch.func is not supported: the collectives "
+                             "run inside the hand-written backward")
+        impl = distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor)
+    elif _traced():
         # The autograd Function's hand-written backward cannot be traced or transformed; autograd
         # differentiates the feature form's ops instead (same values up to rounding).
         return Penalty(*plan.feature_form().forward(composed_backend(impl), problem))
@@ -87,7 +116,8 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
                        loss: str = "cross_entropy", bias: bool = True, estimator: str = "exact",
                        num_probes: int = 300, generator: Optional[torch.Generator] = None,
                        env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
-                       num_envs: Optional[int] = None, validate: bool = True, form: str = "auto") -> Penalty:
+                       num_envs: Optional[int] = None, validate: bool = True, form: str = "auto",
+                       process_group=None, ddp_reduction: str = "mean") -> Penalty:
     """Hessian-diagonal alignment (the paper's Hutchinson method) for a linear head.
 
     Args:
@@ -115,53 +145,85 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
             to both forms' CPU times (hgkernels/_sample_space.py).
             Only the exact estimator has a sample form; ``backend="reference"`` ignores it,
             and one environment always takes the feature form (exact zeros).
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``): the
+            statistics are those of the concatenation of every rank's batch, the penalty is the
+            same on every rank (environments identified by id; ``num_envs`` or a size list, or it
+            is agreed by a collective), computed in the feature form. A rank may hold no sample of
+            an environment, or none at all; it still joins. ``None``: this process's batch only.
+        ddp_reduction: with a process group, how the ranks' gradients are combined afterwards:
+            ``"mean"`` (DistributedDataParallel's averaging; each rank's backward returns its share
+            times the world size, so the average is the global gradient) or ``"sum"`` (its share).
 
     Returns:
         Penalty(hessian, gradient): R_e ||Dg_e - mean Dg||^2 and R_e ||G_e - G_bar||^2.
     """
-    check_choice("estimator", estimator, ESTIMATORS)
-    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-    _check_common(env_reduction, detach_reference, backend, form)
-    if form == "sample" and estimator != "exact":
-        raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
-    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
-    if generator is not None and generator.device.type != problem.logits.device.type:
-        raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
-    if estimator == "exact" and _sample_form(form, problem, "hutchinson"):
-        plan = SampleExactDiagPlan(env_reduction, detach_reference)
-    elif estimator == "exact":
-        plan = ExactDiagPlan(env_reduction, detach_reference)
-    else:
-        plan = StochasticDiagPlan(env_reduction, detach_reference, num_probes, generator)
+    def build(num_envs, shard):
+        check_choice("estimator", estimator, ESTIMATORS)
+        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        _check_common(env_reduction, detach_reference, backend, form)
+        if form == "sample" and estimator != "exact":
+            raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
+        problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
+                          validate=validate, shard=shard)
+        if backend != "reference":
+            _check_targets_grad(labels)
+        if generator is not None and generator.device.type != problem.logits.device.type:
+            raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
+        if estimator == "exact" and not shard and _sample_form(form, problem, "hutchinson"):
+            return problem, SampleExactDiagPlan(env_reduction, detach_reference)
+        if estimator == "exact":
+            return problem, ExactDiagPlan(env_reduction, detach_reference)
+        return problem, StochasticDiagPlan(env_reduction, detach_reference, num_probes, generator)
+
+    config = [("function", "hutchinson_penalty"), ("loss", loss), ("bias", bias), ("estimator", estimator),
+              ("num_probes", num_probes), ("env_reduction", env_reduction), ("detach_reference", detach_reference),
+              ("backend", backend), ("form", form), ("ddp_reduction", ddp_reduction)]
+    if process_group is not None and estimator == "hutchinson" and validate:
+        device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+        config.append(("probe generator state", distributed.generator_fingerprint(generator, device)))
+    problem, plan = _prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
+                              num_envs=num_envs, validate=validate, config=config)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
-        estimator=estimator, num_probes=num_probes, generator=generator), labels)
+        estimator=estimator, num_probes=num_probes, generator=generator), process_group, ddp_reduction)
 
 
 def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                 loss: str = "cross_entropy", bias: bool = True, reference: str = "pooled",
                 env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
-                num_envs: Optional[int] = None, validate: bool = True, form: str = "auto") -> Penalty:
+                num_envs: Optional[int] = None, validate: bool = True, form: str = "auto",
+                process_group=None, ddp_reduction: str = "mean") -> Penalty:
     """Hessian-gradient-product alignment (the paper's HGP method) for a linear head.
 
-    Arguments as in `hutchinson_penalty` (``form`` included), plus ``reference``: ``"pooled"`` (official:
-    H_bar G_bar, the pooled loss's Hessian times its gradient) or ``"mean"`` (mean_e H_e G_e).
+    Arguments as in `hutchinson_penalty` (``form``, ``process_group`` and ``ddp_reduction`` included),
+    plus ``reference``: ``"pooled"`` (official: H_bar G_bar, the pooled loss's Hessian times its
+    gradient) or ``"mean"`` (mean_e H_e G_e).
 
     Returns:
         Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
     """
-    check_choice("reference", reference, REFERENCES)
-    _check_common(env_reduction, detach_reference, backend, form)
-    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
-    if _sample_form(form, problem, "hgp"):
-        plan = SampleHGPPlan(env_reduction, detach_reference, reference)
-    else:
-        plan = HGPPlan(env_reduction, detach_reference, reference)
+    def build(num_envs, shard):
+        check_choice("reference", reference, REFERENCES)
+        _check_common(env_reduction, detach_reference, backend, form)
+        problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
+                          validate=validate, shard=shard)
+        if backend != "reference":
+            _check_targets_grad(labels)
+        if not shard and _sample_form(form, problem, "hgp"):
+            return problem, SampleHGPPlan(env_reduction, detach_reference, reference)
+        return problem, HGPPlan(env_reduction, detach_reference, reference)
+
+    config = [("function", "hgp_penalty"), ("loss", loss), ("bias", bias), ("reference", reference),
+              ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend),
+              ("form", form), ("ddp_reduction", ddp_reduction)]
+    problem, plan = _prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
+                              num_envs=num_envs, validate=validate, config=config)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
-        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference), labels)
+        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference),
+        process_group, ddp_reduction)
 
 
 def _statistic(backend: Backend, problem: HeadProblem, kind: str, vector: Optional[torch.Tensor]) -> torch.Tensor:
@@ -216,7 +278,7 @@ def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bia
     if backend == "reference":
         stats = reference_path.stats(problem, kind, flat_vector)
     else:
-        _check_targets_grad(problem, labels)
+        _check_targets_grad(labels)
         impl = backends.select(backend, problem)
         if _traced():
             stats = _statistic(composed_backend(impl), problem, kind, flat_vector)

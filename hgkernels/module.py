@@ -23,9 +23,24 @@ class AlignmentLoss(NamedTuple):
 def env_mean_loss(logits, labels, envs, *, loss: str = "cross_entropy", num_envs: Optional[int] = None,
                   validate: bool = True) -> torch.Tensor:
     """(E,) per-environment losses L_e, each torch's functional loss with mean reduction."""
+    return _env_losses(logits, labels, envs, loss, num_envs, validate, shard=False)
+
+
+def _local_erm(logits, labels, envs, loss: str, num_envs: Optional[int]) -> torch.Tensor:
+    """A rank's ERM under a process group: the mean of L_e over the environments present in its shard
+    (zero, still in the graph, for an empty shard)."""
+    if isinstance(envs, torch.Tensor) and num_envs is None:
+        num_envs = int(envs.max()) + 1 if envs.numel() else 1
+    env_losses = _env_losses(logits, labels, envs, loss, num_envs, False, shard=True)
+    present = ~torch.isnan(env_losses)
+    return env_losses[present].mean() if bool(present.any()) else logits.sum() * 0
+
+
+def _env_losses(logits, labels, envs, loss: str, num_envs: Optional[int], validate: bool, shard: bool):
+    """(E,) L_e; with ``shard``, NaN for an environment absent from this rank's shard."""
     dummy_features = logits.new_zeros(logits.shape[0], 1)
     problem = prepare(logits, dummy_features, labels, envs, loss=loss, bias=False, num_envs=num_envs,
-                      validate=validate)
+                      validate=validate, shard=shard)
     logits = problem.logits.to(problem.compute_dtype)
     if loss == "cross_entropy":
         per_sample = F.cross_entropy(logits, problem.targets, reduction="none")
@@ -71,8 +86,11 @@ class HessianAlignmentLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                 envs: EnvsArg) -> AlignmentLoss:
         pen = self._penalty_fn(logits, features, labels, envs, **self.penalty_kwargs)
-        erm = env_mean_loss(logits, labels, envs, loss=self.penalty_kwargs.get("loss", "cross_entropy"),
-                            num_envs=self.penalty_kwargs.get("num_envs"), validate=False).mean()
+        loss, num_envs = self.penalty_kwargs.get("loss", "cross_entropy"), self.penalty_kwargs.get("num_envs")
+        if self.penalty_kwargs.get("process_group") is not None:
+            erm = _local_erm(logits, labels, envs, loss, num_envs)
+        else:
+            erm = env_mean_loss(logits, labels, envs, loss=loss, num_envs=num_envs, validate=False).mean()
         return AlignmentLoss(erm + self.alpha * pen.hessian + self.beta * pen.gradient, erm,
                              pen.hessian, pen.gradient)
 

@@ -33,6 +33,9 @@ class Backend:
     """Base class: subclasses set ``name`` and implement the two primitives."""
 
     name: str = ""
+    # whether PenaltyFunction may recompute this backend's statistics with the torch backend's ops
+    # for a double backward (not when they span ranks: hgkernels.distributed)
+    differentiable_again: bool = True
 
     def unsupported_reason(self, problem: HeadProblem, auto: bool = False) -> Optional[str]:
         """None when this backend can run `problem`, else why not (device, dtype, build).
@@ -40,6 +43,11 @@ class Backend:
         ``auto`` is True when `backend="auto"` asks: a backend may accept inputs when
         named explicitly but decline them for auto (Triton on CPU under the interpreter)."""
         return None
+
+    def num_samples(self, problem: HeadProblem) -> int:
+        """The batch size the statistics are over (every rank's batch, for hgkernels.distributed); work
+        that is split by size, such as probe batches, splits by it so every rank splits alike."""
+        return problem.logits.shape[0]
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
                    hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:

@@ -29,7 +29,9 @@ class _PaddedLayout:
         self.max_count = segments.max_count
         self.num_samples = segments.env_ids.numel()
         self.is_view = segments.grouped and segments.counts is not None and len(set(segments.counts)) == 1
-        self.inv_count = 1.0 / segments.counts_tensor.to(torch.float64)
+        counts = segments.counts_tensor.to(torch.float64)
+        # an environment absent from a rank's shard (hgkernels.distributed) has no samples and weight 0
+        self.inv_count = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)
         if not self.is_view:
             slot = torch.arange(self.max_count, device=segments.device)
             # (E, Nmax): which padded slots hold a real sample, and the sample index of each slot

@@ -1,0 +1,178 @@
+"""Exact penalties across ranks: the statistics of the concatenation of every rank's batch.
+
+Every statistic is a per-environment sum over samples divided by N_e (docs/design.md §5.3), so a
+rank's share of the global statistic is its local sum over the global count. `GlobalStats` wraps
+any closed-form backend and is the one place that knows about ranks:
+
+- ``head_stats``: the backend's local per-environment means times the local counts give local
+  sums; one all-reduce (SUM) of the packed sums — with the local counts on the first call, so the
+  exact Hutchinson forward needs exactly one — and a division by the global counts give every rank
+  the same global statistics.
+- ``per_sample_backward``: local. Each rank's samples enter the global statistic with weight
+  1/N_e(global) instead of the backend's 1/N_e(local); the per-sample backward is linear in that
+  weight, so scaling the upstream matrices by N_e(local)/N_e(global) is exact. The result is this
+  rank's share of dPsi/dinputs, times the world size for ``ddp_reduction="mean"`` (the default:
+  DistributedDataParallel averages gradients over ranks, and the average of W shares is their sum)
+  or as it is for ``"sum"`` (code that sums gradients itself).
+
+The plans run unchanged on top, so HGP's second statistic (the HVP of the global gradient) and
+its backward's HVP of the upstream matrix each cost one more all-reduce. Every rank makes the same
+collectives in the same order whatever its data: an empty shard contributes zeros.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ._inputs import HeadProblem, _listed
+from .backends.base import Backend, HeadStats
+
+DDP_REDUCTIONS = ("mean", "sum")
+
+
+def world_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def check_group(process_group) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD) or None; got {type(process_group).__name__}")
+
+
+def agree_num_envs(envs, num_envs: Optional[int], group) -> Optional[int]:
+    """E when num_envs is not given: the largest id (or size-list length) over every rank, plus one
+    (one all-reduce, which every rank makes whatever its envs hold)."""
+    if num_envs is not None:
+        return num_envs
+    if isinstance(envs, torch.Tensor) and envs.dim() == 1 and not envs.dtype.is_floating_point:
+        local = envs.max().to(torch.int64).cpu() if envs.numel() else torch.tensor(-1)
+    elif isinstance(envs, (list, tuple)):
+        local = torch.tensor(len(envs) - 1)
+    else:
+        local = torch.tensor(-1)
+    device = envs.device if isinstance(envs, torch.Tensor) else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    local = local.reshape(1).to(device)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+    return int(local) + 1 if int(local) >= 0 else None
+
+
+def generator_fingerprint(generator: Optional[torch.Generator], device: torch.device) -> str:
+    """A short hash of the probe generator's state: every rank must draw the same probes."""
+    if generator is None:
+        generator = (torch.cuda.default_generators[device.index or 0] if device.type == "cuda"
+                     else torch.default_generator)
+    return hashlib.sha1(generator.get_state().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def agree(group, error: Optional[BaseException], config: Sequence[Any]) -> None:
+    """Every rank learns whether any rank rejected its inputs, and whether all ranks called with the
+    same options; either raises the same ValueError on every rank (one all_gather_object)."""
+    gathered: List[Any] = [None] * world_size(group)
+    dist.all_gather_object(gathered, (None if error is None else f"{type(error).__name__}: {error}",
+                                      tuple(config)), group=group)
+    failed = [(rank, message) for rank, (message, _) in enumerate(gathered) if message is not None]
+    if failed:
+        if error is not None:
+            raise error
+        rank, message = failed[0]
+        raise ValueError(f"process_group: rank {rank} rejected its inputs ({message}); every rank raises")
+    configs = [cfg for _, cfg in gathered]
+    for rank, cfg in enumerate(configs):
+        if cfg != configs[0]:
+            diff = [f"{name}: {a!r} on rank 0, {b!r} on rank {rank}"
+                    for (name, a), (_, b) in zip(configs[0], cfg) if a != b]
+            raise ValueError("process_group: ranks called with different options (" + "; ".join(diff) + ")")
+
+
+class GlobalStats(Backend):
+    """`inner`'s statistics made global over `group` (see the module docstring)."""
+
+    differentiable_again = False
+
+    def __init__(self, inner: Backend, group, ddp_reduction: str, local_counts: torch.Tensor):
+        self.inner = inner
+        self.name = inner.name
+        self.group = group
+        self.world = world_size(group)
+        self.ddp_reduction = ddp_reduction
+        self.local_counts = local_counts
+        self.global_counts: Optional[torch.Tensor] = None
+        # for benchmarks and tests: collectives made and bytes all-reduced by this call
+        self.collectives = 0
+        self.bytes_reduced = 0
+
+    def unsupported_reason(self, problem: HeadProblem, auto: bool = False) -> Optional[str]:
+        return self.inner.unsupported_reason(problem, auto)
+
+    def num_samples(self, problem: HeadProblem) -> int:
+        return int(self.global_counts.sum()) if self.global_counts is not None else problem.logits.shape[0]
+
+    def _all_reduce(self, flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, group=self.group)
+        self.collectives += 1
+        self.bytes_reduced += flat.numel() * flat.element_size()
+
+    def _share(self) -> torch.Tensor:
+        """(E,) N_e(local) / N_e(global): a rank's weight in each environment's global mean."""
+        return self.local_counts.to(self.global_counts.dtype) / self.global_counts
+
+    def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
+                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+        e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
+        dtype, device = problem.compute_dtype, problem.logits.device
+        wanted = [gradient, hess_diag, hvp_dirs is not None]
+        if problem.logits.shape[0] > 0:
+            local = list(self.inner.head_stats(problem, gradient=gradient, hess_diag=hess_diag, hvp_dirs=hvp_dirs))
+        else:  # an empty shard still joins the collective
+            k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
+            shapes = [(e, c, dh), (e, c, dh), (e, k, c, dh)]
+            local = [torch.zeros(shape, dtype=dtype, device=device) if want else None
+                     for want, shape in zip(wanted, shapes)]
+        counts = self.local_counts.to(dtype)
+        present = counts > 0
+        # local means times local counts = local sums; an environment absent here contributes 0
+        sums = [torch.where(present.view(-1, *[1] * (t.dim() - 1)), t * counts.view(-1, *[1] * (t.dim() - 1)), 0)
+                for t in local if t is not None]
+        first = self.global_counts is None
+        flat = torch.cat([s.flatten() for s in sums] + ([counts] if first else []))
+        self._all_reduce(flat)
+        if first:
+            self.global_counts = flat[-e:].clone()
+            empty = (self.global_counts == 0).nonzero().flatten().tolist()
+            if empty:  # every rank holds the same counts, so every rank raises
+                raise ValueError(f"envs: environment(s) {_listed(empty)} of {e} have no samples on any rank")
+        out, at = [], 0
+        for t in local:
+            if t is None:
+                out.append(None)
+                continue
+            size = t.numel()
+            total = flat[at:at + size].view(t.shape)
+            out.append(total / self.global_counts.view(-1, *[1] * (t.dim() - 1)))
+            at += size
+        return HeadStats(*out)
+
+    def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
+                            diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
+                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        n, dtype = problem.logits.shape[0], problem.compute_dtype
+        if n == 0:
+            return (problem.logits.new_zeros(problem.logits.shape, dtype=dtype),
+                    problem.features.new_zeros(problem.features.shape, dtype=dtype))
+        share = self._share()
+        scale = share * self.world if self.ddp_reduction == "mean" else share
+
+        def scaled(up: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if up is None else up * scale.view(-1, *[1] * (up.dim() - 1)).to(up.dtype)
+
+        return self.inner.per_sample_backward(problem, grad_up=scaled(grad_up), diag_up=scaled(diag_up),
+                                              hvp_dirs=hvp_dirs, hvp_up=scaled(hvp_up))
