@@ -72,21 +72,25 @@ def main(argv: Sequence[str] = None) -> str:
              *(f"- `{n}` ran {runs[n][0]['machine']}" for n, _ in arms), "",
              f"{args.repeats} processes per arm, alternating; each process: `training_step.py {' '.join(step_args)}`. "
              "ms: median over processes of each process's median (min-max over processes); "
-             "ratio: median over processes of the median per-round ratio to ERM.", "",
-             "| arm | case | ms (min-max) | /ERM |", "|---|---|---|---|"]
+             "/ERM and - ERM: medians over processes of the median per-round ratio to and difference from ERM; "
+             "minor faults: median per step (getrusage).", "",
+             "| arm | case | ms (min-max) | /ERM | - ERM, ms | minor faults / step |", "|---|---|---|---|---|---|"]
     for name, _ in arms:
-        cases: Dict[str, List[Tuple[float, float]]] = {}
+        cases: Dict[str, List[Tuple[float, float, float, float]]] = {}
         for run in runs[name]:
             for shape, times in run["seconds"].items():
                 erm = times.get(f"{shape}/erm")
+                faults = run.get("minor_faults_per_step", {}).get(shape, {})
                 for case, seconds in times.items():
                     ratio = statistics.median([s / e for s, e in zip(seconds, erm)]) if erm else float("nan")
-                    cases.setdefault(case, []).append((statistics.median(seconds) * 1e3, ratio))
+                    delta = statistics.median([s - e for s, e in zip(seconds, erm)]) * 1e3 if erm else float("nan")
+                    flt = statistics.median(faults[case]) if case in faults else float("nan")
+                    cases.setdefault(case, []).append((statistics.median(seconds) * 1e3, ratio, delta, flt))
         for case, vals in cases.items():
             ms = [v[0] for v in vals]
-            ratio = statistics.median(v[1] for v in vals)
+            ratio, delta, flt = (statistics.median(v[i] for v in vals) for i in (1, 2, 3))
             lines.append(f"| {name} | {case} | {statistics.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f}) | "
-                         f"{ratio:.3f} |")
+                         f"{ratio:.3f} | {delta:+.1f} | {flt:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -12,7 +12,7 @@ shape and per method (exact Hutchinson, HGP) this times, in one process:
 - ``official``: the same objective by generic autograd on the head's parameters, per environment,
                 with create_graph=True (`official_penalty` below), as the official code runs it today.
                 HGP's Hessian statistic is exact; Hutchinson uses ONE Rademacher probe per
-                environment and one for the pooled reference (the official code uses more: 100
+                environment and one for the pooled reference (the official code uses more: 300
                 in DomainBed, 150 in the Colored MNIST script; each probe adds one double backward).
 
 Rounds interleave the variants (each round runs every variant once, in an order rotated
@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -303,16 +304,27 @@ def make_step(shape: StepShape, variant: str, method: Optional[str], *, alpha: f
     return step
 
 
-def _timed(step: Callable[[], float], repeat: int) -> float:
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(step: Callable[[], float], repeat: int, faults: Optional[List[float]] = None) -> float:
+    """Seconds per step over `repeat` back-to-back steps; appends minor page faults per step to `faults`."""
+    flt = _minor_faults()
     start = time.perf_counter()
     for _ in range(repeat):
         step()
-    return (time.perf_counter() - start) / repeat
+    seconds = (time.perf_counter() - start) / repeat
+    if faults is not None:
+        faults.append((_minor_faults() - flt) / repeat)
+    return seconds
 
 
 def run_rounds(cases: Dict[str, Callable[[], float]], rounds: int, min_seconds: float,
-               progress: Optional[Callable[[str], None]] = None) -> Dict[str, List[float]]:
-    """Seconds per step of each case in each round; cases interleaved, order rotated per round."""
+               progress: Optional[Callable[[str], None]] = None,
+               faults: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """Seconds per step of each case in each round; cases interleaved, order rotated per round.
+    `faults`, when given, receives each case's minor page faults per step in each round."""
     names = list(cases)
     repeats = {}
     for name in names:  # warm-up (2 steps), then enough back-to-back steps per round for min_seconds
@@ -324,7 +336,8 @@ def run_rounds(cases: Dict[str, Callable[[], float]], rounds: int, min_seconds: 
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             gc.collect()
-            times[name].append(_timed(cases[name], repeats[name]))
+            times[name].append(_timed(cases[name], repeats[name],
+                                      None if faults is None else faults.setdefault(name, [])))
         if progress:
             progress(f"round {r + 1}/{rounds} done")
     return times
@@ -336,8 +349,10 @@ def case_name(shape: str, variant: str, method: Optional[str]) -> str:
 
 def benchmark(shape_names: Sequence[str], methods: Sequence[str], variants: Sequence[str], rounds: int,
               min_seconds: float, alpha: float = 1.0, beta: float = 1.0,
-              progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, List[float]]]:
-    """Per shape, {case name: seconds per round}; one shape's cases are interleaved together."""
+              progress: Optional[Callable[[str], None]] = None,
+              faults: Optional[Dict[str, Dict[str, List[float]]]] = None) -> Dict[str, Dict[str, List[float]]]:
+    """Per shape, {case name: seconds per round}; one shape's cases are interleaved together.
+    `faults`, when given, receives per shape {case name: minor page faults per step per round}."""
     results = {}
     for name in shape_names:
         shape = ALL_SHAPES[name]
@@ -350,7 +365,8 @@ def benchmark(shape_names: Sequence[str], methods: Sequence[str], variants: Sequ
                     cases[case_name(name, variant, method)] = make_step(shape, variant, method, alpha=alpha, beta=beta)
         if progress:
             progress(f"{name}: {len(cases)} cases x {rounds} rounds")
-        results[name] = run_rounds(cases, rounds, min_seconds, progress)
+        results[name] = run_rounds(cases, rounds, min_seconds, progress,
+                                   None if faults is None else faults.setdefault(name, {}))
     return results
 
 
@@ -454,7 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                   "(Hutchinson: ours with estimator=\"hutchinson\", num_probes=1 and the same probes):", "",
                   format_agreement(rows)]
     log(machine())
-    results = benchmark(shapes, args.methods, args.variants, rounds, min_seconds, args.alpha, args.beta, log)
+    faults: Dict[str, Dict[str, List[float]]] = {}
+    results = benchmark(shapes, args.methods, args.variants, rounds, min_seconds, args.alpha, args.beta, log, faults)
     parts += ["", f"Median ms per step over {rounds} interleaved rounds; ratios are medians of per-round ratios. "
               f"alpha = {args.alpha}, beta = {args.beta}; ours = default options (backend/form auto).", "",
               format_table(results, args.methods, args.variants), "", "After: " + machine()]
@@ -466,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rounds": rounds, "shapes": {s: asdict(ALL_SHAPES[s]) for s in shapes},
-                       "seconds": results}, f, indent=1)
+                       "seconds": results, "minor_faults_per_step": faults}, f, indent=1)
     return text
 
 

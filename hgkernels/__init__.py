@@ -6,8 +6,10 @@
 """
 from .api import HeadParams, Penalty, head_gradient, head_hessian_diag, head_hvp, hgp_penalty, hutchinson_penalty
 from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss
+from .full_hessian import full_hessian_penalty, hessian_distance
 
 __version__ = "0.1.0"
 
-__all__ = ["hutchinson_penalty", "hgp_penalty", "head_gradient", "head_hessian_diag", "head_hvp", "Penalty",
-           "HeadParams", "HessianAlignmentLoss", "AlignmentLoss", "env_mean_loss"]
+__all__ = ["hutchinson_penalty", "hgp_penalty", "full_hessian_penalty", "hessian_distance", "head_gradient",
+           "head_hessian_diag", "head_hvp", "Penalty", "HeadParams", "HessianAlignmentLoss", "AlignmentLoss",
+           "env_mean_loss"]

@@ -164,9 +164,12 @@ class StochasticDiagPlan(StateHolder):
         for own, ref in self._probe_batches(problem, live, backend.num_samples(problem)):
             k = ref.shape[0]
             dirs = torch.cat([own, ref.expand(e, *ref.shape)], 1)
-            hv = backend.head_stats(problem, hvp_dirs=dirs).hvp
+            # v ⊙ H v is linear in H: sum the shares and reduce once (one all-reduce across ranks)
+            hv = backend.partial_head_stats(problem, hvp_dirs=dirs)
             own_sum = own_sum + (own * hv[:, :k]).sum(1)
             ref_sum = ref_sum + (ref * hv[:, k:].mean(0)).sum(0)  # H_bar v = mean_e H_e v
+        sums = backend.reduce_partial(torch.cat([own_sum.flatten(), ref_sum.flatten()]))
+        own_sum, ref_sum = sums[:own_sum.numel()].view_as(own_sum), sums[own_sum.numel():].view_as(ref_sum)
         self.diag, self.ref = own_sum / self.num_probes, ref_sum / self.num_probes
         self.diag_dev = self.diag - maybe_detach(self.ref, self.detach_reference)
         self.grad_dev = grad - grad.mean(0)

@@ -51,7 +51,7 @@ def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
         method, problem.logits.shape[0], problem.num_classes, problem.head_width))
 
 
-def _check_targets_grad(labels) -> None:
+def check_targets_grad(labels) -> None:
     if isinstance(labels, torch.Tensor) and labels.requires_grad and torch.is_grad_enabled():
         raise ValueError("labels requires grad (soft targets from a trainable model): the closed-form backends give "
                          "no gradient with respect to targets; pass labels.detach(), or backend='reference', "
@@ -71,7 +71,7 @@ def composed_backend(impl: Backend) -> Backend:
     return backends.load("torch")
 
 
-def _prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Optional[int], validate: bool,
+def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Optional[int], validate: bool,
               config: Sequence[Tuple[str, object]]):
     """Run `build(num_envs, shard)` -> (problem, plan), the option checks and `prepare`. With a process
     group, E is agreed first (ids without num_envs) and, with validate, every rank learns whether any
@@ -169,7 +169,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
         if backend != "reference":
-            _check_targets_grad(labels)
+            check_targets_grad(labels)
         if generator is not None and generator.device.type != problem.logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
         if estimator == "exact" and not shard and _sample_form(form, problem, "hutchinson"):
@@ -184,7 +184,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
     if process_group is not None and estimator == "hutchinson" and validate:
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         config.append(("probe generator state", distributed.generator_fingerprint(generator, device)))
-    problem, plan = _prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
+    problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                               num_envs=num_envs, validate=validate, config=config)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
@@ -211,7 +211,7 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
         if backend != "reference":
-            _check_targets_grad(labels)
+            check_targets_grad(labels)
         if not shard and _sample_form(form, problem, "hgp"):
             return problem, SampleHGPPlan(env_reduction, detach_reference, reference)
         return problem, HGPPlan(env_reduction, detach_reference, reference)
@@ -219,7 +219,7 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
     config = [("function", "hgp_penalty"), ("loss", loss), ("bias", bias), ("reference", reference),
               ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend),
               ("form", form), ("ddp_reduction", ddp_reduction)]
-    problem, plan = _prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
+    problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                               num_envs=num_envs, validate=validate, config=config)
     return _run(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference),
@@ -278,7 +278,7 @@ def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bia
     if backend == "reference":
         stats = reference_path.stats(problem, kind, flat_vector)
     else:
-        _check_targets_grad(labels)
+        check_targets_grad(labels)
         impl = backends.select(backend, problem)
         if _traced():
             stats = _statistic(composed_backend(impl), problem, kind, flat_vector)

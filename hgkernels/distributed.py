@@ -27,7 +27,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ._inputs import HeadProblem, _listed
+from ._inputs import EnvSegments, HeadProblem, _listed
+from ._penalty import StateHolder
 from .backends.base import Backend, HeadStats
 
 DDP_REDUCTIONS = ("mean", "sum")
@@ -161,6 +162,20 @@ class GlobalStats(Backend):
             at += size
         return HeadStats(*out)
 
+    def partial_head_stats(self, problem: HeadProblem, *, hvp_dirs: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the global H_e V: local mean times N_e(local) / N_e(global)."""
+        e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
+        if problem.logits.shape[0] == 0:
+            return torch.zeros((e, hvp_dirs.shape[1], c, dh), dtype=problem.compute_dtype, device=hvp_dirs.device)
+        hvp = self.inner.head_stats(problem, hvp_dirs=hvp_dirs).hvp
+        share = self._share().to(hvp.dtype).view(-1, 1, 1, 1)
+        return torch.where(share > 0, hvp * share, 0)
+
+    def reduce_partial(self, partial_sum: torch.Tensor) -> torch.Tensor:
+        total = partial_sum.contiguous().clone()
+        self._all_reduce(total)
+        return total
+
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
                             hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -176,3 +191,57 @@ class GlobalStats(Backend):
 
         return self.inner.per_sample_backward(problem, grad_up=scaled(grad_up), diag_up=scaled(diag_up),
                                               hvp_dirs=hvp_dirs, hvp_up=scaled(hvp_up))
+
+
+def _all_gather_rows(local: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
+    """Every rank's rows of `local`, concatenated in rank order (padded to the largest shard for the
+    collective, then trimmed)."""
+    longest = max(counts)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+class GatheredPlan(StateHolder):
+    """A plan over every rank's samples for penalties whose N × N Gram form couples samples across ranks
+    (the full Hessian): each rank gathers the batch (logits, features, targets, env ids; about
+    N·(C + D) numbers, against E·C·Dh for `GlobalStats`), runs `inner` on it, and its backward keeps this
+    rank's rows, times the world size for ``ddp_reduction="mean"``. Every rank does the whole N² work."""
+
+    def __init__(self, inner, group, ddp_reduction: str):
+        self.inner, self.group, self.ddp_reduction = inner, group, ddp_reduction
+
+    def feature_form(self, generator_state=None):
+        raise ValueError("process_group under torch.compile, torch.func or create_graph is not supported")
+
+    def _global_problem(self, problem: HeadProblem) -> HeadProblem:
+        world = world_size(self.group)
+        local_n = torch.tensor([problem.logits.shape[0]], device=problem.logits.device)
+        sizes = [torch.zeros_like(local_n) for _ in range(world)]
+        dist.all_gather(sizes, local_n, group=self.group)
+        counts = [int(s) for s in sizes]
+        rank = dist.get_rank(self.group)
+        logits, features, targets, env_ids = (_all_gather_rows(t, counts, self.group) for t in (
+            problem.logits, problem.features, problem.targets, problem.segments.env_ids))
+        env_counts = torch.bincount(env_ids, minlength=problem.segments.num_envs).tolist()
+        empty = [e for e, c in enumerate(env_counts) if c == 0]
+        if empty:  # the gathered ids are the same on every rank, so every rank raises
+            raise ValueError(f"envs: environment(s) {_listed(empty)} of {len(env_counts)} have no samples on any rank")
+        segments = EnvSegments(env_ids, len(env_counts), env_counts, grouped=False)
+        self.rows = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
+        return HeadProblem(logits, features, targets, problem.loss, problem.bias, segments)
+
+    def forward(self, backend, problem: HeadProblem):
+        global_problem = self._global_problem(problem)
+        self.global_problem = global_problem.with_tensors(None, None)
+        self.global_problem_tensors = (global_problem.logits, global_problem.features)
+        return self.inner.forward(backend, global_problem)
+
+    def backward(self, backend, problem: HeadProblem, alpha, beta):
+        logits, features = self.global_problem_tensors
+        d_logits, d_features = self.inner.backward(backend, self.global_problem.with_tensors(logits, features),
+                                                   alpha, beta)
+        scale = world_size(self.group) if self.ddp_reduction == "mean" else 1
+        return d_logits[self.rows] * scale, d_features[self.rows] * scale

@@ -58,7 +58,8 @@ from . import backends, losses
 from ._inputs import EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import PenaltyFunction, StateHolder, deviation_penalty, env_weight, maybe_detach
 from ._sample_space import _same_env, _sample_weight, scaled_dot
-from .api import Penalty, _check_common, _traced, composed_backend
+from . import distributed
+from .api import Penalty, _check_common, _traced, check_targets_grad, composed_backend, prepared
 from .reference import _functional_loss, _usable, autograd_enabled
 
 NORMS = ("fro", "spectral")
@@ -207,7 +208,7 @@ def reference_full_hessian_penalty(problem: HeadProblem, *, env_reduction: str,
 def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                          loss: str = "cross_entropy", bias: bool = True, env_reduction: str = "mean",
                          detach_reference: bool = True, backend: str = "auto", num_envs: Optional[int] = None,
-                         validate: bool = True) -> Penalty:
+                         validate: bool = True, process_group=None, ddp_reduction: str = "mean") -> Penalty:
     """Full head-Hessian alignment: R_e sum_e ||H_e - H_bar||_F^2 over all (C·Dh)² Hessian entries.
 
     H_e is environment e's Hessian of its mean loss in the head parameters (weight and bias), H_bar
@@ -226,23 +227,38 @@ def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: t
         backend: checked and resolved as for the other penalties; the computation is torch ops
             whichever is named (like the sample form). ``"reference"`` builds each H_e explicitly by
             autograd (`reference_full_hessian_penalty`: the oracle, slow).
+        process_group, ddp_reduction: as in `hgkernels.hutchinson_penalty`. The Gram form couples
+            samples across ranks, so every rank gathers the whole batch (N·(C + D) numbers) and
+            computes the penalty on it (`hgkernels.distributed.GatheredPlan`).
 
     Returns:
         Penalty(hessian, gradient): 0-dim tensors in the compute dtype, R_e sum_e ||H_e - H_bar||_F^2 and
         R_e sum_e ||G_e - G_bar||^2 (the gradient term of the other penalties). Differentiable in logits
         and features: backward (hand-written), create_graph, torch.func.grad and jacrev.
     """
-    _check_common(env_reduction, detach_reference, backend, "auto")
-    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
+    def build(num_envs, shard):
+        _check_common(env_reduction, detach_reference, backend, "auto")
+        problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
+                          validate=validate, shard=shard)
+        if backend != "reference":
+            check_targets_grad(labels)
+        plan = FullHessianPlan(env_reduction, detach_reference)
+        return problem, (plan if not shard else distributed.GatheredPlan(plan, process_group, ddp_reduction))
+
+    config = [("function", "full_hessian_penalty"), ("loss", loss), ("bias", bias),
+              ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend),
+              ("ddp_reduction", ddp_reduction)]
+    problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
+                             num_envs=num_envs, validate=validate, config=config)
     if backend == "reference":
+        if process_group is not None:
+            raise ValueError("backend='reference' has no process_group support; use a closed-form backend")
         return Penalty(*reference_full_hessian_penalty(problem, env_reduction=env_reduction,
                                                        detach_reference=detach_reference))
-    if isinstance(labels, torch.Tensor) and labels.requires_grad and torch.is_grad_enabled():
-        raise ValueError("labels requires grad: the closed form gives no gradient with respect to targets; pass "
-                         "labels.detach(), or backend='reference', which differentiates through them")
     impl = backends.select(backend, problem)
-    plan = FullHessianPlan(env_reduction, detach_reference)
     if _traced():
+        if process_group is not None:
+            raise ValueError("process_group under torch.compile or torch.func is not supported")
         # torch.compile / torch.func: autograd differentiates the plan's torch ops instead
         return Penalty(*plan.feature_form().forward(composed_backend(impl), problem))
     return Penalty(*PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan))

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hgkernels as hk
+import hgkernels.full_hessian as hk_full
 from _helpers import assert_close
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -236,13 +240,14 @@ def test_fishr_and_irm_match_per_sample_autograd():
 
 # ----------------------------------------------------------------------------- end to end
 
-def check_output(out, methods, restarts):
-    assert set(out) == {"data", "config", "results"}
+def check_output(out, methods, restarts, tracking=False):
+    assert set(out) == {"data", "config", "results"} | ({"hessian_tracking"} if tracking else set())
     assert set(out["results"]) == set(methods)
     for res in out["results"].values():
         for key in ("train_acc", "test_acc", "gray_test_acc"):
             assert len(res[key]) == restarts
             assert all(0.0 <= v <= 1.0 for v in res[key])
+        assert len(res["test_loss"]) == restarts and all(v > 0 for v in res["test_loss"])
 
 
 def test_tiny_run_every_method(tmp_path, capsys):
@@ -271,3 +276,269 @@ def test_tiny_run_from_idx_files(tmp_path):
 def test_bad_methods_flag_is_rejected():
     with pytest.raises(SystemExit):
         cm.build_parser().parse_args(["--methods", "erm,sgd"])
+
+
+# ----------------------------------------------------------------------------- imbalanced data (Table 8)
+
+@pytest.mark.parametrize("fraction", [0.95, 0.97])
+def test_imbalanced_environments_take_the_majority_class_split(fraction):
+    source = fake_source(400, pool_size=300)
+    replicas = 2
+    data = cm.build_environments(source, seed=3, replicas=replicas, imbalanced=True, majority_fraction=fraction)
+    # The pool as build_environments shuffles it: the same generator's first draw.
+    perm = torch.randperm(400, generator=torch.Generator().manual_seed(3))
+    pool_digits = torch.from_numpy(source.digits)[perm[:300]]
+    n_low, n_high = int((pool_digits < 5).sum()), int((pool_digits >= 5).sum())
+    k_low, k_high = round(fraction * n_low), round((1 - fraction) * n_high)
+    assert data.env_sizes == [(k_low + k_high) * replicas, (n_low - k_low + n_high - k_high) * replicas]
+    low = data.train_digits < 5
+    env0_low, env1_low = (int(t.sum()) for t in low.split(data.env_sizes))
+    assert env0_low == k_low * replicas and env1_low == (n_low - k_low) * replicas
+    # About `fraction` of each environment from its majority class (n_low ~ n_high here).
+    share0, share1 = env0_low / data.env_sizes[0], 1 - env1_low / data.env_sizes[1]
+    assert abs(share0 - fraction) < 0.02 and abs(share1 - fraction) < 0.02, (share0, share1)
+    assert cm.class_composition(data)["low_digit_share"] == [round(share0, 4), round(1 - share1, 4)]
+    # Every pool image is used once per replica; the test environments keep the natural mix.
+    x = data.train_inputs[data.train_rows].sum(1).flatten(1)
+    assert len(torch.unique(x, dim=0)) == 300
+    assert data.test_x.shape[0] == 100
+    # Digits 0-4 carry clean label 1; 25% label noise then mixes the labels.
+    noisy_share = float(data.train_y[:data.env_sizes[0]].mean())
+    assert abs(noisy_share - (0.75 * share0 + 0.25 * (1 - share0))) < 0.08
+
+
+def test_balanced_environments_unchanged_by_the_imbalanced_code():
+    source = fake_source(120, pool_size=101)
+    data = cm.build_environments(source, seed=5, replicas=3)
+    assert data.env_sizes == [153, 150]
+    assert torch.equal(data.train_digits[:51], data.train_digits[51:102])  # replicas share digits
+
+
+# ----------------------------------------------------------------------------- ablations and full_hessian
+
+class _Recorder:
+    """Stands in for a penalty function: records its calls, returns leaf terms whose gradients show use."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, logits, features, y, sizes, **kw):
+        self.calls.append((logits.shape[0], list(sizes), kw))
+        self.hessian = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        self.gradient = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+        return hk.Penalty(self.hessian, self.gradient)
+
+
+@pytest.mark.parametrize("method", ["hgp", "hgp_alpha0", "hgp_beta0", "hutchinson", "hutchinson_alpha0",
+                                    "hutchinson_beta0", "hutchinson_probes", "full_hessian"])
+def test_alignment_methods_weight_their_terms(monkeypatch, method):
+    recorders = {name: _Recorder() for name in ("hgp_penalty", "hutchinson_penalty", "full_hessian_penalty")}
+    for name, rec in recorders.items():
+        monkeypatch.setattr(cm, name, rec)
+    sizes = [7, 5]
+    z, w, b, y = head_case(sizes)
+    subsample = (torch.tensor([0, 2, 4, 8, 9]), [3, 2])
+    value = cm.train_penalty(method, z @ w.T + b, z, y, sizes, None, torch.Generator(), cm.TrainConfig(), "auto",
+                             subsample=subsample)
+    kind, alpha, beta = cm.ALIGNMENT[method]
+    called = {"hgp": "hgp_penalty", "full_hessian": "full_hessian_penalty"}.get(kind, "hutchinson_penalty")
+    assert [name for name, rec in recorders.items() if rec.calls] == [called]
+    rec = recorders[called]
+    assert float(value.detach()) == 3.0 * alpha + 5.0 * beta
+    value.backward()
+    # A zero weight leaves the term out of the graph: no gradient reaches it at all.
+    assert (rec.hessian.grad is not None) == (alpha != 0) and (rec.gradient.grad is not None) == (beta != 0)
+    n, env_sizes, kw = rec.calls[0]
+    assert kw["env_reduction"] == "sum" and kw["detach_reference"] is False and kw["loss"] == "binary_cross_entropy"
+    if kind == "full_hessian":
+        assert (n, env_sizes) == (5, [3, 2])  # the subsample, not the 12 samples
+    else:
+        assert (n, env_sizes) == (12, sizes)
+    assert kw.get("estimator") == {"hutchinson": "exact", "hutchinson_probes": "hutchinson"}.get(kind)
+
+
+def test_ablation_values_against_the_library():
+    sizes = [9, 6]
+    z, w, b, y = head_case(sizes, seed=4)
+    logits, cfg = z @ w.T + b, cm.TrainConfig()
+    common = dict(loss="binary_cross_entropy", env_reduction="sum", detach_reference=False)
+    for kind, fn in (("hgp", hk.hgp_penalty), ("hutchinson", hk.hutchinson_penalty)):
+        pen = fn(logits, z, y, sizes, **common)
+        got = {m: float(cm.train_penalty(m, logits, z, y, sizes, None, None, cfg, "auto"))
+               for m in (kind, kind + "_alpha0", kind + "_beta0")}
+        assert got[kind + "_alpha0"] == pytest.approx(float(pen.gradient), rel=1e-12)
+        assert got[kind + "_beta0"] == pytest.approx(float(pen.hessian), rel=1e-12)
+        assert got[kind] == pytest.approx(float(pen.hessian + pen.gradient), rel=1e-12)
+    full = hk_full.full_hessian_penalty(logits, z, y, sizes, **common)
+    assert float(cm.train_penalty("full_hessian", logits, z, y, sizes, None, None, cfg, "auto")) == pytest.approx(
+        float(full.hessian + full.gradient), rel=1e-12)
+
+
+def test_env_subsample_is_fixed_sorted_and_within_each_environment():
+    index, kept = cm.env_subsample([10, 4, 7], 5, seed=2)
+    assert kept == [5, 4, 5] and index.shape == (14,)
+    parts = index.split(kept)
+    for part, lo, hi in zip(parts, (0, 10, 14), (10, 14, 21)):
+        assert torch.all(part[1:] > part[:-1]) and part.min() >= lo and part.max() < hi
+    assert torch.equal(parts[1], torch.arange(10, 14))  # a small environment is kept whole
+    again, _ = cm.env_subsample([10, 4, 7], 5, seed=2)
+    other, _ = cm.env_subsample([10, 4, 7], 5, seed=3)
+    assert torch.equal(again, index) and not torch.equal(other, index)
+
+
+# ----------------------------------------------------------------------------- Hessian distance tracking
+
+def test_pearson_and_pooled_correlations():
+    assert cm.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert cm.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert cm.pearson([1, 2], [1, 2]) is None and cm.pearson([1, 1, 1], [1, 2, 3]) is None
+    runs = [{"steps": [0, 5], "frobenius": [[1.0, 3.0], [2.0, 2.0]], "spectral": [[1.0, 1.0], [0.5, 0.5]],
+             "test_acc": [0.1, 0.2], "test_loss": [1.0, 0.9]},
+            {"steps": [0, 5], "frobenius": [[4.0, 4.0], [5.0, 5.0]], "spectral": [[2.0, 2.0], [3.0, 3.0]],
+             "test_acc": [0.3, 0.6], "test_loss": [0.7, 0.5]}]
+    c = cm.distance_correlations(runs)
+    assert c["points"] == 4
+    assert c["frobenius"]["test_acc"] == pytest.approx(cm.pearson([2, 2, 4, 5], [0.1, 0.2, 0.3, 0.6]))
+    assert c["spectral"]["test_loss"] == pytest.approx(cm.pearson([1, 0.5, 2, 3], [1.0, 0.9, 0.7, 0.5]))
+
+
+def test_tracking_run_writes_series_correlations_and_plot(tmp_path, capsys):
+    out_path, plot_path = tmp_path / "t.json", tmp_path / "t.png"
+    out = cm.main(["--methods", "hgp,hutchinson", "--steps", "5", "--restarts", "2", "--train-size", "40",
+                   "--replicas", "2", "--track-hessian-distance", "2", "--hessian-subsample", "16",
+                   "--imbalanced", "--out", str(out_path), "--plot", str(plot_path), "--no-progress"])
+    check_output(out, ["hgp", "hutchinson"], restarts=2, tracking=True)
+    assert json.loads(out_path.read_text()) == json.loads(json.dumps(out))
+    assert plot_path.stat().st_size > 0
+    tracking = out["hessian_tracking"]
+    assert tracking["every"] == 2 and tracking["subsample_per_env"] == 16
+    for method in ("hgp", "hutchinson"):
+        runs = tracking["series"][method]
+        assert [r["seed"] for r in runs] == [0, 1]
+        for run in runs:
+            assert run["steps"] == [0, 2, 4]  # every 2 steps; the last (4) is one of them
+            for norm in ("frobenius", "spectral"):
+                assert np.asarray(run[norm]).shape == (3, 2) and np.all(np.asarray(run[norm]) > 0)
+            # the spectral norm is at most the Frobenius norm
+            assert np.all(np.asarray(run["spectral"]) <= np.asarray(run["frobenius"]) * (1 + 1e-5))
+            assert len(run["test_acc"]) == len(run["test_loss"]) == 3
+            assert run["test_acc"][-1] == out["results"][method]["test_acc"][run["restart"]]
+        corr = tracking["correlations"][method]
+        assert corr["points"] == 6
+        for norm in ("frobenius", "spectral"):
+            for key in ("test_acc", "test_loss"):
+                r = corr[norm][key]
+                assert r is None or -1.0 <= r <= 1.0
+        expected = cm.pearson([np.mean(v) for run in runs for v in run["frobenius"]],
+                              [a for run in runs for a in run["test_acc"]])
+        assert corr["frobenius"]["test_acc"] == pytest.approx(expected)
+    assert out["data"]["imbalanced"] and len(out["data"]["low_digit_share"]) == 2
+    printed = capsys.readouterr().out
+    assert "Table 8" in printed and "Pearson" in printed and "fixed random subsample of 16" in printed
+
+
+def test_hessian_distances_match_explicit_hessians():
+    """The tracked distances against explicit 2 x 2-block head Hessians (BCE, one logit, bias)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    logits = torch.randn(9, 1, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,), generator=gen).double()
+    tz, tl, ty = z[:4] * 1.5, logits[:4] - 0.3, y[:4]
+
+    def hessian(zz, aa):
+        zh = torch.cat([zz, torch.ones(len(zz), 1, dtype=zz.dtype)], 1)
+        q = torch.sigmoid(aa) * (1 - torch.sigmoid(aa))
+        return (q * zh).T @ zh / len(zz)
+
+    subsample = (torch.tensor([0, 1, 2, 5, 6, 7, 8]), [3, 4])
+    d = cm.hessian_distances(logits, z, y, subsample, tl, tz, ty)
+    h_test = hessian(tz, tl)
+    for e, rows in enumerate((torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7, 8]))):
+        diff = hessian(z[rows], logits[rows]) - h_test
+        assert d["frobenius"][e] == pytest.approx(float(torch.linalg.matrix_norm(diff)), rel=1e-9)
+        assert d["spectral"][e] == pytest.approx(float(torch.linalg.matrix_norm(diff, ord=2)), rel=1e-5)
+    assert d["unconverged"] == 0
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def test_shards_partition_each_environment_evenly():
+    data = cm.build_environments(fake_source(60, pool_size=41), seed=1, replicas=3)  # env sizes 63 and 60
+    views = [cm.local_view(data, cm.Distributed(rank, 2, None, False)) for rank in range(2)]
+    assert [v.sizes for v in views] == [[31, 30], [32, 30]]
+    index = torch.cat([v.index for v in views]).sort().values
+    assert torch.equal(index, torch.arange(sum(data.env_sizes)))
+    for v in views:  # each rank's distinct inputs and rows rebuild its samples' inputs
+        assert torch.equal(v.inputs[v.rows], data.train_inputs[data.train_rows[v.index]])
+        assert torch.equal(v.y, data.train_y[v.index])
+    full = cm.local_view(data, None)
+    assert full.index is None and full.sizes == data.env_sizes
+
+
+def test_sharded_erm_averages_to_the_one_process_objective():
+    sizes, world = [13, 8], 3
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(sum(sizes), generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 2, (sum(sizes),), generator=gen).double()
+    expected, losses = cm.erm_term(logits, y, sizes, sizes)
+    assert_close(losses.mean(), expected, 1e-15, "one process")
+    shares = []
+    for rank in range(world):
+        picks, local = [], []
+        for e, n in enumerate(sizes):
+            lo, hi = cm.shard_bounds(n, rank, world)
+            picks.append(torch.arange(sum(sizes[:e]) + lo, sum(sizes[:e]) + hi))
+            local.append(hi - lo)
+        idx = torch.cat(picks)
+        shares.append(cm.erm_term(logits[idx], y[idx], local, sizes, world)[0])
+    assert_close(torch.stack(shares).mean(), expected, 1e-14, "DDP average of the ranks' ERM terms")
+
+
+def test_distributed_refuses_methods_without_a_global_form():
+    parser = cm.build_parser()
+    for argv in (["--methods", "erm,irm"], ["--methods", "hgp", "--track-hessian-distance", "5"]):
+        with pytest.raises(SystemExit):
+            cm._run(parser.parse_args(argv), parser, cm.Distributed(0, 2, None, False))
+
+
+DIST_TIMEOUT_S = 240
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """2 gloo ranks under torchrun give the one-process accuracies and test losses.
+
+    float64, uneven shards (an environment of 93 samples splits 46/47), the penalty weight 91257
+    from step 2 so that the weighted phase runs. The two runs differ only in summation order (DDP's
+    all-reduce, per-rank sums), about 1e-16 relative a step: the test losses agree to 1e-9 relative
+    (measured: to the last bit or 2e-16) and the accuracies, counts of discrete predictions, exactly.
+    float32 gave the same agreement on this configuration (test losses within 1.2e-7); float64 keeps
+    a logit that sits within rounding of 0 from flipping an accuracy by 1/N over longer runs.
+    """
+    methods = ["erm", "hgp", "hutchinson", "full_hessian"]
+    argv = ["--methods", ",".join(methods), "--steps", "5", "--penalty-anneal-steps", "2", "--train-size", "61",
+            "--replicas", "3", "--dtype", "float64", "--no-progress", "--dist-timeout", "60"]
+    out2 = tmp_path / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "colored_mnist.py")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             script, *argv, "--out", str(out2)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        printed, _ = proc.communicate(timeout=DIST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        proc.communicate()
+        pytest.fail(f"torchrun did not finish within {DIST_TIMEOUT_S} s")
+    assert proc.returncode == 0, printed[-3000:]
+    assert printed.count("paper row") == 1, "only rank 0 prints the table"
+    two = json.loads(out2.read_text())
+    one = cm.main(argv)
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    for method in methods:
+        for key in ("train_acc", "test_acc", "gray_test_acc"):
+            assert two["results"][method][key] == pytest.approx(one["results"][method][key], abs=1e-9), (method, key)
+        assert two["results"][method]["test_loss"] == pytest.approx(one["results"][method]["test_loss"], rel=1e-9)

@@ -74,7 +74,7 @@ def _shards(rule, ids, world):
 
 
 def _penalty_fn(case):
-    return hk.hgp_penalty if case["method"] == "hgp" else hk.hutchinson_penalty
+    return {"hgp": hk.hgp_penalty, "full": hk.full_hessian_penalty}.get(case["method"], hk.hutchinson_penalty)
 
 
 def _options(case):
@@ -188,12 +188,15 @@ CASES_2 = [
     _case(method="hgp", loss="binary_cross_entropy", reduction="sum", detach=False, ddp="sum"),
     _case(method="hutchinson", loss="binary_cross_entropy", ddp="sum", backend="torch"),
     _case(method="hgp", backend="native", shards="uneven"),
+    _case(method="full", shards="uneven", detach=False),
+    _case(method="full", shards="missing", envs="sizes", reduction="sum", ddp="sum", loss="binary_cross_entropy"),
 ]
 CASES_3 = [
     _case(shards="uneven"),
     _case(method="hutchinson", shards="empty", envs="sizes"),
     _case(method="hgp", shards="empty", detach=False, reduction="sum"),
     _case(method="stochastic", shards="missing", ddp="sum"),
+    _case(method="full", shards="empty"),
 ]
 
 
@@ -273,3 +276,16 @@ def test_process_group_needs_an_initialized_group():
     with pytest.raises(ValueError, match="not initialized"):
         hk.hgp_penalty(torch.randn(6, 3), torch.randn(6, 2), torch.zeros(6, dtype=torch.int64), [3, 3],
                        process_group=object())
+
+
+def test_collectives_per_penalty():
+    """One all-reduce forward for exact Hutchinson; HGP two forward and one backward; the 300-probe
+    estimator two forward (benchmarks/distributed_bytes.py on a one-rank group)."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "distributed_bytes.py")
+    out = subprocess.run([sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    counts = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in out.splitlines()
+              if line.startswith("| tiny")}
+    assert counts == {"hutchinson": "1 / 0", "hgp": "2 / 1", "hutchinson 300 probes": "2 / 0"}, out

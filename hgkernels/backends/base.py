@@ -53,6 +53,16 @@ class Backend:
                    hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
         raise NotImplementedError
 
+    def partial_head_stats(self, problem: HeadProblem, *, hvp_dirs: torch.Tensor) -> torch.Tensor:
+        """This process's share of ``head_stats(hvp_dirs=...).hvp``, for a plan that sums many of them
+        linearly and calls `reduce_partial` once on the sum (hgkernels.distributed defers its all-reduce
+        so); on one process it is the statistic itself."""
+        return self.head_stats(problem, hvp_dirs=hvp_dirs).hvp
+
+    def reduce_partial(self, partial_sum: torch.Tensor) -> torch.Tensor:
+        """Finish a linear combination of `partial_head_stats` results (identity on one process)."""
+        return partial_sum
+
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
                             hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
