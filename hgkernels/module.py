@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ._inputs import EnvsArg, check_choice, prepare
 from .api import OPTION_CHOICES, hgp_penalty, hutchinson_penalty
+from .full_hessian import full_hessian_penalty
 
 
 class AlignmentLoss(NamedTuple):
@@ -53,10 +54,14 @@ def _env_losses(logits, labels, envs, loss: str, num_envs: Optional[int], valida
     return sums / seg.counts_tensor.to(sums.dtype)
 
 
+PENALTY_FUNCTIONS = {"hutchinson": hutchinson_penalty, "hgp": hgp_penalty, "full_hessian": full_hessian_penalty}
+
+
 class HessianAlignmentLoss(torch.nn.Module):
     """Training loss of the Hessian-alignment methods for a linear head.
 
-    ``method``: ``"hutchinson"`` (Hessian diagonals) or ``"hgp"`` (Hessian-gradient
+    ``method``: ``"hutchinson"`` (Hessian diagonals), ``"full_hessian"`` (the whole head Hessian,
+    `hgkernels.full_hessian_penalty`) or ``"hgp"`` (Hessian-gradient
     products); ``alpha`` and ``beta`` weight the Hessian and gradient terms and may be
     changed between steps (e.g. a warm-up schedule). Other keywords go to the penalty
     function (loss, bias, estimator, num_probes, generator, reference, env_reduction,
@@ -67,8 +72,8 @@ class HessianAlignmentLoss(torch.nn.Module):
 
     def __init__(self, method: str = "hutchinson", alpha: float = 1.0, beta: float = 1.0, **penalty_kwargs):
         super().__init__()
-        check_choice("method", method, ("hutchinson", "hgp"))
-        self._penalty_fn = hutchinson_penalty if method == "hutchinson" else hgp_penalty
+        check_choice("method", method, tuple(PENALTY_FUNCTIONS))
+        self._penalty_fn = PENALTY_FUNCTIONS[method]
         # Options are checked here, not at the first forward.
         accepted = [name for name, p in inspect.signature(self._penalty_fn).parameters.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -534,7 +534,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         proc.communicate()
         pytest.fail(f"torchrun did not finish within {DIST_TIMEOUT_S} s")
     assert proc.returncode == 0, printed[-3000:]
-    assert printed.count("paper row") == 1, "only rank 0 prints the table"
+    assert printed.count("grey test") == 1, "only rank 0 prints the table"
     two = json.loads(out2.read_text())
     one = cm.main(argv)
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
