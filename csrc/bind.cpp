@@ -43,10 +43,10 @@ hgk::Segments segments_from(const py::tuple& t) {
 // launch: (threads, stream)
 hgk::Launch launch_from(const py::tuple& t) { return {t[0].cast<int>(), t[1].cast<uintptr_t>()}; }
 
-// layout: (C, K, gradient, hess_diag)
+// layout: (C, K, gradient, hess_diag, square_residual)
 template <typename Layout>
 Layout layout_from(const py::tuple& t) {
-  return {t[0].cast<int>(), t[1].cast<int>(), t[2].cast<bool>(), t[3].cast<bool>()};
+  return {t[0].cast<int>(), t[1].cast<int>(), t[2].cast<bool>(), t[3].cast<bool>(), t[4].cast<bool>()};
 }
 
 // Calls fn with a value of the kernel's scalar type (double when is_double, else float);

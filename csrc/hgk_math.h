@@ -130,9 +130,11 @@ HGK_HOST_DEVICE void link_vjp(int loss, const T* p, const T* dp, int C, T* da, i
 // Which statistics a call computes, and how one sample's coefficient row is laid out.
 // Forward coefficients: [w r (C) if gradient][w q (C) if hess_diag][w A s_k (C) for k < K],
 // each to be multiplied by zh^T (zh ⊙ zh for the q block) and summed over the environment.
+// square_residual puts w r ⊙ r in the q block instead: the second moment of the per-sample
+// head gradients (Fishr's variance, docs/design.md §5.1), the same reduction with other weights.
 struct StatsLayout {
   int C, K;
-  bool gradient, hess_diag;
+  bool gradient, hess_diag, square_residual;
   HGK_HOST_DEVICE int width() const { return (gradient ? C : 0) + (hess_diag ? C : 0) + K * C; }
   HGK_HOST_DEVICE int diag_begin() const { return gradient ? C : 0; }
   HGK_HOST_DEVICE int hvp_begin() const { return diag_begin() + (hess_diag ? C : 0); }
@@ -147,7 +149,12 @@ HGK_HOST_DEVICE void stats_row(int loss, StatsLayout L, const T* a, int64_t a_st
   if (L.gradient) residual(loss, p, y, C, w, coef);
   if (L.hess_diag) {
     T* q = coef + L.diag_begin();
-    for (int c = 0; c < C; ++c) q[c] = w * curvature(loss, p[c], C);
+    if (L.square_residual) {
+      residual(loss, p, y, C, T(1), q);
+      for (int c = 0; c < C; ++c) q[c] = w * q[c] * q[c];
+    } else {
+      for (int c = 0; c < C; ++c) q[c] = w * curvature(loss, p[c], C);
+    }
   }
   for (int k = 0; k < L.K; ++k) hess_apply(loss, p, s + k * C, C, w, coef + L.hvp_begin() + k * C);
 }
@@ -159,7 +166,7 @@ HGK_HOST_DEVICE void stats_row(int loss, StatsLayout L, const T* a, int64_t a_st
 // [w r][sig_k = A tau_k][t_k = w A s_k] (tau_k = w U_k zh), coef_sq = 2 w q; and da.
 struct BackwardLayout {
   int C, K;
-  bool gradient, hess_diag;
+  bool gradient, hess_diag, square_residual;
   HGK_HOST_DEVICE int width() const { return (gradient ? C : 0) + 2 * K * C; }
   HGK_HOST_DEVICE int dirs_begin() const { return gradient ? C : 0; }
   HGK_HOST_DEVICE int ups_begin() const { return dirs_begin() + K * C; }
@@ -178,7 +185,15 @@ HGK_HOST_DEVICE void backward_row(int loss, BackwardLayout L, const T* a, int64_
     for (int c = 0; c < C; ++c) dp[c] += slope * dots[c];  // dr = w Lam zh
     residual(loss, p, y, C, w, coef);
   }
-  if (L.hess_diag) {
+  if (L.hess_diag && L.square_residual) {
+    // q = r ⊙ r: dr = 2 r ⊙ (w Gam (zh ⊙ zh)), and dr/dp is the constant residual slope
+    residual(loss, p, y, C, T(1), coef_sq);
+    const T slope = residual_slope<T>(loss, C);
+    for (int c = 0; c < C; ++c) {
+      dp[c] += slope * T(2) * coef_sq[c] * w * dots_sq[c];
+      coef_sq[c] = T(2) * w * coef_sq[c] * coef_sq[c];
+    }
+  } else if (L.hess_diag) {
     for (int c = 0; c < C; ++c) {
       dp[c] += curvature_slope(loss, p[c], C) * w * dots_sq[c];  // dq = w Gam (zh ⊙ zh)
       coef_sq[c] = T(2) * w * curvature(loss, p[c], C);

@@ -4,12 +4,14 @@
     pen = hutchinson_penalty(logits, features, labels, envs)
     loss = erm + alpha * pen.hessian + beta * pen.gradient
 """
-from .api import HeadParams, Penalty, head_gradient, head_hessian_diag, head_hvp, hgp_penalty, hutchinson_penalty
+from .api import (HeadParams, Penalty, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp, hgp_penalty,
+                  hutchinson_penalty)
 from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss
+from .fishr import FishrLoss, fishr_penalty
 from .full_hessian import full_hessian_penalty, hessian_distance
 
 __version__ = "0.1.0"
 
-__all__ = ["hutchinson_penalty", "hgp_penalty", "full_hessian_penalty", "hessian_distance", "head_gradient",
-           "head_hessian_diag", "head_hvp", "Penalty", "HeadParams", "HessianAlignmentLoss", "AlignmentLoss",
+__all__ = ["hutchinson_penalty", "hgp_penalty", "full_hessian_penalty", "fishr_penalty", "FishrLoss",
+           "hessian_distance", "head_gradient", "head_gradient_variance", "head_hessian_diag", "head_hvp", "Penalty", "HeadParams", "HessianAlignmentLoss", "AlignmentLoss",
            "env_mean_loss"]

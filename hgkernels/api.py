@@ -227,11 +227,20 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
 
 
 def _statistic(backend: Backend, problem: HeadProblem, kind: str, vector: Optional[torch.Tensor]) -> torch.Tensor:
+    return _statistic_and_gradient(backend, problem, kind, vector)[0]
+
+
+def _statistic_and_gradient(backend: Backend, problem: HeadProblem, kind: str, vector: Optional[torch.Tensor]):
+    """(the statistic, G_e when the statistic's backward needs it, else None)."""
     if kind == "gradient":
-        return backend.head_stats(problem, gradient=True).grad
+        return backend.head_stats(problem, gradient=True).grad, None
     if kind == "hess_diag":
-        return backend.head_stats(problem, hess_diag=True).hess_diag
-    return backend.head_stats(problem, hvp_dirs=vector.unsqueeze(1)).hvp[:, 0]
+        return backend.head_stats(problem, hess_diag=True).hess_diag, None
+    if kind == "gradient_variance":
+        # Fishr's v_e = (1/N_e) sum_i (r_i ⊙ r_i)(zh_i ⊙ zh_i)^T - G_e ⊙ G_e (docs/design.md §5.1)
+        stats = backend.head_stats(problem, gradient=True, hess_diag=True, diag_weight="residual_squared")
+        return stats.hess_diag - stats.grad.square(), stats.grad
+    return backend.head_stats(problem, hvp_dirs=vector.unsqueeze(1)).hvp[:, 0], None
 
 
 class _HeadStatistic(torch.autograd.Function):
@@ -241,15 +250,19 @@ class _HeadStatistic(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, features, vector, problem: HeadProblem, backend: Backend, kind: str):
         problem = problem.with_tensors(logits, features)
-        ctx.save_for_backward(logits, features, vector, problem.targets, problem.segments.env_ids)
+        value, grad = _statistic_and_gradient(backend, problem, kind, vector)
+        ctx.save_for_backward(logits, features, vector, problem.targets, problem.segments.env_ids, grad)
         ctx.problem, ctx.backend, ctx.kind = problem.with_tensors(None, None), backend, kind
-        return _statistic(backend, problem, kind, vector)
+        return value
 
     @staticmethod
     def backward(ctx, upstream):
-        logits, features, vector, targets, _env_ids = ctx.saved_tensors
+        logits, features, vector, targets, _env_ids, grad = ctx.saved_tensors
         problem, backend = ctx.problem.with_tensors(logits, features, targets), ctx.backend
         if torch.is_grad_enabled():  # create_graph=True (_penalty.DOUBLE_BACKWARD_NOTE)
+            if not backend.differentiable_again:
+                raise RuntimeError("create_graph=True (double backward) through a statistic with a process_group is "
+                                   "not supported: the collectives run inside the hand-written backward")
             torch_backend = backends.load("torch")
             def statistic(lg, ft, vec=None):
                 return _statistic(torch_backend, problem.with_tensors(lg, ft), ctx.kind, vec)
@@ -262,6 +275,9 @@ class _HeadStatistic(torch.autograd.Function):
             d_logits, d_features = backend.per_sample_backward(problem, grad_up=upstream)
         elif ctx.kind == "hess_diag":
             d_logits, d_features = backend.per_sample_backward(problem, diag_up=upstream)
+        elif ctx.kind == "gradient_variance":  # v = M - G ⊙ G: M's upstream is dv, G's is -2 dv ⊙ G
+            d_logits, d_features = backend.per_sample_backward(problem, grad_up=-2 * upstream * grad, diag_up=upstream,
+                                                               diag_weight="residual_squared")
         else:
             d_logits, d_features = backend.per_sample_backward(
                 problem, hvp_dirs=vector.unsqueeze(1), hvp_up=upstream.unsqueeze(1))
@@ -271,16 +287,32 @@ class _HeadStatistic(torch.autograd.Function):
 
 
 def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
-                    num_envs: Optional[int], validate: bool, vector=None) -> HeadParams:
-    check_choice("backend", backend, backends.BACKEND_NAMES)
-    problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
-    flat_vector = None if vector is None else _head_vector(vector, problem)
+                    num_envs: Optional[int], validate: bool, vector=None, process_group=None,
+                    ddp_reduction: str = "mean") -> HeadParams:
+    def build(num_envs, shard):
+        check_choice("backend", backend, backends.BACKEND_NAMES)
+        problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
+                          validate=validate, shard=shard)
+        if backend != "reference":
+            check_targets_grad(labels)
+        return problem, None if vector is None else _head_vector(vector, problem)
+
+    config = [("function", kind), ("loss", loss), ("bias", bias), ("backend", backend),
+              ("ddp_reduction", ddp_reduction)]
+    problem, flat_vector = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
+                                    num_envs=num_envs, validate=validate, config=config)
     if backend == "reference":
+        if process_group is not None:
+            raise ValueError("backend='reference' has no process_group support; use a closed-form backend")
         stats = reference_path.stats(problem, kind, flat_vector)
     else:
-        check_targets_grad(labels)
         impl = backends.select(backend, problem)
-        if _traced():
+        if process_group is not None:
+            if _traced():
+                raise ValueError("process_group under torch.compile or torch.func is not supported")
+            impl = distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor)
+            stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
+        elif _traced():
             stats = _statistic(composed_backend(impl), problem, kind, flat_vector)
         else:
             stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
@@ -340,7 +372,20 @@ def head_hvp(logits, features, labels, envs, vector: Union[torch.Tensor, Tuple, 
                            num_envs=num_envs, validate=validate, vector=vector)
 
 
+def head_gradient_variance(logits, features, labels, envs, *, loss: str = "cross_entropy", bias: bool = True,
+                           num_envs: Optional[int] = None, backend: str = "auto", validate: bool = True,
+                           process_group=None, ddp_reduction: str = "mean") -> HeadParams:
+    return _head_statistic("gradient_variance", logits, features, labels, envs, loss=loss, bias=bias,
+                           backend=backend, num_envs=num_envs, validate=validate, process_group=process_group,
+                           ddp_reduction=ddp_reduction)
+
+
 head_gradient.__doc__ = _STAT_DOC.format(what="Gradient G_e")
+head_gradient_variance.__doc__ = _STAT_DOC.format(what="Variance of the per-sample gradients") + """
+    v_e = mean_i (r_i zh_i^T)^2 - G_e^2 entrywise: the biased variance over environment e's samples of
+    each sample's own head gradient (Fishr, docs/design.md §5.1). With ``process_group`` (and
+    ``ddp_reduction``, as in `hutchinson_penalty`) the variance is over every rank's samples.
+    """
 head_hessian_diag.__doc__ = _STAT_DOC.format(what="Exact Hessian diagonal Dg_e")
 head_hvp.__doc__ = _STAT_DOC.format(what="Hessian-vector product H_e V") + """
     ``vector`` is (weight (C, D) or (E, C, D), bias (C,) or (E, C), None without bias),

@@ -127,12 +127,13 @@ class GlobalStats(Backend):
         return self.local_counts.to(self.global_counts.dtype) / self.global_counts
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
-                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+                   hvp_dirs: Optional[torch.Tensor] = None, diag_weight: str = "curvature") -> HeadStats:
         e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         dtype, device = problem.compute_dtype, problem.logits.device
         wanted = [gradient, hess_diag, hvp_dirs is not None]
         if problem.logits.shape[0] > 0:
-            local = list(self.inner.head_stats(problem, gradient=gradient, hess_diag=hess_diag, hvp_dirs=hvp_dirs))
+            local = list(self.inner.head_stats(problem, gradient=gradient, hess_diag=hess_diag, hvp_dirs=hvp_dirs,
+                                               diag_weight=diag_weight))
         else:  # an empty shard still joins the collective
             k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
             shapes = [(e, c, dh), (e, c, dh), (e, k, c, dh)]
@@ -178,7 +179,8 @@ class GlobalStats(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None,
+                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
         n, dtype = problem.logits.shape[0], problem.compute_dtype
         if n == 0:
             return (problem.logits.new_zeros(problem.logits.shape, dtype=dtype),
@@ -190,7 +192,7 @@ class GlobalStats(Backend):
             return None if up is None else up * scale.view(-1, *[1] * (up.dim() - 1)).to(up.dtype)
 
         return self.inner.per_sample_backward(problem, grad_up=scaled(grad_up), diag_up=scaled(diag_up),
-                                              hvp_dirs=hvp_dirs, hvp_up=scaled(hvp_up))
+                                              hvp_dirs=hvp_dirs, hvp_up=scaled(hvp_up), diag_weight=diag_weight)
 
 
 def _all_gather_rows(local: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:

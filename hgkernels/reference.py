@@ -106,7 +106,9 @@ class _PerturbedHead:
 
 @autograd_enabled
 def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-environment G_e, Dg_e or H_e V_e by autograd, stacked to (E, C, Dh)."""
+    """Per-environment G_e, Dg_e, H_e V_e or the per-sample gradients' variance by autograd, (E, C, Dh)."""
+    if kind == "gradient_variance":
+        return _per_sample_gradient_variance(problem)
     head = _PerturbedHead(problem)
     out = []
     for e, env_loss in enumerate(head.env_losses):
@@ -117,6 +119,42 @@ def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None
             out.append(head.hess_diag(grad))
         else:
             out.append(head.flat(head.hvp(grad, head.split(vector[e]))))
+    return torch.stack(out)
+
+
+def _sample_loss(loss: str, logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One sample's own loss (torch's functional loss on a batch of one). A cross_entropy label outside
+    [0, C) (validate=False) poisons it as `_functional_loss` does, without a data-dependent branch."""
+    if loss != "cross_entropy":
+        return _functional_loss(loss, logit.unsqueeze(0), target.unsqueeze(0))
+    num_classes = logit.shape[0]
+    invalid = (target < 0) | (target >= num_classes)
+    poison = torch.where(invalid, float("nan"), 0.0).to(logit.dtype)
+    return (F.cross_entropy(logit.unsqueeze(0), target.clamp(0, num_classes - 1).unsqueeze(0))
+            + poison * (logit - logit.detach()).sum())
+
+
+def _per_sample_gradient_variance(problem: HeadProblem) -> torch.Tensor:
+    """Fishr's statistic the way BackPACK's BatchGrad users compute it: each sample's own head gradient
+    (torch.func.grad of its loss at a zero head perturbation, vmapped over the samples), then the
+    biased variance over the environment's samples of the centred gradients."""
+    dtype, c, d = problem.compute_dtype, problem.num_classes, problem.num_features
+    zero_w = torch.zeros(c, d, dtype=dtype, device=problem.logits.device)
+    zero_b = torch.zeros(c, dtype=dtype, device=problem.logits.device)
+
+    def sample_loss(dw, db, logit, feature, target):
+        return _sample_loss(problem.loss, logit + dw @ feature + (db if problem.bias else 0), target)
+
+    per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0))
+    logits, features = _usable(problem.logits).to(dtype), _usable(problem.features).to(dtype)
+    targets = _usable(problem.targets)
+    out = []
+    for e in range(problem.segments.num_envs):
+        idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
+        grad_w, grad_b = per_sample_grad(zero_w, zero_b, logits[idx], features[idx], targets[idx])
+        grads = _PerturbedHead.flat((grad_w, grad_b) if problem.bias else (grad_w,))
+        centred = grads - grads.mean(0, keepdim=True)
+        out.append(centred.square().mean(0))
     return torch.stack(out)
 
 

@@ -357,6 +357,7 @@ def test_alignment_methods_weight_their_terms(monkeypatch, method):
     assert kw.get("estimator") == {"hutchinson": "exact", "hutchinson_probes": "hutchinson"}.get(kind)
 
 
+@torch.no_grad()
 def test_ablation_values_against_the_library():
     sizes = [9, 6]
     z, w, b, y = head_case(sizes, seed=4)

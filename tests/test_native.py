@@ -227,7 +227,7 @@ def _op_arguments():
     problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
     gen = torch.Generator().manual_seed(0)
     mats = [torch.randn(3, rows, 6, generator=gen, dtype=torch.float64) for rows in (3, 6, 6, 3)]
-    return _operands(problem), mats
+    return _operands(problem, "curvature"), mats
 
 
 def test_custom_ops_pass_opcheck():

@@ -199,8 +199,10 @@ def _p_dot_apply(logit_ptr, l_sn, l_sc, row_max, inv_sum, mat_ptr, m_sc, m_sd, f
 def head_stats_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, target_ptr, t_sn, t_sc,
                       order_ptr, offsets_ptr, grad_ptr, diag_ptr, C, D, num_splits,
                       LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, DIAG: tl.constexpr,
+                      SQUARE_RESIDUAL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial G and Dg over one split of a segment's row blocks.
+    """Partial G and Dg over one split of a segment's row blocks (with SQUARE_RESIDUAL, the Dg slot
+    weighs zh ⊙ zh by r ⊙ r: the per-sample gradients' second moment, Fishr).
 
     Grid: (class tiles x Dh tiles, E, splits). Program (tile, env, split) sums row
     blocks split, split + num_splits, ... of environment env into the
@@ -230,7 +232,11 @@ def head_stats_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, target_ptr, t
             r = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
             grad_acc += _dot(tl.trans(r), zh)
         if DIAG:
-            q = _curvature(p, cmask, C, LOSS)
+            if SQUARE_RESIDUAL:
+                r_diag = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
+                q = r_diag * r_diag
+            else:
+                q = _curvature(p, cmask, C, LOSS)
             diag_acc += _dot(tl.trans(q), zh * zh)
 
     inv_count = 1.0 / count.to(tl.float32)
@@ -302,7 +308,7 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
                                dir_ptr, v_se, v_sk, v_sc, v_sd, up_ptr, u_se, u_sk, u_sc, u_sd,
                                dlogit_ptr, dfeat_ptr, C, D, K,
                                LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_UP: tl.constexpr,
-                               DIAG_UP: tl.constexpr, HVP_UP: tl.constexpr,
+                               DIAG_UP: tl.constexpr, HVP_UP: tl.constexpr, SQUARE_RESIDUAL: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """d logits (N, C) and d features (N, D) for one row block of one environment (docs/design.md §2).
 
@@ -336,9 +342,13 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
                                                              valid, c0, C, D, False, HAS_BIAS,
                                                              BLOCK_N, BLOCK_C, BLOCK_D)
             if DIAG_UP:
-                dp += _curvature_slope(p, C, LOSS) * _apply_tile(gam_e, gam_sc, gam_sd, feat_ptr, f_sn, f_sd,
-                                                                 rows, valid, c0, C, D, True, HAS_BIAS,
-                                                                 BLOCK_N, BLOCK_C, BLOCK_D)
+                dq = _apply_tile(gam_e, gam_sc, gam_sd, feat_ptr, f_sn, f_sd, rows, valid, c0, C, D, True,
+                                 HAS_BIAS, BLOCK_N, BLOCK_C, BLOCK_D)
+                if SQUARE_RESIDUAL:  # q = r ⊙ r: dr = 2 r ⊙ dq, dr/dp the residual slope
+                    r_diag = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
+                    dp += _residual_slope(C, LOSS) * 2.0 * r_diag * dq
+                else:
+                    dp += _curvature_slope(p, C, LOSS) * dq
             tl.store(dlogit_ptr + rows[:, None] * C + cols[None, :], dp * inv_count,
                      mask=valid[:, None] & cmask[None, :])
         # dz = (Lam^T r + 2 zh ⊙ (Gam^T q)) / N_e
@@ -351,7 +361,11 @@ def per_sample_backward_kernel(logit_ptr, l_sn, l_sc, feat_ptr, f_sn, f_sd, targ
                     r = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
                     dz += _dot(r, _mat_tile(lam_e, lam_sc, lam_sd, c0, d0, C, Dh, BLOCK_C, BLOCK_D))
                 if DIAG_UP:
-                    q = _curvature(p, cmask, C, LOSS)
+                    if SQUARE_RESIDUAL:
+                        r_diag = _residual(p, cols, cmask, target_ptr, t_sn, t_sc, rows, C, LOSS)
+                        q = r_diag * r_diag
+                    else:
+                        q = _curvature(p, cmask, C, LOSS)
                     gam_q += _dot(q, _mat_tile(gam_e, gam_sc, gam_sd, c0, d0, C, Dh, BLOCK_C, BLOCK_D))
             if DIAG_UP:
                 dz += 2.0 * _load_zh(feat_ptr, f_sn, f_sd, rows, valid, d0, D, HAS_BIAS, BLOCK_D) * gam_q

@@ -5,6 +5,10 @@ Shapes (E environments, C classes, D features, Dh = D + bias, K directions):
 * ``head_stats`` — per-environment statistics, in the problem's compute dtype:
   ``grad`` G_e (E, C, Dh), ``hess_diag`` Dg_e (E, C, Dh) and ``hvp`` (E, K, C, Dh)
   with ``hvp[e, k] = H_e @ hvp_dirs[e, k]``. Only the requested ones are computed.
+  ``diag_weight="residual_squared"`` puts the second moment of the per-sample head
+  gradients, (1/N_e) sum_i (r_i ⊙ r_i)(zh_i ⊙ zh_i)^T, in the ``hess_diag`` slot instead
+  (Fishr, docs/design.md §5.1): the same reduction with other row weights; the
+  per-sample backward takes the same flag for ``diag_up``.
 * ``per_sample_backward`` — given upstream gradients dPsi/dG_e (``grad_up``),
   dPsi/dDg_e (``diag_up``) and dPsi/d(H_e V_ek) for fixed directions V
   (``hvp_up`` against ``hvp_dirs``), return dPsi/dlogits (N, C) and
@@ -50,7 +54,7 @@ class Backend:
         return problem.logits.shape[0]
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
-                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+                   hvp_dirs: Optional[torch.Tensor] = None, diag_weight: str = "curvature") -> HeadStats:
         raise NotImplementedError
 
     def partial_head_stats(self, problem: HeadProblem, *, hvp_dirs: torch.Tensor) -> torch.Tensor:
@@ -65,5 +69,6 @@ class Backend:
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None,
+                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -79,12 +79,13 @@ def _stats_width(c: int, gradient: bool, hess_diag: bool, dirs: Optional[torch.T
 
 
 def _head_stats_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, order: torch.Tensor,
-                     offsets: torch.Tensor, loss: int, bias: bool, gradient: bool, hess_diag: bool,
-                     dirs: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-environment statistics (E, W, Dh), rows [G][Dg][H V_k] as requested; dirs (E, K*C, Dh)."""
+                     offsets: torch.Tensor, loss: int, bias: bool, square_residual: bool, gradient: bool,
+                     hess_diag: bool, dirs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-environment statistics (E, W, Dh), rows [G][Dg][H V_k] as requested; dirs (E, K*C, Dh).
+    square_residual: the Dg rows weigh zh ⊙ zh by r ⊙ r instead of q (csrc StatsLayout)."""
     call = _Kernels(logits, features, targets, order, offsets, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
-    layout = (call.c, k, gradient, hess_diag)
+    layout = (call.c, k, gradient, hess_diag, square_residual)
     work = call.empty(call.n * call.module.stats_work_per_sample(layout))
     out = call.empty(call.num_envs, _stats_width(call.c, gradient, hess_diag, dirs), call.head_width)
     call.module.head_stats(call.is_double, call.head, call.segments, layout, _address(dirs), work.data_ptr(),
@@ -96,15 +97,16 @@ native_head_stats = torch.library.custom_op("hgkernels::native_head_stats", muta
 
 
 @native_head_stats.register_fake
-def _(logits, features, targets, order, offsets, loss, bias, gradient, hess_diag, dirs):
+def _(logits, features, targets, order, offsets, loss, bias, square_residual, gradient, hess_diag, dirs):
     width = _stats_width(logits.shape[1], gradient, hess_diag, dirs)
     return logits.new_empty(offsets.shape[0] - 1, width, features.shape[1] + int(bias))
 
 
 def _stats_setup_context(ctx, inputs, output):
-    logits, features, targets, order, offsets, loss, bias, gradient, hess_diag, dirs = inputs
+    logits, features, targets, order, offsets, loss, bias, square_residual, gradient, hess_diag, dirs = inputs
     ctx.save_for_backward(logits, features, targets, order, offsets, dirs)
-    ctx.loss, ctx.bias, ctx.gradient, ctx.hess_diag = loss, bias, gradient, hess_diag
+    ctx.loss, ctx.bias, ctx.square_residual = loss, bias, square_residual
+    ctx.gradient, ctx.hess_diag = gradient, hess_diag
 
 
 def _stats_backward(ctx, upstream):
@@ -116,13 +118,13 @@ def _stats_backward(ctx, upstream):
     diag_begin = c if ctx.gradient else 0
     diag_up = upstream[:, diag_begin:diag_begin + c] if ctx.hess_diag else None
     ups = upstream[:, diag_begin + (c if ctx.hess_diag else 0):] if dirs is not None else None
-    operands = (logits, features, targets, order, offsets, ctx.loss, ctx.bias)
+    operands = (logits, features, targets, order, offsets, ctx.loss, ctx.bias, ctx.square_residual)
     contiguous = [None if t is None else t.contiguous() for t in (grad_up, ups, diag_up)]
     d_logits, d_features = native_per_sample_backward(*operands, contiguous[0], dirs, contiguous[1], contiguous[2])
     d_dirs = None
-    if dirs is not None and ctx.needs_input_grad[9]:
+    if dirs is not None and ctx.needs_input_grad[10]:
         d_dirs = native_head_stats(*operands, False, False, contiguous[1])
-    return d_logits, d_features, None, None, None, None, None, None, None, d_dirs
+    return d_logits, d_features, None, None, None, None, None, None, None, None, d_dirs
 
 
 native_head_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -130,14 +132,14 @@ native_head_stats.register_autograd(_stats_backward, setup_context=_stats_setup_
 
 def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
                               order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
-                              grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
+                              square_residual: bool, grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
                               ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d_logits (N, C), d_features (N, D)) from upstream Lam (E, C, Dh), directions V and their
     upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together)."""
     call = _Kernels(logits, features, targets, order, offsets, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
-    layout = (call.c, k, grad_up is not None, diag_up is not None)
+    layout = (call.c, k, grad_up is not None, diag_up is not None, square_residual)
     work = call.empty(call.n * call.module.backward_work_per_sample(layout))
     d_logits = call.empty(call.n, call.c)
     d_features = call.empty(call.n, call.d)
@@ -152,7 +154,7 @@ native_per_sample_backward = torch.library.custom_op("hgkernels::native_per_samp
 
 
 @native_per_sample_backward.register_fake
-def _(logits, features, targets, order, offsets, loss, bias, grad_up, dirs, ups, diag_up):
+def _(logits, features, targets, order, offsets, loss, bias, square_residual, grad_up, dirs, ups, diag_up):
     return logits.new_empty(logits.shape), features.new_empty(features.shape)
 
 
@@ -163,8 +165,8 @@ def _op(custom_op, impl):
     return custom_op if torch.compiler.is_compiling() else impl
 
 
-def _operands(problem: HeadProblem):
-    """The problem's tensors as the ops take them (see `_Kernels`)."""
+def _operands(problem: HeadProblem, diag_weight: str):
+    """The problem's tensors as the ops take them (see `_Kernels`), and the Dg rows' weight flag."""
     dtype = problem.compute_dtype
     logits = problem.logits.to(dtype)
     features = problem.features.to(dtype)
@@ -172,7 +174,7 @@ def _operands(problem: HeadProblem):
         features = features.contiguous()
     segments = problem.segments
     return (logits, features, problem.targets.contiguous(), segments.order, segments.offsets,
-            _LOSS_CODES[problem.loss], problem.bias)
+            _LOSS_CODES[problem.loss], problem.bias, diag_weight == "residual_squared")
 
 
 class NativeBackend(Backend):
@@ -196,11 +198,12 @@ class NativeBackend(Backend):
         return f"native kernels run on CPU and CUDA tensors, not {device.type}"
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
-                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+                   hvp_dirs: Optional[torch.Tensor] = None, diag_weight: str = "curvature") -> HeadStats:
         e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), problem.compute_dtype) if k else None
-        out = _op(native_head_stats, _head_stats_impl)(*_operands(problem), gradient, hess_diag, dirs)
+        stats = _op(native_head_stats, _head_stats_impl)
+        out = stats(*_operands(problem, diag_weight), gradient, hess_diag, dirs)
         diag_begin = c if gradient else 0
         diag_end = diag_begin + (c if hess_diag else 0)
         return HeadStats(out[:, :c] if gradient else None,
@@ -209,11 +212,12 @@ class NativeBackend(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None,
+                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
         e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
         dtype = problem.compute_dtype
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), dtype) if k else None
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
         return _op(native_per_sample_backward, _per_sample_backward_impl)(
-            *_operands(problem), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
+            *_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))

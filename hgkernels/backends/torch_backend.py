@@ -113,6 +113,14 @@ def _chunks(problem: HeadProblem, pad: _PaddedLayout, width: int) -> Iterator[_C
         yield _Chunk(problem, pad, slice(start, min(start + rows, pad.max_count)))
 
 
+def _diag_weight(diag_weight: str, ch: "_Chunk") -> torch.Tensor:
+    """The row weights of the hess_diag slot: q (the exact Hessian diagonal) or r ⊙ r (the second
+    moment of the per-sample gradients, Fishr)."""
+    if diag_weight == "residual_squared":
+        return losses.residual(ch.loss, ch.p, ch.targets).square()
+    return losses.curvature(ch.loss, ch.p)
+
+
 def _direction_width(hvp_dirs: Optional[torch.Tensor]) -> int:
     return 0 if hvp_dirs is None else hvp_dirs.shape[1] * hvp_dirs.shape[2]
 
@@ -121,7 +129,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
-                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+                   hvp_dirs: Optional[torch.Tensor] = None, diag_weight: str = "curvature") -> HeadStats:
         pad = _PaddedLayout(problem.segments)
         e, c, dh = pad.num_envs, problem.num_classes, problem.head_width
         grad, diag, hvp = _OuterSum(problem.bias), _OuterSum(problem.bias), _OuterSum(problem.bias)
@@ -132,7 +140,7 @@ class TorchBackend(Backend):
             if gradient:
                 grad.add(losses.residual(ch.loss, ch.p, ch.targets) * ch.weight, ch.z)
             if hess_diag:
-                diag.add(losses.curvature(ch.loss, ch.p) * ch.weight, ch.z * ch.z)
+                diag.add(_diag_weight(diag_weight, ch) * ch.weight, ch.z * ch.z)
             if hvp_dirs is not None:
                 s = _apply(dirs, ch.z, ch.bias).unflatten(-1, (k, c))
                 t = losses.hess_apply(ch.loss, ch.p, s) * ch.weight.unsqueeze(-1)
@@ -142,7 +150,8 @@ class TorchBackend(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None,
+                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
         pad = _PaddedLayout(problem.segments)
         d, dtype = problem.num_features, problem.compute_dtype
         d_logits = problem.logits.new_empty(problem.logits.shape, dtype=dtype)
@@ -173,9 +182,15 @@ class TorchBackend(Backend):
             if diag_up is not None:
                 z_sq = ch.z * ch.z
                 dq = _apply(diag_up, z_sq, ch.bias) * ch.weight
-                dp += losses.curvature_slope(ch.loss, ch.p) * dq
+                if diag_weight == "residual_squared":  # q = r ⊙ r, and dr/dp is the constant residual slope
+                    r = losses.residual(ch.loss, ch.p, ch.targets)
+                    q = r.square()
+                    dp += (2 * losses.residual_slope(ch.loss, problem.num_classes)) * r * dq
+                else:
+                    q = losses.curvature(ch.loss, ch.p)
+                    dp += losses.curvature_slope(ch.loss, ch.p) * dq
                 # 2 zh ⊙ (Gam^T q / N_e), reusing the squared-feature buffer
-                torch.matmul(losses.curvature(ch.loss, ch.p) * (2 * ch.weight), diag_up[..., :d], out=z_sq)
+                torch.matmul(q * (2 * ch.weight), diag_up[..., :d], out=z_sq)
                 dz.addcmul_(ch.z, z_sq)
             pad.scatter_into(d_logits, losses.link_vjp(ch.loss, ch.p, dp), ch.rows)
             pad.scatter_into(d_features, dz, ch.rows)

@@ -139,19 +139,19 @@ class TritonBackend(Backend):
                 _block(TILES.features, problem.head_width))
 
     def head_stats(self, problem: HeadProblem, *, gradient: bool = False, hess_diag: bool = False,
-                   hvp_dirs: Optional[torch.Tensor] = None) -> HeadStats:
+                   hvp_dirs: Optional[torch.Tensor] = None, diag_weight: str = "curvature") -> HeadStats:
         """Per-environment G (E, C, Dh), Dg (E, C, Dh) and H_e V_ek (E, K, C, Dh) in float32.
 
         One launch for G and Dg together and one for the directions, each followed by a
         fixed-order sum over row splits when it splits."""
         grad = diag = hvp = None
         if gradient or hess_diag:
-            grad, diag = self._gradient_and_diag(problem, gradient, hess_diag)
+            grad, diag = self._gradient_and_diag(problem, gradient, hess_diag, diag_weight == "residual_squared")
         if hvp_dirs is not None:
             hvp = self._hvp(problem, hvp_dirs.to(torch.float32))
         return HeadStats(grad, diag, hvp)
 
-    def _gradient_and_diag(self, problem: HeadProblem, gradient: bool, hess_diag: bool):
+    def _gradient_and_diag(self, problem: HeadProblem, gradient: bool, hess_diag: bool, square_residual: bool):
         seg = problem.segments
         e, c, d, dh = seg.num_envs, problem.num_classes, problem.num_features, problem.head_width
         block_n, block_c, block_d = self._blocks(problem)
@@ -163,7 +163,7 @@ class TritonBackend(Backend):
         _kernels().head_stats_kernel[(tiles, e, splits)](
             *_rows_args(problem), grad_part if gradient else diag_part, diag_part if hess_diag else grad_part,
             c, d, splits, LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias, GRAD=gradient, DIAG=hess_diag,
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
+            SQUARE_RESIDUAL=square_residual, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
         return _finish(grad_part), _finish(diag_part)
 
     def _hvp(self, problem: HeadProblem, hvp_dirs: torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,8 @@ class TritonBackend(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None,
+                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
         """d logits (N, C) and d features (N, D) in float32, one launch (docs/design.md §2)."""
         seg = problem.segments
         n, c, d = problem.logits.shape[0], problem.num_classes, problem.num_features
@@ -200,5 +201,6 @@ class TritonBackend(Backend):
             d_logits, d_features, c, d, k,
             LOSS=LOSSES.index(problem.loss), HAS_BIAS=problem.bias, GRAD_UP=grad_up is not None,
             DIAG_UP=diag_up is not None, HVP_UP=hvp_dirs is not None,
+            SQUARE_RESIDUAL=diag_weight == "residual_squared",
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
         return d_logits, d_features
