@@ -12,7 +12,7 @@ processes), and the median per-round ratio to ERM.
         --arm new+jemalloc=LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \\
         -- --shapes cmnist --variants erm ours --rounds 5
 
-An arm is NAME=[VAR=VALUE[,VAR=VALUE...]]; everything after `--` goes to training_step.py.
+An arm is NAME=[VAR=VALUE[;VAR=VALUE...]] (";" since MALLOC_CONF values hold commas); everything after `--` goes to training_step.py.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_arm(text: str) -> Tuple[str, Dict[str, str]]:
     name, _, rest = text.partition("=")
     env = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
         env[key] = value
     return name, env
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] = None) -> str:
         i = argv.index("--")
         argv, step_args = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", action="append", required=True, help="NAME=[VAR=VALUE,...]")
+    p.add_argument("--arm", action="append", required=True, help="NAME=[VAR=VALUE;...]")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -74,12 +74,19 @@ def _shards(rule, ids, world):
 
 
 def _penalty_fn(case):
-    return {"hgp": hk.hgp_penalty, "full": hk.full_hessian_penalty}.get(case["method"], hk.hutchinson_penalty)
+    return {"hgp": hk.hgp_penalty, "full": hk.full_hessian_penalty, "fishr": _fishr}.get(
+        case["method"], hk.hutchinson_penalty)
+
+
+def _fishr(*args, **kwargs):
+    """fishr_penalty in the Penalty shape of the others (its whole value as the Hessian-side term)."""
+    return hk.Penalty(hk.fishr_penalty(*args, **kwargs), torch.zeros((), dtype=torch.float64))
 
 
 def _options(case):
-    opts = dict(loss=case["loss"], env_reduction=case["reduction"], detach_reference=case["detach"],
-                backend=case["backend"])
+    opts = dict(loss=case["loss"], env_reduction=case["reduction"], backend=case["backend"])
+    if case["method"] != "fishr":
+        opts["detach_reference"] = case["detach"]
     if case["method"] == "stochastic":
         opts.update(estimator="hutchinson", num_probes=4, generator=torch.Generator().manual_seed(3))
     return opts
@@ -190,6 +197,8 @@ CASES_2 = [
     _case(method="hgp", backend="native", shards="uneven"),
     _case(method="full", shards="uneven", detach=False),
     _case(method="full", shards="missing", envs="sizes", reduction="sum", ddp="sum", loss="binary_cross_entropy"),
+    _case(method="fishr", shards="uneven"),
+    _case(method="fishr", shards="missing", envs="sizes", ddp="sum", loss="binary_cross_entropy", backend="native"),
 ]
 CASES_3 = [
     _case(shards="uneven"),
@@ -197,6 +206,7 @@ CASES_3 = [
     _case(method="hgp", shards="empty", detach=False, reduction="sum"),
     _case(method="stochastic", shards="missing", ddp="sum"),
     _case(method="full", shards="empty"),
+    _case(method="fishr", shards="empty", reduction="sum"),
 ]
 
 
