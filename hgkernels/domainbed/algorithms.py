@@ -1,0 +1,197 @@
+"""DomainBed algorithm classes whose penalties are computed in closed form by hgkernels.
+
+Interface (DomainBed's ``domainbed.algorithms.Algorithm``): ``Cls(input_shape, num_classes,
+num_domains, hparams)``, ``update(minibatches, unlabeled=None)`` with minibatches a list of (x, y), one
+per training environment, returning a dict of Python floats, and ``predict(x)`` returning logits. The
+network is DomainBed's ``networks.Featurizer(input_shape, hparams)`` followed by a linear
+``networks.Classifier(featurizer.n_outputs, num_classes, False)``, as ``self.network =
+nn.Sequential(featurizer, classifier)``, trained by one Adam over ``self.network`` (``lr``,
+``weight_decay``). The closed forms need a linear head: ``nonlinear_classifier=True`` raises.
+
+Objectives (E environments, L_e the mean cross-entropy of environment e's minibatch, G_e and H_e the
+gradient and Hessian of L_e in the classifier's weight and bias):
+
+- ``HGP`` (official: huawei-noah/Federated-Learning, HessianAlignment/domainbed/algorithms.py):
+  ``nll = mean_e L_e``, ``loss = nll + alpha * hessian + beta * gradient`` with
+  ``hessian = (1/E) sum_e ||H_e G_e - sg(H_bar G_bar)||^2`` and ``gradient = (1/E) sum_e ||G_e - sg(G_bar)||^2``
+  (H_bar, G_bar those of mean_e L_e; sg = detached), i.e. `hgkernels.hgp_penalty`'s defaults.
+  The official code forms H_e G_e as ``||G_e|| * grad ||G_e||`` by double backward; the same product.
+- ``Hutchinson`` (same file): as HGP with the Hessian diagonals:
+  ``hessian = (1/E) sum_e ||diag H_e - sg(diag H_bar)||^2``. ``hutchinson_probes = 0`` (default) is the
+  exact diagonal; K > 0 the official Rademacher estimate with K probes per environment and K of its own
+  for the pooled reference (official: 300), drawn from torch's global generator as the official code
+  does (so DomainBed's ``--seed`` seeds them); the stream of draws is hgkernels' order, not the
+  official's, so the estimates are equal in distribution, not draw for draw.
+  Neither official class anneals the penalty: it is on from the first step, and so it is here.
+  Returned: ``loss``, ``nll``, ``penalty`` (= alpha * hessian + beta * gradient, the official
+  ``penalty``), ``hessian``, ``gradient`` (the unweighted terms).
+- ``FishrClosedForm`` (upstream DomainBed's ``Fishr`` at `hgkernels.domainbed.DOMAINBED_COMMIT`,
+  without BackPACK): ``nll`` the cross-entropy of all samples together, ``penalty = (1/E) sum_e
+  mean_coordinates (v_e - v_bar)^2`` on the exponential moving averages (weight ``ema``, corrected by
+  1/(1 - ema)) of the per-environment variances of the per-sample head gradients (`hgkernels.FishrLoss`),
+  ``loss = nll + w * penalty`` with w = 0 before ``penalty_anneal_iters`` updates and ``lambda`` from
+  then on; at the switch (when ``penalty_anneal_iters`` != 0) Adam is re-created, as upstream does. The
+  moving average is updated by every ``update`` (as upstream), and lives in registered buffers, so it is
+  in ``state_dict`` (upstream keeps it in a Python list that checkpoints lose). Returned: ``loss``,
+  ``nll``, ``penalty`` (unweighted, as upstream).
+
+``featurizer_per_env`` (hparam, default False): False runs the featurizer once on the concatenated
+minibatches (upstream ERM/Fishr, the fastest: one large batch); True runs it once per environment, as
+the official HGP/Hutchinson code does. They differ only for featurizers that mix the samples of a batch
+(BatchNorm in training mode): then each environment's normalisation statistics come from its own
+minibatch and the running statistics are updated E times per step. The default is the concatenated
+pass because it is E times fewer featurizer calls and is exact for DomainBed's MLP and MNIST_CNN
+(GroupNorm), and for its ResNet with ``freeze_bn``; set True to reproduce the official HGP/Hutchinson
+runs with a BatchNorm featurizer.
+
+Both penalties run with ``validate=False`` (no per-step scans of the data that would synchronise a
+GPU; the environment structure is still checked, and bad labels fail in the cross-entropy).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import FishrLoss, hgp_penalty, hutchinson_penalty
+from . import require_domainbed
+
+_db_algorithms, networks = require_domainbed("algorithms", "networks")
+Algorithm = _db_algorithms.Algorithm
+
+__all__ = ["HGP", "Hutchinson", "FishrClosedForm"]
+
+
+class _LinearHeadAlgorithm(Algorithm):
+    """DomainBed's ERM network (Featurizer + linear Classifier, one Adam) plus the minibatch plumbing."""
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        name = type(self).__name__
+        if self.hparams["nonlinear_classifier"]:
+            raise ValueError(f"{name} computes its penalty in closed form for a linear classifier head; "
+                             f"hparams['nonlinear_classifier'] must be False (got True)")
+        self.num_domains = num_domains
+        self.num_classes = num_classes
+        self.featurizer = networks.Featurizer(input_shape, self.hparams)
+        self.classifier = networks.Classifier(self.featurizer.n_outputs, num_classes,
+                                              self.hparams["nonlinear_classifier"])
+        if not isinstance(self.classifier, nn.Linear):
+            raise TypeError(f"{name} needs networks.Classifier to be an nn.Linear head; "
+                            f"got {type(self.classifier).__name__}")
+        self.network = nn.Sequential(self.featurizer, self.classifier)
+        self.register_buffer("update_count", torch.tensor([0]))
+        self._init_optimizer()
+
+    def _init_optimizer(self) -> None:
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.hparams["lr"],
+                                          weight_decay=self.hparams["weight_decay"])
+
+    def _features_and_logits(self, minibatches) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+        """Features (N, D), logits (N, C), labels (N,) of the environments in order, and their sizes."""
+        sizes = [int(x.shape[0]) for x, _ in minibatches]
+        labels = torch.cat([y for _, y in minibatches])
+        if self.hparams.get("featurizer_per_env", False):
+            features = torch.cat([self.featurizer(x) for x, _ in minibatches])
+        else:
+            features = self.featurizer(torch.cat([x for x, _ in minibatches]))
+        return features, self.classifier(features), labels, sizes
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def predict(self, x):
+        return self.network(x)
+
+
+def _env_mean_nll(logits: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """mean_e L_e, each L_e the mean cross-entropy of environment e (the official ``train_nll``)."""
+    return torch.stack([F.cross_entropy(lg, y) for lg, y in zip(logits.split(sizes), labels.split(sizes))]).mean()
+
+
+class _HessianAlignment(_LinearHeadAlgorithm):
+    """HGP and Hutchinson: nll + alpha * hessian + beta * gradient, penalty on from the first step."""
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.penalty_alpha = hparams["penalty_alpha"]
+        self.penalty_beta = hparams["penalty_beta"]
+
+    def _penalty(self, logits, features, labels, sizes):
+        raise NotImplementedError
+
+    def update(self, minibatches, unlabeled=None) -> Dict[str, float]:
+        features, logits, labels, sizes = self._features_and_logits(minibatches)
+        nll = _env_mean_nll(logits, labels, sizes)
+        pen = self._penalty(logits, features, labels, sizes)
+        penalty = self.penalty_alpha * pen.hessian + self.penalty_beta * pen.gradient
+        loss = nll + penalty
+        self._step(loss)
+        self.update_count += 1
+        return {"loss": loss.item(), "nll": nll.item(), "penalty": penalty.item(),
+                "hessian": pen.hessian.item(), "gradient": pen.gradient.item()}
+
+
+class HGP(_HessianAlignment):
+    """Hessian-gradient-product alignment (Hemati et al., ICCV 2023), closed form (`hgkernels.hgp_penalty`)."""
+
+    def _penalty(self, logits, features, labels, sizes):
+        return hgp_penalty(logits, features, labels, sizes, validate=False, detach_reference=False)
+
+
+class Hutchinson(_HessianAlignment):
+    """Hessian-diagonal alignment (Hemati et al., ICCV 2023), closed form (`hgkernels.hutchinson_penalty`).
+
+    ``hparams["hutchinson_probes"]``: 0 (default) exact diagonal; K > 0 the official K-probe estimator.
+    """
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.num_probes = int(hparams.get("hutchinson_probes", 0))
+        if self.num_probes < 0:
+            raise ValueError(f"hparams['hutchinson_probes'] must be >= 0 (0 = exact diagonal); got {self.num_probes}")
+
+    def _penalty(self, logits, features, labels, sizes):
+        if self.num_probes == 0:
+            return hutchinson_penalty(logits, features, labels, sizes, validate=False, env_reduction="sum")
+        return hutchinson_penalty(logits, features, labels, sizes, estimator="hutchinson", detach_reference=False,
+                                  num_probes=self.num_probes, validate=False)
+
+
+class FishrClosedForm(_LinearHeadAlgorithm):
+    """Upstream DomainBed's Fishr (Rame et al., ICML 2022) with the closed-form variances of `hgkernels.FishrLoss`."""
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.fishr = FishrLoss(num_domains, num_classes, self.featurizer.n_outputs, ema=hparams["ema"],
+                               bias=True, validate=False)
+
+    def update(self, minibatches, unlabeled=None) -> Dict[str, float]:
+        if len(minibatches) != self.num_domains:
+            raise ValueError(f"FishrClosedForm was built for {self.num_domains} training environments; "
+                             f"update got {len(minibatches)} minibatches")
+        features, logits, labels, sizes = self._features_and_logits(minibatches)
+        # upstream updates the moving average on every update, whatever the module's mode
+        was_training = self.fishr.training
+        self.fishr.train(True)
+        try:
+            penalty = self.fishr(logits, features, labels, sizes)
+        finally:
+            self.fishr.train(was_training)
+        nll = F.cross_entropy(logits, labels)
+
+        penalty_weight = 0
+        if self.update_count >= self.hparams["penalty_anneal_iters"]:
+            penalty_weight = self.hparams["lambda"]
+            if self.update_count == self.hparams["penalty_anneal_iters"] != 0:
+                # as upstream (and IRM, VREx): a fresh Adam for the jump in gradient magnitudes
+                self._init_optimizer()
+        self.update_count += 1
+
+        loss = nll + penalty_weight * penalty
+        self._step(loss)
+        return {"loss": loss.item(), "nll": nll.item(), "penalty": penalty.item()}

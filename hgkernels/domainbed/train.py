@@ -1,0 +1,32 @@
+"""``python -m hgkernels.domainbed.train ARGS``: DomainBed's ``domainbed.scripts.train`` with hgkernels' algorithms.
+
+Registers HGP, Hutchinson and FishrClosedForm (`hgkernels.domainbed.register`) and runs DomainBed's
+training script as ``__main__`` with the command line passed through unchanged, e.g.::
+
+    python -m hgkernels.domainbed.train --data_dir ./data --dataset PACS --algorithm HGP --test_envs 0
+
+DomainBed must be importable (``git clone https://github.com/facebookresearch/DomainBed`` and put the
+clone on ``PYTHONPATH``). For DomainBed's sweep.py, see `hgkernels.domainbed` (one-line change).
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+from typing import Optional, Sequence
+
+from . import register, require_domainbed
+
+TRAIN_MODULE = "domainbed.scripts.train"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run DomainBed's train script with ``argv`` (default: this process's arguments) after `register`."""
+    require_domainbed("scripts")
+    register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = [TRAIN_MODULE, *args]  # run_module(alter_sys=True) replaces argv[0] by the script's path
+    runpy.run_module(TRAIN_MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Test stand-in for DomainBed (see tests/domainbed_stub/README.md)."""
