@@ -58,3 +58,13 @@ def test_report_writes_table_and_plot(tmp_path):
         assert len(timed) == 3 and all(float(row[2]) > 0 for row in timed), timed
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional, the table is not
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_check_dry_run(tmp_path):
+    """The one-command GPU check (benchmarks/device_check.py) runs its every step on the CPU."""
+    result = _run(["benchmarks/device_check.py", "--dry-run", "--out-dir", str(tmp_path)])
+    report = (tmp_path / "RESULTS-GPU-dry-run.md").read_text()
+    assert "Correctness against `reference`" in report and "| triton |" not in report.splitlines()[0]
+    assert "triton" in report and "native" in report, report
+    assert (tmp_path / "results-gpu-dry-run.json").exists()
+    assert "done in" in result.stdout

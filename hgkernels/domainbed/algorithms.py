@@ -140,7 +140,7 @@ class HGP(_HessianAlignment):
     """Hessian-gradient-product alignment (Hemati et al., ICCV 2023), closed form (`hgkernels.hgp_penalty`)."""
 
     def _penalty(self, logits, features, labels, sizes):
-        return hgp_penalty(logits, features, labels, sizes, validate=False, detach_reference=False)
+        return hgp_penalty(logits, features, labels, sizes, validate=False)
 
 
 class Hutchinson(_HessianAlignment):
@@ -157,8 +157,8 @@ class Hutchinson(_HessianAlignment):
 
     def _penalty(self, logits, features, labels, sizes):
         if self.num_probes == 0:
-            return hutchinson_penalty(logits, features, labels, sizes, validate=False, env_reduction="sum")
-        return hutchinson_penalty(logits, features, labels, sizes, estimator="hutchinson", detach_reference=False,
+            return hutchinson_penalty(logits, features, labels, sizes, validate=False)
+        return hutchinson_penalty(logits, features, labels, sizes, estimator="hutchinson",
                                   num_probes=self.num_probes, validate=False)
 
 
