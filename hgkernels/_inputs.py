@@ -166,7 +166,10 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
         # outside [0, E) or an empty environment has no meaning (a mean over no samples).
         if shard and n == 0:
             return EnvSegments(env_ids, num_envs, [0] * num_envs, grouped=True)
-        lo, hi = (int(v) for v in torch.aminmax(env_ids))
+        # Ids already grouped (DomainBed's concatenated minibatches) need no pass beyond this check: the
+        # range is the first and last id and the sizes come from a binary search.
+        grouped = n < 2 or bool((env_ids[1:] >= env_ids[:-1]).all())
+        lo, hi = env_ids[[0, -1]].tolist() if grouped else (int(v) for v in torch.aminmax(env_ids))
         if lo < 0:
             raise ValueError(f"envs holds a negative environment id ({lo})")
         if num_envs is not None and hi >= num_envs:
@@ -175,11 +178,14 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
         if e > n and not shard:  # some environment must be empty; say so before sizing anything by E
             raise ValueError(f"envs: {e} environments (ids 0..{e - 1}) but only {n} samples, so some environment "
                              "has no samples; number the environments 0..E-1")
-        counts = torch.bincount(env_ids, minlength=e).tolist()
+        if grouped:
+            bounds = torch.searchsorted(env_ids, torch.arange(e + 1, device=env_ids.device))
+            counts = bounds.diff().tolist()
+        else:
+            counts = torch.bincount(env_ids, minlength=e).tolist()
         empty = [i for i, c in enumerate(counts) if c == 0]
         if empty and not shard:
             raise ValueError(f"envs: environment(s) {_listed(empty)} of {e} have no samples")
-        grouped = bool((env_ids[1:] >= env_ids[:-1]).all())
         return EnvSegments(env_ids, e, counts, grouped)
     if isinstance(envs, (list, tuple)):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in envs):

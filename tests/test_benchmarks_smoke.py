@@ -68,3 +68,8 @@ def test_device_check_dry_run(tmp_path):
     assert "triton" in report and "native" in report, report
     assert (tmp_path / "results-gpu-dry-run.json").exists()
     assert "done in" in result.stdout
+
+
+def test_full_hessian_cost_smoke():
+    result = _run(["benchmarks/full_hessian_cost.py", "--smoke"])
+    assert "| tiny (N=24" in result.stdout and "ms" in result.stdout
