@@ -68,7 +68,7 @@ def main(argv: Sequence[str] = None) -> str:
         for name, env in order:
             print(f"repeat {r + 1}/{args.repeats}: {name} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
             runs[name].append(run_once(env, step_args))
-    lines = [f"Arms: " + "; ".join(f"`{n}`: {e or '(as is)'}" for n, e in arms),
+    lines = ["Arms: " + "; ".join(f"`{n}`: {e or '(as is)'}" for n, e in arms),
              *(f"- `{n}` ran {runs[n][0]['machine']}" for n, _ in arms), "",
              f"{args.repeats} processes per arm, alternating; each process: `training_step.py {' '.join(step_args)}`. "
              "ms: median over processes of each process's median (min-max over processes); "

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from typing import Dict, List
 
 import torch

@@ -35,7 +35,6 @@ library, so the script also runs against older checkouts (PYTHONPATH=/path/to/ch
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math

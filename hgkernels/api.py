@@ -92,7 +92,7 @@ def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Option
     return built
 
 
-def _run(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
+def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
          ddp_reduction: str = "mean") -> Penalty:
     if backend == "reference":
         if process_group is not None:
@@ -186,7 +186,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         config.append(("probe generator state", distributed.generator_fingerprint(generator, device)))
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                               num_envs=num_envs, validate=validate, config=config)
-    return _run(problem, backend, plan, lambda: reference_path.penalty(
+    return run_penalty(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
         estimator=estimator, num_probes=num_probes, generator=generator), process_group, ddp_reduction)
 
@@ -221,7 +221,7 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
               ("form", form), ("ddp_reduction", ddp_reduction)]
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                               num_envs=num_envs, validate=validate, config=config)
-    return _run(problem, backend, plan, lambda: reference_path.penalty(
+    return run_penalty(problem, backend, plan, lambda: reference_path.penalty(
         problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference),
         process_group, ddp_reduction)
 

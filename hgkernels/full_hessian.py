@@ -56,10 +56,10 @@ import torch
 
 from . import backends, losses
 from ._inputs import EnvsArg, HeadProblem, check_choice, prepare
-from ._penalty import PenaltyFunction, StateHolder, deviation_penalty, env_weight, maybe_detach
+from ._penalty import StateHolder, deviation_penalty, env_weight, maybe_detach
 from ._sample_space import _same_env, _sample_weight, scaled_dot
 from . import distributed
-from .api import Penalty, _check_common, _traced, check_targets_grad, composed_backend, prepared
+from .api import Penalty, _check_common, check_targets_grad, prepared, run_penalty
 from .reference import _functional_loss, _usable, autograd_enabled
 
 NORMS = ("fro", "spectral")
@@ -250,18 +250,8 @@ def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: t
               ("ddp_reduction", ddp_reduction)]
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                              num_envs=num_envs, validate=validate, config=config)
-    if backend == "reference":
-        if process_group is not None:
-            raise ValueError("backend='reference' has no process_group support; use a closed-form backend")
-        return Penalty(*reference_full_hessian_penalty(problem, env_reduction=env_reduction,
-                                                       detach_reference=detach_reference))
-    impl = backends.select(backend, problem)
-    if _traced():
-        if process_group is not None:
-            raise ValueError("process_group under torch.compile or torch.func is not supported")
-        # torch.compile / torch.func: autograd differentiates the plan's torch ops instead
-        return Penalty(*plan.feature_form().forward(composed_backend(impl), problem))
-    return Penalty(*PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan))
+    return run_penalty(problem, backend, plan, lambda: reference_full_hessian_penalty(
+        problem, env_reduction=env_reduction, detach_reference=detach_reference), process_group, ddp_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------

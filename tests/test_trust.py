@@ -48,7 +48,7 @@ def test_shared_gradient_is_not_overwritten_by_the_next_step():
     proc = ctx.Process(target=_consumer, args=(queue, cloned, done, result))
     proc.start()
     try:
-        n, d = 3000, 700  # d_features of 8.4 MB: the size the removed output pool used to recycle
+        d = 700  # d_features of 8.4 MB (3000 rows): the size the removed output pool used to recycle
         case = _case(1, sizes=(1500, 1500), c=2, d=d, dtype=torch.float32)
         for step in range(2):
             feats = case.features.clone().requires_grad_(True)
