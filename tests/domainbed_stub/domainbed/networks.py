@@ -1,5 +1,4 @@
 """Stand-in for domainbed.networks: a small MLP featurizer for 1-D inputs and the linear classifier."""
-import torch
 from torch import nn
 
 
