@@ -1,4 +1,4 @@
-"""hgkernels: closed-form Hessian-alignment penalties (HGP, Hutchinson) for linear heads.
+"""hgkernels: closed-form head-curvature alignment penalties (HGP, Hutchinson, full Hessian, Fishr) for linear heads.
 
     from hgkernels import hutchinson_penalty
     pen = hutchinson_penalty(logits, features, labels, envs)
