@@ -395,3 +395,20 @@ def test_reference_works_under_no_grad_and_inference_mode(mode):
             assert_close(got.hessian, want.hessian, 1e-10, f"{backend} hessian under {mode}")
             assert_close(got.gradient, want.gradient, 1e-10, f"{backend} gradient under {mode}")
 
+
+
+def test_compile_with_ids_needs_num_envs():
+    """README: ids without num_envs cannot be traced: fullgraph fails, a plain compile runs the call eagerly."""
+    torch._dynamo.reset()
+    case = _case(20)
+    w, feats = _head_inputs(case)
+
+    def step(weight):
+        pen = hk.hgp_penalty(feats @ weight.T, feats, case.labels, case.envs, validate=False)
+        return pen.hessian + pen.gradient
+
+    # our ValueError naming num_envs, or dynamo's report of it, depending on where tracing stops
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported)):
+        torch.compile(step, fullgraph=True)(w)
+    torch._dynamo.reset()
+    assert_close(torch.compile(step)(w), step(w), 1e-12, "compiled with a graph break")
