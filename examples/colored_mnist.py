@@ -958,6 +958,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, dist: Option
                 run = train_one(method, data, cfg, seed, device, args.backend, progress, dtype=dtype, dist=dist,
                                 track_every=args.track_hessian_distance)
                 results[method]["elapsed_s"] = round(results[method]["elapsed_s"] + time.perf_counter() - t0, 1)
+                if args.no_progress:  # a line per finished run instead of the bar (logs of long runs)
+                    say(f"  restart {restart} {method}: train {100 * run['train_acc']:.1f} test "
+                        f"{100 * run['test_acc']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
                 for key in keys:
                     results[method][key].append(run[key])
                 curves[method].append(run["test_curve"])
