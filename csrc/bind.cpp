@@ -34,10 +34,10 @@ hgk::Head<T> head_from(const py::tuple& t) {
           t[9].cast<int>(),               t[10].cast<bool>()};
 }
 
-// segments: (order, offsets, N, E)
+// segments: (order, offsets, N, E, env_ids)
 hgk::Segments segments_from(const py::tuple& t) {
   return {ptr<int64_t>(t[0].cast<uintptr_t>()), ptr<int64_t>(t[1].cast<uintptr_t>()), t[2].cast<int64_t>(),
-          t[3].cast<int>()};
+          t[3].cast<int>(), ptr<int64_t>(t[4].cast<uintptr_t>())};
 }
 
 // launch: (threads, stream)

@@ -37,6 +37,13 @@ struct Task {
   int col_begin, col_end;
 };
 
+// Blocks of `row_block` rows in the caller's order, across environments (env = -1).
+std::vector<Task> natural_blocks(const Segments& s, int64_t row_block) {
+  std::vector<Task> out;
+  for (int64_t r = 0; r < s.num_samples; r += row_block) out.push_back({-1, r, std::min(r + row_block, s.num_samples), 0, 1});
+  return out;
+}
+
 // Environment blocks of `row_block` sorted rows crossed with column blocks of [0, cols).
 std::vector<Task> tasks(const Segments& s, int64_t row_block, int cols, int col_block) {
   std::vector<Task> out;
@@ -218,8 +225,8 @@ void expand_row_direct(const T* x, const T* coef, const T* const* mats, int W, c
 // its dots, its closed form and its d_features while the feature row is in L1.
 template <typename T>
 void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout layout, int64_t row_begin,
-                          int64_t row_end, T w, const Part<T>* parts, int num_parts, const T* gam, T* d_logits,
-                          T* d_features) {
+                          int64_t row_end, bool natural, T w, const Part<T>* parts, int num_parts, const T* gam,
+                          T* d_logits, T* d_features) {
   const int C = h.C, D = h.D, W = layout.width();
   const int64_t Dh = h.head_width();
   const T* mats[kDirectRows];
@@ -229,7 +236,7 @@ void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout la
   for (int c = 0; gam && c < C; ++c) gam_rows[c] = gam + c * Dh;
   T dots[kDirectRows], dots_sq[kDirectRows], p[kDirectRows], dp[kDirectRows], coef[kDirectRows], coef_sq[kDirectRows];
   for (int64_t j = row_begin; j < row_end; ++j) {
-    const int64_t i = s.order[j];
+    const int64_t i = natural ? j : s.order[j];  // natural: [row_begin, row_end) are the caller's rows
     const T* x = h.features + i * h.features_row_stride;
     row_dots<T, false>(x, mats, W, D, dots);
     if (gam) row_dots<T, true>(x, gam_rows, C, D, dots_sq);
@@ -306,19 +313,26 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
   const int simd_cols = D / V::lanes * V::lanes;
   const int square_begin = layout.diag_begin(), square_end = layout.hess_diag ? square_begin + C : square_begin;
   const bool any_square = square_begin < square_end;
-  const std::vector<Task> blocks = tasks(s, kDirectBlockRows, 1, 1);
-  std::vector<T> partial(blocks.size() * size_t(W) * Dh);
+  // When every environment's partial sums fit in L1 together, blocks walk the rows in the caller's
+  // order and each row adds into its environment's partial: memory order whatever the ids' order
+  // (shuffled ids read rows at random through `order` otherwise). Else blocks follow each environment.
+  const bool natural = size_t(s.num_envs) * W * Dh * sizeof(T) <= size_t(kDirectAccBytes);
+  const std::vector<Task> blocks = natural ? natural_blocks(s, kDirectBlockRows) : tasks(s, kDirectBlockRows, 1, 1);
+  const int block_envs = natural ? s.num_envs : 1;
+  std::vector<T> partial(blocks.size() * size_t(block_envs) * W * Dh);
   const int threads = threads_for(launch, double(s.num_samples) * (W + KC) * Dh);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < int64_t(blocks.size()); ++t) {
     const Task& block = blocks[t];
-    T* acc = partial.data() + size_t(t) * W * Dh;
-    std::fill(acc, acc + size_t(W) * Dh, T(0));
-    const T* env_dirs = KC ? dirs + int64_t(block.env) * KC * Dh : nullptr;
-    const T w = inv_count<T>(s, block.env);
+    T* block_acc = partial.data() + size_t(t) * block_envs * W * Dh;
+    std::fill(block_acc, block_acc + size_t(block_envs) * W * Dh, T(0));
     T dots[kDirectRows], p[kDirectRows], cf[kDirectRows];  // KC, C, W <= kDirectRows
     for (int64_t j = block.row_begin; j < block.row_end; ++j) {
-      const int64_t i = s.order[j];
+      const int64_t i = natural ? j : s.order[j];
+      const int e = natural ? int(s.env_ids[i]) : block.env;
+      T* acc = block_acc + (natural ? size_t(e) * W * Dh : 0);
+      const T* env_dirs = KC ? dirs + int64_t(e) * KC * Dh : nullptr;
+      const T w = inv_count<T>(s, e);
       const T* x = h.features + i * h.features_row_stride;
       for (int k = 0; k < KC; ++k)
         dots[k] = row_dot<T>(x, env_dirs + int64_t(k) * Dh, D) + (h.bias ? env_dirs[int64_t(k) * Dh + D] : T(0));
@@ -345,7 +359,10 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
     const int e = int(k / per_env);
     T total = T(0);
     for (size_t t = 0; t < blocks.size(); ++t)
-      if (blocks[t].env == e) total += partial[t * per_env + k % per_env];
+      if (natural)
+        total += partial[t * s.num_envs * per_env + k];
+      else if (blocks[t].env == e)
+        total += partial[t * per_env + k % per_env];
     out[k] = total;
   }
 }
@@ -456,6 +473,32 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   const int64_t N = s.num_samples;
   const BackwardWork<T> buf(work, N, layout);
   T *dots = buf.dots, *dots_sq = buf.dots_sq, *scratch = buf.scratch, *coef = buf.coef, *coef_sq = buf.coef_sq;
+  // Environment e's stacked matrices [Lam][V_k][U_k] as parts; returns how many.
+  auto env_parts = [&](int e, Part<T>* parts) {
+    int num_parts = 0;
+    if (layout.gradient) parts[num_parts++] = {grad_up + int64_t(e) * C * Dh, C, 0};
+    if (KC) {
+      parts[num_parts++] = {dirs + int64_t(e) * KC * Dh, KC, layout.dirs_begin()};
+      parts[num_parts++] = {ups + int64_t(e) * KC * Dh, KC, layout.ups_begin()};
+    }
+    return num_parts;
+  };
+  if (W + (gam ? C : 0) <= kDirectRows) {
+    // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
+    // ids' order); each row takes its environment's matrices. Rows are independent: no sums.
+    const std::vector<Task> rows = natural_blocks(s, kRowBlock);
+#pragma omp parallel for schedule(static) num_threads(threads_for(launch, 2.0 * N * (W + C) * Dh))
+    for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
+      Part<T> parts[3];
+      for (int64_t i = rows[t].row_begin; i < rows[t].row_end; ++i) {
+        const int e = int(s.env_ids[i]);
+        const int num_parts = env_parts(e, parts);
+        backward_rows_direct<T>(h, s, layout, i, i + 1, true, inv_count<T>(s, e), parts, num_parts,
+                                gam ? gam + int64_t(e) * C * Dh : nullptr, d_logits, d_features);
+      }
+    }
+    return;
+  }
   const std::vector<Task> blocks = tasks(s, kRowBlock, 1, 1);
 #pragma omp parallel num_threads(threads_for(launch, 2.0 * N * (W + C) * Dh))
   {
@@ -465,19 +508,9 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
       const Task& block = blocks[t];
       const int e = block.env;
       Part<T> parts[3];
-      int num_parts = 0;
-      if (layout.gradient) parts[num_parts++] = {grad_up + int64_t(e) * C * Dh, C, 0};
-      if (KC) {
-        parts[num_parts++] = {dirs + int64_t(e) * KC * Dh, KC, layout.dirs_begin()};
-        parts[num_parts++] = {ups + int64_t(e) * KC * Dh, KC, layout.ups_begin()};
-      }
+      const int num_parts = env_parts(e, parts);
       const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
       const T w = inv_count<T>(s, e);
-      if (W + (gam ? C : 0) <= kDirectRows) {
-        backward_rows_direct<T>(h, s, layout, block.row_begin, block.row_end, w, parts, num_parts, env_gam, d_logits,
-                                d_features);
-        continue;
-      }
       for (int p = 0; p < num_parts; ++p)
         dots_block<T, false>(h, s, block.row_begin, block.row_end, parts[p].mats, 0, parts[p].rows,
                              dots + parts[p].first_coef, W);

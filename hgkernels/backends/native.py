@@ -51,7 +51,7 @@ class _Kernels:
     Expects logits/features in the compute dtype with unit feature-column stride, targets
     contiguous (int64 ids for cross_entropy, else (N, C) floats), order/offsets int64."""
 
-    def __init__(self, logits, features, targets, order, offsets, loss: int, bias: bool):
+    def __init__(self, logits, features, targets, order, offsets, env_ids, loss: int, bias: bool):
         self.module = _CUDA if logits.device.type == "cuda" else _CPU
         self.dtype, self.device = logits.dtype, logits.device
         self.is_double = logits.dtype == torch.float64
@@ -63,7 +63,7 @@ class _Kernels:
         self.head = (logits.data_ptr(), logits.stride(0), logits.stride(1), features.data_ptr(), features.stride(0),
                      targets.data_ptr() if is_ce else 0, 0 if is_ce else targets.data_ptr(), loss, self.c, self.d,
                      bias)
-        self.segments = (order.data_ptr(), offsets.data_ptr(), self.n, self.num_envs)
+        self.segments = (order.data_ptr(), offsets.data_ptr(), self.n, self.num_envs, env_ids.data_ptr())
         if self.device.type == "cuda":
             self.launch = (1, torch.cuda.current_stream(self.device).cuda_stream)
         else:
@@ -79,11 +79,11 @@ def _stats_width(c: int, gradient: bool, hess_diag: bool, dirs: Optional[torch.T
 
 
 def _head_stats_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, order: torch.Tensor,
-                     offsets: torch.Tensor, loss: int, bias: bool, square_residual: bool, gradient: bool,
-                     hess_diag: bool, dirs: Optional[torch.Tensor]) -> torch.Tensor:
+                     offsets: torch.Tensor, env_ids: torch.Tensor, loss: int, bias: bool, square_residual: bool,
+                     gradient: bool, hess_diag: bool, dirs: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-environment statistics (E, W, Dh), rows [G][Dg][H V_k] as requested; dirs (E, K*C, Dh).
     square_residual: the Dg rows weigh zh ⊙ zh by r ⊙ r instead of q (csrc StatsLayout)."""
-    call = _Kernels(logits, features, targets, order, offsets, loss, bias)
+    call = _Kernels(logits, features, targets, order, offsets, env_ids, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
     layout = (call.c, k, gradient, hess_diag, square_residual)
     work = call.empty(call.n * call.module.stats_work_per_sample(layout))
@@ -97,14 +97,14 @@ native_head_stats = torch.library.custom_op("hgkernels::native_head_stats", muta
 
 
 @native_head_stats.register_fake
-def _(logits, features, targets, order, offsets, loss, bias, square_residual, gradient, hess_diag, dirs):
+def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, gradient, hess_diag, dirs):
     width = _stats_width(logits.shape[1], gradient, hess_diag, dirs)
     return logits.new_empty(offsets.shape[0] - 1, width, features.shape[1] + int(bias))
 
 
 def _stats_setup_context(ctx, inputs, output):
-    logits, features, targets, order, offsets, loss, bias, square_residual, gradient, hess_diag, dirs = inputs
-    ctx.save_for_backward(logits, features, targets, order, offsets, dirs)
+    logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, gradient, hess_diag, dirs = inputs
+    ctx.save_for_backward(logits, features, targets, order, offsets, env_ids, dirs)
     ctx.loss, ctx.bias, ctx.square_residual = loss, bias, square_residual
     ctx.gradient, ctx.hess_diag = gradient, hess_diag
 
@@ -112,32 +112,32 @@ def _stats_setup_context(ctx, inputs, output):
 def _stats_backward(ctx, upstream):
     """The statistics' autograd formula (what torch.compile differentiates): the per-sample backward
     with the upstream rows [dG][dDg][d(H V_k)], and dV_k = H_e (upstream of H V_k) (H_e is symmetric)."""
-    logits, features, targets, order, offsets, dirs = ctx.saved_tensors
+    logits, features, targets, order, offsets, env_ids, dirs = ctx.saved_tensors
     c = logits.shape[1]
     grad_up = upstream[:, :c] if ctx.gradient else None
     diag_begin = c if ctx.gradient else 0
     diag_up = upstream[:, diag_begin:diag_begin + c] if ctx.hess_diag else None
     ups = upstream[:, diag_begin + (c if ctx.hess_diag else 0):] if dirs is not None else None
-    operands = (logits, features, targets, order, offsets, ctx.loss, ctx.bias, ctx.square_residual)
+    operands = (logits, features, targets, order, offsets, env_ids, ctx.loss, ctx.bias, ctx.square_residual)
     contiguous = [None if t is None else t.contiguous() for t in (grad_up, ups, diag_up)]
     d_logits, d_features = native_per_sample_backward(*operands, contiguous[0], dirs, contiguous[1], contiguous[2])
     d_dirs = None
-    if dirs is not None and ctx.needs_input_grad[10]:
+    if dirs is not None and ctx.needs_input_grad[11]:
         d_dirs = native_head_stats(*operands, False, False, contiguous[1])
-    return d_logits, d_features, None, None, None, None, None, None, None, None, d_dirs
+    return d_logits, d_features, None, None, None, None, None, None, None, None, None, d_dirs
 
 
 native_head_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
 
 
 def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
-                              order: torch.Tensor, offsets: torch.Tensor, loss: int, bias: bool,
-                              square_residual: bool, grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
+                              order: torch.Tensor, offsets: torch.Tensor, env_ids: torch.Tensor, loss: int,
+                              bias: bool, square_residual: bool, grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
                               ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d_logits (N, C), d_features (N, D)) from upstream Lam (E, C, Dh), directions V and their
     upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together)."""
-    call = _Kernels(logits, features, targets, order, offsets, loss, bias)
+    call = _Kernels(logits, features, targets, order, offsets, env_ids, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
     layout = (call.c, k, grad_up is not None, diag_up is not None, square_residual)
     work = call.empty(call.n * call.module.backward_work_per_sample(layout))
@@ -154,7 +154,7 @@ native_per_sample_backward = torch.library.custom_op("hgkernels::native_per_samp
 
 
 @native_per_sample_backward.register_fake
-def _(logits, features, targets, order, offsets, loss, bias, square_residual, grad_up, dirs, ups, diag_up):
+def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, grad_up, dirs, ups, diag_up):
     return logits.new_empty(logits.shape), features.new_empty(features.shape)
 
 
@@ -174,7 +174,7 @@ def _operands(problem: HeadProblem, diag_weight: str):
         features = features.contiguous()
     segments = problem.segments
     return (logits, features, problem.targets.contiguous(), segments.order, segments.offsets,
-            _LOSS_CODES[problem.loss], problem.bias, diag_weight == "residual_squared")
+            segments.env_ids.contiguous(), _LOSS_CODES[problem.loss], problem.bias, diag_weight == "residual_squared")
 
 
 class NativeBackend(Backend):
