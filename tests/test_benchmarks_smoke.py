@@ -73,3 +73,8 @@ def test_device_check_dry_run(tmp_path):
 def test_full_hessian_cost_smoke():
     result = _run(["benchmarks/full_hessian_cost.py", "--smoke"])
     assert "| tiny (N=24" in result.stdout and "ms" in result.stdout
+
+
+def test_shuffled_ids_smoke():
+    result = _run(["benchmarks/shuffled_ids.py", "--smoke"])
+    assert "| tiny (N=60" in result.stdout and "×" in result.stdout
