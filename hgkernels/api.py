@@ -76,10 +76,10 @@ def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Option
     """Run `build(num_envs, shard)` -> (problem, plan), the option checks and `prepare`. With a process
     group, E is agreed first (ids without num_envs) and, with validate, every rank learns whether any
     rank's inputs or options were rejected, so all raise together instead of waiting in a collective."""
+    check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
     if process_group is None:
         return build(num_envs, False)
     distributed.check_group(process_group)
-    check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
     num_envs = distributed.agree_num_envs(envs, num_envs, process_group)
     if not validate:
         return build(num_envs, True)
@@ -93,7 +93,7 @@ def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Option
 
 
 def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
-         ddp_reduction: str = "mean") -> Penalty:
+                ddp_reduction: str = "mean") -> Penalty:
     if backend == "reference":
         if process_group is not None:
             raise ValueError("backend='reference' has no process_group support: its autograd statistics are "

@@ -299,3 +299,9 @@ def test_collectives_per_penalty():
     counts = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in out.splitlines()
               if line.startswith("| tiny")}
     assert counts == {"hutchinson": "1 / 0", "hgp": "2 / 1", "hutchinson 300 probes": "2 / 0"}, out
+
+
+def test_ddp_reduction_is_checked_with_or_without_a_group():
+    with pytest.raises(ValueError, match="ddp_reduction"):
+        hk.hgp_penalty(torch.randn(6, 3), torch.randn(6, 2), torch.zeros(6, dtype=torch.int64), [3, 3],
+                       ddp_reduction="avg")
