@@ -74,9 +74,11 @@ class StateHolder:
         return slots
 
 
-def take_state(holder: StateHolder) -> Tuple[List[Tuple[StateHolder, str]], List[torch.Tensor]]:
-    """Remove the holder's state: (slots, flat tensors), tuples flattened with their length."""
-    slots = holder.state_slots()
+def take_state(holder: StateHolder, slots: Optional[Sequence[Tuple[StateHolder, str]]] = None
+               ) -> Tuple[List[Tuple[StateHolder, str]], List[torch.Tensor]]:
+    """Remove the holder's state: (slots, flat tensors), tuples flattened with their length. `slots`,
+    when known (a backward putting back what the forward took), saves walking the holder again."""
+    slots = holder.state_slots() if slots is None else slots
     flat: List[torch.Tensor] = []
     for owner, name in slots:
         value = getattr(owner, name)
@@ -292,7 +294,7 @@ class PenaltyFunction(torch.autograd.Function):
                                    "not supported: the collectives run inside the hand-written backward")
             put_state(ctx.slots, state)
             generator_state = getattr(ctx.plan, "state", None)
-            take_state(ctx.plan)
+            take_state(ctx.plan, ctx.slots)
             plan = ctx.plan.feature_form(generator_state)
             d_logits, d_features = differentiable_grads(
                 lambda lg, ft: plan.forward(_torch_backend(), problem.with_tensors(lg, ft)), (logits, features),
@@ -302,5 +304,5 @@ class PenaltyFunction(torch.autograd.Function):
         try:
             d_logits, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta)
         finally:
-            take_state(ctx.plan)
+            take_state(ctx.plan, ctx.slots)
         return d_logits.to(logits.dtype), d_features.to(features.dtype), None, None, None

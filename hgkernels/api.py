@@ -92,24 +92,34 @@ def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Option
     return built
 
 
-def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
-                ddp_reduction: str = "mean") -> Penalty:
+def dispatch(problem: HeadProblem, backend: str, process_group, ddp_reduction: str, *, reference, composed,
+             function):
+    """The one place for the backend, reference, process-group and tracing rules: `reference()` for
+    backend="reference"; under torch.compile or a torch.func transform, whose tracing cannot enter the
+    hand-written backward, `composed(impl)` with statistics autograd differentiates (same values up to
+    rounding); else `function(impl)`, the autograd Function, impl made global with a process group."""
     if backend == "reference":
         if process_group is not None:
             raise ValueError("backend='reference' has no process_group support: its autograd statistics are "
                              "this rank's; use a closed-form backend")
-        return Penalty(*reference_call())
+        return reference()
     impl = backends.select(backend, problem)
     if process_group is not None:
         if _traced():
             raise ValueError("process_group under torch.compile or torch.func is not supported: the collectives "
                              "run inside the hand-written backward")
-        impl = distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor)
-    elif _traced():
-        # The autograd Function's hand-written backward cannot be traced or transformed; autograd
-        # differentiates the feature form's ops instead (same values up to rounding).
-        return Penalty(*plan.feature_form().forward(composed_backend(impl), problem))
-    return Penalty(*PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan))
+        return function(distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor))
+    if _traced():
+        return composed(composed_backend(impl))
+    return function(impl)
+
+
+def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
+                ddp_reduction: str = "mean") -> Penalty:
+    return Penalty(*dispatch(
+        problem, backend, process_group, ddp_reduction, reference=reference_call,
+        composed=lambda impl: plan.feature_form().forward(impl, problem),
+        function=lambda impl: PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan)))
 
 
 def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
@@ -301,21 +311,11 @@ def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bia
               ("ddp_reduction", ddp_reduction)]
     problem, flat_vector = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                                     num_envs=num_envs, validate=validate, config=config)
-    if backend == "reference":
-        if process_group is not None:
-            raise ValueError("backend='reference' has no process_group support; use a closed-form backend")
-        stats = reference_path.stats(problem, kind, flat_vector)
-    else:
-        impl = backends.select(backend, problem)
-        if process_group is not None:
-            if _traced():
-                raise ValueError("process_group under torch.compile or torch.func is not supported")
-            impl = distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor)
-            stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
-        elif _traced():
-            stats = _statistic(composed_backend(impl), problem, kind, flat_vector)
-        else:
-            stats = _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind)
+    stats = dispatch(
+        problem, backend, process_group, ddp_reduction,
+        reference=lambda: reference_path.stats(problem, kind, flat_vector),
+        composed=lambda impl: _statistic(impl, problem, kind, flat_vector),
+        function=lambda impl: _HeadStatistic.apply(problem.logits, problem.features, flat_vector, problem, impl, kind))
     d = problem.num_features
     return HeadParams(stats[..., :d], stats[..., d] if bias else None)
 
