@@ -82,8 +82,9 @@ PYBIND11_MODULE(HGK_MODULE, m) {
     });
   });
   m.def("per_sample_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t grad_up,
-                                  uintptr_t dirs, uintptr_t ups, uintptr_t gam, uintptr_t work, uintptr_t d_logits,
-                                  uintptr_t d_features, py::tuple launch) {
+                                  uintptr_t dirs, uintptr_t ups, uintptr_t gam, uintptr_t head_weight,
+                                  uintptr_t head_extra, uintptr_t work, uintptr_t d_logits, uintptr_t d_features,
+                                  py::tuple launch) {
     with_scalar(is_double, [&](auto tag) {
       using T = decltype(tag);
       const auto h = head_from<T>(head);
@@ -91,8 +92,9 @@ PYBIND11_MODULE(HGK_MODULE, m) {
       const auto lay = layout_from<hgk::BackwardLayout>(layout);
       const auto l = launch_from(launch);
       py::gil_scoped_release release;
-      hgk::per_sample_backward<T>(h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups), ptr<T>(gam), mut<T>(work),
-                                  mut<T>(d_logits), mut<T>(d_features), l);
+      const hgk::HeadTerm<T> fused_head{ptr<T>(head_weight), ptr<T>(head_extra)};
+      hgk::per_sample_backward<T>(h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups), ptr<T>(gam), fused_head,
+                                  mut<T>(work), mut<T>(d_logits), mut<T>(d_features), l);
     });
   });
 }

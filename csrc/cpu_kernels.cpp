@@ -222,19 +222,21 @@ void expand_row_direct(const T* x, const T* coef, const T* const* mats, int W, c
 }
 
 // The whole backward of sorted rows [row_begin, row_end) for few matrix rows, one sample at a time:
-// its dots, its closed form and its d_features while the feature row is in L1.
+// its dots, its closed form and its d_features while the feature row is in L1. A head term adds
+// its C weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T>
 void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout layout, int64_t row_begin,
                           int64_t row_end, bool natural, T w, const Part<T>* parts, int num_parts, const T* gam,
-                          T* d_logits, T* d_features) {
-  const int C = h.C, D = h.D, W = layout.width();
+                          HeadTerm<T> head, T* d_logits, T* d_features) {
+  const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
   const int64_t Dh = h.head_width();
-  const T* mats[kDirectRows];
+  const T* mats[2 * kDirectRows];
   const T* gam_rows[kDirectRows];
   for (int p = 0; p < num_parts; ++p)
     for (int m = 0; m < parts[p].rows; ++m) mats[parts[p].first_coef + m] = parts[p].mats + m * Dh;
+  for (int c = 0; head.weight && c < C; ++c) mats[W + c] = head.weight + c * Dh;
   for (int c = 0; gam && c < C; ++c) gam_rows[c] = gam + c * Dh;
-  T dots[kDirectRows], dots_sq[kDirectRows], p[kDirectRows], dp[kDirectRows], coef[kDirectRows], coef_sq[kDirectRows];
+  T dots[kDirectRows], dots_sq[kDirectRows], p[kDirectRows], dp[kDirectRows], coef[2 * kDirectRows], coef_sq[kDirectRows];
   for (int64_t j = row_begin; j < row_end; ++j) {
     const int64_t i = natural ? j : s.order[j];  // natural: [row_begin, row_end) are the caller's rows
     const T* x = h.features + i * h.features_row_stride;
@@ -244,25 +246,32 @@ void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout la
       for (int m = 0; m < W; ++m) dots[m] += mats[m][D];
       for (int c = 0; gam && c < C; ++c) dots_sq[c] += gam_rows[c][D];
     }
+    T* da = d_logits + i * C;
     backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w, dots,
-                    dots_sq, p, dp, coef, coef_sq, d_logits + i * C, 1);
-    expand_row_direct<T>(x, coef, mats, W, coef_sq, gam, C, D, Dh, d_features + i * D);
+                    dots_sq, p, dp, coef, coef_sq, da, 1);
+    for (int c = 0; head.weight && c < C; ++c) coef[W + c] = da[c] += head.extra[i * C + c];
+    expand_row_direct<T>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, d_features + i * D);
   }
 }
 
 // d_features of sorted rows [row_begin, row_end) (at most kRowBlock): coef @ stacked parts
 // + zh ⊙ (coef_sq @ gam), the feature columns only. acc and acc_sq are (kRowBlock, D) scratch.
+// head_coef (the rows' total d_logits, caller's rows, C each) or nullptr: the coefficients of a
+// head part among `parts` at first_coef W (HeadTerm).
 template <typename T>
 void expand_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* coef, int W,
-                  const Part<T>* parts, int num_parts, const T* coef_sq, const T* env_gam, T* d_features,
-                  std::vector<T>& coef_t, std::vector<T>& acc, std::vector<T>& acc_sq) {
-  const int C = h.C, D = h.D, rows = int(row_end - row_begin);
-  // Coefficients transposed to (W, kRowBlock), zero past the block's rows: a register tile of
+                  const Part<T>* parts, int num_parts, const T* head_coef, const T* coef_sq, const T* env_gam,
+                  T* d_features, std::vector<T>& coef_t, std::vector<T>& acc, std::vector<T>& acc_sq) {
+  const int C = h.C, D = h.D, rows = int(row_end - row_begin), width = W + (head_coef ? C : 0);
+  // Coefficients transposed to (width, kRowBlock), zero past the block's rows: a register tile of
   // kTileRows samples reads them as one contiguous run per matrix row.
-  coef_t.assign(size_t(std::max(W, C)) * kRowBlock, T(0));
+  coef_t.assign(size_t(std::max(width, C)) * kRowBlock, T(0));
   acc.assign(size_t(kRowBlock) * D, T(0));
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < rows; ++r) {
     for (int m = 0; m < W; ++m) coef_t[size_t(m) * kRowBlock + r] = coef[(row_begin + r) * W + m];
+    for (int c = 0; head_coef && c < C; ++c)
+      coef_t[size_t(W + c) * kRowBlock + r] = head_coef[s.order[row_begin + r] * C + c];
+  }
   for (int p = 0; p < num_parts; ++p) expand_part<T>(h, parts[p], coef_t.data(), rows, acc.data());
   if (env_gam) {
     coef_t.assign(coef_t.size(), T(0));
@@ -468,12 +477,14 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
 template <typename T>
 void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
-                         const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch) {
+                         const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
+                         Launch launch) {
   const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
   const int64_t N = s.num_samples;
   const BackwardWork<T> buf(work, N, layout);
   T *dots = buf.dots, *dots_sq = buf.dots_sq, *scratch = buf.scratch, *coef = buf.coef, *coef_sq = buf.coef_sq;
-  // Environment e's stacked matrices [Lam][V_k][U_k] as parts; returns how many.
+  // Environment e's stacked matrices [Lam][V_k][U_k] as parts; returns how many. The blocked path
+  // appends the head's weight rows after them (first_coef W), its coefficients the rows' d_logits.
   auto env_parts = [&](int e, Part<T>* parts) {
     int num_parts = 0;
     if (layout.gradient) parts[num_parts++] = {grad_up + int64_t(e) * C * Dh, C, 0};
@@ -483,7 +494,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
     }
     return num_parts;
   };
-  if (W + (gam ? C : 0) <= kDirectRows) {
+  if (W + (gam ? C : 0) <= kDirectRows && C <= kDirectRows) {
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
     // ids' order); each row takes its environment's matrices. Rows are independent: no sums.
     const std::vector<Task> rows = natural_blocks(s, kRowBlock);
@@ -494,7 +505,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
         const int e = int(s.env_ids[i]);
         const int num_parts = env_parts(e, parts);
         backward_rows_direct<T>(h, s, layout, i, i + 1, true, inv_count<T>(s, e), parts, num_parts,
-                                gam ? gam + int64_t(e) * C * Dh : nullptr, d_logits, d_features);
+                                gam ? gam + int64_t(e) * C * Dh : nullptr, head, d_logits, d_features);
       }
     }
     return;
@@ -507,7 +518,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
     for (int64_t t = 0; t < int64_t(blocks.size()); ++t) {
       const Task& block = blocks[t];
       const int e = block.env;
-      Part<T> parts[3];
+      Part<T> parts[4];
       const int num_parts = env_parts(e, parts);
       const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
       const T w = inv_count<T>(s, e);
@@ -520,9 +531,12 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
         backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                         dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
                         coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
+        for (int c = 0; head.weight && c < C; ++c) d_logits[i * C + c] += head.extra[i * C + c];
       }
-      expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, num_parts, coef_sq, env_gam,
-                      d_features, coef_t, acc, acc_sq);
+      int expand_parts = num_parts;
+      if (head.weight) parts[expand_parts++] = {head.weight, C, W};
+      expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, expand_parts,
+                      head.weight ? d_logits : nullptr, coef_sq, env_gam, d_features, coef_t, acc, acc_sq);
     }
   }
 }

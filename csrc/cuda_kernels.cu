@@ -167,7 +167,10 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 
 template <typename T>
 void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
-                         const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch) {
+                         const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
+                         Launch launch) {
+  // The fused head term is the CPU kernels' (native.py adds it with torch ops on CUDA).
+  if (head.weight) throw std::invalid_argument("hgkernels: the CUDA per-sample backward takes no fused head term");
   const auto stream = reinterpret_cast<cudaStream_t>(launch.stream);
   const int C = h.C, KC = layout.K * h.C, W = layout.width();
   const int64_t N = s.num_samples;

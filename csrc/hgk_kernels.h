@@ -40,6 +40,15 @@ struct Launch {
   uintptr_t stream;  // CUDA: cudaStream_t of the current torch stream
 };
 
+// A linear head fused into the per-sample backward (hgkernels/fused_head.py): d_logits gets extra
+// (N, C, caller's rows: the ERM and upstream logit gradients) added, and d_features gets the head's
+// own term d_logits @ weight[:, :D] (weight (C, Dh) rows, bias column unused). weight == nullptr: none.
+template <typename T>
+struct HeadTerm {
+  const T* weight;
+  const T* extra;
+};
+
 // Work buffer elements per sample (the caller allocates N times this, in T).
 HGK_HOST_DEVICE int64_t stats_work_per_sample(StatsLayout layout) {
   return int64_t(layout.K) * layout.C + layout.C + layout.width();  // s_k, p, coefficients
@@ -75,16 +84,18 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 // Per-sample backward. The per-environment matrices, in BackwardLayout's order, arrive as separate
 // contiguous arrays (so callers need not concatenate them): grad_up = Lam (E, C, Dh) or nullptr,
 // dirs = V and ups = U (E, K*C, Dh) each (K may be 0), gam = dPsi/dDg (E, C, Dh) or nullptr.
-// Writes d_logits (N, C) and d_features (N, D), contiguous, in the caller's rows.
+// Writes d_logits (N, C) and d_features (N, D), contiguous, in the caller's rows. `head` is taken by the
+// CPU kernels only; the CUDA caller passes none (hgkernels/backends/native.py adds it with torch ops).
 template <typename T>
 void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
-                         const T* ups, const T* gam, T* work, T* d_logits, T* d_features, Launch launch);
+                         const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
+                         Launch launch);
 
 // Each device's source defines the two primitives and instantiates them for float and double here,
 // inside namespace hgk, so the signatures are written once.
 #define HGK_INSTANTIATE_PRIMITIVES(T)                                                                          \
   template void head_stats<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, Launch);        \
   template void per_sample_backward<T>(const Head<T>&, const Segments&, BackwardLayout, const T*, const T*,   \
-                                       const T*, const T*, T*, T*, T*, Launch);
+                                       const T*, const T*, HeadTerm<T>, T*, T*, T*, Launch);
 
 }  // namespace hgk

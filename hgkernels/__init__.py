@@ -7,11 +7,12 @@
 from .api import (HeadParams, Penalty, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp, hgp_penalty,
                   hutchinson_penalty)
 from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss
+from .fused_head import HeadAlignment, linear_head_alignment
 from .fishr import FishrLoss, fishr_penalty
 from .full_hessian import full_hessian_penalty, hessian_distance
 
 __version__ = "0.1.0"
 
 __all__ = ["hutchinson_penalty", "hgp_penalty", "full_hessian_penalty", "fishr_penalty", "FishrLoss",
-           "hessian_distance", "head_gradient", "head_gradient_variance", "head_hessian_diag", "head_hvp", "Penalty", "HeadParams", "HessianAlignmentLoss", "AlignmentLoss",
+           "hessian_distance", "head_gradient", "head_gradient_variance", "head_hessian_diag", "head_hvp", "Penalty", "HeadParams", "HessianAlignmentLoss", "AlignmentLoss", "HeadAlignment", "linear_head_alignment",
            "env_mean_loss"]

@@ -83,6 +83,8 @@ class HeadProblem:
     loss: str
     bias: bool
     segments: EnvSegments
+    # validate=True left the features' NaN/Inf scan to `check_deferred_features` (see `prepare`)
+    features_check_deferred: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -106,7 +108,7 @@ class HeadProblem:
         """The same problem on other tensors (None drops them: an autograd context keeps its
         tensors as saved tensors, which autograd frees after backward)."""
         return HeadProblem(logits, features, self.targets if targets is None else targets, self.loss, self.bias,
-                           self.segments)
+                           self.segments, self.features_check_deferred)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,6 +143,23 @@ def _listed(ids: Sequence[int], limit: int = 8) -> str:
 
 def _in_compiled_trace() -> bool:
     return torch.compiler.is_compiling()
+
+
+# Segments of size lists, kept by (sizes, device): a training loop passes the same sizes every step, and
+# building the ids, offsets and order is several small ops. Nothing in them is ever written after they
+# are built, and none is handed to the user (backward keeps env_ids as a saved tensor, read only).
+_SIZED_SEGMENTS: dict = {}
+_SIZED_SEGMENTS_KEPT = 32
+
+
+def _sized_segments(sizes: tuple, device: torch.device, n: Optional[int] = None) -> EnvSegments:
+    n = sum(sizes) if n is None else n
+    env_ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
+                                      output_size=n)
+    segments = EnvSegments(env_ids, len(sizes), sizes, grouped=True)
+    if not _in_compiled_trace():  # build the derived tensors now, once
+        segments.counts_tensor, segments.offsets, segments.order  # noqa: B018
+    return segments
 
 
 def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[int], shard: bool) -> EnvSegments:
@@ -196,9 +215,14 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
             raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples")
         if num_envs is not None and num_envs != len(envs):
             raise ValueError(f"num_envs={num_envs} disagrees with {len(envs)} sizes in envs")
-        env_ids = torch.repeat_interleave(torch.arange(len(envs), device=device), torch.tensor(envs, device=device),
-                                          output_size=n)
-        return EnvSegments(env_ids, len(envs), envs, grouped=True)
+        if _in_compiled_trace():
+            return _sized_segments(tuple(envs), device, n)
+        key = (tuple(envs), device)
+        segments = _SIZED_SEGMENTS.pop(key, None) or _sized_segments(*key)
+        _SIZED_SEGMENTS[key] = segments  # most recent last; the oldest goes when full
+        if len(_SIZED_SEGMENTS) > _SIZED_SEGMENTS_KEPT:
+            del _SIZED_SEGMENTS[next(iter(_SIZED_SEGMENTS))]
+        return segments
     raise TypeError(f"envs must be a 1-D integer tensor of ids or a list of sizes; got {type(envs).__name__}")
 
 
@@ -242,7 +266,7 @@ def _check_not_vmapped(**tensors) -> None:
 
 
 def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: Optional[int] = None,
-            validate: bool = True, shard: bool = False) -> HeadProblem:
+            validate: bool = True, shard: bool = False, defer_features_check: bool = False) -> HeadProblem:
     """Check the user's tensors and build the `HeadProblem` every backend consumes.
 
     1-D logits are read as a single logit per sample (C = 1). Raises TypeError
@@ -286,9 +310,19 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
         raise TypeError(f"features dtype {features.dtype} must match logits dtype {logits.dtype}")
     if validate:
         _check_finite("logits", logits, masked_logits=loss == "cross_entropy")
-        _check_finite("features", features)
+        if not defer_features_check:
+            _check_finite("features", features)
     targets = _targets(loss, labels, n, c, logits.device, compute_dtype(logits.dtype), validate)
     if shard and isinstance(envs, torch.Tensor) and num_envs is None:
         raise ValueError("num_envs is needed for a rank's shard given as ids (hgkernels.distributed agrees on it)")
     segments = _segments(envs, n, logits.device, num_envs, shard)
-    return HeadProblem(logits, features, targets, loss, bias, segments)
+    return HeadProblem(logits, features, targets, loss, bias, segments, validate and defer_features_check)
+
+
+def check_deferred_features(problem: HeadProblem, gradient_term: torch.Tensor) -> None:
+    """The features' NaN/Inf check that `prepare` deferred. A non-finite feature z_ij makes every
+    G_e[c, j] = (1/N_e) sum_i r_ic z_ij of its environment inf or NaN (NaN when r_ic = 0), hence the
+    gradient term, a sum of their squared deviations; so a finite gradient term means finite features
+    and the O(N × D) scan runs only when it is not (it then raises, or passes on a genuine overflow)."""
+    if problem.features_check_deferred and not bool(torch.isfinite(gradient_term)):
+        _check_finite("features", problem.features)

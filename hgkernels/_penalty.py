@@ -16,8 +16,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._inputs import HeadProblem
+from ._inputs import HeadProblem, check_deferred_features
 from .backends import Backend
+from .backends.base import HeadTerm
 
 # Probe batches are sized so that one batch of directions holds about this many elements.
 PROBE_BATCH_ELEMENTS = 1 << 24
@@ -117,11 +118,11 @@ class ExactDiagPlan(StateHolder):
         self.grad_dev = stats.grad - stats.grad.mean(0)
         return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
-    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
         # The reference is a mean, so deviations sum to zero and detaching it changes nothing here.
         gam = (2 * self.weight * alpha) * self.diag_dev
         lam = (2 * self.weight * beta) * self.grad_dev
-        return backend.per_sample_backward(problem, grad_up=lam, diag_up=gam)
+        return backend.per_sample_backward(problem, grad_up=lam, diag_up=gam, head=head)
 
 
 class StochasticDiagPlan(StateHolder):
@@ -177,7 +178,7 @@ class StochasticDiagPlan(StateHolder):
         self.grad_dev = grad - grad.mean(0)
         return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
-    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
         e = problem.segments.num_envs
         gam = (2 * self.weight * alpha) * self.diag_dev
         # An undetached reference receives -sum_e Gam_e, spread over H_bar = mean_e H_e.
@@ -192,8 +193,8 @@ class StochasticDiagPlan(StateHolder):
             if gam_ref is not None:
                 dirs = torch.cat([dirs, ref.expand(e, *ref.shape)], 1)
                 ups = torch.cat([ups, (gam_ref * ref / self.num_probes).expand(e, *ref.shape)], 1)
-            dl, df = backend.per_sample_backward(problem, grad_up=grad_up, hvp_dirs=dirs, hvp_up=ups)
-            grad_up = None
+            dl, df = backend.per_sample_backward(problem, grad_up=grad_up, hvp_dirs=dirs, hvp_up=ups, head=head)
+            grad_up = head = None
             d_logits = dl if d_logits is None else d_logits + dl
             d_features = df if d_features is None else d_features + df
         return d_logits, d_features
@@ -227,7 +228,7 @@ class HGPPlan(StateHolder):
         self.grad_dev = self.grad - grad_mean
         return deviation_penalty(self.hgp_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
-    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta):
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
         e = problem.segments.num_envs
         gam = (2 * self.weight * alpha) * self.hgp_dev
         lam = (2 * self.weight * beta) * self.grad_dev
@@ -243,7 +244,7 @@ class HGPPlan(StateHolder):
         total_grad_up = lam + dir_grads[:, 0]
         if dir_grads.shape[1] == 2:
             total_grad_up = total_grad_up + dir_grads[:, 1].sum(0) / e
-        return backend.per_sample_backward(problem, grad_up=total_grad_up, hvp_dirs=dirs_t, hvp_up=ups_t)
+        return backend.per_sample_backward(problem, grad_up=total_grad_up, hvp_dirs=dirs_t, hvp_up=ups_t, head=head)
 
 
 DOUBLE_BACKWARD_NOTE = ("the hand-written backward is not itself differentiable, so with create_graph=True "
@@ -279,6 +280,7 @@ class PenaltyFunction(torch.autograd.Function):
     def forward(ctx, logits, features, problem: HeadProblem, backend: Backend, plan):
         problem = problem.with_tensors(logits, features)
         hessian, gradient = plan.forward(backend, problem)
+        check_deferred_features(problem, gradient)
         ctx.slots, state = take_state(plan)
         ctx.save_for_backward(logits, features, problem.targets, problem.segments.env_ids, *state)
         ctx.problem, ctx.backend, ctx.plan = problem.with_tensors(None, None), backend, plan

@@ -27,6 +27,7 @@ import torch
 from . import losses
 from ._inputs import HeadProblem
 from ._penalty import ExactDiagPlan, HGPPlan, StateHolder, env_weight
+from .backends.base import HeadTerm, add_head_term
 
 # Cost model for form="auto", fitted to fwd+bwd times of both forms on the 2-core CPU
 # (N 24–1536, C 7–1000, D 128–4096; benchmarks/RESULTS.md): the C × Dh form costs FEATURE_COST
@@ -35,10 +36,13 @@ from ._penalty import ExactDiagPlan, HGPPlan, StateHolder, env_weight
 # N²·Dh (Gram GEMMs) plus SAMPLE_QUAD_COST N²·C (quadratic forms and masks). The model is
 # conservative at sub-millisecond heads: PACS's exact penalty keeps the C × Dh form, which the
 # torch backend runs about 30% slower than the sample form there but the native kernels
-# (what auto uses on CPU) run about 40% faster.
+# (what auto uses on CPU) run about 40% faster. Below TINY_HEAD = N·C·Dh the arithmetic is
+# negligible and the host path decides: the sample form's many small N × N and N × C ops took
+# 660 µs against 315 µs for the native C × Dh form at N 12, C 3, D 5, so tiny heads keep the latter.
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
 FEATURE_SLOWDOWN = 2
 FEATURE_OVERHEAD = 10_000_000
+TINY_HEAD = 1 << 16
 SAMPLE_GRAM_COST = {"hutchinson": 4, "hgp": 2}
 SAMPLE_QUAD_COST = {"hutchinson": 6, "hgp": 14}
 
@@ -47,6 +51,8 @@ def prefers_sample_space(method: str, n: int, c: int, dh: int) -> bool:
     """True when the sample form should be faster for `method` ("hutchinson", "hgp") on N samples,
     C classes and head width Dh (the cost model above)."""
     feature = FEATURE_SLOWDOWN * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
+    if n * c * dh < TINY_HEAD:
+        return False
     sample = SAMPLE_GRAM_COST[method] * n * n * dh + SAMPLE_QUAD_COST[method] * n * n * c
     return sample < feature
 
@@ -166,11 +172,12 @@ class _SamplePlan(StateHolder):
         self.gram = _Gram(self.z, problem.bias, self.same, self.num_envs)
         self.wr = self.w * losses.residual(problem.loss, self.p, problem.targets)  # G_e = sum_{i in e} wr_i zh_i^T
 
-    def _finish(self, problem: HeadProblem, d_p: torch.Tensor, d_wr: torch.Tensor, d_z: Optional[torch.Tensor]):
+    def _finish(self, problem: HeadProblem, d_p: torch.Tensor, d_wr: torch.Tensor, d_z: Optional[torch.Tensor],
+                head: Optional[HeadTerm]):
         """dPsi/dlogits, dPsi/dfeatures from dPsi/dp (residual path excluded), dPsi/dwr and the
-        features' gradient through other Gram matrices (None when there are none)."""
+        features' gradient through other Gram matrices (None when there are none); plus a fused head."""
         d_p = d_p + losses.residual_slope(problem.loss, problem.num_classes) * (self.w * d_wr)
-        return losses.link_vjp(problem.loss, self.p, d_p), self.gram.d_phi(add_to=d_z)
+        return add_head_term(losses.link_vjp(problem.loss, self.p, d_p), self.gram.d_phi(add_to=d_z), head)
 
 
 class SampleExactDiagPlan(_SamplePlan):
@@ -188,14 +195,14 @@ class SampleExactDiagPlan(_SamplePlan):
         gradient = self.weight * self.gram.spread(self.wr, self.wr_k)
         return hessian.clamp(min=0), gradient.clamp(min=0)
 
-    def backward(self, backend, problem: HeadProblem, alpha, beta):
+    def backward(self, backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
         self.gram.begin_backward()
         self.gram_sq.begin_backward()
         d_wq = self.gram_sq.spread_backward(self.wq, self.wq_k, self.weight * alpha)
         d_wr = self.gram.spread_backward(self.wr, self.wr_k, self.weight * beta)
         d_p = losses.curvature_slope(problem.loss, self.p) * (self.w * d_wq)
         d_z = self.gram_sq.d_phi().mul_(self.z).mul_(2)  # phi = zh ⊙ zh
-        return self._finish(problem, d_p, d_wr, d_z)
+        return self._finish(problem, d_p, d_wr, d_z, head)
 
 
 class SampleHGPPlan(_SamplePlan):
@@ -229,7 +236,7 @@ class SampleHGPPlan(_SamplePlan):
         gradient = gram.spread(self.wr, self.wr_k)
         return (self.weight * hessian).clamp(min=0), (self.weight * gradient).clamp(min=0)
 
-    def backward(self, backend, problem: HeadProblem, alpha, beta):
+    def backward(self, backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
         loss, p, e, gram = problem.loss, self.p, self.num_envs, self.gram
         gram.begin_backward()
         scale = self.weight * alpha
@@ -258,4 +265,4 @@ class SampleHGPPlan(_SamplePlan):
             d_wr = d_wr + kb_d[:, :c] + k_d[:, c:] / e
         else:
             d_wr = d_wr + gram.kb @ d_s
-        return self._finish(problem, d_p, d_wr, None)
+        return self._finish(problem, d_p, d_wr, None, head)

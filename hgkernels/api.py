@@ -63,6 +63,13 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _defers_features_check(backend: str, shard: bool) -> bool:
+    """Whether the features' NaN/Inf scan waits for the penalty's gradient term (_inputs.check_deferred_features):
+    in the autograd Functions, which check it, so not for the reference path, a rank's shard (ranks must
+    agree on errors before any collective) or a traced call (the composed path)."""
+    return backend != "reference" and not shard and not _traced()
+
+
 def composed_backend(impl: Backend) -> Backend:
     """Statistics autograd can differentiate: the native custom ops while torch.compile traces (their
     autograd formula is the per-sample backward), else the torch backend's ops."""
@@ -167,6 +174,38 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
     Returns:
         Penalty(hessian, gradient): R_e ||Dg_e - mean Dg||^2 and R_e ||G_e - G_bar||^2.
     """
+    problem, plan, reference_call = _hutchinson_setup(
+        logits, features, labels, envs, loss=loss, bias=bias, estimator=estimator, num_probes=num_probes,
+        generator=generator, env_reduction=env_reduction, detach_reference=detach_reference, backend=backend,
+        num_envs=num_envs, validate=validate, form=form, process_group=process_group, ddp_reduction=ddp_reduction)
+    return run_penalty(problem, backend, plan, reference_call, process_group, ddp_reduction)
+
+
+def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
+                loss: str = "cross_entropy", bias: bool = True, reference: str = "pooled",
+                env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
+                num_envs: Optional[int] = None, validate: bool = True, form: str = "auto",
+                process_group=None, ddp_reduction: str = "mean") -> Penalty:
+    """Hessian-gradient-product alignment (the paper's HGP method) for a linear head.
+
+    Arguments as in `hutchinson_penalty` (``form``, ``process_group`` and ``ddp_reduction`` included),
+    plus ``reference``: ``"pooled"`` (official: H_bar G_bar, the pooled loss's Hessian times its
+    gradient) or ``"mean"`` (mean_e H_e G_e).
+
+    Returns:
+        Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
+    """
+    problem, plan, reference_call = _hgp_setup(
+        logits, features, labels, envs, loss=loss, bias=bias, reference=reference, env_reduction=env_reduction,
+        detach_reference=detach_reference, backend=backend, num_envs=num_envs, validate=validate, form=form,
+        process_group=process_group, ddp_reduction=ddp_reduction)
+    return run_penalty(problem, backend, plan, reference_call, process_group, ddp_reduction)
+
+
+def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, num_probes, generator, env_reduction,
+                      detach_reference, backend, num_envs, validate, form, process_group, ddp_reduction):
+    """`hutchinson_penalty`'s checks: (problem, plan, the reference path's call); the options' defaults
+    live in the public signature (hgkernels.fused_head reads them there)."""
     def build(num_envs, shard):
         check_choice("estimator", estimator, ESTIMATORS)
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
@@ -177,7 +216,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         if form == "sample" and estimator != "exact":
             raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
-                          validate=validate, shard=shard)
+                          validate=validate, shard=shard, defer_features_check=_defers_features_check(backend, shard))
         if backend != "reference":
             check_targets_grad(labels)
         if generator is not None and generator.device.type != problem.logits.device.type:
@@ -196,30 +235,19 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         config.append(("probe generator state", distributed.generator_fingerprint(generator, device)))
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                               num_envs=num_envs, validate=validate, config=config)
-    return run_penalty(problem, backend, plan, lambda: reference_path.penalty(
+    return problem, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
-        estimator=estimator, num_probes=num_probes, generator=generator), process_group, ddp_reduction)
+        estimator=estimator, num_probes=num_probes, generator=generator)
 
 
-def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
-                loss: str = "cross_entropy", bias: bool = True, reference: str = "pooled",
-                env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",
-                num_envs: Optional[int] = None, validate: bool = True, form: str = "auto",
-                process_group=None, ddp_reduction: str = "mean") -> Penalty:
-    """Hessian-gradient-product alignment (the paper's HGP method) for a linear head.
-
-    Arguments as in `hutchinson_penalty` (``form``, ``process_group`` and ``ddp_reduction`` included),
-    plus ``reference``: ``"pooled"`` (official: H_bar G_bar, the pooled loss's Hessian times its
-    gradient) or ``"mean"`` (mean_e H_e G_e).
-
-    Returns:
-        Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
-    """
+def _hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_reduction, detach_reference, backend,
+               num_envs, validate, form, process_group, ddp_reduction):
+    """`hgp_penalty`'s checks: (problem, plan, the reference path's call), as `_hutchinson_setup`."""
     def build(num_envs, shard):
         check_choice("reference", reference, REFERENCES)
         _check_common(env_reduction, detach_reference, backend, form)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
-                          validate=validate, shard=shard)
+                          validate=validate, shard=shard, defer_features_check=_defers_features_check(backend, shard))
         if backend != "reference":
             check_targets_grad(labels)
         if not shard and _sample_form(form, problem, "hgp"):
@@ -231,9 +259,8 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
               ("form", form), ("ddp_reduction", ddp_reduction)]
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
                               num_envs=num_envs, validate=validate, config=config)
-    return run_penalty(problem, backend, plan, lambda: reference_path.penalty(
-        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference),
-        process_group, ddp_reduction)
+    return problem, plan, lambda: reference_path.penalty(
+        problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference)
 
 
 def _statistic(backend: Backend, problem: HeadProblem, kind: str, vector: Optional[torch.Tensor]) -> torch.Tensor:

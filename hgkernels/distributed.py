@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ._inputs import EnvSegments, HeadProblem, _listed
 from ._penalty import StateHolder
-from .backends.base import Backend, HeadStats
+from .backends.base import Backend, HeadStats, HeadTerm, add_head_term
 
 DDP_REDUCTIONS = ("mean", "sum")
 
@@ -179,12 +179,12 @@ class GlobalStats(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None,
-                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None, diag_weight: str = "curvature",
+                            head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         n, dtype = problem.logits.shape[0], problem.compute_dtype
         if n == 0:
-            return (problem.logits.new_zeros(problem.logits.shape, dtype=dtype),
-                    problem.features.new_zeros(problem.features.shape, dtype=dtype))
+            return add_head_term(problem.logits.new_zeros(problem.logits.shape, dtype=dtype),
+                                 problem.features.new_zeros(problem.features.shape, dtype=dtype), head)
         share = self._share()
         scale = share * self.world if self.ddp_reduction == "mean" else share
 
@@ -192,7 +192,8 @@ class GlobalStats(Backend):
             return None if up is None else up * scale.view(-1, *[1] * (up.dim() - 1)).to(up.dtype)
 
         return self.inner.per_sample_backward(problem, grad_up=scaled(grad_up), diag_up=scaled(diag_up),
-                                              hvp_dirs=hvp_dirs, hvp_up=scaled(hvp_up), diag_weight=diag_weight)
+                                              hvp_dirs=hvp_dirs, hvp_up=scaled(hvp_up), diag_weight=diag_weight,
+                                              head=head)
 
 
 def _all_gather_rows(local: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:

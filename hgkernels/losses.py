@@ -12,6 +12,17 @@ with link = softmax / sigmoid / identity for cross_entropy / binary_cross_entrop
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def per_sample_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) each sample's loss: torch's functional loss, averaged over the C outputs for the
+    elementwise losses (so an environment's mean of these is torch's mean-reduced loss)."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, targets, reduction="none")
+    if loss == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+    return F.mse_loss(logits, targets, reduction="none").mean(1)
 
 
 def _one_hot_residual(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

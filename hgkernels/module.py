@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
-
 from ._inputs import EnvsArg, check_choice, prepare
 from .api import OPTION_CHOICES, hgp_penalty, hutchinson_penalty
 from .full_hessian import full_hessian_penalty
+from .fused_head import HeadAlignment, env_losses, linear_head_alignment
 
 
 class AlignmentLoss(NamedTuple):
@@ -42,16 +41,13 @@ def _env_losses(logits, labels, envs, loss: str, num_envs: Optional[int], valida
     dummy_features = logits.new_zeros(logits.shape[0], 1)
     problem = prepare(logits, dummy_features, labels, envs, loss=loss, bias=False, num_envs=num_envs,
                       validate=validate, shard=shard)
-    logits = problem.logits.to(problem.compute_dtype)
-    if loss == "cross_entropy":
-        per_sample = F.cross_entropy(logits, problem.targets, reduction="none")
-    elif loss == "binary_cross_entropy":
-        per_sample = F.binary_cross_entropy_with_logits(logits, problem.targets, reduction="none").mean(1)
-    else:
-        per_sample = F.mse_loss(logits, problem.targets, reduction="none").mean(1)
-    seg = problem.segments
-    sums = per_sample.new_zeros(seg.num_envs).index_add(0, seg.env_ids, per_sample)
-    return sums / seg.counts_tensor.to(sums.dtype)
+    return env_losses(problem)
+
+
+def _has_forward_hooks(module: torch.nn.Module) -> bool:
+    hooks = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
 
 
 PENALTY_FUNCTIONS = {"hutchinson": hutchinson_penalty, "hgp": hgp_penalty, "full_hessian": full_hessian_penalty}
@@ -68,6 +64,10 @@ class HessianAlignmentLoss(torch.nn.Module):
     detach_reference, backend, validate, form).
 
     ``forward(logits, features, labels, envs)`` returns AlignmentLoss(total, erm, hessian, gradient).
+    ``forward(head, features, labels, envs)`` with the ``nn.Linear`` head itself computes the logits too,
+    through one fused autograd Function (`hgkernels.linear_head_alignment`: the features' gradient is
+    written once, the fastest training step), and returns HeadAlignment(total, erm, hessian, gradient,
+    logits). The head's ``bias`` decides the ``bias`` option there.
     """
 
     def __init__(self, method: str = "hutchinson", alpha: float = 1.0, beta: float = 1.0, **penalty_kwargs):
@@ -88,16 +88,30 @@ class HessianAlignmentLoss(torch.nn.Module):
         self.beta = beta
         self.penalty_kwargs = penalty_kwargs
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-                envs: EnvsArg) -> AlignmentLoss:
-        pen = self._penalty_fn(logits, features, labels, envs, **self.penalty_kwargs)
-        loss, num_envs = self.penalty_kwargs.get("loss", "cross_entropy"), self.penalty_kwargs.get("num_envs")
-        if self.penalty_kwargs.get("process_group") is not None:
+    def forward(self, logits: Union[torch.Tensor, torch.nn.Linear], features: torch.Tensor, labels: torch.Tensor,
+                envs: EnvsArg) -> Union[AlignmentLoss, HeadAlignment]:
+        if not isinstance(logits, torch.nn.Linear):
+            return self._with_logits(logits, features, labels, envs, self.penalty_kwargs)
+        head, options = logits, dict(self.penalty_kwargs)
+        has_bias = head.bias is not None
+        if options.pop("bias", has_bias) != has_bias:
+            raise ValueError(f"HessianAlignmentLoss(bias={not has_bias}) but the head {'has' if has_bias else 'has no'} "
+                             "bias; drop the option (a head decides it)")
+        if _has_forward_hooks(head):  # hooks must see the head's call: the logits-based path (same values)
+            head_logits = head(features)
+            return HeadAlignment(*self._with_logits(head_logits, features, labels, envs, dict(options, bias=has_bias)),
+                                 head_logits)
+        return linear_head_alignment(features, head.weight, head.bias, labels, envs, method=self.method,
+                                     alpha=self.alpha, beta=self.beta, **options)
+
+    def _with_logits(self, logits, features, labels, envs, options) -> AlignmentLoss:
+        pen = self._penalty_fn(logits, features, labels, envs, **options)
+        loss, num_envs = options.get("loss", "cross_entropy"), options.get("num_envs")
+        if options.get("process_group") is not None:
             erm = _local_erm(logits, labels, envs, loss, num_envs)
         else:
             erm = env_mean_loss(logits, labels, envs, loss=loss, num_envs=num_envs, validate=False).mean()
-        return AlignmentLoss(erm + self.alpha * pen.hessian + self.beta * pen.gradient, erm,
-                             pen.hessian, pen.gradient)
+        return AlignmentLoss(erm + self.alpha * pen.hessian + self.beta * pen.gradient, erm, pen.hessian, pen.gradient)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, alpha={self.alpha}, beta={self.beta}"

@@ -27,6 +27,8 @@ def _problem(n, d, c, e, loss="cross_entropy"):
     ((96, 2048, 7, 3), "hutchinson", False),        # PACS exact: few classes, the C × Dh form
     ((3000, 64, 2, 2), "hgp", False),               # many samples, few classes
     ((3000, 64, 2, 2), "hutchinson", False),
+    ((12, 5, 3, 3), "hutchinson", False),            # tiny: host overhead decides, the C × Dh form
+    ((12, 5, 3, 3), "hgp", False),
 ])
 def test_auto_takes_the_cheaper_form(shape, method, sample):
     problem = _problem(*shape)
@@ -36,8 +38,8 @@ def test_auto_takes_the_cheaper_form(shape, method, sample):
 
 
 def test_one_environment_keeps_the_feature_form_even_when_asked():
-    problem = _problem(20, 8, 50, 1)
-    assert _sample_space.prefers_sample_space("hgp", 20, 50, 9)  # the cost model alone would pick it
+    problem = _problem(20, 80, 50, 1)
+    assert _sample_space.prefers_sample_space("hgp", 20, 50, 81)  # the cost model alone would pick it
     assert not api._sample_form("sample", problem, "hgp")
     assert not api._sample_form("auto", problem, "hgp")
 

@@ -12,7 +12,8 @@ Shapes (E environments, C classes, D features, Dh = D + bias, K directions):
 * ``per_sample_backward`` — given upstream gradients dPsi/dG_e (``grad_up``),
   dPsi/dDg_e (``diag_up``) and dPsi/d(H_e V_ek) for fixed directions V
   (``hvp_up`` against ``hvp_dirs``), return dPsi/dlogits (N, C) and
-  dPsi/dfeatures (N, D) in the compute dtype (docs/design.md §2).
+  dPsi/dfeatures (N, D) in the compute dtype (docs/design.md §2). ``head`` (a `HeadTerm`) fuses a
+  linear head's backward into those outputs.
 
 The gradient that flows into a direction V (HGP's V = G_e) is itself an
 HVP, dPsi/dV_ek = H_e @ hvp_up[e, k] (H_e is symmetric), so it needs no third primitive.
@@ -25,6 +26,24 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .._inputs import HeadProblem
+
+
+class HeadTerm(NamedTuple):
+    """A linear head fused into `per_sample_backward` (hgkernels.fused_head): d_logits gains
+    ``extra_logit_grad`` (N, C) and d_features gains the head's own term d_logits @ W, both written
+    into the primitive's fresh outputs. ``weight`` is (C, Dh) in the compute dtype (bias column zero)."""
+
+    weight: torch.Tensor
+    extra_logit_grad: torch.Tensor
+
+
+def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Optional[HeadTerm]):
+    """`HeadTerm` with torch ops, for backends that do not take it in their kernels. d_features is the
+    primitive's fresh output (nobody else holds it), so the head's term is added in place."""
+    if head is None:
+        return d_logits, d_features
+    d_logits = d_logits + head.extra_logit_grad
+    return d_logits, d_features.addmm_(d_logits, head.weight[:, :d_features.shape[1]])
 
 
 class HeadStats(NamedTuple):
@@ -69,6 +88,6 @@ class Backend:
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None,
-                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None, diag_weight: str = "curvature",
+                            head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

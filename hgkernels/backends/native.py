@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._inputs import HeadProblem
-from .base import Backend, HeadStats
+from .base import Backend, HeadStats, HeadTerm, add_head_term
 
 _LOSS_CODES = {"cross_entropy": 0, "binary_cross_entropy": 1, "mse": 2}
 # backend="auto" sends CPU problems here only up to this head size (C x Dh). Measured on 2 cores,
@@ -133,10 +133,12 @@ native_head_stats.register_autograd(_stats_backward, setup_context=_stats_setup_
 def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
                               order: torch.Tensor, offsets: torch.Tensor, env_ids: torch.Tensor, loss: int,
                               bias: bool, square_residual: bool, grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
-                              ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
+                              ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor],
+                              head_weight: Optional[torch.Tensor] = None, head_extra: Optional[torch.Tensor] = None
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d_logits (N, C), d_features (N, D)) from upstream Lam (E, C, Dh), directions V and their
-    upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together)."""
+    upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together).
+    head_weight (C, Dh) and head_extra (N, C), CPU only: the fused head term (csrc HeadTerm)."""
     call = _Kernels(logits, features, targets, order, offsets, env_ids, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
     layout = (call.c, k, grad_up is not None, diag_up is not None, square_residual)
@@ -144,8 +146,9 @@ def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targ
     d_logits = call.empty(call.n, call.c)
     d_features = call.empty(call.n, call.d)
     call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(grad_up),
-                                    _address(dirs), _address(ups), _address(diag_up), work.data_ptr(),
-                                    d_logits.data_ptr(), d_features.data_ptr(), call.launch)
+                                    _address(dirs), _address(ups), _address(diag_up), _address(head_weight),
+                                    _address(head_extra), work.data_ptr(), d_logits.data_ptr(), d_features.data_ptr(),
+                                    call.launch)
     return d_logits, d_features
 
 
@@ -154,7 +157,8 @@ native_per_sample_backward = torch.library.custom_op("hgkernels::native_per_samp
 
 
 @native_per_sample_backward.register_fake
-def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, grad_up, dirs, ups, diag_up):
+def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, grad_up, dirs, ups, diag_up,
+      head_weight=None, head_extra=None):
     return logits.new_empty(logits.shape), features.new_empty(features.shape)
 
 
@@ -212,12 +216,15 @@ class NativeBackend(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None,
-                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None, diag_weight: str = "curvature",
+                            head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         e, c, dh = problem.segments.num_envs, problem.num_classes, problem.head_width
         k = 0 if hvp_dirs is None else hvp_dirs.shape[1]
         dtype = problem.compute_dtype
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), dtype) if k else None
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
-        return _op(native_per_sample_backward, _per_sample_backward_impl)(
-            *_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
+        in_kernel = head is not None and problem.logits.device.type == "cpu" and not torch.compiler.is_compiling()
+        head_args = (_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype)) if in_kernel else ()
+        d_logits, d_features = _op(native_per_sample_backward, _per_sample_backward_impl)(
+            *_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype), *head_args)
+        return (d_logits, d_features) if in_kernel else add_head_term(d_logits, d_features, head)

@@ -17,7 +17,7 @@ import torch
 
 from .. import losses
 from .._inputs import EnvSegments, HeadProblem
-from .base import Backend, HeadStats
+from .base import Backend, HeadStats, HeadTerm, add_head_term
 
 # Elements of the widest per-chunk temporary (E × rows × max(D, K·C)): about 2 MB in float32.
 CHUNK_ELEMENTS = 1 << 19
@@ -150,8 +150,8 @@ class TorchBackend(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None,
-                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None, diag_weight: str = "curvature",
+                            head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         pad = _PaddedLayout(problem.segments)
         d, dtype = problem.num_features, problem.compute_dtype
         d_logits = problem.logits.new_empty(problem.logits.shape, dtype=dtype)
@@ -194,4 +194,4 @@ class TorchBackend(Backend):
                 dz.addcmul_(ch.z, z_sq)
             pad.scatter_into(d_logits, losses.link_vjp(ch.loss, ch.p, dp), ch.rows)
             pad.scatter_into(d_features, dz, ch.rows)
-        return d_logits, d_features
+        return add_head_term(d_logits, d_features, head)

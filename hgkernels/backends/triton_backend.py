@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._inputs import LOSSES, HeadProblem
-from .base import Backend, HeadStats
+from .base import Backend, HeadStats, HeadTerm, add_head_term
 
 
 @dataclass
@@ -184,8 +184,8 @@ class TritonBackend(Backend):
 
     def per_sample_backward(self, problem: HeadProblem, *, grad_up: Optional[torch.Tensor] = None,
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
-                            hvp_up: Optional[torch.Tensor] = None,
-                            diag_weight: str = "curvature") -> Tuple[torch.Tensor, torch.Tensor]:
+                            hvp_up: Optional[torch.Tensor] = None, diag_weight: str = "curvature",
+                            head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """d logits (N, C) and d features (N, D) in float32, one launch (docs/design.md §2)."""
         seg = problem.segments
         n, c, d = problem.logits.shape[0], problem.num_classes, problem.num_features
@@ -203,4 +203,4 @@ class TritonBackend(Backend):
             DIAG_UP=diag_up is not None, HVP_UP=hvp_dirs is not None,
             SQUARE_RESIDUAL=diag_weight == "residual_squared",
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=TILES.num_warps)
-        return d_logits, d_features
+        return add_head_term(d_logits, d_features, head)

@@ -1,0 +1,179 @@
+"""A linear head, its ERM loss and an alignment penalty as one autograd Function (docs/design.md §4.3).
+
+With the logits-based functions a training step has two (N, D) gradients for the features: the
+head's own, d_logits @ W, and the penalty's; autograd writes each into fresh memory and adds them
+into a third. At Colored MNIST's size (24,000 × 390) those are 37 MB tensors whose page faults and
+extra passes cost more than the penalty's arithmetic. `HeadFunction` takes the head's weight and
+bias instead: its backward adds the ERM and upstream logit gradients to the penalty's, and writes
+the head's term into the features-gradient the plan's per-sample backward writes (`backends.base.HeadTerm`:
+inside the native CPU kernel, row by row while the row is in cache; elsewhere one in-place addmm into
+the fresh buffer), so the features' gradient is written once, as in ERM alone.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import api
+from ._inputs import EnvsArg, HeadProblem, check_deferred_features
+from ._penalty import differentiable_grads, put_state, take_state
+from .backends import Backend, load, select
+from .backends.base import HeadTerm
+from .losses import link, per_sample_loss, residual
+
+
+class HeadAlignment(NamedTuple):
+    """total = erm + alpha * hessian + beta * gradient, the parts, and the head's logits (N, C)."""
+
+    total: torch.Tensor
+    erm: torch.Tensor
+    hessian: torch.Tensor
+    gradient: torch.Tensor
+    logits: torch.Tensor
+
+
+def env_losses(problem: HeadProblem) -> torch.Tensor:
+    """(E,) L_e, each torch's functional loss with mean reduction (NaN for an environment without samples)."""
+    per_sample = per_sample_loss(problem.loss, problem.logits.to(problem.compute_dtype), problem.targets)
+    seg = problem.segments
+    sums = per_sample.new_zeros(seg.num_envs).index_add(0, seg.env_ids, per_sample)
+    return sums / seg.counts_tensor.to(sums.dtype)
+
+
+def erm_logit_grad(problem: HeadProblem) -> torch.Tensor:
+    """(N, C) d(mean_e L_e)/d logits = r_i / (E N_e): the residual (losses.residual) over the sample's share."""
+    seg = problem.segments
+    r = residual(problem.loss, link(problem.loss, problem.logits.to(problem.compute_dtype)), problem.targets)
+    share = (seg.counts_tensor.to(r.dtype) * seg.num_envs).reciprocal()[seg.env_ids]
+    return r * share.unsqueeze(1)
+
+
+_SETUPS = {"hutchinson": (api._hutchinson_setup, api.hutchinson_penalty), "hgp": (api._hgp_setup, api.hgp_penalty)}
+
+
+def _with_defaults(public_fn, options: dict) -> dict:
+    """The penalty function's options: its signature's defaults, overridden by `options`."""
+    params = inspect.signature(public_fn).parameters
+    resolved = {name: p.default for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = set(options) - set(resolved)
+    if unknown:
+        raise TypeError(f"{public_fn.__name__} got unexpected option(s) {', '.join(map(repr, sorted(unknown)))}")
+    resolved.update(options)
+    return resolved
+
+
+class HeadFunction(torch.autograd.Function):
+    """(features, weight, bias) -> (logits, erm, hessian term, gradient term); logits come from the
+    caller (computed without a graph) through `problem`. Saved tensors as in `PenaltyFunction`."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, problem: HeadProblem, backend: Backend, plan):
+        erm = env_losses(problem).mean()
+        hessian, gradient = plan.forward(backend, problem)
+        check_deferred_features(problem, gradient)
+        ctx.slots, state = take_state(plan)
+        logits = problem.logits
+        ctx.save_for_backward(features, weight, bias, logits, problem.targets, problem.segments.env_ids, *state)
+        ctx.problem, ctx.backend, ctx.plan = problem.with_tensors(None, None), backend, plan
+        return logits, erm, hessian, gradient
+
+    @staticmethod
+    def backward(ctx, d_logits, d_erm, alpha, beta):
+        features, weight, bias, logits, targets, _env_ids, *state = ctx.saved_tensors
+        problem = ctx.problem.with_tensors(logits, features, targets)
+        put_state(ctx.slots, state)
+        if torch.is_grad_enabled():  # create_graph=True (_penalty.DOUBLE_BACKWARD_NOTE)
+            generator_state = getattr(ctx.plan, "state", None)
+            take_state(ctx.plan, ctx.slots)
+            plan, torch_backend = ctx.plan.feature_form(generator_state), load("torch")
+
+            def outputs(ft, w, b=None):
+                lg = F.linear(ft, w, b)
+                p = problem.with_tensors(lg, ft)
+                return (lg, env_losses(p).mean(), *plan.forward(torch_backend, p))
+            inputs = (features, weight) if bias is None else (features, weight, bias)
+            grads = differentiable_grads(outputs, inputs, (d_logits, d_erm, alpha, beta))
+            return (*grads, *([None] * (6 - len(grads))))
+        dtype = problem.compute_dtype
+        extra = (d_erm * erm_logit_grad(problem) + d_logits).to(dtype)
+        # the head's weight as a (C, Dh) matrix like the plans' upstream matrices (bias column unused)
+        head_matrix = torch.cat([weight.to(dtype), weight.new_zeros(weight.shape[0], 1, dtype=dtype)], 1) \
+            if problem.bias else weight.to(dtype)
+        try:
+            d_logits_total, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta,
+                                                           head=HeadTerm(head_matrix.contiguous(), extra.contiguous()))
+        finally:
+            take_state(ctx.plan, ctx.slots)
+        d_weight = d_bias = None
+        if ctx.needs_input_grad[1]:
+            d_weight = (d_logits_total.t() @ features.to(d_logits_total.dtype)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            d_bias = d_logits_total.sum(0).to(bias.dtype)
+        return d_features.to(features.dtype), d_weight, d_bias, None, None, None
+
+
+def _unfused(method: str, features, weight, bias, labels, envs, alpha, beta, options: dict) -> HeadAlignment:
+    """The logits-based path: ordinary autograd through F.linear, then HessianAlignmentLoss's logits path."""
+    from .module import HessianAlignmentLoss
+
+    logits = F.linear(features, weight, bias)
+    loss_fn = HessianAlignmentLoss(method, alpha, beta, **options)
+    return HeadAlignment(*loss_fn(logits, features, labels, envs), logits)
+
+
+def _name_non_finite_input(features, weight, bias) -> None:
+    """Non-finite logits computed here: raise naming the input that holds a NaN/Inf (else it overflowed)."""
+    for name, t in (("features", features), ("weight", weight), ("bias", bias)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    raise ValueError("the head's logits (features @ weight.T + bias) overflow to Inf; check the scale of "
+                     "features and weight")
+
+
+def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          labels: torch.Tensor, envs: EnvsArg, *, method: str = "hutchinson", alpha: float = 1.0,
+                          beta: float = 1.0, **options) -> HeadAlignment:
+    """ERM plus an alignment penalty for the linear head ``logits = features @ weight.T + bias``.
+
+    Equal to ``logits = F.linear(features, weight, bias)``, ``env_mean_loss(logits, ...).mean()`` and
+    ``{method}_penalty(logits, features, ...)`` (same values and gradients up to rounding), but computed by
+    one autograd Function whose backward writes the features' gradient once (see this module's
+    docstring): what a training step with the head in hand should call. ``method`` is ``"hutchinson"``,
+    ``"hgp"`` or ``"full_hessian"``; ``options`` are the penalty function's keywords (``bias=`` follows
+    whether ``bias`` is None). The logits are returned too (for accuracy), differentiable as usual.
+
+    The fused Function serves the closed-form backends in eager mode; ``backend="reference"``, a
+    ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path.
+    """
+    if method not in ("hutchinson", "hgp", "full_hessian"):
+        raise ValueError(f"method must be one of 'hutchinson', 'hgp', 'full_hessian'; got {method!r}")
+    for name, t in (("features", features), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
+    if "bias" in options:
+        raise TypeError("linear_head_alignment takes the head's bias tensor (or None), not the bias= flag")
+    if weight.dim() != 2 or (features.dim() == 2 and weight.shape[1] != features.shape[1]):
+        raise ValueError(f"weight must have shape (C, D) with D = features.shape[1]; got {tuple(weight.shape)} "
+                         f"against features {tuple(features.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
+    options = dict(options, bias=bias is not None)
+    backend = options.get("backend", "auto")
+    if (method == "full_hessian" or backend == "reference" or options.get("process_group") is not None
+            or api._traced()):
+        return _unfused(method, features, weight, bias, labels, envs, alpha, beta, options)
+    setup, public_fn = _SETUPS[method]
+    resolved = _with_defaults(public_fn, options)
+    with torch.no_grad():
+        logits = F.linear(features, weight, bias)
+    if resolved["validate"] and not bool(torch.isfinite(logits.sum())):
+        _name_non_finite_input(features, weight, bias)
+    problem, plan, _ = setup(logits, features, labels, envs, **resolved)
+    logits, erm, hessian, gradient = HeadFunction.apply(features, weight, bias, problem,
+                                                        select(backend, problem), plan)
+    return HeadAlignment(erm + alpha * hessian + beta * gradient, erm, hessian, gradient, logits)
