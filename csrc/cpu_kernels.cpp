@@ -496,9 +496,13 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   };
   if (W + (gam ? C : 0) <= kDirectRows && C <= kDirectRows) {
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
-    // ids' order); each row takes its environment's matrices. Rows are independent: no sums.
-    const std::vector<Task> rows = natural_blocks(s, kRowBlock);
-#pragma omp parallel for schedule(static) num_threads(threads_for(launch, 2.0 * N * (W + C) * Dh))
+    // ids' order); each row takes its environment's matrices. Rows are independent (no sums), so
+    // the blocks may follow the thread count: two per thread for small batches (PACS's 96 rows in
+    // blocks of 32 left one of two threads with twice the other's work).
+    const int threads = threads_for(launch, 2.0 * N * (W + C) * Dh);
+    const std::vector<Task> rows =
+        natural_blocks(s, std::max<int64_t>(1, std::min<int64_t>(kRowBlock, (N + 2 * threads - 1) / (2 * threads))));
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
       Part<T> parts[3];
       for (int64_t i = rows[t].row_begin; i < rows[t].row_end; ++i) {

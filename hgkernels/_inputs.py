@@ -5,6 +5,7 @@ message; backends assume validated inputs (STYLE.md, rule 8).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -125,7 +126,7 @@ def _check_finite(name: str, tensor: torch.Tensor, masked_logits: bool = False) 
     allowed, as long as each row keeps a finite one."""
     # A sum is finite only when every entry is, and it is one pass without temporaries
     # (isfinite makes several N×D masks); only a non-finite sum needs the elementwise check.
-    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+    if math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all()):
         return
     if not masked_logits:
         raise ValueError(f"{name} contains NaN or Inf")
@@ -237,9 +238,10 @@ def _targets(loss: str, labels, n: int, c: int, device, dtype, validate: bool) -
         if labels.dim() != 1 or labels.shape[0] != n:
             raise ValueError(f"labels must have shape ({n},) for loss='cross_entropy'; got {tuple(labels.shape)}")
         labels = labels.to(torch.int64)
-        if validate and n and (int(labels.min()) < 0 or int(labels.max()) >= c):
-            raise ValueError(f"labels must lie in [0, {c}) (C = logits.shape[1]); got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if validate and n:
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if lo < 0 or hi >= c:
+                raise ValueError(f"labels must lie in [0, {c}) (C = logits.shape[1]); got range [{lo}, {hi}]")
         return labels
     if not labels.dtype.is_floating_point:
         raise TypeError(f"labels for loss={loss!r} must be floating targets; got dtype {labels.dtype}")
@@ -324,5 +326,5 @@ def check_deferred_features(problem: HeadProblem, gradient_term: torch.Tensor) -
     G_e[c, j] = (1/N_e) sum_i r_ic z_ij of its environment inf or NaN (NaN when r_ic = 0), hence the
     gradient term, a sum of their squared deviations; so a finite gradient term means finite features
     and the O(N × D) scan runs only when it is not (it then raises, or passes on a genuine overflow)."""
-    if problem.features_check_deferred and not bool(torch.isfinite(gradient_term)):
+    if problem.features_check_deferred and not math.isfinite(gradient_term.item()):
         _check_finite("features", problem.features)

@@ -49,13 +49,13 @@ GPU; the environment structure is still checked, and bad labels fail in the cros
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import FishrLoss, hgp_penalty, hutchinson_penalty
+from .. import FishrLoss, linear_head_alignment
 from . import require_domainbed
 
 _db_algorithms, networks = require_domainbed("algorithms", "networks")
@@ -89,14 +89,19 @@ class _LinearHeadAlgorithm(Algorithm):
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.hparams["lr"],
                                           weight_decay=self.hparams["weight_decay"])
 
-    def _features_and_logits(self, minibatches) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
-        """Features (N, D), logits (N, C), labels (N,) of the environments in order, and their sizes."""
+    def _features(self, minibatches) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """Features (N, D), labels (N,) of the environments in order, and their sizes."""
         sizes = [int(x.shape[0]) for x, _ in minibatches]
         labels = torch.cat([y for _, y in minibatches])
         if self.hparams.get("featurizer_per_env", False):
             features = torch.cat([self.featurizer(x) for x, _ in minibatches])
         else:
             features = self.featurizer(torch.cat([x for x, _ in minibatches]))
+        return features, labels, sizes
+
+    def _features_and_logits(self, minibatches) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+        """Features (N, D), logits (N, C), labels (N,) of the environments in order, and their sizes."""
+        features, labels, sizes = self._features(minibatches)
         return features, self.classifier(features), labels, sizes
 
     def _step(self, loss: torch.Tensor) -> None:
@@ -108,39 +113,39 @@ class _LinearHeadAlgorithm(Algorithm):
         return self.network(x)
 
 
-def _env_mean_nll(logits: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """mean_e L_e, each L_e the mean cross-entropy of environment e (the official ``train_nll``)."""
-    return torch.stack([F.cross_entropy(lg, y) for lg, y in zip(logits.split(sizes), labels.split(sizes))]).mean()
-
-
 class _HessianAlignment(_LinearHeadAlgorithm):
-    """HGP and Hutchinson: nll + alpha * hessian + beta * gradient, penalty on from the first step."""
+    """HGP and Hutchinson: nll + alpha * hessian + beta * gradient, penalty on from the first step.
+
+    The classifier, the nll (mean_e L_e, the official ``train_nll``) and the penalty are one fused
+    autograd Function (`hgkernels.linear_head_alignment`), so the features' gradient is written once."""
+
+    method = ""
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.penalty_alpha = hparams["penalty_alpha"]
         self.penalty_beta = hparams["penalty_beta"]
 
-    def _penalty(self, logits, features, labels, sizes):
-        raise NotImplementedError
+    def _penalty_options(self) -> Dict[str, object]:
+        return {}
 
     def update(self, minibatches, unlabeled=None) -> Dict[str, float]:
-        features, logits, labels, sizes = self._features_and_logits(minibatches)
-        nll = _env_mean_nll(logits, labels, sizes)
-        pen = self._penalty(logits, features, labels, sizes)
-        penalty = self.penalty_alpha * pen.hessian + self.penalty_beta * pen.gradient
-        loss = nll + penalty
-        self._step(loss)
+        features, labels, sizes = self._features(minibatches)
+        out = linear_head_alignment(features, self.classifier.weight, self.classifier.bias, labels, sizes,
+                                    method=self.method, alpha=self.penalty_alpha, beta=self.penalty_beta,
+                                    validate=False, **self._penalty_options())
+        self._step(out.total)
         self.update_count += 1
-        return {"loss": loss.item(), "nll": nll.item(), "penalty": penalty.item(),
-                "hessian": pen.hessian.item(), "gradient": pen.gradient.item()}
+        hessian, gradient = out.hessian.item(), out.gradient.item()
+        return {"loss": out.total.item(), "nll": out.erm.item(),
+                "penalty": self.penalty_alpha * hessian + self.penalty_beta * gradient,
+                "hessian": hessian, "gradient": gradient}
 
 
 class HGP(_HessianAlignment):
     """Hessian-gradient-product alignment (Hemati et al., ICCV 2023), closed form (`hgkernels.hgp_penalty`)."""
 
-    def _penalty(self, logits, features, labels, sizes):
-        return hgp_penalty(logits, features, labels, sizes, validate=False)
+    method = "hgp"
 
 
 class Hutchinson(_HessianAlignment):
@@ -149,17 +154,16 @@ class Hutchinson(_HessianAlignment):
     ``hparams["hutchinson_probes"]``: 0 (default) exact diagonal; K > 0 the official K-probe estimator.
     """
 
+    method = "hutchinson"
+
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.num_probes = int(hparams.get("hutchinson_probes", 0))
         if self.num_probes < 0:
             raise ValueError(f"hparams['hutchinson_probes'] must be >= 0 (0 = exact diagonal); got {self.num_probes}")
 
-    def _penalty(self, logits, features, labels, sizes):
-        if self.num_probes == 0:
-            return hutchinson_penalty(logits, features, labels, sizes, validate=False)
-        return hutchinson_penalty(logits, features, labels, sizes, estimator="hutchinson",
-                                  num_probes=self.num_probes, validate=False)
+    def _penalty_options(self) -> Dict[str, object]:
+        return {} if self.num_probes == 0 else {"estimator": "hutchinson", "num_probes": self.num_probes}
 
 
 class FishrClosedForm(_LinearHeadAlgorithm):
