@@ -431,3 +431,16 @@ def machine_description(device: torch.device) -> Dict[str, str]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return desc
+
+
+def table_script_main(doc: str, measure: Callable[[dict], List[str]], heads: dict, smoke_heads: dict,
+                      argv: Optional[List[str]] = None) -> int:
+    """The command line of the small table scripts (shuffled_ids.py, host_overhead.py): print
+    `measure(heads)`, or `measure(smoke_heads)` with --smoke (what CI runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny and quick, for CI")
+    args = parser.parse_args(argv)
+    print("\n".join(measure(smoke_heads if args.smoke else heads)))
+    return 0

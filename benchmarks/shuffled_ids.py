@@ -9,13 +9,13 @@ the two layouts interleaved in one process, median of the rounds.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import hgkernels as hk
+from hgk_bench import table_script_main
 
 HEADS = {"cmnist": dict(n=50000, d=390, c=1, e=2, loss="binary_cross_entropy", rounds=9),
          "pacs": dict(n=96, d=2048, c=7, e=3, loss="cross_entropy", rounds=41)}
@@ -49,11 +49,7 @@ def measure(heads) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args(argv)
-    print("\n".join(measure(SMOKE if args.smoke else HEADS)))
-    return 0
+    return table_script_main(__doc__, measure, HEADS, SMOKE, argv)
 
 
 if __name__ == "__main__":

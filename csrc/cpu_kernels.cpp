@@ -31,6 +31,13 @@ constexpr double kMinParallelWork = double(1 << 21);
 
 int threads_for(Launch launch, double work) { return work >= kMinParallelWork ? launch.threads : 1; }
 
+// Rows per task for work that is independent per row (dots, the per-sample backward): kRowBlock,
+// or fewer for small batches, so each thread gets a few tasks (PACS's 3 × 32 rows in blocks of 32
+// gave one of two threads twice the other's work). Per-row results do not depend on the blocking.
+int64_t row_block_for(int64_t num_samples, int threads) {
+  return std::max<int64_t>(kTileRows, std::min<int64_t>(kRowBlock, (num_samples + 4 * threads - 1) / (4 * threads)));
+}
+
 struct Task {
   int env;
   int64_t row_begin, row_end;
@@ -455,8 +462,9 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
   T* p_scratch = dirs_dots + N * KC;
   T* coef = p_scratch + N * C;
   if (KC) {  // s_k = V_k zh for every sample: tiles of rows × direction rows
-    const std::vector<Task> work_tasks = tasks(s, kRowBlock, KC, kMatBlock);
-#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(N) * KC * h.head_width()))
+    const int threads = threads_for(launch, double(N) * KC * h.head_width());
+    const std::vector<Task> work_tasks = tasks(s, row_block_for(N, threads), KC, kMatBlock);
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(work_tasks.size()); ++t) {
       const Task& task = work_tasks[t];
       dots_block<T, false>(h, s, task.row_begin, task.row_end, dirs + int64_t(task.env) * KC * h.head_width(),
@@ -494,14 +502,11 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
     }
     return num_parts;
   };
+  const int threads = threads_for(launch, 2.0 * N * (W + C) * Dh);
   if (W + (gam ? C : 0) <= kDirectRows && C <= kDirectRows) {
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
-    // ids' order); each row takes its environment's matrices. Rows are independent (no sums), so
-    // the blocks may follow the thread count: two per thread for small batches (PACS's 96 rows in
-    // blocks of 32 left one of two threads with twice the other's work).
-    const int threads = threads_for(launch, 2.0 * N * (W + C) * Dh);
-    const std::vector<Task> rows =
-        natural_blocks(s, std::max<int64_t>(1, std::min<int64_t>(kRowBlock, (N + 2 * threads - 1) / (2 * threads))));
+    // ids' order); each row takes its environment's matrices. Rows are independent: no sums.
+    const std::vector<Task> rows = natural_blocks(s, row_block_for(N, threads));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
       Part<T> parts[3];
@@ -514,8 +519,8 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
     }
     return;
   }
-  const std::vector<Task> blocks = tasks(s, kRowBlock, 1, 1);
-#pragma omp parallel num_threads(threads_for(launch, 2.0 * N * (W + C) * Dh))
+  const std::vector<Task> blocks = tasks(s, row_block_for(N, threads), 1, 1);
+#pragma omp parallel num_threads(threads)
   {
     std::vector<T> coef_t, acc, acc_sq;  // per-thread scratch of expand_block
 #pragma omp for schedule(static)

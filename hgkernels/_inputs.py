@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.utils._python_dispatch
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
 ENV_REDUCTIONS = ("mean", "sum")
@@ -153,6 +154,15 @@ _SIZED_SEGMENTS: dict = {}
 _SIZED_SEGMENTS_KEPT = 32
 
 
+def _may_keep_segments() -> bool:
+    """Kept segments must be ordinary tensors usable by any later call: not inference tensors (autograd
+    cannot save them), nor tensors made while torch.compile, a torch.func transform or a dispatch mode
+    (fake tensors) is active."""
+    return not (_in_compiled_trace() or torch.is_inference_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch.utils._python_dispatch._get_current_dispatch_mode() is not None)
+
+
 def _sized_segments(sizes: tuple, device: torch.device, n: Optional[int] = None) -> EnvSegments:
     n = sum(sizes) if n is None else n
     env_ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
@@ -216,7 +226,7 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
             raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples")
         if num_envs is not None and num_envs != len(envs):
             raise ValueError(f"num_envs={num_envs} disagrees with {len(envs)} sizes in envs")
-        if _in_compiled_trace():
+        if not _may_keep_segments():
             return _sized_segments(tuple(envs), device, n)
         key = (tuple(envs), device)
         segments = _SIZED_SEGMENTS.pop(key, None) or _sized_segments(*key)

@@ -146,7 +146,8 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     whether ``bias`` is None). The logits are returned too (for accuracy), differentiable as usual.
 
     The fused Function serves the closed-form backends in eager mode; ``backend="reference"``, a
-    ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path.
+    ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path
+    (so do hooked heads and Linear subclasses, in `HessianAlignmentLoss`).
     """
     if method not in ("hutchinson", "hgp", "full_hessian"):
         raise ValueError(f"method must be one of 'hutchinson', 'hgp', 'full_hessian'; got {method!r}")

@@ -78,3 +78,8 @@ def test_full_hessian_cost_smoke():
 def test_shuffled_ids_smoke():
     result = _run(["benchmarks/shuffled_ids.py", "--smoke"])
     assert "| tiny (N=60" in result.stdout and "×" in result.stdout
+
+
+def test_host_overhead_smoke():
+    result = _run(["benchmarks/host_overhead.py", "--smoke"])
+    assert "| F.cross_entropy |" in result.stdout and "| exact Hutchinson |" in result.stdout

@@ -144,8 +144,8 @@ def test_fused_head_frozen_parts():
 
 
 def test_fused_head_falls_back_where_it_does_not_serve():
-    """full_hessian, backend='reference' and a head with forward hooks take the logits path: same results,
-    and the hook sees the call."""
+    """full_hessian, backend='reference', a head with forward hooks and an nn.Linear subclass with its own
+    forward take the logits path: same results, and the hook (the subclass's forward) sees the call."""
     problem = _problem(7, "cross_entropy", 3)
     for method in ("full_hessian", "hgp"):
         reference = _run(*problem, method, fused=False, backend="reference")
@@ -158,6 +158,19 @@ def test_fused_head_falls_back_where_it_does_not_serve():
     finally:
         handle.remove()
     assert len(calls) == 2  # the fused call and the logits-path call both ran the hooked head
+
+    class ScaledHead(torch.nn.Linear):  # a subclass with its own forward is called, not bypassed
+        def forward(self, z):
+            return 2 * super().forward(z)
+
+    x, featurizer, head, y, envs = problem
+    scaled = ScaledHead(head.in_features, head.out_features).double()
+    scaled.load_state_dict(head.state_dict())
+    z = featurizer(x)
+    ours = hk.HessianAlignmentLoss("hgp")(scaled, z, y, envs)
+    expected = hk.HessianAlignmentLoss("hgp", backend="reference")(2 * head(z), z, y, envs)
+    assert_close(ours.total.detach(), expected.total.detach(), 1e-9, "subclassed head")
+    assert_close(ours.logits.detach(), 2 * head(z).detach(), 0, "subclassed head's logits")
 
 
 def test_fused_head_option_errors():

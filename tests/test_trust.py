@@ -397,6 +397,25 @@ def test_reference_works_under_no_grad_and_inference_mode(mode):
 
 
 
+def test_size_list_calls_after_inference_mode_still_train():
+    """Size-list environments are kept across calls (_inputs._SIZED_SEGMENTS); one first seen under
+    inference_mode must not hand a later training call an inference tensor autograd cannot save."""
+    case = make_case(31, loss="cross_entropy", bias=True, sizes=[5, 8, 6], num_classes=3, num_features=4,
+                     as_sizes=True)
+    sizes = [5, 8, 6]
+    with torch.inference_mode():
+        hk.hutchinson_penalty(case.logits.clone(), case.features.clone(), case.labels, sizes)
+    for backend in ("torch", "native"):
+        logits, feats = case.leaves()
+        pen = hk.hutchinson_penalty(logits, feats, case.labels, sizes, backend=backend)
+        d_logits, d_feats = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+        ref_logits, ref_feats = case.leaves()
+        ref = hk.hutchinson_penalty(ref_logits, ref_feats, case.labels, sizes, backend="reference")
+        want = torch.autograd.grad(ref.hessian + ref.gradient, (ref_logits, ref_feats))
+        assert_close(d_feats, want[1], 1e-9, f"{backend} features gradient")
+        assert_close(d_logits, want[0], 1e-9, f"{backend} logits gradient")
+
+
 def test_compile_with_ids_needs_num_envs():
     """README: under torch.compile, ids without num_envs raise (E is in the data), with fullgraph or not."""
     torch._dynamo.reset()
