@@ -449,6 +449,81 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
   }
 }
 
+// A register tile of reduce_few: acc[r][v] += coef_j[r] * x_j (x_j ⊙ x_j when Square) over rows
+// [j0, j1) of one environment, for Rows coefficient columns and one strip of 2 SIMD vectors.
+template <typename T, int Rows, bool Square>
+void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t j0, int64_t j1, int d0,
+              T (*acc)[2 * Simd<T>::lanes]) {
+  using V = Simd<T>;
+  typename V::type tile[Rows][2];
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < 2; ++v) tile[r][v] = V::load(acc[r] + v * V::lanes);
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* x = h.features + s.order[j] * h.features_row_stride + d0;
+    typename V::type xv[2] = {V::load(x), V::load(x + V::lanes)};
+    if (Square) xv[0] = xv[0] * xv[0], xv[1] = xv[1] * xv[1];
+    const T* cf = coef + j * W;
+    for (int r = 0; r < Rows; ++r)
+      for (int v = 0; v < 2; ++v) tile[r][v] += cf[r] * xv[v];
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < 2; ++v) V::store(acc[r] + v * V::lanes, tile[r][v]);
+}
+
+// `reduce` for few coefficient columns (W <= kDirectRows, e.g. PACS's W = 2C = 14) whose partial sums
+// outgrow L1: tasks are (environment, strip of 2 SIMD vectors of columns); per kGroupRows rows, tiles of
+// up to kFewRows coefficient columns (never straddling the squared range) read the rows' strips from L1,
+// where the first tile brought them; no packing. Each output element sums its environment's rows in
+// row order, as `reduce` does. The columns past the last full strip (and the bias column) are summed
+// one element at a time in the same order.
+template <typename T>
+void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int square_begin, int square_end, T* out,
+                Launch launch) {
+  constexpr int kFewRows = 5;
+  const int strip = 2 * Simd<T>::lanes, Dh = h.head_width(), D = h.D;
+  const int strips = D / strip, tail_begin = strips * strip;
+  const int64_t num_tasks = int64_t(s.num_envs) * (strips + 1);
+#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(s.num_samples) * W * Dh))
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const int e = int(t / (strips + 1)), k = int(t % (strips + 1));
+    const int64_t r0 = s.offsets[e], r1 = s.offsets[e + 1];
+    T* env_out = out + int64_t(e) * W * Dh;
+    auto square = [&](int m) { return m >= square_begin && m < square_end; };
+    if (k == strips) {  // the last columns, then the bias column (zh = 1)
+      for (int m = 0; m < W; ++m)
+        for (int d = tail_begin; d < Dh; ++d) {
+          T total = T(0);
+          for (int64_t j = r0; j < r1; ++j) {
+            const T x = d < D ? h.features[s.order[j] * h.features_row_stride + d] : T(1);
+            total += coef[j * W + m] * (square(m) ? x * x : x);
+          }
+          env_out[int64_t(m) * Dh + d] = total;
+        }
+      continue;
+    }
+    const int d0 = k * strip;
+    T acc[kDirectRows][2 * Simd<T>::lanes] = {};
+    for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {
+      const int64_t g1 = std::min<int64_t>(g0 + kGroupRows, r1);
+      for (int m0 = 0; m0 < W;) {
+        const bool sq = square(m0);
+        int rows = 1;
+        while (rows < kFewRows && m0 + rows < W && square(m0 + rows) == sq) ++rows;
+        T (*a)[2 * Simd<T>::lanes] = acc + m0;
+        switch (rows * 2 + int(sq)) {
+#define HGK_FEW_TILE(R)                                                          \
+  case 2 * R: few_tile<T, R, false>(h, s, coef + m0, W, g0, g1, d0, a); break;   \
+  case 2 * R + 1: few_tile<T, R, true>(h, s, coef + m0, W, g0, g1, d0, a); break;
+          HGK_FEW_TILE(1) HGK_FEW_TILE(2) HGK_FEW_TILE(3) HGK_FEW_TILE(4) HGK_FEW_TILE(5)
+#undef HGK_FEW_TILE
+        }
+        m0 += rows;
+      }
+    }
+    for (int m = 0; m < W; ++m) std::copy(acc[m], acc[m] + strip, env_out + int64_t(m) * Dh + d0);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -477,8 +552,11 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
     stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
                  inv_count<T>(s, env_of(s, j)), dirs_dots + j * KC, p_scratch + j * C, coef + j * W);
   }
-  const int diag_begin = layout.diag_begin();
-  reduce<T>(h, s, coef, W, diag_begin, layout.hess_diag ? diag_begin + C : diag_begin, out, launch);
+  const int diag_begin = layout.diag_begin(), diag_end = layout.hess_diag ? diag_begin + C : diag_begin;
+  if (W <= kDirectRows)
+    reduce_few<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
+  else
+    reduce<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
 }
 
 // One pass over the features: each task takes a block of one environment's rows through
