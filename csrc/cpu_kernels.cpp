@@ -181,60 +181,77 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
   }
 }
 
-// out[q] = mats[q] . x over D for q < n (x squared when Square), one pass over x: each dot in
-// row_dot's order (lanes, lane-order sum, tail), so it matches the tiled dots bit for bit.
-template <typename T, bool Square>
-void row_dots(const T* x, const T* const* mats, int n, int D, T* out) {
+// out[r][q] = mats[q] . x[r] over D for q < n and R rows (x squared when Square), one pass over the
+// rows, each matrix vector loaded once for all R: each dot in row_dot's order (lanes, lane-order sum,
+// tail), so it matches the tiled dots bit for bit whatever R.
+template <typename T, bool Square, int R>
+void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[kDirectRows]) {
   using V = Simd<T>;
-  typename V::type acc[kDirectRows] = {};
+  typename V::type acc[R][kDirectRows] = {};
   int d = 0;
   for (; d + V::lanes <= D; d += V::lanes) {
-    typename V::type xv = V::load(x + d);
-    if (Square) xv = xv * xv;
-    for (int q = 0; q < n; ++q) acc[q] += xv * V::load(mats[q] + d);
+    typename V::type xv[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = V::load(x[r] + d);
+      if (Square) xv[r] = xv[r] * xv[r];
+    }
+    for (int q = 0; q < n; ++q) {
+      const typename V::type m = V::load(mats[q] + d);
+      for (int r = 0; r < R; ++r) acc[r][q] += xv[r] * m;
+    }
   }
-  for (int q = 0; q < n; ++q) {
-    T total = T(0);
-    for (int l = 0; l < V::lanes; ++l) total += acc[q][l];
-    for (int t = d; t < D; ++t) total += (Square ? x[t] * x[t] : x[t]) * mats[q][t];
-    out[q] = total;
-  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < n; ++q) {
+      T total = T(0);
+      for (int l = 0; l < V::lanes; ++l) total += acc[r][q][l];
+      for (int t = d; t < D; ++t) total += (Square ? x[r][t] * x[r][t] : x[r][t]) * mats[q][t];
+      out[r][q] = total;
+    }
 }
 
-// One sample's d_features for few matrix rows (W + C <= kDirectRows, e.g. C = 1 heads): coef @ the
-// stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam), one SIMD vector of columns at a time.
-template <typename T>
-void expand_row_direct(const T* x, const T* coef, const T* const* mats, int W, const T* coef_sq, const T* gam,
-                       int C, int D, int64_t Dh, T* dx) {
+// R samples' d_features for few matrix rows (W + C <= kDirectRows, e.g. C = 1 heads): coef @ the
+// stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam), one SIMD vector of columns at a time, each
+// matrix vector loaded once for the R rows.
+template <typename T, int R>
+void expand_rows_direct(const T* const* x, const T (*coef)[2 * kDirectRows], const T* const* mats, int W,
+                        const T (*coef_sq)[kDirectRows], const T* gam, int C, int D, int64_t Dh, T* const* dx) {
   using V = Simd<T>;
   const int full = D - D % V::lanes;
   for (int d = 0; d < full; d += V::lanes) {
-    typename V::type acc = {}, acc_sq = {};
-    for (int m = 0; m < W; ++m) acc += coef[m] * V::load(mats[m] + d);
-    if (gam) {
-      for (int c = 0; c < C; ++c) acc_sq += coef_sq[c] * V::load(gam + c * Dh + d);
-      acc += V::load(x + d) * acc_sq;
+    typename V::type acc[R] = {}, acc_sq[R] = {};
+    for (int m = 0; m < W; ++m) {
+      const typename V::type mv = V::load(mats[m] + d);
+      for (int r = 0; r < R; ++r) acc[r] += coef[r][m] * mv;
     }
-    V::store(dx + d, acc);
-  }
-  for (int d = full; d < D; ++d) {
-    T acc = T(0), acc_sq = T(0);
-    for (int m = 0; m < W; ++m) acc += coef[m] * mats[m][d];
     if (gam) {
-      for (int c = 0; c < C; ++c) acc_sq += coef_sq[c] * gam[c * Dh + d];
-      acc += x[d] * acc_sq;
+      for (int c = 0; c < C; ++c) {
+        const typename V::type gv = V::load(gam + c * Dh + d);
+        for (int r = 0; r < R; ++r) acc_sq[r] += coef_sq[r][c] * gv;
+      }
+      for (int r = 0; r < R; ++r) acc[r] += V::load(x[r] + d) * acc_sq[r];
     }
-    dx[d] = acc;
+    for (int r = 0; r < R; ++r) V::store(dx[r] + d, acc[r]);
   }
+  for (int r = 0; r < R; ++r)
+    for (int d = full; d < D; ++d) {
+      T acc = T(0), acc_sq = T(0);
+      for (int m = 0; m < W; ++m) acc += coef[r][m] * mats[m][d];
+      if (gam) {
+        for (int c = 0; c < C; ++c) acc_sq += coef_sq[r][c] * gam[c * Dh + d];
+        acc += x[r][d] * acc_sq;
+      }
+      dx[r][d] = acc;
+    }
 }
 
-// The whole backward of sorted rows [row_begin, row_end) for few matrix rows, one sample at a time:
-// its dots, its closed form and its d_features while the feature row is in L1. A head term adds
-// its C weight rows to the expansion, with the row's (total) d_logits as their coefficients.
+// The whole backward of the caller's rows [row_begin, row_end), all of one environment, for few matrix
+// rows: two samples at a time (the matrices, read from L2 for every row, are loaded once per pair),
+// their dots, closed form and d_features while the feature rows are in L1. A head term adds its C
+// weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T>
-void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout layout, int64_t row_begin,
-                          int64_t row_end, bool natural, T w, const Part<T>* parts, int num_parts, const T* gam,
-                          HeadTerm<T> head, T* d_logits, T* d_features) {
+void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
+                          const Part<T>* parts, int num_parts, const T* gam, HeadTerm<T> head, T* d_logits,
+                          T* d_features) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
   const int64_t Dh = h.head_width();
   const T* mats[2 * kDirectRows];
@@ -243,21 +260,34 @@ void backward_rows_direct(const Head<T>& h, const Segments& s, BackwardLayout la
     for (int m = 0; m < parts[p].rows; ++m) mats[parts[p].first_coef + m] = parts[p].mats + m * Dh;
   for (int c = 0; head.weight && c < C; ++c) mats[W + c] = head.weight + c * Dh;
   for (int c = 0; gam && c < C; ++c) gam_rows[c] = gam + c * Dh;
-  T dots[kDirectRows], dots_sq[kDirectRows], p[kDirectRows], dp[kDirectRows], coef[2 * kDirectRows], coef_sq[kDirectRows];
-  for (int64_t j = row_begin; j < row_end; ++j) {
-    const int64_t i = natural ? j : s.order[j];  // natural: [row_begin, row_end) are the caller's rows
-    const T* x = h.features + i * h.features_row_stride;
-    row_dots<T, false>(x, mats, W, D, dots);
-    if (gam) row_dots<T, true>(x, gam_rows, C, D, dots_sq);
-    if (h.bias) {  // zh_D = 1 (and its square)
-      for (int m = 0; m < W; ++m) dots[m] += mats[m][D];
-      for (int c = 0; gam && c < C; ++c) dots_sq[c] += gam_rows[c][D];
+  T dots[2][kDirectRows], dots_sq[2][kDirectRows], p[kDirectRows], dp[kDirectRows];
+  T coef[2][2 * kDirectRows], coef_sq[2][kDirectRows];
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += 2) {
+    const int rows = int(std::min<int64_t>(2, row_end - i0));
+    const T* x[2] = {h.features + i0 * h.features_row_stride, h.features + (i0 + rows - 1) * h.features_row_stride};
+    T* dx[2] = {d_features + i0 * D, d_features + (i0 + rows - 1) * D};
+    if (rows == 2) {
+      rows_dots<T, false, 2>(x, mats, W, D, dots);
+      if (gam) rows_dots<T, true, 2>(x, gam_rows, C, D, dots_sq);
+    } else {
+      rows_dots<T, false, 1>(x, mats, W, D, dots);
+      if (gam) rows_dots<T, true, 1>(x, gam_rows, C, D, dots_sq);
     }
-    T* da = d_logits + i * C;
-    backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w, dots,
-                    dots_sq, p, dp, coef, coef_sq, da, 1);
-    for (int c = 0; head.weight && c < C; ++c) coef[W + c] = da[c] += head.extra[i * C + c];
-    expand_row_direct<T>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, d_features + i * D);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      if (h.bias) {  // zh_D = 1 (and its square)
+        for (int m = 0; m < W; ++m) dots[r][m] += mats[m][D];
+        for (int c = 0; gam && c < C; ++c) dots_sq[r][c] += gam_rows[c][D];
+      }
+      T* da = d_logits + i * C;
+      backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
+                      dots[r], dots_sq[r], p, dp, coef[r], coef_sq[r], da, 1);
+      for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
+    }
+    if (rows == 2)
+      expand_rows_direct<T, 2>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
+    else
+      expand_rows_direct<T, 1>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
   }
 }
 
@@ -302,7 +332,7 @@ void expand_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_
 }
 
 // m . x over D: lanes of partial sums added in lane order, then the tail (dots_tile's order).
-// One dot at a time: row_dots over the statistics' one or two directions measured 25% slower.
+// One dot at a time: rows_dots over the statistics' one or two directions measured 25% slower.
 template <typename T>
 T row_dot(const T* x, const T* m, int D) {
   using V = Simd<T>;
@@ -588,10 +618,12 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
       Part<T> parts[3];
-      for (int64_t i = rows[t].row_begin; i < rows[t].row_end; ++i) {
-        const int e = int(s.env_ids[i]);
+      for (int64_t i = rows[t].row_begin, run_end; i < rows[t].row_end; i = run_end) {
+        const int e = int(s.env_ids[i]);  // a run of consecutive rows of environment e
+        for (run_end = i + 1; run_end < rows[t].row_end && s.env_ids[run_end] == e; ++run_end) {
+        }
         const int num_parts = env_parts(e, parts);
-        backward_rows_direct<T>(h, s, layout, i, i + 1, true, inv_count<T>(s, e), parts, num_parts,
+        backward_rows_direct<T>(h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts,
                                 gam ? gam + int64_t(e) * C * Dh : nullptr, head, d_logits, d_features);
       }
     }
