@@ -18,7 +18,7 @@ import torch
 
 from ._inputs import HeadProblem, check_deferred_features
 from .backends import Backend
-from .backends.base import HeadTerm
+from .backends.base import HeadTerm, add_head_term
 
 # Probe batches are sized so that one batch of directions holds about this many elements.
 PROBE_BATCH_ELEMENTS = 1 << 24
@@ -193,11 +193,12 @@ class StochasticDiagPlan(StateHolder):
             if gam_ref is not None:
                 dirs = torch.cat([dirs, ref.expand(e, *ref.shape)], 1)
                 ups = torch.cat([ups, (gam_ref * ref / self.num_probes).expand(e, *ref.shape)], 1)
-            dl, df = backend.per_sample_backward(problem, grad_up=grad_up, hvp_dirs=dirs, hvp_up=ups, head=head)
-            grad_up = head = None
+            dl, df = backend.per_sample_backward(problem, grad_up=grad_up, hvp_dirs=dirs, hvp_up=ups)
+            grad_up = None
             d_logits = dl if d_logits is None else d_logits + dl
             d_features = df if d_features is None else d_features + df
-        return d_logits, d_features
+        # the head's term needs every probe batch's logit gradient: added once, after the last
+        return add_head_term(d_logits, d_features, head)
 
 
 class HGPPlan(StateHolder):

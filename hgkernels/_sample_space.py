@@ -36,11 +36,13 @@ from .backends.base import HeadTerm, add_head_term
 # N²·Dh (Gram GEMMs) plus SAMPLE_QUAD_COST N²·C (quadratic forms and masks). The model is
 # conservative at sub-millisecond heads: PACS's exact penalty keeps the C × Dh form, which the
 # torch backend runs about 30% slower than the sample form there but the native kernels
-# (what auto uses on CPU) run about 40% faster. Below TINY_HEAD = N·C·Dh the arithmetic is
+# (what auto uses on CPU) run about 40% faster. FEATURE_SLOWDOWN was 2 until the native kernels'
+# small-batch paths (one-row backward up to 32 matrix rows, `reduce_few`): PACS's HGP then took
+# 1.2 ms in the C × Dh form against 1.3–1.6 ms in the sample form (2 threads), so 1.5. Below TINY_HEAD = N·C·Dh the arithmetic is
 # negligible and the host path decides: the sample form's many small N × N and N × C ops took
 # 660 µs against 315 µs for the native C × Dh form at N 12, C 3, D 5, so tiny heads keep the latter.
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
-FEATURE_SLOWDOWN = 2
+FEATURE_SLOWDOWN = 1.5
 FEATURE_OVERHEAD = 10_000_000
 TINY_HEAD = 1 << 16
 SAMPLE_GRAM_COST = {"hutchinson": 4, "hgp": 2}

@@ -12,6 +12,7 @@ the fresh buffer), so the features' gradient is written once, as in ERM alone.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -158,11 +159,21 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
         raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
     if "bias" in options:
         raise TypeError("linear_head_alignment takes the head's bias tensor (or None), not the bias= flag")
-    if weight.dim() != 2 or (features.dim() == 2 and weight.shape[1] != features.shape[1]):
-        raise ValueError(f"weight must have shape (C, D) with D = features.shape[1]; got {tuple(weight.shape)} "
-                         f"against features {tuple(features.shape)}")
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape (N, D); got {tuple(features.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f"weight must have shape (C, D) with D = features.shape[1] = {features.shape[1]}; "
+                         f"got {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
+    for name, t in (("features", features), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not t.dtype.is_floating_point or t.dtype != features.dtype:
+            raise TypeError(f"{name} must be a floating tensor of the features' dtype {features.dtype}; got {t.dtype}")
+        if t.device.type == "meta" or t.device != features.device:
+            raise ValueError(f"{name} is on {t.device}; features, weight and bias must share one cpu or cuda device"
+                             + (" (meta tensors hold no values)" if t.device.type == "meta" else ""))
     options = dict(options, bias=bias is not None)
     backend = options.get("backend", "auto")
     if (method == "full_hessian" or backend == "reference" or options.get("process_group") is not None
@@ -172,7 +183,8 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     resolved = _with_defaults(public_fn, options)
     with torch.no_grad():
         logits = F.linear(features, weight, bias)
-    if resolved["validate"] and not bool(torch.isfinite(logits.sum())):
+    # a half-precision sum of finite logits may overflow: only then look at them one by one
+    if resolved["validate"] and not (math.isfinite(logits.sum().item()) or bool(torch.isfinite(logits).all())):
         _name_non_finite_input(features, weight, bias)
     problem, plan, _ = setup(logits, features, labels, envs, **resolved)
     logits, erm, hessian, gradient = HeadFunction.apply(features, weight, bias, problem,

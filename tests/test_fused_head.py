@@ -224,3 +224,60 @@ def test_deferred_check_lets_a_genuine_overflow_through():
         pen = hk.hutchinson_penalty(torch.zeros(8, 1), z, labels, [3, 5], loss="binary_cross_entropy",
                                     backend=backend, form="feature")
         assert torch.isinf(pen.gradient), backend  # (±5e29)^2 overflows float32; the check ran and passed
+
+
+def test_fused_head_stochastic_estimator_across_probe_batches(monkeypatch):
+    """Probes split into several batches (_penalty.PROBE_BATCH_ELEMENTS): the head's term must see every
+    batch's logit gradient (it once saw only the first's: the features' gradient was 17% off)."""
+    from hgkernels import _penalty
+    monkeypatch.setattr(_penalty, "PROBE_BATCH_ELEMENTS", 200)  # a few probes per batch here
+    problem = _problem(13, "cross_entropy", 4)
+    for backend in BACKENDS:
+        runs = []
+        for fused in (True, False):
+            opts = dict(estimator="hutchinson", num_probes=9, generator=torch.Generator().manual_seed(3),
+                        backend=backend if fused else "reference")
+            runs.append(_run(*problem, "hutchinson", fused=fused, **opts))
+        _assert_same(runs[0], runs[1], 1e-9, f"{backend}, several probe batches")
+
+
+def test_fused_head_half_precision_with_a_large_logit_sum():
+    """float16 logits whose sum overflows while each is finite are not an error (the check looks closer)."""
+    gen = torch.Generator().manual_seed(14)
+    z = torch.randn(4096, 16, generator=gen).half()
+    weight = (0.1 * torch.randn(100, 16, generator=gen)).half()
+    bias = torch.full((100,), 0.3).half()
+    y = torch.randint(0, 100, (4096,), generator=gen)
+    assert not torch.isfinite(torch.nn.functional.linear(z, weight, bias).sum())
+    out = hk.linear_head_alignment(z, weight, bias, y, [2048, 2048], method="hgp", backend="torch")
+    ref = hk.HessianAlignmentLoss("hgp", backend="reference")(
+        torch.nn.functional.linear(z.double(), weight.double(), bias.double()), z.double(), y, [2048, 2048])
+    assert_close(out.total.double(), ref.total.detach(), 1e-2, "float16 total against float64")
+
+
+def test_fused_head_checks_weight_and_bias_like_features():
+    x, featurizer, head, y, envs = _problem(15, "cross_entropy", 3)
+    z = featurizer(x).detach()
+    with pytest.raises(TypeError, match="weight must be a floating tensor of the features' dtype"):
+        hk.linear_head_alignment(z, head.weight.float(), head.bias, y, envs)
+    with pytest.raises(TypeError, match="bias must be a floating tensor"):
+        hk.linear_head_alignment(z, head.weight, head.bias.float(), y, envs)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        hk.linear_head_alignment(z, torch.empty_like(head.weight, device="meta"), None, y, envs)
+    with pytest.raises(ValueError, match="features must have shape"):
+        hk.linear_head_alignment(z.unsqueeze(0), head.weight, head.bias, y, envs)
+
+
+def test_fake_tensor_mode_gets_shapes_not_a_crash():
+    """Under a FakeTensorMode (outside torch.compile) the native kernels are not handed fake addresses:
+    the custom ops' fakes answer (this was a segfault)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, featurizer, head, y, envs = _problem(16, "cross_entropy", 3, envs_as="sizes")
+    z, weight = featurizer(x).detach(), head.weight.detach()
+    with FakeTensorMode() as mode:
+        fz, fw, fy = mode.from_tensor(z), mode.from_tensor(weight), mode.from_tensor(y)
+        for backend in BACKENDS:
+            pen = hk.hgp_penalty(torch.nn.functional.linear(fz, fw), fz, fy, envs, bias=False, validate=False,
+                                 backend=backend, form="feature")
+            assert pen.hessian.shape == () and pen.gradient.dtype == torch.float64
+
