@@ -172,10 +172,10 @@ def backpack_reason() -> Optional[str]:
     return None
 
 
-def auto_takes_sample_form(penalty: str, shape: Shape) -> bool:
+def auto_takes_sample_form(penalty: str, shape: Shape, backend: str) -> bool:
     """Whether form="auto" computes `penalty` ("hutchinson", "hgp") in the sample form at this shape
-    (never with one environment; hgkernels.api._sample_form)."""
-    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1)
+    on `backend` (never with one environment; hgkernels.api._sample_form)."""
+    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1, backend)
 
 
 def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List[Method]:
@@ -184,7 +184,7 @@ def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List
     for name in available:
         for penalty, label in labels.items():
             methods.append(Method(penalty, name, "closed", label))
-            if auto_takes_sample_form(penalty, shape):
+            if auto_takes_sample_form(penalty, shape, name):
                 methods.append(Method(penalty, name, "feature", f"{label}, C × Dh form"))
     methods += [
         Method("hutchinson", "reference", "unit", "generic Hutchinson, 1 probe", probes=1),

@@ -36,23 +36,26 @@ from .backends.base import HeadTerm, add_head_term
 # N²·Dh (Gram GEMMs) plus SAMPLE_QUAD_COST N²·C (quadratic forms and masks). The model is
 # conservative at sub-millisecond heads: PACS's exact penalty keeps the C × Dh form, which the
 # torch backend runs about 30% slower than the sample form there but the native kernels
-# (what auto uses on CPU) run about 40% faster. FEATURE_SLOWDOWN was 2 until the native kernels'
-# small-batch paths (one-row backward up to 32 matrix rows, `reduce_few`): PACS's HGP then took
-# 1.2 ms in the C × Dh form against 1.3–1.6 ms in the sample form (2 threads), so 1.5. Below TINY_HEAD = N·C·Dh the arithmetic is
+# (what auto uses on CPU) run about 40% faster. The compiled kernels' rate is better than the torch
+# backend's since their small-batch paths (one-row backward up to 32 matrix rows, `reduce_few`):
+# PACS's HGP took 1.2 ms in their C × Dh form against 1.3–1.6 ms in the sample form (2 threads),
+# where the torch backend's C × Dh form took 3.0 ms; so the slowdown is 2 for the torch backend and
+# 1.5 for the others (native, triton). Below TINY_HEAD = N·C·Dh the arithmetic is
 # negligible and the host path decides: the sample form's many small N × N and N × C ops took
 # 660 µs against 315 µs for the native C × Dh form at N 12, C 3, D 5, so tiny heads keep the latter.
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
-FEATURE_SLOWDOWN = 1.5
+FEATURE_SLOWDOWN = {"torch": 2.0, "compiled": 1.5}
 FEATURE_OVERHEAD = 10_000_000
 TINY_HEAD = 1 << 16
 SAMPLE_GRAM_COST = {"hutchinson": 4, "hgp": 2}
 SAMPLE_QUAD_COST = {"hutchinson": 6, "hgp": 14}
 
 
-def prefers_sample_space(method: str, n: int, c: int, dh: int) -> bool:
+def prefers_sample_space(method: str, n: int, c: int, dh: int, backend: str = "torch") -> bool:
     """True when the sample form should be faster for `method` ("hutchinson", "hgp") on N samples,
-    C classes and head width Dh (the cost model above)."""
-    feature = FEATURE_SLOWDOWN * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
+    C classes and head width Dh, the C × Dh form running on `backend` (the cost model above)."""
+    slowdown = FEATURE_SLOWDOWN["torch" if backend == "torch" else "compiled"]
+    feature = slowdown * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
     if n * c * dh < TINY_HEAD:
         return False
     sample = SAMPLE_GRAM_COST[method] * n * n * dh + SAMPLE_QUAD_COST[method] * n * n * c

@@ -42,13 +42,16 @@ def _check_common(env_reduction: str, detach_reference: bool, backend: str, form
     check_choice("backend", backend, backends.BACKEND_NAMES)
 
 
-def _sample_form(form: str, problem: HeadProblem, method: str) -> bool:
-    """Whether the plan works in sample space (N × N Gram matrices) rather than on C × Dh statistics.
-    One environment always takes the C × Dh form, whose deviations are then exact zeros."""
-    if problem.segments.num_envs < 2:
+def _sample_form(form: str, problem: HeadProblem, method: str, backend: str = "auto") -> bool:
+    """Whether the plan works in sample space (N × N Gram matrices) rather than on C × Dh statistics;
+    "auto" weighs the C × Dh form on the backend `backend` resolves to. One environment always takes
+    the C × Dh form, whose deviations are then exact zeros."""
+    if problem.segments.num_envs < 2 or form == "feature":
         return False
-    return form == "sample" or (form == "auto" and prefers_sample_space(
-        method, problem.logits.shape[0], problem.num_classes, problem.head_width))
+    if form == "sample":
+        return True
+    resolved = "torch" if backend == "reference" else backends.select(backend, problem).name
+    return prefers_sample_space(method, problem.logits.shape[0], problem.num_classes, problem.head_width, resolved)
 
 
 def check_targets_grad(labels) -> None:
@@ -221,7 +224,7 @@ def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, 
             check_targets_grad(labels)
         if generator is not None and generator.device.type != problem.logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
-        if estimator == "exact" and not shard and _sample_form(form, problem, "hutchinson"):
+        if estimator == "exact" and not shard and _sample_form(form, problem, "hutchinson", backend):
             return problem, SampleExactDiagPlan(env_reduction, detach_reference)
         if estimator == "exact":
             return problem, ExactDiagPlan(env_reduction, detach_reference)
@@ -250,7 +253,7 @@ def _hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_red
                           validate=validate, shard=shard, defer_features_check=_defers_features_check(backend, shard))
         if backend != "reference":
             check_targets_grad(labels)
-        if not shard and _sample_form(form, problem, "hgp"):
+        if not shard and _sample_form(form, problem, "hgp", backend):
             return problem, SampleHGPPlan(env_reduction, detach_reference, reference)
         return problem, HGPPlan(env_reduction, detach_reference, reference)
 

@@ -20,6 +20,13 @@ def _problem(n, d, c, e, loss="cross_entropy"):
                    bias=True)
 
 
+def test_auto_weighs_the_backend_that_runs_the_feature_form():
+    """PACS's HGP: the native kernels' C × Dh form is the faster, the torch backend's is not."""
+    problem = _problem(96, 2048, 7, 3)
+    assert api._sample_form("auto", problem, "hgp", "native") is False
+    assert api._sample_form("auto", problem, "hgp", "torch") is True
+
+
 @pytest.mark.parametrize("shape,method,sample", [
     ((160, 2048, 345, 5), "hgp", True),             # DomainNet head: N ≪ C
     ((160, 2048, 345, 5), "hutchinson", True),
