@@ -52,18 +52,22 @@ def erm_logit_grad(problem: HeadProblem) -> torch.Tensor:
     return r * share.unsqueeze(1)
 
 
-_SETUPS = {"hutchinson": (api._hutchinson_setup, api.hutchinson_penalty), "hgp": (api._hgp_setup, api.hgp_penalty)}
+def _keyword_defaults(public_fn) -> dict:
+    return {name: p.default for name, p in inspect.signature(public_fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _with_defaults(public_fn, options: dict) -> dict:
+# method -> (the penalty's setup, its public function, that function's keyword defaults: read once)
+_SETUPS = {"hutchinson": (api._hutchinson_setup, api.hutchinson_penalty, _keyword_defaults(api.hutchinson_penalty)),
+           "hgp": (api._hgp_setup, api.hgp_penalty, _keyword_defaults(api.hgp_penalty))}
+
+
+def _with_defaults(public_fn, defaults: dict, options: dict) -> dict:
     """The penalty function's options: its signature's defaults, overridden by `options`."""
-    params = inspect.signature(public_fn).parameters
-    resolved = {name: p.default for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = set(options) - set(resolved)
+    unknown = set(options) - set(defaults)
     if unknown:
         raise TypeError(f"{public_fn.__name__} got unexpected option(s) {', '.join(map(repr, sorted(unknown)))}")
-    resolved.update(options)
-    return resolved
+    return {**defaults, **options}
 
 
 class HeadFunction(torch.autograd.Function):
@@ -179,8 +183,8 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     if (method == "full_hessian" or backend == "reference" or options.get("process_group") is not None
             or api._traced()):
         return _unfused(method, features, weight, bias, labels, envs, alpha, beta, options)
-    setup, public_fn = _SETUPS[method]
-    resolved = _with_defaults(public_fn, options)
+    setup, public_fn, defaults = _SETUPS[method]
+    resolved = _with_defaults(public_fn, defaults, options)
     with torch.no_grad():
         logits = F.linear(features, weight, bias)
     # a half-precision sum of finite logits may overflow: only then look at them one by one
