@@ -6,7 +6,8 @@
 Steps, stopping at the first failure:
 1. build: the native extension with its CUDA module for the device's architecture, in place
    (`python setup.py build_ext --inplace`, HGK_CUDA=1, HGK_CUDA_ARCHS from the device);
-2. correctness: the CUDA and Triton tests on the device (`tests/test_native.py`, `tests/test_triton.py`),
+2. correctness: the CUDA and Triton tests on the device (`tests/test_native.py`, `tests/test_triton.py`,
+   `tests/test_fused_head.py`),
    then every backend against `reference` on fresh inputs of each named head;
 3. no host synchronisation: a `validate=False` call with envs as a size list runs under
    `torch.cuda.set_sync_debug_mode("error")` (a device-to-host copy or sync raises), forward and backward,
@@ -53,7 +54,7 @@ def build(dry_run: bool) -> None:
 
 def device_tests(dry_run: bool) -> None:
     args = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_native.py",
-            "tests/test_triton.py"]
+            "tests/test_triton.py", "tests/test_fused_head.py"]
     if dry_run:  # one fast test of each file keeps the step from rotting
         args += ["-k", "test_two_runs_are_bitwise_equal or test_primitives_match_torch_backend"]
     log("tests: " + " ".join(args[3:]))

@@ -281,3 +281,20 @@ def test_fake_tensor_mode_gets_shapes_not_a_crash():
                                  backend=backend, form="feature")
             assert pen.hessian.shape == () and pen.gradient.dtype == torch.float64
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: run by benchmarks/device_check.py on a GPU")
+@pytest.mark.parametrize("backend,dtype", [("native", torch.float64), ("native", torch.float32),
+                                           ("triton", torch.float32), ("auto", torch.float32)])
+def test_fused_head_on_cuda(backend, dtype):
+    """On a GPU the head term is added with torch ops (the CUDA kernels take none): values and gradients
+    equal the float64 CPU reference."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x, featurizer, head, y, envs = _problem(17, "cross_entropy", 5)
+    reference = _run(x, featurizer, head, y, envs, "hgp", fused=False, backend="reference")
+    on_gpu = (x.cuda().to(dtype), copy.deepcopy(featurizer).cuda().to(dtype), copy.deepcopy(head).cuda().to(dtype),
+              y.cuda(), envs.cuda())
+    values, grads = _run(*on_gpu, "hgp", fused=True, backend=backend, form="feature")
+    fused = ([v.detach().cpu().double() for v in values], [g.cpu().double() for g in grads])
+    _assert_same(fused, reference, 1e-9 if dtype == torch.float64 else 2e-4, f"cuda {backend} {dtype}")
+
