@@ -1,8 +1,8 @@
 """A linear head, its ERM loss and an alignment penalty as one autograd Function (docs/design.md §4.3).
 
 With the logits-based functions a training step has two (N, D) gradients for the features: the
-head's own, d_logits @ W, and the penalty's; autograd writes each into fresh memory and adds them
-into a third. At Colored MNIST's size (24,000 × 390) those are 37 MB tensors whose page faults and
+head's own, d_logits @ W, and the penalty's; autograd writes each into fresh memory and adds one
+into the other. At Colored MNIST's size (24,000 × 390) those are 37 MB tensors whose page faults and
 extra passes cost more than the penalty's arithmetic. `HeadFunction` takes the head's weight and
 bias instead: its backward adds the ERM and upstream logit gradients to the penalty's, and writes
 the head's term into the features-gradient the plan's per-sample backward writes (`backends.base.HeadTerm`:
