@@ -110,12 +110,18 @@ def _run_rank(case, rank, world, group):
     inner = _model(num_classes)
     model = DDP(inner) if case["ddp"] == "mean" else inner  # DDP averages the gradients in backward
     feats, logits = model(xs)
-    pen = _penalty_fn(case)(logits, feats, ys, envs, process_group=group, ddp_reduction=case["ddp"],
-                            **_options(case), **extra)
-    objective = 0.6 * pen.hessian + 1.7 * pen.gradient
-    if case["ddp"] == "mean":
-        from hgkernels.module import _local_erm
-        objective = objective + _local_erm(logits, ys, envs, case["loss"], extra.get("num_envs"))
+    if case.get("head"):  # HessianAlignmentLoss given the head: its process-group path, local ERM included
+        assert case["ddp"] == "mean"
+        pen = hk.HessianAlignmentLoss(case["method"], 0.6, 1.7, process_group=group, ddp_reduction=case["ddp"],
+                                      **_options(case), **extra)(inner.head, feats, ys, envs)
+        objective = pen.total
+    else:
+        pen = _penalty_fn(case)(logits, feats, ys, envs, process_group=group, ddp_reduction=case["ddp"],
+                                **_options(case), **extra)
+        objective = 0.6 * pen.hessian + 1.7 * pen.gradient
+        if case["ddp"] == "mean":
+            from hgkernels.module import _local_erm
+            objective = objective + _local_erm(logits, ys, envs, case["loss"], extra.get("num_envs"))
     objective.backward()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in inner.parameters()]
     if case["ddp"] == "sum":
@@ -199,6 +205,8 @@ CASES_2 = [
     _case(method="full", shards="missing", envs="sizes", reduction="sum", ddp="sum", loss="binary_cross_entropy"),
     _case(method="fishr", shards="uneven"),
     _case(method="fishr", shards="missing", envs="sizes", ddp="sum", loss="binary_cross_entropy", backend="native"),
+    _case(method="hgp", head=True, shards="uneven"),  # the head form of HessianAlignmentLoss
+    _case(method="hutchinson", head=True, envs="sizes", shards="missing", loss="binary_cross_entropy"),
 ]
 CASES_3 = [
     _case(shards="uneven"),
