@@ -1,6 +1,7 @@
 """Random valid calls, in every way a user may make them, equal the generic autograd path in float64.
 
-Hypothesis draws the penalty, backend, form, dtype, loss, layout (shuffled ids, a size list,
+Hypothesis draws the penalty, the entry point (the logits-based function or the fused head
+`linear_head_alignment`), backend, form, dtype, loss, layout (shuffled ids, a size list,
 strided features) and the autograd usage (plain backward, backward twice with retain_graph,
 create_graph and a second derivative, no_grad, inference_mode, activation checkpointing, one
 thread). Each call must equal `backend="reference"` on the float64 copy of the same inputs, or
@@ -20,18 +21,24 @@ PENALTIES = ("exact", "stochastic", "hgp_pooled", "hgp_mean")
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4}
 
 
-def _penalty(name, feats, w, b, case, dtype, opts):
-    logits = feats @ w.T + b
+def _penalty(name, feats, w, b, case, dtype, opts, via="logits"):
+    """The penalty through the logits-based function, or (via="head") through the fused head
+    `linear_head_alignment`, whose ERM and logits outputs are left unused here."""
     labels = case.labels if case.loss == "cross_entropy" else case.labels.to(dtype)
     common = dict(loss=case.loss, **opts)
     if name in ("exact", "stochastic"):
-        extra = {} if name == "exact" else {"estimator": "hutchinson", "num_probes": 3,
-                                            "generator": torch.Generator().manual_seed(5)}
-        return hk.hutchinson_penalty(logits, feats, labels, case.envs, **common, **extra)
-    return hk.hgp_penalty(logits, feats, labels, case.envs, reference=name[4:], **common)
+        method, extra = "hutchinson", ({} if name == "exact" else {
+            "estimator": "hutchinson", "num_probes": 3, "generator": torch.Generator().manual_seed(5)})
+    else:
+        method, extra = "hgp", {"reference": name[4:]}
+    if via == "head":
+        out = hk.linear_head_alignment(feats, w, b, labels, case.envs, method=method, **common, **extra)
+        return hk.Penalty(out.hessian, out.gradient)
+    fn = hk.hutchinson_penalty if method == "hutchinson" else hk.hgp_penalty
+    return fn(feats @ w.T + b, feats, labels, case.envs, **common, **extra)
 
 
-def _run(name, case, dtype, usage, opts, strided):
+def _run(name, case, dtype, usage, opts, strided, via="logits"):
     """(hessian, gradient, dW, dfeatures[, d2]) for one usage; reference runs with usage 'create_graph'
     or 'backward' and the same opts."""
     gen = torch.Generator().manual_seed(11)
@@ -45,7 +52,7 @@ def _run(name, case, dtype, usage, opts, strided):
     probe = torch.randn(c, d, generator=gen, dtype=torch.float64).to(dtype)
 
     def total():
-        pen = _penalty(name, feats, w, b, case, dtype, opts)
+        pen = _penalty(name, feats, w, b, case, dtype, opts, via)
         return pen, 0.7 * pen.hessian + 1.3 * pen.gradient
 
     if usage in ("no_grad", "inference_mode"):
@@ -93,7 +100,7 @@ def calls(draw):
     if name != "stochastic":
         opts["form"] = draw(st.sampled_from(["feature", "sample", "auto"]))
     return name, case, opts, draw(st.sampled_from(USAGES)), draw(st.sampled_from([torch.float64, torch.float32])), \
-        draw(st.booleans())
+        draw(st.booleans()), draw(st.sampled_from(["logits", "head"]))
 
 
 def _uncancelled_scales(case):
@@ -123,8 +130,8 @@ def _uncancelled_scales(case):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(call=calls())
 def test_any_valid_call_equals_reference_in_float64(call):
-    name, case, opts, usage, dtype, strided = call
-    got = _run(name, case, dtype, usage, opts, strided)
+    name, case, opts, usage, dtype, strided, via = call
+    got = _run(name, case, dtype, usage, opts, strided, via)
     ref_opts = {**opts, "backend": "reference"}
     ref_opts.pop("form", None)
     want = _run(name, case, torch.float64, "create_graph" if usage == "create_graph" else "backward", ref_opts,
