@@ -83,8 +83,9 @@ PYBIND11_MODULE(HGK_MODULE, m) {
   });
   m.def("per_sample_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t grad_up,
                                   uintptr_t dirs, uintptr_t ups, uintptr_t gam, uintptr_t head_weight,
-                                  uintptr_t head_extra, uintptr_t work, uintptr_t d_logits, uintptr_t d_features,
-                                  py::tuple launch) {
+                                  uintptr_t head_extra, uintptr_t head_weight_grad, uintptr_t work, uintptr_t d_logits,
+                                  uintptr_t d_features, py::tuple launch) {
+    bool weight_grad_written = false;
     with_scalar(is_double, [&](auto tag) {
       using T = decltype(tag);
       const auto h = head_from<T>(head);
@@ -92,9 +93,11 @@ PYBIND11_MODULE(HGK_MODULE, m) {
       const auto lay = layout_from<hgk::BackwardLayout>(layout);
       const auto l = launch_from(launch);
       py::gil_scoped_release release;
-      const hgk::HeadTerm<T> fused_head{ptr<T>(head_weight), ptr<T>(head_extra)};
-      hgk::per_sample_backward<T>(h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups), ptr<T>(gam), fused_head,
-                                  mut<T>(work), mut<T>(d_logits), mut<T>(d_features), l);
+      const hgk::HeadTerm<T> fused_head{ptr<T>(head_weight), ptr<T>(head_extra), mut<T>(head_weight_grad)};
+      weight_grad_written = hgk::per_sample_backward<T>(h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups),
+                                                        ptr<T>(gam), fused_head, mut<T>(work), mut<T>(d_logits),
+                                                        mut<T>(d_features), l);
     });
+    return weight_grad_written;
   });
 }

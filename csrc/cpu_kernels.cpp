@@ -23,6 +23,8 @@ constexpr int kTileCols = 16;     // ... by head columns
 constexpr int kPanelRows = 64;    // matrix rows per expand panel
 constexpr int kDirectRows = 16;   // expansions / reductions with at most this many rows skip the tiles
 constexpr int kDirectBackwardRows = 32;  // ... and per-sample backwards with at most this many matrix rows
+constexpr int kHeadGradRows = 16;  // rows per partial sum of the fused head's weight gradient (fixed: same bits
+                                   // for any thread count)
 constexpr int kDirectBlockRows = 2048;  // samples per task of the one-pass statistics
 constexpr int kDirectAccBytes = 16 << 10;  // ... whose W × Dh partial sums must stay in L1
 
@@ -247,14 +249,24 @@ void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* co
     }
 }
 
+// part[:D] += a * x, part[D] += a (bias column), one SIMD vector at a time.
+template <typename T>
+void head_row_update(T a, const T* x, int D, bool bias, T* part) {
+  using V = Simd<T>;
+  int d = 0;
+  for (; d + V::lanes <= D; d += V::lanes) V::store(part + d, V::load(part + d) + a * V::load(x + d));
+  for (; d < D; ++d) part[d] += a * x[d];
+  if (bias) part[D] += a;
+}
+
 // The whole backward of the caller's rows [row_begin, row_end), all of one environment, for few matrix
 // rows: two samples at a time (the matrices, read from L2 for every row, are loaded once per pair),
 // their dots, closed form and d_features while the feature rows are in L1. A head term adds its C
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T, int Cap>
 void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
-                          const Part<T>* parts, int num_parts, const T* gam, HeadTerm<T> head, T* d_logits,
-                          T* d_features) {
+                          const Part<T>* parts, int num_parts, const T* gam, HeadTerm<T> head, T* head_partials,
+                          T* d_logits, T* d_features) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
   const int64_t Dh = h.head_width();
   const T* mats[2 * Cap];
@@ -291,6 +303,10 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
       expand_rows_direct<T, 2, Cap>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
     else
       expand_rows_direct<T, 1, Cap>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
+    for (int r = 0; head_partials && r < rows; ++r) {  // the head's gradient: d_logits_i zh_i^T, in row order
+      T* part = head_partials + ((i0 + r) / kHeadGradRows) * C * Dh;
+      for (int c = 0; c < C; ++c) head_row_update<T>(coef[r][W + c], x[r], D, h.bias, part + c * Dh);
+    }
   }
 }
 
@@ -595,7 +611,7 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 // One pass over the features: each task takes a block of one environment's rows through
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
 template <typename T>
-void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
                          Launch launch) {
   const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
@@ -616,8 +632,15 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   const int threads = threads_for(launch, 2.0 * N * (W + C) * Dh);
   if (W + (gam ? C : 0) <= kDirectBackwardRows && C <= kDirectBackwardRows) {
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
-    // ids' order); each row takes its environment's matrices. Rows are independent: no sums.
-    const std::vector<Task> rows = natural_blocks(s, row_block_for(N, threads));
+    // ids' order); each row takes its environment's matrices. Rows are independent: no sums, except
+    // the fused head's weight gradient, summed per fixed kHeadGradRows rows (tasks then hold whole
+    // such groups) and then over the groups in order.
+    const bool head_grad = head.weight && head.weight_grad;
+    int64_t row_block = row_block_for(N, threads);
+    if (head_grad) row_block = (row_block + kHeadGradRows - 1) / kHeadGradRows * kHeadGradRows;
+    const std::vector<Task> rows = natural_blocks(s, row_block);
+    std::vector<T> head_partials(head_grad ? size_t((N + kHeadGradRows - 1) / kHeadGradRows) * C * Dh : 0, T(0));
+    T* partials = head_grad ? head_partials.data() : nullptr;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
       Part<T> parts[3];
@@ -630,13 +653,21 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
         const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
         if (W + (gam ? C : 0) <= kDirectRows && C <= kDirectRows)
           backward_rows_direct<T, kDirectRows>(h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, env_gam,
-                                               head, d_logits, d_features);
+                                               head, partials, d_logits, d_features);
         else
           backward_rows_direct<T, kDirectBackwardRows>(h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts,
-                                                       env_gam, head, d_logits, d_features);
+                                                       env_gam, head, partials, d_logits, d_features);
       }
     }
-    return;
+    if (!head_grad) return false;
+    const int64_t groups = (N + kHeadGradRows - 1) / kHeadGradRows, per_group = int64_t(C) * Dh;
+#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(groups) * per_group))
+    for (int64_t k = 0; k < per_group; ++k) {
+      T total = T(0);
+      for (int64_t g = 0; g < groups; ++g) total += partials[g * per_group + k];
+      head.weight_grad[k] = total;
+    }
+    return true;
   }
   const std::vector<Task> blocks = tasks(s, row_block_for(N, threads), 1, 1);
 #pragma omp parallel num_threads(threads)
@@ -667,6 +698,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
                       head.weight ? d_logits : nullptr, coef_sq, env_gam, d_features, coef_t, acc, acc_sq);
     }
   }
+  return false;
 }
 
 HGK_INSTANTIATE_PRIMITIVES(float)

@@ -166,7 +166,7 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 }
 
 template <typename T>
-void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
                          Launch launch) {
   // The fused head term is the CPU kernels' (native.py adds it with torch ops on CUDA).
@@ -191,6 +191,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   expand_kernel<T><<<blocks_for(N * h.D), kThreads, 0, stream>>>(h, s, coef, W, parts, gam ? coef_sq : nullptr, gam,
                                                                  d_features);
   check(cudaGetLastError(), "hgkernels expand kernel");
+  return false;
 }
 
 HGK_INSTANTIATE_PRIMITIVES(float)

@@ -43,10 +43,13 @@ struct Launch {
 // A linear head fused into the per-sample backward (hgkernels/fused_head.py): d_logits gets extra
 // (N, C, caller's rows: the ERM and upstream logit gradients) added, and d_features gets the head's
 // own term d_logits @ weight[:, :D] (weight (C, Dh) rows, bias column unused). weight == nullptr: none.
+// weight_grad (C, Dh) or nullptr: where the CPU kernels' one-row path also writes the head's gradient
+// sum_i d_logits_i zh_i^T while each row is in cache (per_sample_backward returns whether it did).
 template <typename T>
 struct HeadTerm {
   const T* weight;
   const T* extra;
+  T* weight_grad;
 };
 
 // Work buffer elements per sample (the caller allocates N times this, in T).
@@ -86,8 +89,9 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 // dirs = V and ups = U (E, K*C, Dh) each (K may be 0), gam = dPsi/dDg (E, C, Dh) or nullptr.
 // Writes d_logits (N, C) and d_features (N, D), contiguous, in the caller's rows. `head` is taken by the
 // CPU kernels only; the CUDA caller passes none (hgkernels/backends/native.py adds it with torch ops).
+// Returns whether head.weight_grad was written.
 template <typename T>
-void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
                          Launch launch);
 
@@ -95,7 +99,7 @@ void per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
 // inside namespace hgk, so the signatures are written once.
 #define HGK_INSTANTIATE_PRIMITIVES(T)                                                                          \
   template void head_stats<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, Launch);        \
-  template void per_sample_backward<T>(const Head<T>&, const Segments&, BackwardLayout, const T*, const T*,   \
+  template bool per_sample_backward<T>(const Head<T>&, const Segments&, BackwardLayout, const T*, const T*,   \
                                        const T*, const T*, HeadTerm<T>, T*, T*, T*, Launch);
 
 }  // namespace hgk

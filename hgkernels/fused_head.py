@@ -108,15 +108,19 @@ class HeadFunction(torch.autograd.Function):
         head_matrix = torch.cat([weight.to(dtype), weight.new_zeros(weight.shape[0], 1, dtype=dtype)], 1) \
             if problem.bias else weight.to(dtype)
         try:
-            d_logits_total, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta,
-                                                           head=HeadTerm(head_matrix.contiguous(), extra.contiguous()))
+            d_logits_total, d_features, head_grad = ctx.plan.backward(
+                ctx.backend, problem, alpha, beta, head=HeadTerm(head_matrix.contiguous(), extra.contiguous()))
         finally:
             take_state(ctx.plan, ctx.slots)
         d_weight = d_bias = None
-        if ctx.needs_input_grad[1]:
-            d_weight = (d_logits_total.t() @ features.to(d_logits_total.dtype)).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            d_bias = d_logits_total.sum(0).to(bias.dtype)
+        if head_grad is not None:  # formed by the kernel while each row was in cache: [dW | db]
+            d_weight = head_grad[:, :weight.shape[1]].to(weight.dtype) if ctx.needs_input_grad[1] else None
+            d_bias = head_grad[:, weight.shape[1]].to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        else:
+            if ctx.needs_input_grad[1]:
+                d_weight = (d_logits_total.t() @ features.to(d_logits_total.dtype)).to(weight.dtype)
+            if bias is not None and ctx.needs_input_grad[2]:
+                d_bias = d_logits_total.sum(0).to(bias.dtype)
         return d_features.to(features.dtype), d_weight, d_bias, None, None, None
 
 

@@ -298,3 +298,30 @@ def test_fused_head_on_cuda(backend, dtype):
     fused = ([v.detach().cpu().double() for v in values], [g.cpu().double() for g in grads])
     _assert_same(fused, reference, 1e-9 if dtype == torch.float64 else 2e-4, f"cuda {backend} {dtype}")
 
+
+@pytest.mark.skipif(not NATIVE, reason="native extension not built")
+@pytest.mark.parametrize("c", [1, 3])
+def test_fused_head_native_gradients_are_bitwise_equal_across_thread_counts(c):
+    """The native one-row path forms the head's weight gradient while each row is in cache, summed per
+    fixed 16-row groups: the same bits with one thread or two (README, determinism)."""
+    gen = torch.Generator().manual_seed(18)
+    n, d = 2000, 37
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(c, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64)
+    y = torch.rand(n, c, generator=gen, dtype=torch.float64).round()
+    envs = torch.randint(0, 3, (n,), generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in (z, weight, bias)]
+            out = hk.linear_head_alignment(*leaves, y, envs, method="hgp", loss="binary_cross_entropy",
+                                           backend="native", form="feature")
+            results.append(torch.autograd.grad(out.total, leaves))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("features", "weight", "bias"), *results):
+        assert torch.equal(a, b), f"{name} gradient differs between 1 and 2 threads"
+

@@ -13,7 +13,7 @@ Shapes (E environments, C classes, D features, Dh = D + bias, K directions):
   dPsi/dDg_e (``diag_up``) and dPsi/d(H_e V_ek) for fixed directions V
   (``hvp_up`` against ``hvp_dirs``), return dPsi/dlogits (N, C) and
   dPsi/dfeatures (N, D) in the compute dtype (docs/design.md §2). ``head`` (a `HeadTerm`) fuses a
-  linear head's backward into those outputs.
+  linear head's backward into those outputs (and adds a third, the head's gradient or None).
 
 The gradient that flows into a direction V (HGP's V = G_e) is itself an
 HVP, dPsi/dV_ek = H_e @ hvp_up[e, k] (H_e is symmetric), so it needs no third primitive.
@@ -31,7 +31,9 @@ from .._inputs import HeadProblem
 class HeadTerm(NamedTuple):
     """A linear head fused into `per_sample_backward` (hgkernels.fused_head): d_logits gains
     ``extra_logit_grad`` (N, C) and d_features gains the head's own term d_logits @ W, both written
-    into the primitive's fresh outputs. ``weight`` is (C, Dh) in the compute dtype (bias column zero)."""
+    into the primitive's fresh outputs. ``weight`` is (C, Dh) in the compute dtype (bias column zero).
+    Given a head, the primitive returns a third value: the head's gradient d_logitsᵀ zh (C, Dh) where
+    its kernels formed it on the way (the native CPU one-row path), else None."""
 
     weight: torch.Tensor
     extra_logit_grad: torch.Tensor
@@ -39,11 +41,12 @@ class HeadTerm(NamedTuple):
 
 def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Optional[HeadTerm]):
     """`HeadTerm` with torch ops, for backends that do not take it in their kernels. d_features is the
-    primitive's fresh output (nobody else holds it), so the head's term is added in place."""
+    primitive's fresh output (nobody else holds it), so the head's term is added in place. With a head
+    the result is (d_logits, d_features, None): no head gradient formed here (see `HeadTerm`)."""
     if head is None:
         return d_logits, d_features
     d_logits = d_logits + head.extra_logit_grad
-    return d_logits, d_features.addmm_(d_logits, head.weight[:, :d_features.shape[1]])
+    return d_logits, d_features.addmm_(d_logits, head.weight[:, :d_features.shape[1]]), None
 
 
 class HeadStats(NamedTuple):

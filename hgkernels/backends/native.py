@@ -134,23 +134,32 @@ native_head_stats.register_autograd(_stats_backward, setup_context=_stats_setup_
 def _per_sample_backward_impl(logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
                               order: torch.Tensor, offsets: torch.Tensor, env_ids: torch.Tensor, loss: int,
                               bias: bool, square_residual: bool, grad_up: Optional[torch.Tensor], dirs: Optional[torch.Tensor],
-                              ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor],
-                              head_weight: Optional[torch.Tensor] = None, head_extra: Optional[torch.Tensor] = None
+                              ups: Optional[torch.Tensor], diag_up: Optional[torch.Tensor]
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d_logits (N, C), d_features (N, D)) from upstream Lam (E, C, Dh), directions V and their
-    upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together).
-    head_weight (C, Dh) and head_extra (N, C), CPU only: the fused head term (csrc HeadTerm)."""
+    upstream U (E, K*C, Dh each), and Gam (E, C, Dh); any of them may be None (V and U together)."""
+    d_logits, d_features, _ = _per_sample_backward_call(logits, features, targets, order, offsets, env_ids, loss,
+                                                        bias, square_residual, grad_up, dirs, ups, diag_up)
+    return d_logits, d_features
+
+
+def _per_sample_backward_call(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual,
+                              grad_up, dirs, ups, diag_up, head: Optional[HeadTerm] = None):
+    """`_per_sample_backward_impl` with a fused head (CPU, plain eager; csrc HeadTerm): head.weight (C, Dh),
+    head.extra_logit_grad (N, C). Returns (d_logits, d_features, the head's (C, Dh) gradient or None
+    where the kernels' path does not form it)."""
     call = _Kernels(logits, features, targets, order, offsets, env_ids, loss, bias)
     k = 0 if dirs is None else dirs.shape[1] // call.c
     layout = (call.c, k, grad_up is not None, diag_up is not None, square_residual)
     work = call.empty(call.n * call.module.backward_work_per_sample(layout))
     d_logits = call.empty(call.n, call.c)
     d_features = call.empty(call.n, call.d)
-    call.module.per_sample_backward(call.is_double, call.head, call.segments, layout, _address(grad_up),
-                                    _address(dirs), _address(ups), _address(diag_up), _address(head_weight),
-                                    _address(head_extra), work.data_ptr(), d_logits.data_ptr(), d_features.data_ptr(),
-                                    call.launch)
-    return d_logits, d_features
+    weight_grad = call.empty(call.c, call.head_width) if head is not None else None
+    written = call.module.per_sample_backward(
+        call.is_double, call.head, call.segments, layout, _address(grad_up), _address(dirs), _address(ups),
+        _address(diag_up), _address(head.weight if head else None), _address(head.extra_logit_grad if head else None),
+        _address(weight_grad), work.data_ptr(), d_logits.data_ptr(), d_features.data_ptr(), call.launch)
+    return d_logits, d_features, weight_grad if written else None
 
 
 native_per_sample_backward = torch.library.custom_op("hgkernels::native_per_sample_backward",
@@ -158,8 +167,7 @@ native_per_sample_backward = torch.library.custom_op("hgkernels::native_per_samp
 
 
 @native_per_sample_backward.register_fake
-def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, grad_up, dirs, ups, diag_up,
-      head_weight=None, head_extra=None):
+def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, grad_up, dirs, ups, diag_up):
     return logits.new_empty(logits.shape), features.new_empty(features.shape)
 
 
@@ -230,8 +238,9 @@ class NativeBackend(Backend):
         dtype = problem.compute_dtype
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), dtype) if k else None
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
-        in_kernel = head is not None and problem.logits.device.type == "cpu" and _plain_eager()
-        head_args = (_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype)) if in_kernel else ()
-        d_logits, d_features = _op(native_per_sample_backward, _per_sample_backward_impl)(
-            *_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype), *head_args)
-        return (d_logits, d_features) if in_kernel else add_head_term(d_logits, d_features, head)
+        operands = (*_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
+        if head is not None and problem.logits.device.type == "cpu" and _plain_eager():
+            fused = HeadTerm(_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype))
+            return _per_sample_backward_call(*operands, head=fused)
+        d_logits, d_features = _op(native_per_sample_backward, _per_sample_backward_impl)(*operands)
+        return add_head_term(d_logits, d_features, head)
