@@ -83,6 +83,17 @@ struct Simd {
   static void store(T* p, type v) { *reinterpret_cast<type*>(p) = v; }
 };
 
+// The end of every SIMD dot product: its lanes' partial sums added in lane order, then the columns
+// [d, D) past the last full vector (x squared when Square). One order for all of them, so the tiled,
+// paired and single dots give the same bits.
+template <typename T, bool Square>
+T finish_dot(const typename Simd<T>::type& acc, const T* x, const T* m, int d, int D) {
+  T total = T(0);
+  for (int l = 0; l < Simd<T>::lanes; ++l) total += acc[l];
+  for (int t = d; t < D; ++t) total += (Square ? x[t] * x[t] : x[t]) * m[t];
+  return total;
+}
+
 // out[r][q] = m[q] . x[r] over D (x squared when Square): lanes of partial sums per pair, added in lane order.
 template <typename T, bool Square, int Mats>
 void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) {
@@ -96,12 +107,7 @@ void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) 
       for (int q = 0; q < Mats; ++q) acc[r][q] += xv * V::load(m[q] + d);
     }
   for (int r = 0; r < kDotRows; ++r)
-    for (int q = 0; q < Mats; ++q) {
-      T total = T(0);
-      for (int l = 0; l < V::lanes; ++l) total += acc[r][q][l];
-      for (int t = d; t < D; ++t) total += (Square ? x[r][t] * x[r][t] : x[r][t]) * m[q][t];
-      out[r][q] = total;
-    }
+    for (int q = 0; q < Mats; ++q) out[r][q] = finish_dot<T, Square>(acc[r][q], x[r], m[q], d, D);
 }
 
 // out[j * out_stride + m] = mats[m] . x_j (x_j = zh_j, or zh_j ⊙ zh_j when Square) for sorted rows
@@ -206,12 +212,7 @@ void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[C
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < n; ++q) {
-      T total = T(0);
-      for (int l = 0; l < V::lanes; ++l) total += acc[r][q][l];
-      for (int t = d; t < D; ++t) total += (Square ? x[r][t] * x[r][t] : x[r][t]) * mats[q][t];
-      out[r][q] = total;
-    }
+    for (int q = 0; q < n; ++q) out[r][q] = finish_dot<T, Square>(acc[r][q], x[r], mats[q], d, D);
 }
 
 // R samples' d_features for few matrix rows (W + C <= kDirectBackwardRows): coef @ the
@@ -358,10 +359,7 @@ T row_dot(const T* x, const T* m, int D) {
   typename V::type acc = {};
   int d = 0;
   for (; d + V::lanes <= D; d += V::lanes) acc += V::load(x + d) * V::load(m + d);
-  T total = T(0);
-  for (int l = 0; l < V::lanes; ++l) total += acc[l];
-  for (; d < D; ++d) total += x[d] * m[d];
-  return total;
+  return finish_dot<T, false>(acc, x, m, d, D);
 }
 
 // head_stats for few coefficient columns (W <= kDirectRows and W × Dh partial sums that fit in L1,
