@@ -154,17 +154,21 @@ _SIZED_SEGMENTS: dict = {}
 _SIZED_SEGMENTS_KEPT = 32
 
 
+def plain_eager() -> bool:
+    """Neither torch.compile tracing nor a dispatch mode (FakeTensorMode, ...) is active: tensors are
+    real, their memory may be handed to the kernels and kept."""
+    return not (_in_compiled_trace() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None)
+
+
 def _may_keep_segments() -> bool:
     """Kept segments must be ordinary tensors usable by any later call: not inference tensors (autograd
     cannot save them), nor tensors made while torch.compile, a torch.func transform or a dispatch mode
     (fake tensors) is active."""
-    return not (_in_compiled_trace() or torch.is_inference_mode_enabled()
-                or torch._C._functorch.peek_interpreter_stack() is not None
-                or torch.utils._python_dispatch._get_current_dispatch_mode() is not None)
+    return (plain_eager() and not torch.is_inference_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
-def _sized_segments(sizes: tuple, device: torch.device, n: Optional[int] = None) -> EnvSegments:
-    n = sum(sizes) if n is None else n
+def _sized_segments(sizes: tuple, device: torch.device, n: int) -> EnvSegments:
     env_ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device),
                                       output_size=n)
     segments = EnvSegments(env_ids, len(sizes), sizes, grouped=True)
@@ -229,7 +233,7 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
         if not _may_keep_segments():
             return _sized_segments(tuple(envs), device, n)
         key = (tuple(envs), device)
-        segments = _SIZED_SEGMENTS.pop(key, None) or _sized_segments(*key)
+        segments = _SIZED_SEGMENTS.pop(key, None) or _sized_segments(*key, n)
         _SIZED_SEGMENTS[key] = segments  # most recent last; the oldest goes when full
         if len(_SIZED_SEGMENTS) > _SIZED_SEGMENTS_KEPT:
             del _SIZED_SEGMENTS[next(iter(_SIZED_SEGMENTS))]

@@ -52,14 +52,15 @@ def erm_logit_grad(problem: HeadProblem) -> torch.Tensor:
     return r * share.unsqueeze(1)
 
 
-def _keyword_defaults(public_fn) -> dict:
+def keyword_defaults(public_fn) -> dict:
+    """A penalty function's options: its keyword-only parameters and their defaults."""
     return {name: p.default for name, p in inspect.signature(public_fn).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 # method -> (the penalty's setup, its public function, that function's keyword defaults: read once)
-_SETUPS = {"hutchinson": (api._hutchinson_setup, api.hutchinson_penalty, _keyword_defaults(api.hutchinson_penalty)),
-           "hgp": (api._hgp_setup, api.hgp_penalty, _keyword_defaults(api.hgp_penalty))}
+_SETUPS = {"hutchinson": (api._hutchinson_setup, api.hutchinson_penalty, keyword_defaults(api.hutchinson_penalty)),
+           "hgp": (api._hgp_setup, api.hgp_penalty, keyword_defaults(api.hgp_penalty))}
 
 
 def _with_defaults(public_fn, defaults: dict, options: dict) -> dict:

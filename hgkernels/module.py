@@ -1,14 +1,14 @@
 """`nn.Module` wrapper: ERM loss plus the alignment penalties, with the parts for logging."""
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple, Optional, Union
 
 import torch
+
 from ._inputs import EnvsArg, check_choice, prepare
 from .api import OPTION_CHOICES, hgp_penalty, hutchinson_penalty
 from .full_hessian import full_hessian_penalty
-from .fused_head import HeadAlignment, env_losses, linear_head_alignment
+from .fused_head import HeadAlignment, env_losses, keyword_defaults, linear_head_alignment
 
 
 class AlignmentLoss(NamedTuple):
@@ -75,8 +75,7 @@ class HessianAlignmentLoss(torch.nn.Module):
         check_choice("method", method, tuple(PENALTY_FUNCTIONS))
         self._penalty_fn = PENALTY_FUNCTIONS[method]
         # Options are checked here, not at the first forward.
-        accepted = [name for name, p in inspect.signature(self._penalty_fn).parameters.items()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        accepted = list(keyword_defaults(self._penalty_fn))
         for name, value in penalty_kwargs.items():
             if name not in accepted:
                 raise TypeError(f"HessianAlignmentLoss(method={method!r}) got an unexpected option {name!r}; "

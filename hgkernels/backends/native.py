@@ -13,9 +13,8 @@ import importlib
 from typing import Optional, Tuple
 
 import torch
-import torch.utils._python_dispatch
 
-from .._inputs import HeadProblem
+from .._inputs import HeadProblem, plain_eager
 from .base import Backend, HeadStats, HeadTerm, add_head_term
 
 _LOSS_CODES = {"cross_entropy": 0, "binary_cross_entropy": 1, "mse": 2}
@@ -171,17 +170,12 @@ def _(logits, features, targets, order, offsets, env_ids, loss, bias, square_res
     return logits.new_empty(logits.shape), features.new_empty(features.shape)
 
 
-def _plain_eager() -> bool:
-    """Neither torch.compile tracing nor a dispatch mode (FakeTensorMode, ...) is active."""
-    return not (torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None)
-
-
 def _op(custom_op, impl):
     """The implementation itself in plain eager mode: the custom op's dispatch costs about 60 µs a call
     (a fifth of a PACS-sized step) and, on its first call, an import of torch._dynamo (about 1 s and
     150 MB). The custom op otherwise: torch.compile needs it and its fake, and under a FakeTensorMode the
     fake gives shapes where the implementation would hand the kernels the addresses of fake tensors."""
-    return impl if _plain_eager() else custom_op
+    return impl if plain_eager() else custom_op
 
 
 def _operands(problem: HeadProblem, diag_weight: str):
@@ -239,7 +233,7 @@ class NativeBackend(Backend):
         dirs = _matrix(hvp_dirs.reshape(e, k * c, dh), dtype) if k else None
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
         operands = (*_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
-        if head is not None and problem.logits.device.type == "cpu" and _plain_eager():
+        if head is not None and problem.logits.device.type == "cpu" and plain_eager():
             fused = HeadTerm(_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype))
             return _per_sample_backward_call(*operands, head=fused)
         d_logits, d_features = _op(native_per_sample_backward, _per_sample_backward_impl)(*operands)
