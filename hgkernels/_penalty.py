@@ -265,6 +265,15 @@ def differentiable_grads(outputs_fn, inputs: Sequence[torch.Tensor], upstream):
     return [g if t.requires_grad else None for g, t in zip(grads, inputs)]
 
 
+def replayed_feature_form(plan, slots, state):
+    """For a double backward: the plan's feature form, replaying the forward's probes from the generator
+    state it saved (stochastic estimator); `slots`/`state` as `take_state` left them."""
+    put_state(slots, state)
+    generator_state = getattr(plan, "state", None)
+    take_state(plan, slots)
+    return plan.feature_form(generator_state)
+
+
 def _torch_backend() -> Backend:
     from .backends import load
     return load("torch")
@@ -295,10 +304,7 @@ class PenaltyFunction(torch.autograd.Function):
             if not ctx.backend.differentiable_again:
                 raise RuntimeError("create_graph=True (double backward) through a penalty with a process_group is "
                                    "not supported: the collectives run inside the hand-written backward")
-            put_state(ctx.slots, state)
-            generator_state = getattr(ctx.plan, "state", None)
-            take_state(ctx.plan, ctx.slots)
-            plan = ctx.plan.feature_form(generator_state)
+            plan = replayed_feature_form(ctx.plan, ctx.slots, state)
             d_logits, d_features = differentiable_grads(
                 lambda lg, ft: plan.forward(_torch_backend(), problem.with_tensors(lg, ft)), (logits, features),
                 (alpha, beta))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import api
 from ._inputs import EnvsArg, HeadProblem, check_deferred_features
-from ._penalty import differentiable_grads, put_state, take_state
+from ._penalty import differentiable_grads, put_state, replayed_feature_form, take_state
 from .backends import Backend, load, select
 from .backends.base import HeadTerm
 from .losses import link, per_sample_loss, residual
@@ -90,11 +90,8 @@ class HeadFunction(torch.autograd.Function):
     def backward(ctx, d_logits, d_erm, alpha, beta):
         features, weight, bias, logits, targets, _env_ids, *state = ctx.saved_tensors
         problem = ctx.problem.with_tensors(logits, features, targets)
-        put_state(ctx.slots, state)
         if torch.is_grad_enabled():  # create_graph=True (_penalty.DOUBLE_BACKWARD_NOTE)
-            generator_state = getattr(ctx.plan, "state", None)
-            take_state(ctx.plan, ctx.slots)
-            plan, torch_backend = ctx.plan.feature_form(generator_state), load("torch")
+            plan, torch_backend = replayed_feature_form(ctx.plan, ctx.slots, state), load("torch")
 
             def outputs(ft, w, b=None):
                 lg = F.linear(ft, w, b)
@@ -108,6 +105,7 @@ class HeadFunction(torch.autograd.Function):
         # the head's weight as a (C, Dh) matrix like the plans' upstream matrices (bias column unused)
         head_matrix = torch.cat([weight.to(dtype), weight.new_zeros(weight.shape[0], 1, dtype=dtype)], 1) \
             if problem.bias else weight.to(dtype)
+        put_state(ctx.slots, state)
         try:
             d_logits_total, d_features, head_grad = ctx.plan.backward(
                 ctx.backend, problem, alpha, beta, head=HeadTerm(head_matrix.contiguous(), extra.contiguous()))
