@@ -122,12 +122,17 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf. A sum is finite only when every entry is, and it is one pass without temporaries
+    (isfinite makes several N×D masks); only a non-finite sum (or one that overflowed, as half-precision
+    sums of finite values can) needs the elementwise check."""
+    return math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all())
+
+
 def _check_finite(name: str, tensor: torch.Tensor, masked_logits: bool = False) -> None:
     """NaN/Inf raise; with ``masked_logits`` (cross_entropy) a -inf logit is a masked class and
     allowed, as long as each row keeps a finite one."""
-    # A sum is finite only when every entry is, and it is one pass without temporaries
-    # (isfinite makes several N×D masks); only a non-finite sum needs the elementwise check.
-    if math.isfinite(tensor.sum().item()) or bool(torch.isfinite(tensor).all()):
+    if all_finite(tensor):
         return
     if not masked_logits:
         raise ValueError(f"{name} contains NaN or Inf")

@@ -12,14 +12,13 @@ the fresh buffer), so the features' gradient is written once, as in ERM alone.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import api
-from ._inputs import EnvsArg, HeadProblem, check_deferred_features
+from ._inputs import EnvsArg, HeadProblem, all_finite, check_deferred_features
 from ._penalty import differentiable_grads, put_state, replayed_feature_form, take_state
 from .backends import Backend, load, select
 from .backends.base import HeadTerm
@@ -190,8 +189,7 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     resolved = _with_defaults(public_fn, defaults, options)
     with torch.no_grad():
         logits = F.linear(features, weight, bias)
-    # a half-precision sum of finite logits may overflow: only then look at them one by one
-    if resolved["validate"] and not (math.isfinite(logits.sum().item()) or bool(torch.isfinite(logits).all())):
+    if resolved["validate"] and not all_finite(logits):
         _name_non_finite_input(features, weight, bias)
     problem, plan, _ = setup(logits, features, labels, envs, **resolved)
     logits, erm, hessian, gradient = HeadFunction.apply(features, weight, bias, problem,
