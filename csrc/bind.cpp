@@ -5,6 +5,9 @@
 #include <pybind11/pybind11.h>
 
 #include "hgk_kernels.h"
+#ifdef HGK_CPU_PLANS
+#include "hgk_plans.h"
+#endif
 
 #ifndef HGK_MODULE
 #error "HGK_MODULE (the Python module name) must be defined by the build"
@@ -48,6 +51,13 @@ template <typename Layout>
 Layout layout_from(const py::tuple& t) {
   return {t[0].cast<int>(), t[1].cast<int>(), t[2].cast<bool>(), t[3].cast<bool>(), t[4].cast<bool>()};
 }
+
+#ifdef HGK_CPU_PLANS
+// plan: (method, weight, pooled, detach_reference)
+hgk::PlanSpec plan_from(const py::tuple& t) {
+  return {t[0].cast<int>(), t[1].cast<double>(), t[2].cast<bool>(), t[3].cast<bool>()};
+}
+#endif
 
 // Calls fn with a value of the kernel's scalar type (double when is_double, else float);
 // head tuples are read with the GIL held, the kernels run without it.
@@ -100,4 +110,38 @@ PYBIND11_MODULE(HGK_MODULE, m) {
     });
     return weight_grad_written;
   });
+#ifdef HGK_CPU_PLANS
+  m.def("plan_state_size", [](py::tuple plan, int num_envs, int C, int head_width) {
+    return hgk::plan_state_size(plan_from(plan), num_envs, C, head_width);
+  });
+  m.def("plan_forward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple plan, uintptr_t state,
+                           uintptr_t hessian, uintptr_t gradient, py::tuple launch) {
+    with_scalar(is_double, [&](auto tag) {
+      using T = decltype(tag);
+      const auto h = head_from<T>(head);
+      const auto s = segments_from(seg);
+      const auto spec = plan_from(plan);
+      const auto l = launch_from(launch);
+      py::gil_scoped_release release;
+      hgk::plan_forward<T>(h, s, spec, mut<T>(state), mut<T>(hessian), mut<T>(gradient), l);
+    });
+  });
+  m.def("plan_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple plan, uintptr_t state,
+                            double alpha, double beta, uintptr_t head_weight, uintptr_t head_extra,
+                            uintptr_t head_weight_grad, uintptr_t d_logits, uintptr_t d_features, py::tuple launch) {
+    bool weight_grad_written = false;
+    with_scalar(is_double, [&](auto tag) {
+      using T = decltype(tag);
+      const auto h = head_from<T>(head);
+      const auto s = segments_from(seg);
+      const auto spec = plan_from(plan);
+      const auto l = launch_from(launch);
+      py::gil_scoped_release release;
+      const hgk::HeadTerm<T> fused_head{ptr<T>(head_weight), ptr<T>(head_extra), mut<T>(head_weight_grad)};
+      weight_grad_written = hgk::plan_backward<T>(h, s, spec, ptr<T>(state), alpha, beta, fused_head,
+                                                  mut<T>(d_logits), mut<T>(d_features), l);
+    });
+    return weight_grad_written;
+  });
+#endif
 }

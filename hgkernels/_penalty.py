@@ -18,7 +18,7 @@ import torch
 
 from ._inputs import HeadProblem, check_deferred_features
 from .backends import Backend
-from .backends.base import HeadTerm, add_head_term
+from .backends.base import HeadTerm, PlanSpec, add_head_term
 
 # Probe batches are sized so that one batch of directions holds about this many elements.
 PROBE_BATCH_ELEMENTS = 1 << 24
@@ -101,7 +101,25 @@ def put_state(slots: Sequence[Tuple[StateHolder, str]], flat: Sequence[torch.Ten
             at += length
 
 
-class ExactDiagPlan(StateHolder):
+class WholePlan(StateHolder):
+    """A plan a backend may run whole (`Backend.plan_forward`: the native CPU module's C++ plans, one call
+    per direction); otherwise its own algebra runs on the backend's two primitives."""
+
+    backend_state: Optional[torch.Tensor] = None  # plan_forward's state, when the backend ran the plan
+
+    def run_whole(self, backend: Backend, problem: HeadProblem, spec: PlanSpec):
+        """(hessian, gradient) from the backend's plan_forward, or None."""
+        whole = backend.plan_forward(problem, spec)
+        if whole is None:
+            return None
+        self.spec, (self.backend_state, hessian, gradient) = spec, whole
+        return hessian, gradient
+
+    def backward_whole(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm]):
+        return backend.plan_backward(problem, self.spec, self.backend_state, alpha, beta, head)
+
+
+class ExactDiagPlan(WholePlan):
     """Hutchinson method with the exact head-Hessian diagonal: S_e = Dg_e, S_ref = mean_e Dg_e."""
 
     def __init__(self, env_reduction: str, detach_reference: bool):
@@ -112,13 +130,18 @@ class ExactDiagPlan(StateHolder):
         return ExactDiagPlan(self.env_reduction, self.detach_reference)
 
     def forward(self, backend: Backend, problem: HeadProblem):
-        stats = backend.head_stats(problem, gradient=True, hess_diag=True)
         self.weight = env_weight(self.env_reduction, problem.segments.num_envs)
+        whole = self.run_whole(backend, problem, PlanSpec("exact", self.weight, False, self.detach_reference))
+        if whole is not None:
+            return whole
+        stats = backend.head_stats(problem, gradient=True, hess_diag=True)
         self.diag_dev = stats.hess_diag - maybe_detach(stats.hess_diag.mean(0), self.detach_reference)
         self.grad_dev = stats.grad - stats.grad.mean(0)
         return deviation_penalty(self.diag_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
     def backward(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
+        if self.backend_state is not None:
+            return self.backward_whole(backend, problem, alpha, beta, head)
         # The reference is a mean, so deviations sum to zero and detaching it changes nothing here.
         gam = (2 * self.weight * alpha) * self.diag_dev
         lam = (2 * self.weight * beta) * self.grad_dev
@@ -201,7 +224,7 @@ class StochasticDiagPlan(StateHolder):
         return add_head_term(d_logits, d_features, head)
 
 
-class HGPPlan(StateHolder):
+class HGPPlan(WholePlan):
     """HGP: S_e = H_e G_e; S_ref = H_bar G_bar (pooled, official) or mean_e H_e G_e."""
 
     def __init__(self, env_reduction: str, detach_reference: bool, reference: str):
@@ -215,10 +238,13 @@ class HGPPlan(StateHolder):
     def forward(self, backend: Backend, problem: HeadProblem):
         e = problem.segments.num_envs
         self.weight = env_weight(self.env_reduction, e)
-        self.grad = backend.head_stats(problem, gradient=True).grad
-        self.grad_mean = grad_mean = self.grad.mean(0)
         # With one environment the pooled and mean references coincide; the mean keeps the penalty exactly 0.
         self.pooled = self.reference == "pooled" and e > 1
+        whole = self.run_whole(backend, problem, PlanSpec("hgp", self.weight, self.pooled, self.detach_reference))
+        if whole is not None:
+            return whole
+        self.grad = backend.head_stats(problem, gradient=True).grad
+        self.grad_mean = grad_mean = self.grad.mean(0)
         dirs = [self.grad]
         if self.pooled:
             dirs.append(grad_mean.expand_as(self.grad))
@@ -230,6 +256,8 @@ class HGPPlan(StateHolder):
         return deviation_penalty(self.hgp_dev, self.weight), deviation_penalty(self.grad_dev, self.weight)
 
     def backward(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
+        if self.backend_state is not None:
+            return self.backward_whole(backend, problem, alpha, beta, head)
         e = problem.segments.num_envs
         gam = (2 * self.weight * alpha) * self.hgp_dev
         lam = (2 * self.weight * beta) * self.grad_dev

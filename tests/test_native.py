@@ -16,6 +16,7 @@ import torch
 import hgkernels as hk
 from hgkernels import backends
 from hgkernels._inputs import prepare
+from hgkernels.backends import native as native_backend
 from _helpers import assert_close, make_case, penalty_and_grads
 from test_parity import random_config
 
@@ -79,6 +80,45 @@ def test_exact_hutchinson_matches_torch_and_reference(seed, device):
     native = _grads(hk.hutchinson_penalty, case, "native", device, **opts)
     _compare(native, _grads(hk.hutchinson_penalty, case, "torch", **opts), RTOL, "vs torch")
     _compare(native, _grads(hk.hutchinson_penalty, case, "reference", **opts), RTOL, "vs reference")
+
+
+def _head_grads(method, case, alpha=0.7, beta=1.3, **opts):
+    """The fused head (hk.linear_head_alignment) on the case's features: total, d features, d weight, d bias."""
+    gen = torch.Generator().manual_seed(7)
+    c, d = case.logits.shape[1], case.features.shape[1]
+    features = case.features.detach().clone().requires_grad_(True)
+    weight = torch.randn(c, d, generator=gen, dtype=features.dtype).requires_grad_(True)
+    bias = torch.randn(c, generator=gen, dtype=features.dtype).requires_grad_(True) if case.bias else None
+    out = hk.linear_head_alignment(features, weight, bias, case.labels, case.envs, method=method, alpha=alpha,
+                                   beta=beta, loss=case.loss, backend="native", form="feature", **opts)
+    leaves = [t for t in (features, weight, bias) if t is not None]
+    return (out.total.detach(), *torch.autograd.grad(out.total, leaves))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
+    """The C++ plans (csrc/hgk_plans.h: statistics, deviations, penalty sums and the backward's algebra,
+    one call per direction) serve CPU calls, logits path and fused head, and equal the Python plans'
+    algebra (_penalty.py) on the same kernels: random shapes (one-row and blocked backward paths),
+    E = 1, shuffled ids, both references, detach_reference, env_reduction, losses, bias."""
+    case_kw, opts = random_config(2000 + seed, max_head_params=50 * 65)
+    case = make_case(seed, **case_kw)
+    method = ("hgp", "exact")[seed % 2]
+    fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
+    if method == "hgp":
+        opts["reference"] = random.Random(seed).choice(["pooled", "mean"])
+    ran = []
+    whole_plan = native_backend.NativeBackend.plan_forward
+    monkeypatch.setattr(native_backend.NativeBackend, "plan_forward",
+                        lambda self, problem, spec: ran.append(spec.method) or whole_plan(self, problem, spec))
+    whole = _grads(fn, case, "native", **opts)
+    whole_head = _head_grads("hutchinson" if method == "exact" else method, case, **opts)
+    assert ran == [method, method]
+    monkeypatch.setattr(native_backend.NativeBackend, "plan_forward", lambda self, problem, spec: None)
+    _compare(whole, _grads(fn, case, "native", **opts), RTOL, "C++ plan vs Python plan")
+    for name, a, b in zip(("total", "d features", "d weight", "d bias"), whole_head,
+                          _head_grads("hutchinson" if method == "exact" else method, case, **opts)):
+        assert_close(a, b, RTOL, f"fused head, C++ plan vs Python plan: {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

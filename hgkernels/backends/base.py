@@ -49,6 +49,17 @@ def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Option
     return d_logits, d_features.addmm_(d_logits, head.weight[:, :d_features.shape[1]]), None
 
 
+class PlanSpec(NamedTuple):
+    """What a backend that runs a whole penalty plan needs (`Backend.plan_forward`): the plan's method
+    ("exact": ExactDiagPlan, "hgp": HGPPlan), R_e, and HGP's reference options (``pooled``: H_bar G_bar
+    with E > 1)."""
+
+    method: str
+    weight: float
+    pooled: bool
+    detach_reference: bool
+
+
 class HeadStats(NamedTuple):
     grad: Optional[torch.Tensor] = None
     hess_diag: Optional[torch.Tensor] = None
@@ -93,4 +104,14 @@ class Backend:
                             diag_up: Optional[torch.Tensor] = None, hvp_dirs: Optional[torch.Tensor] = None,
                             hvp_up: Optional[torch.Tensor] = None, diag_weight: str = "curvature",
                             head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def plan_forward(self, problem: HeadProblem, spec: PlanSpec) -> Optional[Tuple[torch.Tensor, ...]]:
+        """A whole plan's forward in one call: (state for `plan_backward`, hessian term, gradient term), or
+        None where the plan's own algebra on the two primitives should run (the default)."""
+        return None
+
+    def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,
+                      beta: torch.Tensor, head: Optional[HeadTerm] = None):
+        """The plan's backward from `plan_forward`'s state, returning what `per_sample_backward` returns."""
         raise NotImplementedError

@@ -15,9 +15,10 @@ from typing import Optional, Tuple
 import torch
 
 from .._inputs import HeadProblem, plain_eager
-from .base import Backend, HeadStats, HeadTerm, add_head_term
+from .base import Backend, HeadStats, HeadTerm, PlanSpec, add_head_term
 
 _LOSS_CODES = {"cross_entropy": 0, "binary_cross_entropy": 1, "mse": 2}
+_PLAN_CODES = {"exact": 0, "hgp": 1}  # csrc/hgk_plans.h PlanMethod
 # backend="auto" sends CPU problems here only up to this head size (C x Dh). Measured on 2 cores,
 # one thread, fwd+bwd: native is faster at PACS (C x Dh = 14343), torch's MKL GEMMs win from
 # OfficeHome (133185) up (README, Backends).
@@ -53,6 +54,8 @@ class _Kernels:
 
     def __init__(self, logits, features, targets, order, offsets, env_ids, loss: int, bias: bool):
         self.module = _CUDA if logits.device.type == "cuda" else _CPU
+        # the kernels get addresses only: hold the tensors (dtype-converted copies may have no other owner)
+        self.operands = (logits, features, targets, order, offsets, env_ids)
         self.dtype, self.device = logits.dtype, logits.device
         self.is_double = logits.dtype == torch.float64
         self.n, self.c = logits.shape
@@ -71,6 +74,16 @@ class _Kernels:
 
     def empty(self, *shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def backward_outputs(self, head: Optional[HeadTerm]):
+        """Fresh d_logits (N, C) and d_features (N, D), the fused head's addresses (weight, extra logit
+        gradient, weight gradient; zeros without a head) and its weight-gradient buffer (C, Dh) or None."""
+        d_logits, d_features = self.empty(self.n, self.c), self.empty(self.n, self.d)
+        if head is None:
+            return d_logits, d_features, (0, 0, 0), None
+        weight_grad = self.empty(self.c, self.head_width)
+        return d_logits, d_features, (head.weight.data_ptr(), head.extra_logit_grad.data_ptr(),
+                                      weight_grad.data_ptr()), weight_grad
 
 
 def _stats_width(c: int, gradient: bool, hess_diag: bool, dirs: Optional[torch.Tensor]) -> int:
@@ -151,13 +164,10 @@ def _per_sample_backward_call(logits, features, targets, order, offsets, env_ids
     k = 0 if dirs is None else dirs.shape[1] // call.c
     layout = (call.c, k, grad_up is not None, diag_up is not None, square_residual)
     work = call.empty(call.n * call.module.backward_work_per_sample(layout))
-    d_logits = call.empty(call.n, call.c)
-    d_features = call.empty(call.n, call.d)
-    weight_grad = call.empty(call.c, call.head_width) if head is not None else None
+    d_logits, d_features, head_args, weight_grad = call.backward_outputs(head)
     written = call.module.per_sample_backward(
         call.is_double, call.head, call.segments, layout, _address(grad_up), _address(dirs), _address(ups),
-        _address(diag_up), _address(head.weight if head else None), _address(head.extra_logit_grad if head else None),
-        _address(weight_grad), work.data_ptr(), d_logits.data_ptr(), d_features.data_ptr(), call.launch)
+        _address(diag_up), *head_args, work.data_ptr(), d_logits.data_ptr(), d_features.data_ptr(), call.launch)
     return d_logits, d_features, weight_grad if written else None
 
 
@@ -234,7 +244,40 @@ class NativeBackend(Backend):
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
         operands = (*_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
         if head is not None and problem.logits.device.type == "cpu" and plain_eager():
-            fused = HeadTerm(_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype))
-            return _per_sample_backward_call(*operands, head=fused)
+            return _per_sample_backward_call(*operands, head=_head_in(head, dtype))
         d_logits, d_features = _op(native_per_sample_backward, _per_sample_backward_impl)(*operands)
         return add_head_term(d_logits, d_features, head)
+
+    def plan_forward(self, problem: HeadProblem, spec: PlanSpec):
+        """The CPU module's plans (csrc/hgk_plans.h), in plain eager mode (they are not custom ops: traced
+        calls take the composed path anyway, and a dispatch mode's tensors are no memory to write)."""
+        if problem.logits.device.type != "cpu" or not plain_eager():
+            return None
+        call = _Kernels(*_operands(problem, "curvature")[:8])
+        plan = _plan_args(spec)
+        state = call.empty(call.module.plan_state_size(plan, call.num_envs, call.c, call.head_width))
+        hessian, gradient = call.empty(), call.empty()
+        call.module.plan_forward(call.is_double, call.head, call.segments, plan, state.data_ptr(),
+                                 hessian.data_ptr(), gradient.data_ptr(), call.launch)
+        return state, hessian, gradient
+
+    def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,
+                      beta: torch.Tensor, head: Optional[HeadTerm] = None):
+        call = _Kernels(*_operands(problem, "curvature")[:8])
+        d_logits, d_features, head_args, weight_grad = call.backward_outputs(_head_in(head, call.dtype))
+        written = call.module.plan_backward(call.is_double, call.head, call.segments, _plan_args(spec),
+                                            state.data_ptr(), float(alpha), float(beta), *head_args,
+                                            d_logits.data_ptr(), d_features.data_ptr(), call.launch)
+        if head is None:
+            return d_logits, d_features
+        return d_logits, d_features, weight_grad if written else None
+
+
+def _head_in(head: Optional[HeadTerm], dtype: torch.dtype) -> Optional[HeadTerm]:
+    """A fused head's matrices as the kernels read them."""
+    return None if head is None else HeadTerm(_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype))
+
+
+def _plan_args(spec: PlanSpec) -> tuple:
+    """csrc/bind.cpp's plan tuple."""
+    return _PLAN_CODES[spec.method], spec.weight, spec.pooled, spec.detach_reference

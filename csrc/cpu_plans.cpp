@@ -1,0 +1,204 @@
+// The penalty plans of hgk_plans.h over the CPU kernels. Per-environment tensors are (E, rows, Dh)
+// blocks of M = C * Dh elements; scratch memory is uninitialised heap arrays (no zero fill).
+#include <algorithm>
+#include <memory>
+
+#include "hgk_plans.h"
+
+namespace hgk {
+namespace {
+
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+// out[k] = (sum_e x[e * stride + k]) / E, summed in environment order (torch's mean(0)).
+template <typename T>
+void env_mean(const T* x, int64_t stride, int E, int64_t M, T* out) {
+  std::copy(x, x + M, out);
+  for (int e = 1; e < E; ++e)
+    for (int64_t k = 0; k < M; ++k) out[k] += x[e * stride + k];
+  for (int64_t k = 0; k < M; ++k) out[k] /= T(E);
+}
+
+// sum_k (x[k] - ref[k])^2 (ref nullptr: zero), the deviation rounded to T as the plans keep it, its
+// square summed in double in 8 fixed lanes.
+template <typename T>
+double squared_norm(const T* x, const T* ref, int64_t n) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = ref ? T(x[k + l] - ref[k + l]) : x[k + l];
+      lanes[l] += d * d;
+    }
+  double total = 0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  for (; k < n; ++k) {
+    const double d = ref ? T(x[k] - ref[k]) : x[k];
+    total += d * d;
+  }
+  return total;
+}
+
+// (E, 2M) with environment e's block [a_e][shared]: HGP's directions (G_e, G_bar) and their upstream.
+template <typename T>
+std::unique_ptr<T[]> pair_with_shared(const T* a, const T* shared, int E, int64_t M) {
+  auto out = scratch<T>(2 * E * M);
+  for (int e = 0; e < E; ++e) {
+    std::copy(a + e * M, a + (e + 1) * M, out.get() + 2 * e * M);
+    std::copy(shared, shared + M, out.get() + 2 * e * M + M);
+  }
+  return out;
+}
+
+// Statistics with a work buffer of the layout's size.
+template <typename T>
+void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch) {
+  auto work = scratch<T>(s.num_samples * stats_work_per_sample(layout));
+  head_stats<T>(h, s, layout, dirs, work.get(), out, launch);
+}
+
+template <typename T>
+void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                   Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  stats<T>(h, s, StatsLayout{C, 0, true, true, false}, nullptr, state, launch);  // per env [G_e][Dg_e]
+  auto mean = scratch<T>(M);
+  double sums[2];
+  for (int b = 0; b < 2; ++b) {  // deviations from the mean over environments, in place
+    T* block = state + b * M;
+    env_mean(block, 2 * M, E, M, mean.get());
+    sums[b] = 0;
+    for (int e = 0; e < E; ++e) {
+      T* x = block + 2 * e * M;
+      for (int64_t k = 0; k < M; ++k) x[k] -= mean[k];
+      sums[b] += squared_norm<T>(x, nullptr, M);
+    }
+  }
+  *gradient = T(spec.weight * sums[0]);
+  *hessian = T(spec.weight * sums[1]);
+}
+
+template <typename T>
+bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
+                    HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg)
+  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
+  auto lam = scratch<T>(E * M), gam = scratch<T>(E * M);
+  for (int e = 0; e < E; ++e)
+    for (int64_t k = 0; k < M; ++k) {
+      lam[e * M + k] = lam_scale * state[2 * e * M + k];
+      gam[e * M + k] = gam_scale * state[2 * e * M + M + k];
+    }
+  const BackwardLayout layout{C, 0, true, true, false};
+  auto work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  return per_sample_backward<T>(h, s, layout, lam.get(), nullptr, nullptr, gam.get(), head, work.get(), d_logits,
+                                d_features, launch);
+}
+
+template <typename T>
+void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                 Launch launch) {
+  const int E = s.num_envs, C = h.C, K = spec.pooled ? 2 : 1;
+  const int64_t M = int64_t(C) * h.head_width();
+  T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M;
+  stats<T>(h, s, StatsLayout{C, 0, true, false, false}, nullptr, grad, launch);
+  env_mean(grad, M, E, M, grad_mean);
+  std::unique_ptr<T[]> stacked;  // directions [G_e][G_bar] for the pooled reference H_bar G_bar
+  if (K == 2) stacked = pair_with_shared(grad, grad_mean, E, M);
+  auto hv = scratch<T>(E * K * M);
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, K == 2 ? stacked.get() : grad, hv.get(), launch);
+  auto ref = scratch<T>(M);  // mean_e H_e G_bar (pooled) or mean_e H_e G_e
+  env_mean(hv.get() + (K == 2 ? M : 0), K * M, E, M, ref.get());
+  double hgp_sum = 0, grad_sum = 0;
+  for (int e = 0; e < E; ++e) {
+    for (int64_t k = 0; k < M; ++k) hgp_dev[e * M + k] = hv[e * K * M + k] - ref[k];
+    hgp_sum += squared_norm<T>(hgp_dev + e * M, nullptr, M);
+    grad_sum += squared_norm<T>(grad + e * M, grad_mean, M);
+  }
+  *hessian = T(spec.weight * hgp_sum);
+  *gradient = T(spec.weight * grad_sum);
+}
+
+template <typename T>
+bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
+                  HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  const T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M;
+  // An undetached pooled reference S_ref = (1/E) sum_e H_e G_bar receives -sum_e Gam_e through G_bar.
+  const bool shared = spec.pooled && !spec.detach_reference;
+  const int K = shared ? 2 : 1;
+  const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
+  auto gam = scratch<T>(E * M);
+  for (int64_t k = 0; k < E * M; ++k) gam[k] = gam_scale * hgp_dev[k];
+  std::unique_ptr<T[]> stacked_dirs, stacked_ups;
+  if (shared) {
+    auto ref_up = scratch<T>(M);
+    env_mean(gam.get(), M, E, M, ref_up.get());  // sum_e Gam_e / E, negated below
+    for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
+    stacked_dirs = pair_with_shared(grad, grad_mean, E, M);
+    stacked_ups = pair_with_shared(gam.get(), ref_up.get(), E, M);
+  }
+  const T* dirs = shared ? stacked_dirs.get() : grad;
+  const T* ups = shared ? stacked_ups.get() : gam.get();
+  // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
+  auto dir_grads = scratch<T>(E * K * M);
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads.get(), launch);
+  std::unique_ptr<T[]> to_mean;
+  if (shared) {
+    to_mean = scratch<T>(M);
+    env_mean(dir_grads.get() + M, 2 * M, E, M, to_mean.get());
+  }
+  auto grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
+  for (int e = 0; e < E; ++e)
+    for (int64_t k = 0; k < M; ++k) {
+      T total = lam_scale * T(grad[e * M + k] - grad_mean[k]) + dir_grads[e * K * M + k];
+      if (shared) total += to_mean[k];
+      grad_up[e * M + k] = total;
+    }
+  const BackwardLayout layout{C, K, true, false, false};
+  auto work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  return per_sample_backward<T>(h, s, layout, grad_up.get(), dirs, ups, nullptr, head, work.get(), d_logits,
+                                d_features, launch);
+}
+
+}  // namespace
+
+int64_t plan_state_size(PlanSpec spec, int num_envs, int C, int head_width) {
+  const int64_t M = int64_t(C) * head_width;
+  return spec.method == EXACT_DIAG ? 2 * num_envs * M : (2 * num_envs + 1) * M;
+}
+
+template <typename T>
+void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                  Launch launch) {
+  if (spec.method == EXACT_DIAG)
+    exact_forward<T>(h, s, spec, state, hessian, gradient, launch);
+  else
+    hgp_forward<T>(h, s, spec, state, hessian, gradient, launch);
+}
+
+template <typename T>
+bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
+                   HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  if (spec.method == EXACT_DIAG)
+    return exact_backward<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
+  return hgp_backward<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
+}
+
+#define HGK_INSTANTIATE_PLANS(T)                                                                                \
+  template void plan_forward<T>(const Head<T>&, const Segments&, PlanSpec, T*, T*, T*, Launch);                \
+  template bool plan_backward<T>(const Head<T>&, const Segments&, PlanSpec, const T*, double, double,          \
+                                 HeadTerm<T>, T*, T*, Launch);
+HGK_INSTANTIATE_PLANS(float)
+HGK_INSTANTIATE_PLANS(double)
+#undef HGK_INSTANTIATE_PLANS
+
+}  // namespace hgk

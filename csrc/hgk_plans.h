@@ -1,0 +1,42 @@
+// The penalty plans of hgkernels/_penalty.py (ExactDiagPlan and HGPPlan, feature form) for the CPU
+// module, next to its kernels: one call per direction runs the statistics, the deviations, the
+// penalty sums and the backward's upstream algebra, where the Python plans make a dozen small torch
+// ops per direction (a small head's time is mostly that host path). Same formulas as the Python
+// plans, which the other backends, the distributed path and torch.compile keep using; the tests
+// compare the two on every shape they draw. Sums run in a fixed order (thread-count independent).
+#pragma once
+
+#include <cstdint>
+
+#include "hgk_kernels.h"
+
+namespace hgk {
+
+enum PlanMethod : int { EXACT_DIAG = 0, HGP = 1 };
+
+struct PlanSpec {
+  int method;             // PlanMethod
+  double weight;          // R_e: 1/E ('mean' over environments) or 1 ('sum')
+  bool pooled;            // HGP: the reference is H_bar G_bar (pooled) rather than mean_e H_e G_e
+  bool detach_reference;  // HGP pooled: whether the reference receives no gradient
+  // HGP with a pooled reference needs a second direction (G_bar) only with E > 1: the caller
+  // passes pooled = (reference == "pooled" and E > 1), as the Python plan does.
+};
+
+// Elements of the state a forward leaves for its backward:
+// exact (E, 2C, Dh): per environment [G_e - G_bar][Dg_e - mean Dg];
+// HGP: G (E, C, Dh), G_bar (C, Dh), H_e G_e - reference (E, C, Dh).
+int64_t plan_state_size(PlanSpec spec, int num_envs, int C, int head_width);
+
+// Writes the state and the two penalty terms (hessian[0], gradient[0]).
+template <typename T>
+void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                  Launch launch);
+
+// d_logits (N, C) and d_features (N, D) of alpha * hessian + beta * gradient, from the forward's state;
+// `head` as in per_sample_backward (returns whether head.weight_grad was written).
+template <typename T>
+bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
+                   HeadTerm<T> head, T* d_logits, T* d_features, Launch launch);
+
+}  // namespace hgk
