@@ -4,6 +4,7 @@
 // The GEMM-shaped sums (sum_i coef_i zh_i^T, coef @ matrices, matrices @ zh) run through
 // small register tiles of SIMD vectors: each lane is its own sum, so nothing is reassociated.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "hgk_kernels.h"
@@ -13,6 +14,7 @@ namespace {
 
 constexpr int kDotRows = 2;       // samples per dot micro-tile
 constexpr int kDotMats = 4;       // matrix rows per dot micro-tile
+constexpr int kPassRows = 4;      // samples per pass of the one-row backward
 constexpr int kRowBlock = 32;     // sorted samples per task (and per backward pass block)
 constexpr int kMatBlock = 32;     // matrix rows per dots task
 constexpr int kColBlock = 512;    // head columns per reduce task
@@ -94,19 +96,20 @@ T finish_dot(const typename Simd<T>::type& acc, const T* x, const T* m, int d, i
   return total;
 }
 
-// out[r][q] = m[q] . x[r] over D (x squared when Square): lanes of partial sums per pair, added in lane order.
-template <typename T, bool Square, int Mats>
+// out[r][q] = m[q] . x[r] over D (x squared when Square) for Rows rows: lanes of partial sums per pair,
+// added in lane order.
+template <typename T, bool Square, int Mats, int Rows = kDotRows>
 void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) {
   using V = Simd<T>;
-  typename V::type acc[kDotRows][Mats] = {};
+  typename V::type acc[Rows][Mats] = {};
   int d = 0;
   for (; d + V::lanes <= D; d += V::lanes)
-    for (int r = 0; r < kDotRows; ++r) {
+    for (int r = 0; r < Rows; ++r) {
       typename V::type xv = V::load(x[r] + d);
       if (Square) xv = xv * xv;
       for (int q = 0; q < Mats; ++q) acc[r][q] += xv * V::load(m[q] + d);
     }
-  for (int r = 0; r < kDotRows; ++r)
+  for (int r = 0; r < Rows; ++r)
     for (int q = 0; q < Mats; ++q) out[r][q] = finish_dot<T, Square>(acc[r][q], x[r], m[q], d, D);
 }
 
@@ -190,56 +193,66 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
   }
 }
 
-// out[r][q] = mats[q] . x[r] over D for q < n and R rows (x squared when Square), one pass over the
-// rows, each matrix vector loaded once for all R: each dot in row_dot's order (lanes, lane-order sum,
-// tail), so it matches the tiled dots bit for bit whatever R.
+// out[r][q] = mats[q] . x[r] over D for q < n and R rows (x squared when Square): register tiles of
+// R rows by up to kDotMats matrix rows (runtime-indexed accumulators would live on the stack, and their
+// loads and stores bounded the per-sample backward). Each dot in finish_dot's order, so it matches the
+// blocked path's dots bit for bit.
 template <typename T, bool Square, int R, int Cap>
 void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[Cap]) {
-  using V = Simd<T>;
-  typename V::type acc[R][Cap];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < n; ++q) acc[r][q] = typename V::type{};
-  int d = 0;
-  for (; d + V::lanes <= D; d += V::lanes) {
-    typename V::type xv[R];
-    for (int r = 0; r < R; ++r) {
-      xv[r] = V::load(x[r] + d);
-      if (Square) xv[r] = xv[r] * xv[r];
+  for (int q0 = 0; q0 < n; q0 += kDotMats) {
+    T tile[R][kDotMats];
+    switch (std::min(kDotMats, n - q0)) {
+      case 1: dots_tile<T, Square, 1, R>(x, mats + q0, D, tile); break;
+      case 2: dots_tile<T, Square, 2, R>(x, mats + q0, D, tile); break;
+      case 3: dots_tile<T, Square, 3, R>(x, mats + q0, D, tile); break;
+      default: dots_tile<T, Square, kDotMats, R>(x, mats + q0, D, tile);
     }
-    for (int q = 0; q < n; ++q) {
-      const typename V::type m = V::load(mats[q] + d);
-      for (int r = 0; r < R; ++r) acc[r][q] += xv[r] * m;
-    }
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < kDotMats && q0 + q < n; ++q) out[r][q0 + q] = tile[r][q];
   }
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < n; ++q) out[r][q] = finish_dot<T, Square>(acc[r][q], x[r], mats[q], d, D);
 }
 
 // R samples' d_features for few matrix rows (W + C <= kDirectBackwardRows): coef @ the
-// stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam), one SIMD vector of columns at a time, each
-// matrix vector loaded once for the R rows.
+// stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam). Register tiles of R rows by Vecs SIMD vectors of
+// columns (each matrix vector loaded once for the R rows); every element sums its rows in order (the
+// matrix rows, then the Gam rows times x), whatever the tile.
+template <typename T, int R, int Cap, int Vecs>
+void expand_rows_tile(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
+                      const T (*coef_sq)[Cap], const T* gam, int C, int64_t Dh, int d, T* const* dx) {
+  using V = Simd<T>;
+  typename V::type acc[R][Vecs] = {};
+  for (int m = 0; m < W; ++m) {
+    typename V::type mv[Vecs];
+    for (int v = 0; v < Vecs; ++v) mv[v] = V::load(mats[m] + d + v * V::lanes);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < Vecs; ++v) acc[r][v] += coef[r][m] * mv[v];
+  }
+  if (gam) {
+    typename V::type acc_sq[R][Vecs] = {};
+    for (int c = 0; c < C; ++c) {
+      typename V::type gv[Vecs];
+      for (int v = 0; v < Vecs; ++v) gv[v] = V::load(gam + c * Dh + d + v * V::lanes);
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < Vecs; ++v) acc_sq[r][v] += coef_sq[r][c] * gv[v];
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < Vecs; ++v) acc[r][v] += V::load(x[r] + d + v * V::lanes) * acc_sq[r][v];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < Vecs; ++v) V::store(dx[r] + d + v * V::lanes, acc[r][v]);
+}
+
 template <typename T, int R, int Cap>
 void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
                         const T (*coef_sq)[Cap], const T* gam, int C, int D, int64_t Dh, T* const* dx) {
-  using V = Simd<T>;
-  const int full = D - D % V::lanes;
-  for (int d = 0; d < full; d += V::lanes) {
-    typename V::type acc[R] = {}, acc_sq[R] = {};
-    for (int m = 0; m < W; ++m) {
-      const typename V::type mv = V::load(mats[m] + d);
-      for (int r = 0; r < R; ++r) acc[r] += coef[r][m] * mv;
-    }
-    if (gam) {
-      for (int c = 0; c < C; ++c) {
-        const typename V::type gv = V::load(gam + c * Dh + d);
-        for (int r = 0; r < R; ++r) acc_sq[r] += coef_sq[r][c] * gv;
-      }
-      for (int r = 0; r < R; ++r) acc[r] += V::load(x[r] + d) * acc_sq[r];
-    }
-    for (int r = 0; r < R; ++r) V::store(dx[r] + d, acc[r]);
-  }
+  constexpr int kWideVecs = 4;  // SIMD vectors of columns per register tile
+  const int lanes = Simd<T>::lanes, wide = D - D % (kWideVecs * lanes), full = D - D % lanes;
+  int d = 0;
+  for (; d < wide; d += kWideVecs * lanes)
+    expand_rows_tile<T, R, Cap, kWideVecs>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
+  for (; d < full; d += lanes) expand_rows_tile<T, R, Cap, 1>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
   for (int r = 0; r < R; ++r)
-    for (int d = full; d < D; ++d) {
+    for (d = full; d < D; ++d) {
       T acc = T(0), acc_sq = T(0);
       for (int m = 0; m < W; ++m) acc += coef[r][m] * mats[m][d];
       if (gam) {
@@ -260,8 +273,19 @@ void head_row_update(T a, const T* x, int D, bool bias, T* part) {
   if (bias) part[D] += a;
 }
 
+// fn(std::integral_constant<int, rows>) for a pass of 1..kPassRows rows.
+template <typename Fn>
+void with_rows(int rows, Fn&& fn) {
+  switch (rows) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, kPassRows>{});
+  }
+}
+
 // The whole backward of the caller's rows [row_begin, row_end), all of one environment, for few matrix
-// rows: two samples at a time (the matrices, read from L2 for every row, are loaded once per pair),
+// rows: kPassRows samples at a time (the matrices, read from L2 for every row, are loaded once per pass),
 // their dots, closed form and d_features while the feature rows are in L1. A head term adds its C
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T, int Cap>
@@ -276,19 +300,21 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     for (int m = 0; m < parts[p].rows; ++m) mats[parts[p].first_coef + m] = parts[p].mats + m * Dh;
   for (int c = 0; head.weight && c < C; ++c) mats[W + c] = head.weight + c * Dh;
   for (int c = 0; gam && c < C; ++c) gam_rows[c] = gam + c * Dh;
-  T dots[2][Cap], dots_sq[2][Cap], p[Cap], dp[Cap];
-  T coef[2][2 * Cap], coef_sq[2][Cap];
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += 2) {
-    const int rows = int(std::min<int64_t>(2, row_end - i0));
-    const T* x[2] = {h.features + i0 * h.features_row_stride, h.features + (i0 + rows - 1) * h.features_row_stride};
-    T* dx[2] = {d_features + i0 * D, d_features + (i0 + rows - 1) * D};
-    if (rows == 2) {
-      rows_dots<T, false, 2, Cap>(x, mats, W, D, dots);
-      if (gam) rows_dots<T, true, 2, Cap>(x, gam_rows, C, D, dots_sq);
-    } else {
-      rows_dots<T, false, 1, Cap>(x, mats, W, D, dots);
-      if (gam) rows_dots<T, true, 1, Cap>(x, gam_rows, C, D, dots_sq);
-    }
+  T dots[kPassRows][Cap], dots_sq[kPassRows][Cap], p[Cap], dp[Cap];
+  T coef[kPassRows][2 * Cap], coef_sq[kPassRows][Cap];
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kPassRows) {
+    const int rows = int(std::min<int64_t>(kPassRows, row_end - i0));
+    const T* x[kPassRows];
+    T* dx[kPassRows];
+    for (int r = 0; r < rows; ++r) x[r] = h.features + (i0 + r) * h.features_row_stride, dx[r] = d_features + (i0 + r) * D;
+    auto dots_of = [&](auto num_rows) {
+      rows_dots<T, false, decltype(num_rows)::value, Cap>(x, mats, W, D, dots);
+      if (gam) rows_dots<T, true, decltype(num_rows)::value, Cap>(x, gam_rows, C, D, dots_sq);
+    };
+    auto expand = [&](auto num_rows) {
+      expand_rows_direct<T, decltype(num_rows)::value, Cap>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
+    };
+    with_rows(rows, dots_of);
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       if (h.bias) {  // zh_D = 1 (and its square)
@@ -300,10 +326,7 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
                       dots[r], dots_sq[r], p, dp, coef[r], coef_sq[r], da, 1);
       for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
     }
-    if (rows == 2)
-      expand_rows_direct<T, 2, Cap>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
-    else
-      expand_rows_direct<T, 1, Cap>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
+    with_rows(rows, expand);
     for (int r = 0; head_partials && r < rows; ++r) {  // the head's gradient: d_logits_i zh_i^T, in row order
       T* part = head_partials + ((i0 + r) / kHeadGradRows) * C * Dh;
       for (int c = 0; c < C; ++c) head_row_update<T>(coef[r][W + c], x[r], D, h.bias, part + c * Dh);
@@ -526,7 +549,7 @@ void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t
 template <typename T>
 void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int square_begin, int square_end, T* out,
                 Launch launch) {
-  constexpr int kFewRows = 5;
+  constexpr int kFewRows = 8;
   const int strip = 2 * Simd<T>::lanes, Dh = h.head_width(), D = h.D;
   const int strips = D / strip, tail_begin = strips * strip;
   const int64_t num_tasks = int64_t(s.num_envs) * (strips + 1);
@@ -561,7 +584,8 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
 #define HGK_FEW_TILE(R)                                                          \
   case 2 * R: few_tile<T, R, false>(h, s, coef + m0, W, g0, g1, d0, a); break;   \
   case 2 * R + 1: few_tile<T, R, true>(h, s, coef + m0, W, g0, g1, d0, a); break;
-          HGK_FEW_TILE(1) HGK_FEW_TILE(2) HGK_FEW_TILE(3) HGK_FEW_TILE(4) HGK_FEW_TILE(5)
+          HGK_FEW_TILE(1) HGK_FEW_TILE(2) HGK_FEW_TILE(3) HGK_FEW_TILE(4) HGK_FEW_TILE(5) HGK_FEW_TILE(6)
+          HGK_FEW_TILE(7) HGK_FEW_TILE(8)
 #undef HGK_FEW_TILE
         }
         m0 += rows;
