@@ -51,13 +51,18 @@ SAMPLE_GRAM_COST = {"hutchinson": 4, "hgp": 2}
 SAMPLE_QUAD_COST = {"hutchinson": 6, "hgp": 14}
 
 
+def tiny_head(n: int, c: int, dh: int) -> bool:
+    """Heads so small that the C × Dh form is taken whatever the backend (see TINY_HEAD)."""
+    return n * c * dh < TINY_HEAD
+
+
 def prefers_sample_space(method: str, n: int, c: int, dh: int, backend: str = "torch") -> bool:
     """True when the sample form should be faster for `method` ("hutchinson", "hgp") on N samples,
     C classes and head width Dh, the C × Dh form running on `backend` (the cost model above)."""
+    if tiny_head(n, c, dh):
+        return False
     slowdown = FEATURE_SLOWDOWN["torch" if backend == "torch" else "compiled"]
     feature = slowdown * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
-    if n * c * dh < TINY_HEAD:
-        return False
     sample = SAMPLE_GRAM_COST[method] * n * n * dh + SAMPLE_QUAD_COST[method] * n * n * c
     return sample < feature
 

@@ -8,7 +8,7 @@ import torch
 from . import backends, distributed, reference as reference_path
 from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan, differentiable_grads
-from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space
+from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space, tiny_head
 from .backends.base import Backend
 
 
@@ -50,6 +50,8 @@ def _sample_form(form: str, problem: HeadProblem, method: str, backend: str = "a
         return False
     if form == "sample":
         return True
+    if tiny_head(problem.logits.shape[0], problem.num_classes, problem.head_width):
+        return False  # (before resolving the backend, which costs a few checks)
     resolved = "torch" if backend == "reference" else backends.select(backend, problem).name
     return prefers_sample_space(method, problem.logits.shape[0], problem.num_classes, problem.head_width, resolved)
 

@@ -191,8 +191,9 @@ def _op(custom_op, impl):
 def _operands(problem: HeadProblem, diag_weight: str):
     """The problem's tensors as the ops take them (see `_Kernels`), and the Dg rows' weight flag."""
     dtype = problem.compute_dtype
-    logits = problem.logits.to(dtype)
-    features = problem.features.to(dtype)
+    logits, features = problem.logits, problem.features
+    if logits.dtype != dtype:  # (a same-dtype .to is a no-op that still costs a dispatch)
+        logits, features = logits.to(dtype), features.to(dtype)
     if features.stride(1) != 1:  # kernels read feature rows as contiguous runs
         features = features.contiguous()
     segments = problem.segments
