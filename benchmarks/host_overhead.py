@@ -9,7 +9,8 @@ interleaved, forward + backward (torch.autograd.grad to the leaves) of:
 - ``generic 1 probe`` / ``generic HGP``: backend="reference" (autograd double backward, the official
   formulation) with one Hutchinson probe / the HGP double backward, at the PACS head.
 
-Ratios are medians of per-round ratios to F.cross_entropy (or of the generic time to ours).
+Ratios are medians of per-round ratios to F.cross_entropy (or of the generic time to ours); the
+variants' order rotates from round to round.
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --smoke     # a few rounds, for CI
@@ -64,8 +65,11 @@ def measure(heads) -> list:
     for name, head in heads.items():
         runs = cases(head)
         times = {key: [] for key in runs}
+        keys = list(runs)
         for r in range(head["rounds"] + 1):  # the first round warms up
-            for key, run in runs.items():
+            # the order rotates per round: a call right after the generic path's large GEMMs runs slower
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                run = runs[key]
                 start = time.perf_counter()
                 for _ in range(head["reps"]):
                     run()

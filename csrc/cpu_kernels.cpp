@@ -32,7 +32,7 @@ constexpr int kDirectAccBytes = 16 << 10;  // ... whose W × Dh partial sums mus
 
 // A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
 // a descheduled thread: regions with less work than this many multiply-adds run on one thread.
-constexpr double kMinParallelWork = double(1 << 21);
+constexpr double kMinParallelWork = double(1 << 20);
 
 int threads_for(Launch launch, double work) { return work >= kMinParallelWork ? launch.threads : 1; }
 
@@ -113,6 +113,18 @@ void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) 
     for (int q = 0; q < Mats; ++q) out[r][q] = finish_dot<T, Square>(acc[r][q], x[r], m[q], d, D);
 }
 
+// dots_tile for n <= kDotMats matrix rows: one register tile of the width at hand (a tile per row
+// re-read the samples for each of the last few rows, and was most of the time at C = 7).
+template <typename T, bool Square, int Rows>
+void dots_tile_n(const T* const* x, const T* const* m, int n, int D, T (*out)[kDotMats]) {
+  switch (n) {
+    case 1: dots_tile<T, Square, 1, Rows>(x, m, D, out); break;
+    case 2: dots_tile<T, Square, 2, Rows>(x, m, D, out); break;
+    case 3: dots_tile<T, Square, 3, Rows>(x, m, D, out); break;
+    default: dots_tile<T, Square, kDotMats, Rows>(x, m, D, out);
+  }
+}
+
 // out[j * out_stride + m] = mats[m] . x_j (x_j = zh_j, or zh_j ⊙ zh_j when Square) for sorted rows
 // [row_begin, row_end) and matrix rows [mat_begin, mat_end) of one environment's (rows, Dh) mats.
 template <typename T, bool Square>
@@ -128,14 +140,7 @@ void dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t 
       for (int r = 0; r < kDotRows; ++r)  // rows past the block repeat its last one; never stored
         x[r] = h.features + s.order[std::min(j + r, row_end - 1)] * h.features_row_stride;
       T tile[kDotRows][kDotMats];
-      if (q0 + kDotMats <= mat_end)
-        dots_tile<T, Square, kDotMats>(x, m, h.D, tile);
-      else  // the last few matrix rows, one at a time (C = 1 heads have only these)
-        for (int q = 0; q < mat_end - q0; ++q) {
-          T one[kDotRows][kDotMats];
-          dots_tile<T, Square, 1>(x, m + q, h.D, one);
-          for (int r = 0; r < kDotRows; ++r) tile[r][q] = one[r][0];
-        }
+      dots_tile_n<T, Square, kDotRows>(x, m, std::min(kDotMats, mat_end - q0), h.D, tile);
       for (int r = 0; r < kDotRows && j + r < row_end; ++r)
         for (int q = 0; q < kDotMats && q0 + q < mat_end; ++q)
           out[(j + r) * out_stride + q0 + q] = tile[r][q] + (h.bias ? m[q][h.D] : T(0));  // bias: zh_D = 1
@@ -201,12 +206,7 @@ template <typename T, bool Square, int R, int Cap>
 void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[Cap]) {
   for (int q0 = 0; q0 < n; q0 += kDotMats) {
     T tile[R][kDotMats];
-    switch (std::min(kDotMats, n - q0)) {
-      case 1: dots_tile<T, Square, 1, R>(x, mats + q0, D, tile); break;
-      case 2: dots_tile<T, Square, 2, R>(x, mats + q0, D, tile); break;
-      case 3: dots_tile<T, Square, 3, R>(x, mats + q0, D, tile); break;
-      default: dots_tile<T, Square, kDotMats, R>(x, mats + q0, D, tile);
-    }
+    dots_tile_n<T, Square, R>(x, mats + q0, std::min(kDotMats, n - q0), D, tile);
     for (int r = 0; r < R; ++r)
       for (int q = 0; q < kDotMats && q0 + q < n; ++q) out[r][q0 + q] = tile[r][q];
   }
