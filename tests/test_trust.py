@@ -301,6 +301,47 @@ def test_readme_determinism_native_feature_form_bitwise_across_threads(method):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
+def test_concurrent_calls_from_python_threads_equal_serial_calls():
+    """The native calls release the GIL (csrc/bind.cpp), so Python threads run them at once: each
+    thread's values and gradients, logits path and fused head, equal the same calls made one at a time."""
+    import threading
+
+    methods = {"hutchinson": hk.hutchinson_penalty, "hgp": hk.hgp_penalty}
+    jobs = [(seed, method, fused) for seed in range(3) for method in sorted(methods) for fused in (False, True)]
+
+    def run(seed, method, fused):
+        case = _case(40 + seed, sizes=(300 + 50 * seed, 200), c=5, d=64, dtype=torch.float32)
+        logits, feats = case.leaves()
+        if fused:
+            weight = torch.randn(5, 64, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+            out = hk.linear_head_alignment(feats, weight, None, case.labels, case.envs, method=method,
+                                           backend="native", form="feature")
+            return (out.total.detach(), *torch.autograd.grad(out.total, (feats, weight)))
+        pen = methods[method](logits, feats, case.labels, case.envs, backend="native", form="feature")
+        return (pen.hessian.detach(), pen.gradient.detach(),
+                *torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats)))
+
+    serial = [run(*job) for job in jobs]
+    results, errors = [None] * len(jobs), []
+
+    def worker(k):
+        try:
+            for _ in range(5):  # several rounds, so calls overlap
+                results[k] = run(*jobs[k])
+        except BaseException as err:  # reported below, not lost in the thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert all(not t.is_alive() for t in threads)
+    for job, want, got in zip(jobs, serial, results):
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), job
+
+
 # 11. Memory after backward ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", FORMS)
