@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,3 +84,10 @@ def test_shuffled_ids_smoke():
 def test_host_overhead_smoke():
     result = _run(["benchmarks/host_overhead.py", "--smoke"])
     assert "| F.cross_entropy |" in result.stdout and "| exact Hutchinson |" in result.stdout
+
+
+def test_native_ab_smoke():
+    if importlib.util.find_spec("hgkernels._native_cpu") is None:
+        pytest.skip("the native CPU module is not built")
+    result = _run(["benchmarks/native_ab.py", "--smoke"])
+    assert "| smoke-ce | exact Hutchinson | forward |" in result.stdout and "| HGP | backward |" in result.stdout
