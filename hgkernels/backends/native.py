@@ -82,6 +82,7 @@ class _Kernels:
         if head is None:
             return d_logits, d_features, (0, 0, 0), None
         weight_grad = self.empty(self.c, self.head_width)
+        self.operands += (head.weight, head.extra_logit_grad)  # held, as the operands (converted copies)
         return d_logits, d_features, (head.weight.data_ptr(), head.extra_logit_grad.data_ptr(),
                                       weight_grad.data_ptr()), weight_grad
 
