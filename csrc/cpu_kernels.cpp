@@ -302,8 +302,11 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
   for (int c = 0; gam && c < C; ++c) gam_rows[c] = gam + c * Dh;
   T dots[kPassRows][Cap], dots_sq[kPassRows][Cap], p[Cap], dp[Cap];
   T coef[kPassRows][2 * Cap], coef_sq[kPassRows][Cap];
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += kPassRows) {
-    const int rows = int(std::min<int64_t>(kPassRows, row_end - i0));
+  for (int64_t i0 = row_begin, rows; i0 < row_end; i0 += rows) {
+    // Passes end at multiples of kPassRows (or the run's end): which rows share a pass, and so which
+    // tile code computes a row, must not depend on the row blocks, which follow the thread count
+    // (the compiler contracts multiply-adds differently in each tile width).
+    rows = std::min<int64_t>(kPassRows - i0 % kPassRows, row_end - i0);
     const T* x[kPassRows];
     T* dx[kPassRows];
     for (int r = 0; r < rows; ++r) x[r] = h.features + (i0 + r) * h.features_row_stride, dx[r] = d_features + (i0 + r) * D;
@@ -658,8 +661,9 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
     // the fused head's weight gradient, summed per fixed kHeadGradRows rows (tasks then hold whole
     // such groups) and then over the groups in order.
     const bool head_grad = head.weight && head.weight_grad;
-    int64_t row_block = row_block_for(N, threads);
-    if (head_grad) row_block = (row_block + kHeadGradRows - 1) / kHeadGradRows * kHeadGradRows;
+    // Blocks hold whole passes (whole kHeadGradRows groups with a head gradient): see backward_rows_direct.
+    const int64_t align = head_grad ? kHeadGradRows : kPassRows;
+    const int64_t row_block = (row_block_for(N, threads) + align - 1) / align * align;
     const std::vector<Task> rows = natural_blocks(s, row_block);
     std::vector<T> head_partials(head_grad ? size_t((N + kHeadGradRows - 1) / kHeadGradRows) * C * Dh : 0, T(0));
     T* partials = head_grad ? head_partials.data() : nullptr;

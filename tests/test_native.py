@@ -226,6 +226,29 @@ def test_deterministic_across_runs_and_thread_counts(method, loss, sizes, num_cl
         assert torch.equal(a, c), f"{name} differs between 2 threads and 1 thread"
 
 
+@pytest.mark.parametrize("method", ["hgp", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_row_backward_bitwise_across_thread_counts_with_grouped_ids(method, dtype):
+    """The row blocks follow the thread count; the one-row backward's passes of up to 4 samples must not
+    (the compiler contracts multiply-adds differently in each pass width, so a row computed in another
+    pass width can differ in its last bit): grouped ids (long runs of one environment), D = 255 (every
+    column tail), environments of 3 and 138 samples, threads 1, 2 and 3."""
+    case = make_case(58, loss="binary_cross_entropy", bias=False, sizes=[3, 138], num_classes=7, num_features=255,
+                     as_sizes=True, dtype=dtype)
+    fn, opts = (hk.hgp_penalty, {"reference": "mean"}) if method == "hgp" else (hk.hutchinson_penalty, {})
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(_grads(fn, case, "native", env_reduction="sum", detach_reference=False, **opts))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for name, a, b in zip(("hessian", "gradient", "d logits", "d features"), runs[0], other):
+            assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_non_contiguous_inputs(loss):
     """Column-sliced and transposed logits/features give the contiguous result."""
