@@ -263,14 +263,29 @@ void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* co
     }
 }
 
-// part[:D] += a * x, part[D] += a (bias column), one SIMD vector at a time.
-template <typename T>
-void head_row_update(T a, const T* x, int D, bool bias, T* part) {
+// The fused head's gradient from a pass of R rows: part[c][:D] += sum_r a[r][first + c] x[r] and, with a bias,
+// part[c][D] += sum_r a[r][first + c], adding the rows in order. One load and store of `part` per pass
+// (per row, those loads and stores bounded it).
+template <typename T, int R, int Cap>
+void head_rows_update(const T (*a)[2 * Cap], int first, const T* const* x, int C, int D, bool bias, int64_t Dh,
+                      T* part) {
   using V = Simd<T>;
   int d = 0;
-  for (; d + V::lanes <= D; d += V::lanes) V::store(part + d, V::load(part + d) + a * V::load(x + d));
-  for (; d < D; ++d) part[d] += a * x[d];
-  if (bias) part[D] += a;
+  for (; d + V::lanes <= D; d += V::lanes) {
+    typename V::type xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = V::load(x[r] + d);
+    for (int c = 0; c < C; ++c) {
+      T* out = part + c * Dh + d;
+      typename V::type acc = V::load(out);
+      for (int r = 0; r < R; ++r) acc += a[r][first + c] * xv[r];
+      V::store(out, acc);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    for (int t = d; t < D; ++t)
+      for (int r = 0; r < R; ++r) part[c * Dh + t] += a[r][first + c] * x[r][t];
+    for (int r = 0; bias && r < R; ++r) part[c * Dh + D] += a[r][first + c];
+  }
 }
 
 // fn(std::integral_constant<int, rows>) for a pass of 1..kPassRows rows.
@@ -330,10 +345,11 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
       for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
     }
     with_rows(rows, expand);
-    for (int r = 0; head_partials && r < rows; ++r) {  // the head's gradient: d_logits_i zh_i^T, in row order
-      T* part = head_partials + ((i0 + r) / kHeadGradRows) * C * Dh;
-      for (int c = 0; c < C; ++c) head_row_update<T>(coef[r][W + c], x[r], D, h.bias, part + c * Dh);
-    }
+    if (head_partials)  // the head's gradient d_logits_i zh_i^T; a pass lies in one kHeadGradRows group
+      with_rows(rows, [&](auto num_rows) {
+        head_rows_update<T, decltype(num_rows)::value, Cap>(coef, W, x, C, D, h.bias, Dh,
+                                                            head_partials + (i0 / kHeadGradRows) * C * Dh);
+      });
   }
 }
 
