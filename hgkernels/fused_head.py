@@ -101,13 +101,10 @@ class HeadFunction(torch.autograd.Function):
             return (*grads, *([None] * (6 - len(grads))))
         dtype = problem.compute_dtype
         extra = (d_erm * erm_logit_grad(problem) + d_logits).to(dtype)
-        # the head's weight as a (C, Dh) matrix like the plans' upstream matrices (bias column unused)
-        head_matrix = torch.cat([weight.to(dtype), weight.new_zeros(weight.shape[0], 1, dtype=dtype)], 1) \
-            if problem.bias else weight.to(dtype)
         put_state(ctx.slots, state)
         try:
             d_logits_total, d_features, head_grad = ctx.plan.backward(
-                ctx.backend, problem, alpha, beta, head=HeadTerm(head_matrix.contiguous(), extra.contiguous()))
+                ctx.backend, problem, alpha, beta, head=HeadTerm(weight.to(dtype), extra.contiguous()))
         finally:
             take_state(ctx.plan, ctx.slots)
         d_weight = d_bias = None

@@ -31,7 +31,7 @@ from .._inputs import HeadProblem
 class HeadTerm(NamedTuple):
     """A linear head fused into `per_sample_backward` (hgkernels.fused_head): d_logits gains
     ``extra_logit_grad`` (N, C) and d_features gains the head's own term d_logits @ W, both written
-    into the primitive's fresh outputs. ``weight`` is (C, Dh) in the compute dtype (bias column zero).
+    into the primitive's fresh outputs. ``weight`` is the head's W (C, D) in the compute dtype.
     Given a head, the primitive returns a third value: the head's gradient d_logitsᵀ zh (C, Dh) where
     its kernels formed it on the way (the native CPU one-row path), else None."""
 
@@ -46,7 +46,7 @@ def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Option
     if head is None:
         return d_logits, d_features
     d_logits = d_logits + head.extra_logit_grad
-    return d_logits, d_features.addmm_(d_logits, head.weight[:, :d_features.shape[1]]), None
+    return d_logits, d_features.addmm_(d_logits, head.weight), None
 
 
 class PlanSpec(NamedTuple):

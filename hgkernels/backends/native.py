@@ -246,7 +246,7 @@ class NativeBackend(Backend):
         ups = _matrix(hvp_up.reshape(e, k * c, dh), dtype) if k else None
         operands = (*_operands(problem, diag_weight), _matrix(grad_up, dtype), dirs, ups, _matrix(diag_up, dtype))
         if head is not None and problem.logits.device.type == "cpu" and plain_eager():
-            return _per_sample_backward_call(*operands, head=_head_in(head, dtype))
+            return _per_sample_backward_call(*operands, head=_head_in(head, dtype, problem.head_width))
         d_logits, d_features = _op(native_per_sample_backward, _per_sample_backward_impl)(*operands)
         return add_head_term(d_logits, d_features, head)
 
@@ -266,7 +266,8 @@ class NativeBackend(Backend):
     def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,
                       beta: torch.Tensor, head: Optional[HeadTerm] = None):
         call = _Kernels(*_operands(problem, "curvature")[:8])
-        d_logits, d_features, head_args, weight_grad = call.backward_outputs(_head_in(head, call.dtype))
+        d_logits, d_features, head_args, weight_grad = call.backward_outputs(
+            _head_in(head, call.dtype, call.head_width))
         written = call.module.plan_backward(call.is_double, call.head, call.segments, _plan_args(spec),
                                             state.data_ptr(), float(alpha), float(beta), *head_args,
                                             d_logits.data_ptr(), d_features.data_ptr(), call.launch)
@@ -275,9 +276,15 @@ class NativeBackend(Backend):
         return d_logits, d_features, weight_grad if written else None
 
 
-def _head_in(head: Optional[HeadTerm], dtype: torch.dtype) -> Optional[HeadTerm]:
-    """A fused head's matrices as the kernels read them."""
-    return None if head is None else HeadTerm(_matrix(head.weight, dtype), _matrix(head.extra_logit_grad, dtype))
+def _head_in(head: Optional[HeadTerm], dtype: torch.dtype, head_width: int) -> Optional[HeadTerm]:
+    """A fused head's matrices as the kernels read them: W as (C, Dh) rows like the plans' upstream
+    matrices (a zero bias column, which the kernels never read), the extra logit gradient contiguous."""
+    if head is None:
+        return None
+    weight = head.weight.to(dtype)
+    if weight.shape[1] < head_width:
+        weight = torch.cat([weight, weight.new_zeros(weight.shape[0], head_width - weight.shape[1])], 1)
+    return HeadTerm(weight.contiguous(), _matrix(head.extra_logit_grad, dtype))
 
 
 def _plan_args(spec: PlanSpec) -> tuple:
