@@ -200,8 +200,9 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
 
 // out[r][q] = mats[q] . x[r] over D for q < n and R rows (x squared when Square): register tiles of
 // R rows by up to kDotMats matrix rows (runtime-indexed accumulators would live on the stack, and their
-// loads and stores bounded the per-sample backward). Each dot in finish_dot's order, so it matches the
-// blocked path's dots bit for bit.
+// loads and stores bounded the per-sample backward). Each dot in finish_dot's order, the blocked path's
+// order (the compiler may contract multiply-adds differently in each tile's code, so the last bit of a
+// row can depend on the tile that computed it: see the passes of backward_rows_direct).
 template <typename T, bool Square, int R, int Cap>
 void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[Cap]) {
   for (int q0 = 0; q0 < n; q0 += kDotMats) {
@@ -215,7 +216,7 @@ void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[C
 // R samples' d_features for few matrix rows (W + C <= kDirectBackwardRows): coef @ the
 // stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam). Register tiles of R rows by Vecs SIMD vectors of
 // columns (each matrix vector loaded once for the R rows); every element sums its rows in order (the
-// matrix rows, then the Gam rows times x), whatever the tile.
+// matrix rows, then the Gam rows times x) in any tile.
 template <typename T, int R, int Cap, int Vecs>
 void expand_rows_tile(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
                       const T (*coef_sq)[Cap], const T* gam, int C, int64_t Dh, int d, T* const* dx) {
