@@ -59,14 +59,28 @@ hgk::PlanSpec plan_from(const py::tuple& t) {
 }
 #endif
 
-// Calls fn with a value of the kernel's scalar type (double when is_double, else float);
-// head tuples are read with the GIL held, the kernels run without it.
+// fused head: (weight, extra logit gradient, weight gradient) addresses, 0 for none
+template <typename T>
+hgk::HeadTerm<T> head_term_from(uintptr_t weight, uintptr_t extra, uintptr_t weight_grad) {
+  return {ptr<T>(weight), ptr<T>(extra), mut<T>(weight_grad)};
+}
+
+// Calls fn(tag, head, segments, launch) for the kernel's scalar type T = decltype(tag) (double when
+// is_double, else float): the tuples are read with the GIL held, fn runs without it.
 template <typename Fn>
-void with_scalar(bool is_double, Fn&& fn) {
+void with_problem(bool is_double, const py::tuple& head, const py::tuple& seg, const py::tuple& launch, Fn&& fn) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const auto h = head_from<T>(head);
+    const auto s = segments_from(seg);
+    const auto l = launch_from(launch);
+    py::gil_scoped_release release;
+    fn(tag, h, s, l);
+  };
   if (is_double)
-    fn(double());
+    run(double());
   else
-    fn(float());
+    run(float());
 }
 
 }  // namespace
@@ -81,13 +95,9 @@ PYBIND11_MODULE(HGK_MODULE, m) {
   });
   m.def("head_stats", [](bool is_double, py::tuple head, py::tuple seg, py::tuple layout, uintptr_t dirs,
                          uintptr_t work, uintptr_t out, py::tuple launch) {
-    with_scalar(is_double, [&](auto tag) {
+    const auto lay = layout_from<hgk::StatsLayout>(layout);
+    with_problem(is_double, head, seg, launch, [&](auto tag, const auto& h, const auto& s, hgk::Launch l) {
       using T = decltype(tag);
-      const auto h = head_from<T>(head);
-      const auto s = segments_from(seg);
-      const auto lay = layout_from<hgk::StatsLayout>(layout);
-      const auto l = launch_from(launch);
-      py::gil_scoped_release release;
       hgk::head_stats<T>(h, s, lay, ptr<T>(dirs), mut<T>(work), mut<T>(out), l);
     });
   });
@@ -95,18 +105,14 @@ PYBIND11_MODULE(HGK_MODULE, m) {
                                   uintptr_t dirs, uintptr_t ups, uintptr_t gam, uintptr_t head_weight,
                                   uintptr_t head_extra, uintptr_t head_weight_grad, uintptr_t work, uintptr_t d_logits,
                                   uintptr_t d_features, py::tuple launch) {
+    const auto lay = layout_from<hgk::BackwardLayout>(layout);
     bool weight_grad_written = false;
-    with_scalar(is_double, [&](auto tag) {
+    with_problem(is_double, head, seg, launch, [&](auto tag, const auto& h, const auto& s, hgk::Launch l) {
       using T = decltype(tag);
-      const auto h = head_from<T>(head);
-      const auto s = segments_from(seg);
-      const auto lay = layout_from<hgk::BackwardLayout>(layout);
-      const auto l = launch_from(launch);
-      py::gil_scoped_release release;
-      const hgk::HeadTerm<T> fused_head{ptr<T>(head_weight), ptr<T>(head_extra), mut<T>(head_weight_grad)};
-      weight_grad_written = hgk::per_sample_backward<T>(h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups),
-                                                        ptr<T>(gam), fused_head, mut<T>(work), mut<T>(d_logits),
-                                                        mut<T>(d_features), l);
+      weight_grad_written = hgk::per_sample_backward<T>(
+          h, s, lay, ptr<T>(grad_up), ptr<T>(dirs), ptr<T>(ups), ptr<T>(gam),
+          head_term_from<T>(head_weight, head_extra, head_weight_grad), mut<T>(work), mut<T>(d_logits),
+          mut<T>(d_features), l);
     });
     return weight_grad_written;
   });
@@ -116,29 +122,21 @@ PYBIND11_MODULE(HGK_MODULE, m) {
   });
   m.def("plan_forward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple plan, uintptr_t state,
                            uintptr_t hessian, uintptr_t gradient, py::tuple launch) {
-    with_scalar(is_double, [&](auto tag) {
+    const auto spec = plan_from(plan);
+    with_problem(is_double, head, seg, launch, [&](auto tag, const auto& h, const auto& s, hgk::Launch l) {
       using T = decltype(tag);
-      const auto h = head_from<T>(head);
-      const auto s = segments_from(seg);
-      const auto spec = plan_from(plan);
-      const auto l = launch_from(launch);
-      py::gil_scoped_release release;
       hgk::plan_forward<T>(h, s, spec, mut<T>(state), mut<T>(hessian), mut<T>(gradient), l);
     });
   });
   m.def("plan_backward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple plan, uintptr_t state,
                             double alpha, double beta, uintptr_t head_weight, uintptr_t head_extra,
                             uintptr_t head_weight_grad, uintptr_t d_logits, uintptr_t d_features, py::tuple launch) {
+    const auto spec = plan_from(plan);
     bool weight_grad_written = false;
-    with_scalar(is_double, [&](auto tag) {
+    with_problem(is_double, head, seg, launch, [&](auto tag, const auto& h, const auto& s, hgk::Launch l) {
       using T = decltype(tag);
-      const auto h = head_from<T>(head);
-      const auto s = segments_from(seg);
-      const auto spec = plan_from(plan);
-      const auto l = launch_from(launch);
-      py::gil_scoped_release release;
-      const hgk::HeadTerm<T> fused_head{ptr<T>(head_weight), ptr<T>(head_extra), mut<T>(head_weight_grad)};
-      weight_grad_written = hgk::plan_backward<T>(h, s, spec, ptr<T>(state), alpha, beta, fused_head,
+      weight_grad_written = hgk::plan_backward<T>(h, s, spec, ptr<T>(state), alpha, beta,
+                                                  head_term_from<T>(head_weight, head_extra, head_weight_grad),
                                                   mut<T>(d_logits), mut<T>(d_features), l);
     });
     return weight_grad_written;
