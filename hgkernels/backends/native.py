@@ -255,7 +255,7 @@ class NativeBackend(Backend):
         calls take the composed path anyway, and a dispatch mode's tensors are no memory to write)."""
         if problem.logits.device.type != "cpu" or not plain_eager():
             return None
-        call = _Kernels(*_operands(problem, "curvature")[:8])
+        call = _plan_kernels(problem)
         plan = _plan_args(spec)
         state = call.empty(call.module.plan_state_size(plan, call.num_envs, call.c, call.head_width))
         hessian, gradient = call.empty(), call.empty()
@@ -265,7 +265,7 @@ class NativeBackend(Backend):
 
     def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,
                       beta: torch.Tensor, head: Optional[HeadTerm] = None):
-        call = _Kernels(*_operands(problem, "curvature")[:8])
+        call = _plan_kernels(problem)
         d_logits, d_features, head_args, weight_grad = call.backward_outputs(
             _head_in(head, call.dtype, call.head_width))
         written = call.module.plan_backward(call.is_double, call.head, call.segments, _plan_args(spec),
@@ -285,6 +285,11 @@ def _head_in(head: Optional[HeadTerm], dtype: torch.dtype, head_width: int) -> O
     if weight.shape[1] < head_width:
         weight = torch.cat([weight, weight.new_zeros(weight.shape[0], head_width - weight.shape[1])], 1)
     return HeadTerm(weight.contiguous(), _matrix(head.extra_logit_grad, dtype))
+
+
+def _plan_kernels(problem: HeadProblem) -> _Kernels:
+    """The problem's argument tuples for the plans (whose Dg rows always weigh the curvature)."""
+    return _Kernels(*_operands(problem, "curvature")[:8])
 
 
 def _plan_args(spec: PlanSpec) -> tuple:
