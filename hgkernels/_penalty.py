@@ -102,10 +102,15 @@ def put_state(slots: Sequence[Tuple[StateHolder, str]], flat: Sequence[torch.Ten
 
 
 class WholePlan(StateHolder):
-    """A plan a backend may run whole (`Backend.plan_forward`: the native CPU module's C++ plans, one call
-    per direction); otherwise its own algebra runs on the backend's two primitives."""
+    """A plan a backend may run whole: as one compiled autograd node (`Backend.autograd_plan`, see
+    `penalty_function`) or one call per direction (`Backend.plan_forward`: the native CPU module's C++
+    plans); otherwise its own algebra runs on the backend's two primitives."""
 
     backend_state: Optional[torch.Tensor] = None  # plan_forward's state, when the backend ran the plan
+
+    def plan_spec(self, problem: HeadProblem) -> PlanSpec:
+        """What a backend needs to run this plan whole (also sets the plan's own options for `forward`)."""
+        raise NotImplementedError
 
     def run_whole(self, backend: Backend, problem: HeadProblem, spec: PlanSpec):
         """(hessian, gradient) from the backend's plan_forward, or None."""
@@ -129,9 +134,12 @@ class ExactDiagPlan(WholePlan):
     def feature_form(self, generator_state=None) -> "ExactDiagPlan":
         return ExactDiagPlan(self.env_reduction, self.detach_reference)
 
-    def forward(self, backend: Backend, problem: HeadProblem):
+    def plan_spec(self, problem: HeadProblem) -> PlanSpec:
         self.weight = env_weight(self.env_reduction, problem.segments.num_envs)
-        whole = self.run_whole(backend, problem, PlanSpec("exact", self.weight, False, self.detach_reference))
+        return PlanSpec("exact", self.weight, False, self.detach_reference)
+
+    def forward(self, backend: Backend, problem: HeadProblem):
+        whole = self.run_whole(backend, problem, self.plan_spec(problem))
         if whole is not None:
             return whole
         stats = backend.head_stats(problem, gradient=True, hess_diag=True)
@@ -235,12 +243,15 @@ class HGPPlan(WholePlan):
     def feature_form(self, generator_state=None) -> "HGPPlan":
         return HGPPlan(self.env_reduction, self.detach_reference, self.reference)
 
-    def forward(self, backend: Backend, problem: HeadProblem):
+    def plan_spec(self, problem: HeadProblem) -> PlanSpec:
         e = problem.segments.num_envs
         self.weight = env_weight(self.env_reduction, e)
         # With one environment the pooled and mean references coincide; the mean keeps the penalty exactly 0.
         self.pooled = self.reference == "pooled" and e > 1
-        whole = self.run_whole(backend, problem, PlanSpec("hgp", self.weight, self.pooled, self.detach_reference))
+        return PlanSpec("hgp", self.weight, self.pooled, self.detach_reference)
+
+    def forward(self, backend: Backend, problem: HeadProblem):
+        whole = self.run_whole(backend, problem, self.plan_spec(problem))
         if whole is not None:
             return whole
         self.grad = backend.head_stats(problem, gradient=True).grad
@@ -293,6 +304,14 @@ def differentiable_grads(outputs_fn, inputs: Sequence[torch.Tensor], upstream):
     return [g if t.requires_grad else None for g, t in zip(grads, inputs)]
 
 
+def create_graph_grads(feature_plan, problem: HeadProblem, logits, features, alpha, beta):
+    """A create_graph=True backward (DOUBLE_BACKWARD_NOTE): the gradients of alpha * hessian + beta *
+    gradient by autograd through `feature_plan`'s forward on the torch backend, as a differentiable graph."""
+    return differentiable_grads(
+        lambda lg, ft: feature_plan.forward(_torch_backend(), problem.with_tensors(lg, ft)), (logits, features),
+        (alpha, beta))
+
+
 def replayed_feature_form(plan, slots, state):
     """For a double backward: the plan's feature form, replaying the forward's probes from the generator
     state it saved (stochastic estimator); `slots`/`state` as `take_state` left them."""
@@ -333,13 +352,25 @@ class PenaltyFunction(torch.autograd.Function):
                 raise RuntimeError("create_graph=True (double backward) through a penalty with a process_group is "
                                    "not supported: the collectives run inside the hand-written backward")
             plan = replayed_feature_form(ctx.plan, ctx.slots, state)
-            d_logits, d_features = differentiable_grads(
-                lambda lg, ft: plan.forward(_torch_backend(), problem.with_tensors(lg, ft)), (logits, features),
-                (alpha, beta))
-            return d_logits, d_features, None, None, None
+            return (*create_graph_grads(plan, problem, logits, features, alpha, beta), None, None, None)
         put_state(ctx.slots, state)
         try:
             d_logits, d_features = ctx.plan.backward(ctx.backend, problem, alpha, beta)
         finally:
             take_state(ctx.plan, ctx.slots)
         return d_logits.to(logits.dtype), d_features.to(features.dtype), None, None, None
+
+
+def penalty_function(problem: HeadProblem, backend: Backend, plan) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The penalty's (hessian, gradient) with autograd: the backend's compiled node for a whole plan where
+    it has one (`Backend.autograd_plan`: no Python in the backward), else `PenaltyFunction`."""
+    if isinstance(plan, WholePlan):
+        def double_backward(logits, features, targets, alpha, beta):
+            return create_graph_grads(plan.feature_form(), problem.with_tensors(logits, features, targets),
+                                      logits, features, alpha, beta)
+
+        node = backend.autograd_plan(problem, plan.plan_spec(problem), double_backward)
+        if node is not None:
+            check_deferred_features(problem, node[1])
+            return node
+    return PenaltyFunction.apply(problem.logits, problem.features, problem, backend, plan)

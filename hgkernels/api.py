@@ -7,7 +7,7 @@ import torch
 
 from . import backends, distributed, reference as reference_path
 from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
-from ._penalty import ExactDiagPlan, HGPPlan, PenaltyFunction, StochasticDiagPlan, differentiable_grads
+from ._penalty import ExactDiagPlan, HGPPlan, StochasticDiagPlan, differentiable_grads, penalty_function
 from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space, tiny_head
 from .backends.base import Backend
 
@@ -131,7 +131,7 @@ def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, proces
     return Penalty(*dispatch(
         problem, backend, process_group, ddp_reduction, reference=reference_call,
         composed=lambda impl: plan.feature_form().forward(impl, problem),
-        function=lambda impl: PenaltyFunction.apply(problem.logits, problem.features, problem, impl, plan)))
+        function=lambda impl: penalty_function(problem, impl, plan)))
 
 
 def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,

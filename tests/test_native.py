@@ -98,9 +98,11 @@ def _head_grads(method, case, alpha=0.7, beta=1.3, **opts):
 @pytest.mark.parametrize("seed", range(12))
 def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
     """The C++ plans (csrc/hgk_plans.h: statistics, deviations, penalty sums and the backward's algebra,
-    one call per direction) serve CPU calls, logits path and fused head, and equal the Python plans'
-    algebra (_penalty.py) on the same kernels: random shapes (one-row and blocked backward paths),
-    E = 1, shuffled ids, both references, detach_reference, env_reduction, losses, bias."""
+    one call per direction) serve CPU calls: the logits path as csrc/autograd.cpp's autograd node (where
+    built), else behind the Python PenaltyFunction, and the fused head. The node equals the Function on
+    the same plans bitwise, and both equal the Python plans' algebra (_penalty.py) on the same kernels:
+    random shapes (one-row and blocked backward paths), E = 1, shuffled ids, both references,
+    detach_reference, env_reduction, losses, bias."""
     case_kw, opts = random_config(2000 + seed, max_head_params=50 * 65)
     case = make_case(seed, **case_kw)
     method = ("hgp", "exact")[seed % 2]
@@ -108,12 +110,26 @@ def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
     if method == "hgp":
         opts["reference"] = random.Random(seed).choice(["pooled", "mean"])
     ran = []
-    whole_plan = native_backend.NativeBackend.plan_forward
+    node_plan, whole_plan = native_backend.NativeBackend.autograd_plan, native_backend.NativeBackend.plan_forward
+
+    def spy_node(self, problem, spec, double_backward):
+        out = node_plan(self, problem, spec, double_backward)
+        if out is not None:
+            ran.append(("node", spec.method))
+        return out
+
+    monkeypatch.setattr(native_backend.NativeBackend, "autograd_plan", spy_node)
     monkeypatch.setattr(native_backend.NativeBackend, "plan_forward",
-                        lambda self, problem, spec: ran.append(spec.method) or whole_plan(self, problem, spec))
-    whole = _grads(fn, case, "native", **opts)
+                        lambda self, problem, spec: ran.append(("plan", spec.method)) or whole_plan(self, problem, spec))
+    first = _grads(fn, case, "native", **opts)
     whole_head = _head_grads("hutchinson" if method == "exact" else method, case, **opts)
-    assert ran == [method, method]
+    first_path = "node" if native_backend.AUTOGRAD_ERROR is None else "plan"
+    assert ran == [(first_path, method), ("plan", method)]
+    monkeypatch.setattr(native_backend.NativeBackend, "autograd_plan", lambda self, problem, spec, db: None)
+    whole = _grads(fn, case, "native", **opts)
+    assert ran[-1] == ("plan", method)
+    for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), first, whole):
+        assert torch.equal(a, b), f"autograd node vs PenaltyFunction on the C++ plans: {name}"
     monkeypatch.setattr(native_backend.NativeBackend, "plan_forward", lambda self, problem, spec: None)
     _compare(whole, _grads(fn, case, "native", **opts), RTOL, "C++ plan vs Python plan")
     for name, a, b in zip(("total", "d features", "d weight", "d bias"), whole_head,

@@ -4,6 +4,7 @@ One test (or parametrized group) per way a call used to go silently wrong, crash
 the README; each failed on the code before its fix. CPU only.
 """
 import io
+import os
 import multiprocessing
 import weakref
 
@@ -472,3 +473,116 @@ def test_compile_with_ids_needs_num_envs():
         torch._dynamo.reset()
         with pytest.raises((ValueError, torch._dynamo.exc.Unsupported)):
             torch.compile(step, fullgraph=fullgraph)(w)
+
+
+# 13. The compiled autograd node (csrc/autograd.cpp) -------------------------------------------------
+
+def _node_required():
+    """The node is built wherever torch is installed before hgkernels (CI: required)."""
+    from hgkernels.backends import native
+    if native.AUTOGRAD_ERROR is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            raise AssertionError(f"CI builds hgkernels._native_autograd, but {native.AUTOGRAD_ERROR}")
+        pytest.skip(native.AUTOGRAD_ERROR)
+
+
+def _function_path(monkeypatch):
+    """Make the same calls run the Python PenaltyFunction (over the same C++ plans) instead of the node."""
+    from hgkernels.backends import native
+    monkeypatch.setattr(native.NativeBackend, "autograd_plan", lambda self, problem, spec, db: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+def test_autograd_node_serves_default_cpu_calls_and_equals_the_function(dtype, method, monkeypatch):
+    """Default options on CPU run the node; its values and gradients equal the Python Function's bitwise,
+    for the sum of both terms, one term alone (the other's upstream undefined) and features-only grads."""
+    _node_required()
+    case = _case(30, sizes=(6, 9, 5), c=4, d=7, dtype=dtype)
+    fn = PENALTIES[method]
+
+    def run(which):
+        logits, feats = case.leaves()
+        pen = fn(logits, feats, case.labels, case.envs)
+        out = {"both": pen.hessian + pen.gradient, "hessian": pen.hessian, "gradient": pen.gradient}[which]
+        return pen.hessian.grad_fn, (pen.hessian, pen.gradient, *torch.autograd.grad(out, (logits, feats)))
+
+    results = {}
+    for which in ("both", "hessian", "gradient"):
+        node, results[which] = run(which)
+        assert node.name() == "HessianAlignmentPenaltyBackward"
+    logits, feats = case.leaves()
+    pen = fn(logits.detach(), feats, case.labels, case.envs)
+    features_only = torch.autograd.grad(pen.hessian + pen.gradient, feats)[0]
+    _function_path(monkeypatch)
+    for which, got in results.items():
+        node, want = run(which)
+        assert node.name() != "HessianAlignmentPenaltyBackward"
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), which
+    assert torch.equal(features_only, results["both"][3])
+
+
+def test_autograd_node_saved_tensors_retain_graph_and_inplace_changes():
+    """As the Python Function: a second backward needs retain_graph (and then equals the first), and an
+    in-place change to logits or features before backward raises."""
+    _node_required()
+    case = _case(31)
+    logits, feats = case.leaves()
+    pen = hk.hgp_penalty(logits * 1, feats * 1, case.labels, case.envs)
+    first = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats), retain_graph=True)
+    second = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+    for which in (0, 1):
+        inputs = [t.detach().clone().requires_grad_(True) for t in case.leaves()]
+        used = [t * 1 for t in inputs]
+        pen = hk.hutchinson_penalty(*used, case.labels, case.envs)
+        with torch.no_grad():
+            used[which].add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (pen.hessian + pen.gradient).backward()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_autograd_node_under_no_grad_and_inference_mode(mode):
+    _node_required()
+    case = _case(32)
+    logits, feats = case.leaves()
+    want = hk.hgp_penalty(logits, feats, case.labels, case.envs)
+    with (torch.no_grad() if mode == "no_grad" else torch.inference_mode()):
+        got = hk.hgp_penalty(logits, feats, case.labels, case.envs)
+    assert not got.hessian.requires_grad and got.hessian.grad_fn is None
+    assert torch.equal(got.hessian, want.hessian.detach()) and torch.equal(got.gradient, want.gradient.detach())
+
+
+def test_autograd_node_refuses_forward_mode_ad():
+    """A forward-mode tangent would be silently dropped: an error, as a Python Function without jvp gives."""
+    _node_required()
+    import torch.autograd.forward_ad as fwAD
+    case = _case(33)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(case.logits.clone(), torch.randn_like(case.logits))
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            hk.hutchinson_penalty(dual, case.features, case.labels, case.envs)
+
+
+def test_autograd_node_refuses_another_torch_and_the_function_serves():
+    """The node's module is on the torch C++ ABI: against another torch version than its build's it
+    refuses to load (ImportError at import), and the penalties run through the Python Function."""
+    _node_required()
+    import subprocess
+    import sys
+    script = (
+        "import torch\n"
+        "torch.__version__ = '0.0.0-not-the-build'\n"
+        "import hgkernels as hk\n"
+        "from hgkernels.backends import native\n"
+        "assert 'built against torch' in native.AUTOGRAD_ERROR, native.AUTOGRAD_ERROR\n"
+        "lg = torch.randn(9, 3, requires_grad=True); ft = torch.randn(9, 4)\n"
+        "pen = hk.hgp_penalty(lg, ft, torch.randint(0, 3, (9,)), [4, 5])\n"
+        "assert pen.hessian.grad_fn.name() != 'HessianAlignmentPenaltyBackward'\n"
+        "pen.hessian.backward(); assert lg.grad is not None\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

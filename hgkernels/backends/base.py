@@ -115,3 +115,10 @@ class Backend:
                       beta: torch.Tensor, head: Optional[HeadTerm] = None):
         """The plan's backward from `plan_forward`'s state, returning what `per_sample_backward` returns."""
         raise NotImplementedError
+
+    def autograd_plan(self, problem: HeadProblem, spec: PlanSpec, double_backward
+                      ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """A whole plan as one compiled autograd node: (hessian, gradient) whose backward runs without
+        Python, or None where `_penalty.PenaltyFunction` should run (the default). The node calls
+        ``double_backward(logits, features, targets, alpha, beta)`` for a create_graph=True backward."""
+        return None

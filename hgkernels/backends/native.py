@@ -35,6 +35,9 @@ def _import(name: str):
 
 _CPU, _CPU_ERROR = _import("_native_cpu")
 _CUDA, _CUDA_ERROR = _import("_native_cuda")
+# csrc/autograd.cpp, built against the installed torch (absent, or refusing another torch: the Python path)
+_AUTOGRAD, AUTOGRAD_ERROR = _import("_native_autograd")
+_NODE_DTYPES = (torch.float32, torch.float64)
 
 
 def _address(t: Optional[torch.Tensor]) -> int:
@@ -262,6 +265,20 @@ class NativeBackend(Backend):
         call.module.plan_forward(call.is_double, call.head, call.segments, plan, state.data_ptr(),
                                  hessian.data_ptr(), gradient.data_ptr(), call.launch)
         return state, hessian, gradient
+
+    def autograd_plan(self, problem: HeadProblem, spec: PlanSpec, double_backward):
+        """csrc/autograd.cpp's node for CPU float32/float64 problems in plain eager mode whose tensors the
+        kernels read as they are (unit feature-column stride, contiguous targets and ids): the node saves
+        the caller's own tensors, so in-place changes before backward raise. Others: None."""
+        logits, features, targets = problem.logits, problem.features, problem.targets
+        env_ids = problem.segments.env_ids
+        if (_AUTOGRAD is None or logits.device.type != "cpu" or logits.dtype not in _NODE_DTYPES
+                or features.stride(1) != 1 or not targets.is_contiguous() or not env_ids.is_contiguous()
+                or not plain_eager()):
+            return None
+        segments = problem.segments
+        return _AUTOGRAD.plan_penalty(logits, features, targets, segments.order, segments.offsets, env_ids,
+                                      _LOSS_CODES[problem.loss], problem.bias, *_plan_args(spec), double_backward)
 
     def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,
                       beta: torch.Tensor, head: Optional[HeadTerm] = None):
