@@ -586,3 +586,29 @@ def test_autograd_node_refuses_another_torch_and_the_function_serves():
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_autograd_node_applies_saved_tensor_hooks():
+    """design.md §4.3: saved-tensor hooks apply to what the backward reads (e.g. save_on_cpu, checkpointing
+    tools): the node's saved tensors go through them, and the gradients are unchanged."""
+    _node_required()
+    case = _case(34)
+    logits, feats = case.leaves()
+    want = torch.autograd.grad(sum(hk.hgp_penalty(logits, feats, case.labels, case.envs)), (logits, feats))
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    def unpack(t):
+        unpacked.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        pen = hk.hgp_penalty(logits, feats, case.labels, case.envs)
+    assert pen.hessian.grad_fn.name() == "HessianAlignmentPenaltyBackward"
+    assert logits.shape in packed and feats.shape in packed
+    got = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+    assert len(unpacked) == len(packed)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
