@@ -59,6 +59,9 @@ def _torch_build_info():
                              timeout=300, check=True).stdout
         import json
         return json.loads(out.strip().splitlines()[-1]), None
+    except subprocess.CalledProcessError as err:
+        why = (err.stderr or "").strip().splitlines()[-1:] or [f"exit status {err.returncode}"]
+        return None, f"torch was not found for {sys.executable} ({why[0]})"
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as err:
         return None, f"torch was not found for {sys.executable} ({err})"
 
