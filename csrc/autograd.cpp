@@ -11,7 +11,9 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include <array>
 #include <mutex>
+#include <vector>
 #include <type_traits>
 
 #include "hgk_plans.h"
@@ -83,6 +85,13 @@ void release_python(py::object& obj) {
 // raise, and the state is freed after backward unless retain_graph (a second backward then raises).
 struct PlanBackward : Node {
   SavedVariable logits, features, targets, order, offsets, env_ids, state;
+  struct Meta {
+    at::ScalarType dtype;
+    std::vector<int64_t> sizes;
+  };
+  static constexpr const char* kSavedNames[] = {"logits", "features", "targets", "order", "offsets", "env_ids",
+                                                "state"};
+  std::array<Meta, 7> forward_meta;  // the saved tensors' dtypes and shapes at the forward
   int loss = 0;
   bool bias = false;
   hgk::PlanSpec spec{};
@@ -93,6 +102,16 @@ struct PlanBackward : Node {
 
   std::string name() const override { return "HessianAlignmentPenaltyBackward"; }
 
+  // Compiled autograd cannot trace a backward that is one opaque kernel call. hgkernels routes calls
+  // made while compiled autograd is on to its Python autograd.Function (native.py `autograd_plan`);
+  // this error is for a backward compiled after a forward made without it.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {
+    TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                "hgkernels: this penalty's forward ran as a C++ autograd node, which compiled "
+                                "autograd cannot trace; turn compiled autograd on before the penalty's forward "
+                                "(hgkernels then uses its Python autograd.Function)");
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex);
     for (SavedVariable* v : {&logits, &features, &targets, &order, &offsets, &env_ids, &state}) v->reset_data();
@@ -101,16 +120,30 @@ struct PlanBackward : Node {
 
   ~PlanBackward() override { release_python(double_backward); }
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex);
+  // The saved tensors as the kernels read them. Saved-tensor hooks may hand back other memory: any
+  // layout is brought back to the forward's (features: unit column stride, the rest contiguous; logits
+  // any strides), and another dtype, shape or device is an error rather than a misread.
+  Problem unpack_problem(at::Tensor& saved_state) {
     Problem p{logits.unpack(), features.unpack(), targets.unpack(), order.unpack(),
               offsets.unpack(), env_ids.unpack(), loss, bias};
-    const at::Tensor saved_state = state.unpack();
-    // the engine hands 0-dim upstream gradients of the outputs' dtype, or undefined ones (zero)
-    const auto scalar = [&](const at::Tensor& g) {
-      if (!g.defined()) return 0.0;
-      return g.scalar_type() == at::kDouble ? *g.const_data_ptr<double>() : double(*g.const_data_ptr<float>());
-    };
+    saved_state = state.unpack();
+    const at::Tensor* now[] = {&p.logits, &p.features, &p.targets, &p.order, &p.offsets, &p.env_ids, &saved_state};
+    for (size_t k = 0; k < forward_meta.size(); ++k)
+      TORCH_CHECK(now[k]->device().is_cpu() && now[k]->scalar_type() == forward_meta[k].dtype &&
+                      now[k]->sizes().vec() == forward_meta[k].sizes,
+                  "hgkernels: a saved-tensor hook changed the dtype, shape or device of a tensor the penalty's "
+                  "backward reads (", kSavedNames[k], ")");
+    if (p.features.stride(1) != 1) p.features = p.features.contiguous();
+    for (at::Tensor* t : {&p.targets, &p.order, &p.offsets, &p.env_ids, &saved_state}) *t = t->contiguous();
+    return p;
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex);
+    at::Tensor saved_state;
+    Problem p = unpack_problem(saved_state);
+    // upstream 0-dim gradients, or undefined ones (zero); item() resolves lazy negation and zero tensors
+    const auto scalar = [](const at::Tensor& g) { return g.defined() ? g.item<double>() : 0.0; };
     if (at::GradMode::is_enabled()) {
       py::gil_scoped_acquire gil;
       const auto zero = [&](const at::Tensor& g) { return g.defined() ? g : at::zeros({}, p.logits.options()); };
@@ -171,6 +204,9 @@ py::tuple plan_penalty(at::Tensor logits, at::Tensor features, at::Tensor target
     node->offsets = SavedVariable(offsets, false);
     node->env_ids = SavedVariable(env_ids, false);
     node->state = SavedVariable(state, false);
+    const at::Tensor* saved[] = {&logits, &features, &targets, &order, &offsets, &env_ids, &state};
+    for (size_t k = 0; k < node->forward_meta.size(); ++k)
+      node->forward_meta[k] = {saved[k]->scalar_type(), saved[k]->sizes().vec()};
     node->loss = loss;
     node->bias = bias;
     node->spec = spec;

@@ -365,8 +365,10 @@ def penalty_function(problem: HeadProblem, backend: Backend, plan) -> Tuple[torc
     """The penalty's (hessian, gradient) with autograd: the backend's compiled node for a whole plan where
     it has one (`Backend.autograd_plan`: no Python in the backward), else `PenaltyFunction`."""
     if isinstance(plan, WholePlan):
+        template = problem.with_tensors(None, None)  # the node holds no reference to the inputs themselves
+
         def double_backward(logits, features, targets, alpha, beta):
-            return create_graph_grads(plan.feature_form(), problem.with_tensors(logits, features, targets),
+            return create_graph_grads(plan.feature_form(), template.with_tensors(logits, features, targets),
                                       logits, features, alpha, beta)
 
         node = backend.autograd_plan(problem, plan.plan_spec(problem), double_backward)

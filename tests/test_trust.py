@@ -612,3 +612,100 @@ def test_autograd_node_applies_saved_tensor_hooks():
     got = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
     assert len(unpacked) == len(packed)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_autograd_node_reads_negated_and_zero_upstream_gradients():
+    """The upstream gradient is read through item(): a lazily negated 0-dim gradient (conj().imag) and
+    one of a single term give the Function's gradients (found by an adversarial pass: a raw read of the
+    negated tensor's memory returned the opposite sign)."""
+    _node_required()
+    case = _case(35)
+    negated = torch.tensor(1j, dtype=torch.complex128).conj().imag  # -1.0 with the negative bit set
+    assert negated.is_neg()
+
+    def grads():
+        logits, feats = case.leaves()
+        pen = hk.hgp_penalty(logits, feats, case.labels, case.envs)
+        return pen.hessian.grad_fn.name(), torch.autograd.grad(pen.gradient, (logits, feats), grad_outputs=negated)
+
+    name, got = grads()
+    assert name == "HessianAlignmentPenaltyBackward"
+    import hgkernels.backends.native as native
+    original = native.NativeBackend.autograd_plan
+    native.NativeBackend.autograd_plan = lambda self, problem, spec, db: None
+    try:
+        name, want = grads()
+    finally:
+        native.NativeBackend.autograd_plan = original
+    assert name != "HessianAlignmentPenaltyBackward"
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("hooked", ["features transposed", "ids strided", "state strided", "labels int32"])
+def test_autograd_node_saved_tensor_hooks_that_change_memory(hooked):
+    """Unpack hooks may return other memory: other strides give the same gradients as without hooks,
+    another dtype a clear error, never a misread (found by an adversarial pass: a column-major features
+    copy gave wrong gradients and strided ids NaN)."""
+    _node_required()
+    case = _case(36)
+    logits, feats = case.leaves()
+    want = torch.autograd.grad(sum(hk.hutchinson_penalty(logits, feats, case.labels, case.envs)), (logits, feats))
+
+    def unpack(t):
+        if hooked == "features transposed" and t.shape == feats.shape and t.dtype.is_floating_point:
+            return t.t().contiguous().t()
+        if hooked == "ids strided" and t.dim() == 1 and not t.dtype.is_floating_point:
+            return torch.stack([t, t], 1)[:, 0]
+        if hooked == "state strided" and t.dim() == 1 and t.dtype.is_floating_point:
+            return torch.stack([t, t], 1)[:, 0]
+        if hooked == "labels int32" and t.shape == case.labels.shape and not t.dtype.is_floating_point:
+            return t.to(torch.int32)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        pen = hk.hutchinson_penalty(logits, feats, case.labels, case.envs)
+    assert pen.hessian.grad_fn.name() == "HessianAlignmentPenaltyBackward"
+    if hooked == "labels int32":
+        with pytest.raises(RuntimeError, match="saved-tensor hook changed"):
+            torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+        return
+    got = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_autograd_node_frees_the_inputs_after_backward():
+    """After a backward without retain_graph the node holds no input, even while the outputs live on
+    (found by an adversarial pass: its create_graph callback had held the call's problem)."""
+    _node_required()
+    case = _case(37)
+    logits, feats = case.leaves()
+    used = [logits * 1, feats * 1]
+    refs = [weakref.ref(t) for t in used]
+    pen = hk.hgp_penalty(*used, case.labels, case.envs)
+    assert pen.hessian.grad_fn.name() == "HessianAlignmentPenaltyBackward"
+    del used
+    (pen.hessian + pen.gradient).backward()
+    assert all(r() is None for r in refs)
+
+
+def test_autograd_node_and_compiled_autograd():
+    """A forward made while compiled autograd is on takes the Python Function, which it traces (same
+    gradients); a node made before it was turned on raises a clear NotImplementedError in its backward."""
+    _node_required()
+    import torch._dynamo.compiled_autograd as compiled_autograd
+    case = _case(38)
+    logits, feats = case.leaves()
+    want = torch.autograd.grad(sum(hk.hgp_penalty(logits, feats, case.labels, case.envs)), (logits, feats))
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        leaves = case.leaves()
+        pen = hk.hgp_penalty(*leaves, case.labels, case.envs)
+        assert pen.hessian.grad_fn.name() != "HessianAlignmentPenaltyBackward"
+        (pen.hessian + pen.gradient).backward()
+    assert_close(leaves[0].grad, want[0], 1e-12, "logits")
+    assert_close(leaves[1].grad, want[1], 1e-12, "features")
+    pen = hk.hgp_penalty(logits, feats, case.labels, case.envs)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        with pytest.raises(NotImplementedError, match="compiled autograd"):
+            (pen.hessian + pen.gradient).backward()
+    torch._dynamo.reset()

@@ -10,6 +10,7 @@ are upcast to float32 here, so every kernel reads and accumulates in float32 or 
 Results are deterministic: the kernels sum in a fixed order for any thread count.
 """
 import importlib
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -274,7 +275,7 @@ class NativeBackend(Backend):
         env_ids = problem.segments.env_ids
         if (_AUTOGRAD is None or logits.device.type != "cpu" or logits.dtype not in _NODE_DTYPES
                 or features.stride(1) != 1 or not targets.is_contiguous() or not env_ids.is_contiguous()
-                or not plain_eager()):
+                or not plain_eager() or _compiled_autograd_on()):
             return None
         segments = problem.segments
         return _AUTOGRAD.plan_penalty(logits, features, targets, segments.order, segments.offsets, env_ids,
@@ -285,12 +286,22 @@ class NativeBackend(Backend):
         call = _plan_kernels(problem)
         d_logits, d_features, head_args, weight_grad = call.backward_outputs(
             _head_in(head, call.dtype, call.head_width))
+        state = state.contiguous()  # (a saved-tensor hook may hand back other strides)
         written = call.module.plan_backward(call.is_double, call.head, call.segments, _plan_args(spec),
                                             state.data_ptr(), float(alpha), float(beta), *head_args,
                                             d_logits.data_ptr(), d_features.data_ptr(), call.launch)
         if head is None:
             return d_logits, d_features
         return d_logits, d_features, weight_grad if written else None
+
+
+def _compiled_autograd_on() -> bool:
+    """Compiled autograd is on (it traces Python autograd.Functions but not the C++ node's kernel call).
+    Read from the modules only when already imported: importing torch._dynamo costs about a second."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    config = sys.modules.get("torch._dynamo.config")
+    return bool((module is not None and module.compiled_autograd_enabled)
+                or (config is not None and config.compiled_autograd))
 
 
 def _head_in(head: Optional[HeadTerm], dtype: torch.dtype, head_width: int) -> Optional[HeadTerm]:
