@@ -86,6 +86,12 @@ def test_host_overhead_smoke():
     assert "| F.cross_entropy |" in result.stdout and "| exact Hutchinson |" in result.stdout
 
 
+def test_autograd_node_ab_smoke():
+    result = _run(["benchmarks/autograd_node_ab.py", "--smoke"])
+    built = "| tiny (N=12, D=5, C=3, E=3) | HGP |" in result.stdout
+    assert built or ("no autograd node" in result.stdout and os.environ.get("CI", "").lower() != "true"), result.stdout
+
+
 def test_native_ab_smoke():
     if importlib.util.find_spec("hgkernels._native_cpu") is None:
         pytest.skip("the native CPU module is not built")
