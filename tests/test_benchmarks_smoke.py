@@ -92,6 +92,12 @@ def test_autograd_node_ab_smoke():
     assert built or ("no autograd node" in result.stdout and os.environ.get("CI", "").lower() != "true"), result.stdout
 
 
+def test_host_breakdown_smoke():
+    result = _run(["benchmarks/host_breakdown.py", "--smoke"])
+    built = "| tiny (N=12, D=5, C=3, E=3) | HGP |" in result.stdout
+    assert built or ("no autograd node" in result.stdout and os.environ.get("CI", "").lower() != "true"), result.stdout
+
+
 def test_native_ab_smoke():
     if importlib.util.find_spec("hgkernels._native_cpu") is None:
         pytest.skip("the native CPU module is not built")
