@@ -13,8 +13,8 @@
 
 #include <array>
 #include <mutex>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
 #include "hgk_plans.h"
 
@@ -84,14 +84,16 @@ void release_python(py::object& obj) {
 // the Python Function: in-place changes to the inputs, targets or environment ids before backward
 // raise, and the state is freed after backward unless retain_graph (a second backward then raises).
 struct PlanBackward : Node {
-  SavedVariable logits, features, targets, order, offsets, env_ids, state;
+  // What the backward reads, in Problem's order, then the plan's state.
+  static constexpr int kSaved = 7;
+  static constexpr const char* kSavedNames[kSaved] = {"logits", "features", "targets", "order", "offsets",
+                                                      "env_ids", "state"};
+  std::array<SavedVariable, kSaved> saved;
   struct Meta {
     at::ScalarType dtype;
     std::vector<int64_t> sizes;
   };
-  static constexpr const char* kSavedNames[] = {"logits", "features", "targets", "order", "offsets", "env_ids",
-                                                "state"};
-  std::array<Meta, 7> forward_meta;  // the saved tensors' dtypes and shapes at the forward
+  std::array<Meta, kSaved> forward_meta;  // the saved tensors' dtypes and shapes at the forward
   int loss = 0;
   bool bias = false;
   hgk::PlanSpec spec{};
@@ -114,7 +116,7 @@ struct PlanBackward : Node {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex);
-    for (SavedVariable* v : {&logits, &features, &targets, &order, &offsets, &env_ids, &state}) v->reset_data();
+    for (SavedVariable& v : saved) v.reset_data();
     // double_backward stays until the node is freed: dropping it here would take the GIL in every backward
   }
 
@@ -124,18 +126,17 @@ struct PlanBackward : Node {
   // layout is brought back to the forward's (features: unit column stride, the rest contiguous; logits
   // any strides), and another dtype, shape or device is an error rather than a misread.
   Problem unpack_problem(at::Tensor& saved_state) {
-    Problem p{logits.unpack(), features.unpack(), targets.unpack(), order.unpack(),
-              offsets.unpack(), env_ids.unpack(), loss, bias};
-    saved_state = state.unpack();
-    const at::Tensor* now[] = {&p.logits, &p.features, &p.targets, &p.order, &p.offsets, &p.env_ids, &saved_state};
-    for (size_t k = 0; k < forward_meta.size(); ++k)
-      TORCH_CHECK(now[k]->device().is_cpu() && now[k]->scalar_type() == forward_meta[k].dtype &&
-                      now[k]->sizes().vec() == forward_meta[k].sizes,
+    std::array<at::Tensor, kSaved> t;
+    for (int k = 0; k < kSaved; ++k) {
+      t[k] = saved[k].unpack();
+      TORCH_CHECK(t[k].device().is_cpu() && t[k].scalar_type() == forward_meta[k].dtype &&
+                      t[k].sizes().vec() == forward_meta[k].sizes,
                   "hgkernels: a saved-tensor hook changed the dtype, shape or device of a tensor the penalty's "
                   "backward reads (", kSavedNames[k], ")");
-    if (p.features.stride(1) != 1) p.features = p.features.contiguous();
-    for (at::Tensor* t : {&p.targets, &p.order, &p.offsets, &p.env_ids, &saved_state}) *t = t->contiguous();
-    return p;
+      if (k == 1 ? t[k].stride(1) != 1 : k > 1) t[k] = t[k].contiguous();  // logits: any strides
+    }
+    saved_state = t[6];
+    return {t[0], t[1], t[2], t[3], t[4], t[5], loss, bias};
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -178,6 +179,20 @@ py::tuple plan_penalty(at::Tensor logits, at::Tensor features, at::Tensor target
                     "forward-mode tangent (torch.autograd.forward_ad)");
     throw py::error_already_set();
   }
+  // What hgkernels/backends/native.py `autograd_plan` guarantees, checked again: the kernels read raw memory.
+  const bool is_float = logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble;
+  const auto int64_vector = [&](const at::Tensor& t) {
+    return t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous() && t.device().is_cpu();
+  };
+  TORCH_CHECK(is_float && logits.dim() == 2 && logits.device().is_cpu() && features.dim() == 2 &&
+                  features.scalar_type() == logits.scalar_type() && features.device().is_cpu() &&
+                  features.size(0) == logits.size(0) && features.stride(1) == 1 && targets.is_contiguous() &&
+                  targets.device().is_cpu() &&
+                  targets.scalar_type() == (loss == hgk::CROSS_ENTROPY ? at::kLong : logits.scalar_type()) &&
+                  targets.size(0) == logits.size(0) && int64_vector(order) && int64_vector(offsets) &&
+                  int64_vector(env_ids) && order.size(0) == logits.size(0) && env_ids.size(0) == logits.size(0) &&
+                  offsets.size(0) >= 2,
+              "hgkernels._native_autograd.plan_penalty: tensors outside the layout it reads (an internal error)");
   Problem p{logits, features, targets, order, offsets, env_ids, loss, bias};
   const hgk::PlanSpec spec{method, weight, pooled, detach_reference};
   const int64_t E = offsets.size(0) - 1, C = logits.size(1);
@@ -197,16 +212,11 @@ py::tuple plan_penalty(at::Tensor logits, at::Tensor features, at::Tensor target
     NodePtr fn = make_node<PlanBackward>();
     auto* node = static_cast<PlanBackward*>(fn.get());
     node->set_next_edges(torch::autograd::collect_next_edges(logits, features));
-    node->logits = SavedVariable(logits, false);
-    node->features = SavedVariable(features, false);
-    node->targets = SavedVariable(targets, false);
-    node->order = SavedVariable(order, false);
-    node->offsets = SavedVariable(offsets, false);
-    node->env_ids = SavedVariable(env_ids, false);
-    node->state = SavedVariable(state, false);
     const at::Tensor* saved[] = {&logits, &features, &targets, &order, &offsets, &env_ids, &state};
-    for (size_t k = 0; k < node->forward_meta.size(); ++k)
+    for (int k = 0; k < PlanBackward::kSaved; ++k) {
+      node->saved[k] = SavedVariable(*saved[k], false);
       node->forward_meta[k] = {saved[k]->scalar_type(), saved[k]->sizes().vec()};
+    }
     node->loss = loss;
     node->bias = bias;
     node->spec = spec;
