@@ -709,3 +709,22 @@ def test_autograd_node_and_compiled_autograd():
         with pytest.raises(NotImplementedError, match="compiled autograd"):
             (pen.hessian + pen.gradient).backward()
     torch._dynamo.reset()
+
+
+def test_autograd_node_entry_refuses_layouts_it_cannot_read():
+    """The node's entry point reads raw memory: tensors outside its layout (which native.py never passes)
+    raise instead of being misread."""
+    _node_required()
+    from hgkernels._inputs import prepare
+    from hgkernels.backends import native
+    case = _case(39)
+    problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
+    seg = problem.segments
+    good = [case.logits, case.features, problem.targets, seg.order, seg.offsets, seg.env_ids]
+    bad = {1: case.features.t().contiguous().t(), 2: problem.targets.to(torch.int32), 3: seg.order.to(torch.int32),
+           0: case.logits.to(torch.float16)}
+    for k, tensor in bad.items():
+        args = list(good)
+        args[k] = tensor
+        with pytest.raises(RuntimeError, match="layout it reads"):
+            native._AUTOGRAD.plan_penalty(*args, 0, True, 1, 1 / 3, True, True, None)
