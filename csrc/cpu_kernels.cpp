@@ -77,10 +77,22 @@ T inv_count(const Segments& s, int e) {
 
 // One SIMD register of T through the GCC/Clang vector extension (the compiler's auto-vectorizer
 // does not keep the accumulator tiles below in registers); loads need only T's alignment.
-template <typename T>
+// 32-byte vectors, and 64-byte ones (kWideBytes, where the build targets AVX-512) in the two kernels
+// where they measured faster: the one-row backward from kWideMinClasses classes and reduce_few
+// (PACS-sized heads: 0.85-0.96 of the time on the CI machines' Zen 4, which runs them as two halves
+// but issues half the instructions). Elsewhere they were slower: short dots' horizontal sums
+// (Colored MNIST's C = 1), unaligned partial-sum rows (stats_direct) and the GEMM tiles' fewer
+// accumulators (OfficeHome, DomainNet: 5-10%).
+#if defined(__AVX512F__)
+constexpr int kWideBytes = 64;
+#else
+constexpr int kWideBytes = 32;
+#endif
+constexpr int kWideMinClasses = 4;
+template <typename T, int Bytes = 32>
 struct Simd {
-  typedef T type __attribute__((vector_size(32), aligned(sizeof(T))));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(Bytes), aligned(sizeof(T))));
+  static constexpr int lanes = Bytes / sizeof(T);
   static type load(const T* p) { return *reinterpret_cast<const type*>(p); }
   static void store(T* p, type v) { *reinterpret_cast<type*>(p) = v; }
 };
@@ -88,19 +100,19 @@ struct Simd {
 // The end of every SIMD dot product: its lanes' partial sums added in lane order, then the columns
 // [d, D) past the last full vector (x squared when Square). One order for all of them, so the tiled,
 // paired and single dots give the same bits.
-template <typename T, bool Square>
-T finish_dot(const typename Simd<T>::type& acc, const T* x, const T* m, int d, int D) {
+template <typename T, bool Square, int Bytes = 32>
+T finish_dot(const typename Simd<T, Bytes>::type& acc, const T* x, const T* m, int d, int D) {
   T total = T(0);
-  for (int l = 0; l < Simd<T>::lanes; ++l) total += acc[l];
+  for (int l = 0; l < Simd<T, Bytes>::lanes; ++l) total += acc[l];
   for (int t = d; t < D; ++t) total += (Square ? x[t] * x[t] : x[t]) * m[t];
   return total;
 }
 
 // out[r][q] = m[q] . x[r] over D (x squared when Square) for Rows rows: lanes of partial sums per pair,
 // added in lane order.
-template <typename T, bool Square, int Mats, int Rows = kDotRows>
+template <typename T, bool Square, int Mats, int Rows = kDotRows, int Bytes = 32>
 void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) {
-  using V = Simd<T>;
+  using V = Simd<T, Bytes>;
   typename V::type acc[Rows][Mats] = {};
   int d = 0;
   for (; d + V::lanes <= D; d += V::lanes)
@@ -110,18 +122,18 @@ void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) 
       for (int q = 0; q < Mats; ++q) acc[r][q] += xv * V::load(m[q] + d);
     }
   for (int r = 0; r < Rows; ++r)
-    for (int q = 0; q < Mats; ++q) out[r][q] = finish_dot<T, Square>(acc[r][q], x[r], m[q], d, D);
+    for (int q = 0; q < Mats; ++q) out[r][q] = finish_dot<T, Square, Bytes>(acc[r][q], x[r], m[q], d, D);
 }
 
 // dots_tile for n <= kDotMats matrix rows: one register tile of the width at hand (a tile per row
 // re-read the samples for each of the last few rows, and was most of the time at C = 7).
-template <typename T, bool Square, int Rows>
+template <typename T, bool Square, int Rows, int Bytes = 32>
 void dots_tile_n(const T* const* x, const T* const* m, int n, int D, T (*out)[kDotMats]) {
   switch (n) {
-    case 1: dots_tile<T, Square, 1, Rows>(x, m, D, out); break;
-    case 2: dots_tile<T, Square, 2, Rows>(x, m, D, out); break;
-    case 3: dots_tile<T, Square, 3, Rows>(x, m, D, out); break;
-    default: dots_tile<T, Square, kDotMats, Rows>(x, m, D, out);
+    case 1: dots_tile<T, Square, 1, Rows, Bytes>(x, m, D, out); break;
+    case 2: dots_tile<T, Square, 2, Rows, Bytes>(x, m, D, out); break;
+    case 3: dots_tile<T, Square, 3, Rows, Bytes>(x, m, D, out); break;
+    default: dots_tile<T, Square, kDotMats, Rows, Bytes>(x, m, D, out);
   }
 }
 
@@ -203,11 +215,11 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
 // loads and stores bounded the per-sample backward). Each dot in finish_dot's order, the blocked path's
 // order (the compiler may contract multiply-adds differently in each tile's code, so the last bit of a
 // row can depend on the tile that computed it: see the passes of backward_rows_direct).
-template <typename T, bool Square, int R, int Cap>
+template <typename T, bool Square, int R, int Cap, int Bytes>
 void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[Cap]) {
   for (int q0 = 0; q0 < n; q0 += kDotMats) {
     T tile[R][kDotMats];
-    dots_tile_n<T, Square, R>(x, mats + q0, std::min(kDotMats, n - q0), D, tile);
+    dots_tile_n<T, Square, R, Bytes>(x, mats + q0, std::min(kDotMats, n - q0), D, tile);
     for (int r = 0; r < R; ++r)
       for (int q = 0; q < kDotMats && q0 + q < n; ++q) out[r][q0 + q] = tile[r][q];
   }
@@ -217,10 +229,10 @@ void rows_dots(const T* const* x, const T* const* mats, int n, int D, T (*out)[C
 // stacked rows (mats, W of them) + x ⊙ (coef_sq @ gam). Register tiles of R rows by Vecs SIMD vectors of
 // columns (each matrix vector loaded once for the R rows); every element sums its rows in order (the
 // matrix rows, then the Gam rows times x) in any tile.
-template <typename T, int R, int Cap, int Vecs>
+template <typename T, int R, int Cap, int Vecs, int Bytes>
 void expand_rows_tile(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
                       const T (*coef_sq)[Cap], const T* gam, int C, int64_t Dh, int d, T* const* dx) {
-  using V = Simd<T>;
+  using V = Simd<T, Bytes>;
   typename V::type acc[R][Vecs] = {};
   for (int m = 0; m < W; ++m) {
     typename V::type mv[Vecs];
@@ -243,15 +255,15 @@ void expand_rows_tile(const T* const* x, const T (*coef)[2 * Cap], const T* cons
     for (int v = 0; v < Vecs; ++v) V::store(dx[r] + d + v * V::lanes, acc[r][v]);
 }
 
-template <typename T, int R, int Cap>
+template <typename T, int R, int Cap, int Bytes>
 void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
                         const T (*coef_sq)[Cap], const T* gam, int C, int D, int64_t Dh, T* const* dx) {
   constexpr int kWideVecs = 4;  // SIMD vectors of columns per register tile
-  const int lanes = Simd<T>::lanes, wide = D - D % (kWideVecs * lanes), full = D - D % lanes;
+  const int lanes = Simd<T, Bytes>::lanes, wide = D - D % (kWideVecs * lanes), full = D - D % lanes;
   int d = 0;
   for (; d < wide; d += kWideVecs * lanes)
-    expand_rows_tile<T, R, Cap, kWideVecs>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
-  for (; d < full; d += lanes) expand_rows_tile<T, R, Cap, 1>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
+    expand_rows_tile<T, R, Cap, kWideVecs, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
+  for (; d < full; d += lanes) expand_rows_tile<T, R, Cap, 1, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
   for (int r = 0; r < R; ++r)
     for (d = full; d < D; ++d) {
       T acc = T(0), acc_sq = T(0);
@@ -267,10 +279,10 @@ void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* co
 // The fused head's gradient from a pass of R rows: part[c][:D] += sum_r a[r][first + c] x[r] and, with a bias,
 // part[c][D] += sum_r a[r][first + c], adding the rows in order. One load and store of `part` per pass
 // (per row, those loads and stores bounded it).
-template <typename T, int R, int Cap>
+template <typename T, int R, int Cap, int Bytes>
 void head_rows_update(const T (*a)[2 * Cap], int first, const T* const* x, int C, int D, bool bias, int64_t Dh,
                       T* part) {
-  using V = Simd<T>;
+  using V = Simd<T, Bytes>;
   int d = 0;
   for (; d + V::lanes <= D; d += V::lanes) {
     typename V::type xv[R];
@@ -304,7 +316,7 @@ void with_rows(int rows, Fn&& fn) {
 // rows: kPassRows samples at a time (the matrices, read from L2 for every row, are loaded once per pass),
 // their dots, closed form and d_features while the feature rows are in L1. A head term adds its C
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
-template <typename T, int Cap>
+template <typename T, int Cap, int Bytes>
 void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
                           const Part<T>* parts, int num_parts, const T* gam, HeadTerm<T> head, T* head_partials,
                           T* d_logits, T* d_features) {
@@ -327,11 +339,11 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     T* dx[kPassRows];
     for (int r = 0; r < rows; ++r) x[r] = h.features + (i0 + r) * h.features_row_stride, dx[r] = d_features + (i0 + r) * D;
     auto dots_of = [&](auto num_rows) {
-      rows_dots<T, false, decltype(num_rows)::value, Cap>(x, mats, W, D, dots);
-      if (gam) rows_dots<T, true, decltype(num_rows)::value, Cap>(x, gam_rows, C, D, dots_sq);
+      rows_dots<T, false, decltype(num_rows)::value, Cap, Bytes>(x, mats, W, D, dots);
+      if (gam) rows_dots<T, true, decltype(num_rows)::value, Cap, Bytes>(x, gam_rows, C, D, dots_sq);
     };
     auto expand = [&](auto num_rows) {
-      expand_rows_direct<T, decltype(num_rows)::value, Cap>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
+      expand_rows_direct<T, decltype(num_rows)::value, Cap, Bytes>(x, coef, mats, expand_rows, coef_sq, gam, C, D, Dh, dx);
     };
     with_rows(rows, dots_of);
     for (int r = 0; r < rows; ++r) {
@@ -348,7 +360,7 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     with_rows(rows, expand);
     if (head_partials)  // the head's gradient d_logits_i zh_i^T; a pass lies in one kHeadGradRows group
       with_rows(rows, [&](auto num_rows) {
-        head_rows_update<T, decltype(num_rows)::value, Cap>(coef, W, x, C, D, h.bias, Dh,
+        head_rows_update<T, decltype(num_rows)::value, Cap, Bytes>(coef, W, x, C, D, h.bias, Dh,
                                                             head_partials + (i0 / kHeadGradRows) * C * Dh);
       });
   }
@@ -543,8 +555,8 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
 // [j0, j1) of one environment, for Rows coefficient columns and one strip of 2 SIMD vectors.
 template <typename T, int Rows, bool Square>
 void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t j0, int64_t j1, int d0,
-              T (*acc)[2 * Simd<T>::lanes]) {
-  using V = Simd<T>;
+              T (*acc)[2 * Simd<T, kWideBytes>::lanes]) {
+  using V = Simd<T, kWideBytes>;
   typename V::type tile[Rows][2];
   for (int r = 0; r < Rows; ++r)
     for (int v = 0; v < 2; ++v) tile[r][v] = V::load(acc[r] + v * V::lanes);
@@ -570,7 +582,7 @@ template <typename T>
 void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int square_begin, int square_end, T* out,
                 Launch launch) {
   constexpr int kFewRows = 8;
-  const int strip = 2 * Simd<T>::lanes, Dh = h.head_width(), D = h.D;
+  const int strip = 2 * Simd<T, kWideBytes>::lanes, Dh = h.head_width(), D = h.D;
   const int strips = D / strip, tail_begin = strips * strip;
   const int64_t num_tasks = int64_t(s.num_envs) * (strips + 1);
 #pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(s.num_samples) * W * Dh))
@@ -592,14 +604,14 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
       continue;
     }
     const int d0 = k * strip;
-    T acc[kDirectRows][2 * Simd<T>::lanes] = {};
+    T acc[kDirectRows][2 * Simd<T, kWideBytes>::lanes] = {};
     for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {
       const int64_t g1 = std::min<int64_t>(g0 + kGroupRows, r1);
       for (int m0 = 0; m0 < W;) {
         const bool sq = square(m0);
         int rows = 1;
         while (rows < kFewRows && m0 + rows < W && square(m0 + rows) == sq) ++rows;
-        T (*a)[2 * Simd<T>::lanes] = acc + m0;
+        T (*a)[2 * Simd<T, kWideBytes>::lanes] = acc + m0;
         switch (rows * 2 + int(sq)) {
 #define HGK_FEW_TILE(R)                                                          \
   case 2 * R: few_tile<T, R, false>(h, s, coef + m0, W, g0, g1, d0, a); break;   \
@@ -694,12 +706,20 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
         const int num_parts = env_parts(e, parts);
         // stack arrays sized for the rows at hand: 32-row arrays slowed the 14-row case by 15%
         const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
-        if (W + (gam ? C : 0) <= kDirectRows && C <= kDirectRows)
-          backward_rows_direct<T, kDirectRows>(h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, env_gam,
-                                               head, partials, d_logits, d_features);
+        auto rows_direct = [&](auto cap, auto bytes) {
+          backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
+              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, env_gam, head, partials, d_logits,
+              d_features);
+        };
+        using Few = std::integral_constant<int, kDirectRows>;
+        using Many = std::integral_constant<int, kDirectBackwardRows>;
+        using Wide = std::integral_constant<int, kWideBytes>;
+        using Narrow = std::integral_constant<int, 32>;
+        const bool few = W + (gam ? C : 0) <= kDirectRows && C <= kDirectRows, wide = C >= kWideMinClasses;
+        if (few)
+          wide ? rows_direct(Few{}, Wide{}) : rows_direct(Few{}, Narrow{});
         else
-          backward_rows_direct<T, kDirectBackwardRows>(h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts,
-                                                       env_gam, head, partials, d_logits, d_features);
+          wide ? rows_direct(Many{}, Wide{}) : rows_direct(Many{}, Narrow{});
       }
     }
     if (!head_grad) return false;
