@@ -128,10 +128,9 @@ class CMakeBuild(build_ext):
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             args.append("-GNinja")
         if torch_info:
-            info = torch_info
-            args += ["-DHGK_TORCH_AUTOGRAD=ON", f"-DHGK_TORCH_INCLUDE_DIRS={';'.join(info['include'])}",
-                     f"-DHGK_TORCH_LIBRARY_DIR={info['lib']}", f"-DHGK_TORCH_CXX11_ABI={info['cxx11_abi']}",
-                     f"-DHGK_TORCH_VERSION={info['version']}"]
+            args += ["-DHGK_TORCH_AUTOGRAD=ON", f"-DHGK_TORCH_INCLUDE_DIRS={';'.join(torch_info['include'])}",
+                     f"-DHGK_TORCH_LIBRARY_DIR={torch_info['lib']}",
+                     f"-DHGK_TORCH_CXX11_ABI={torch_info['cxx11_abi']}", f"-DHGK_TORCH_VERSION={torch_info['version']}"]
         else:
             args.append("-DHGK_TORCH_AUTOGRAD=OFF")
         if cuda:

@@ -13,12 +13,11 @@ either way: tests/test_trust.py checks them bitwise.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 import hgkernels as hk
-from hgk_bench import table_script_main
+from hgk_bench import interleaved_times, table_script_main
 from hgkernels.backends import native
 
 HEADS = {"tiny": dict(n=12, d=5, c=3, e=3, loss="cross_entropy", rounds=30, reps=50),
@@ -46,19 +45,18 @@ def measure(heads) -> list:
                   else torch.randint(0, 2, (n, c), generator=gen).float())
         sizes = [n // head["e"]] * head["e"]
         for penalty, fn in (("exact Hutchinson", hk.hutchinson_penalty), ("HGP", hk.hgp_penalty)):
-            times = {"node": [], "Function": []}
+            def call(fn=fn):
+                pen = fn(logits, features, labels, sizes, loss=head["loss"])
+                torch.autograd.grad(pen.hessian + pen.gradient, (logits, features))
+
+            def switch(key):  # the same calls, through the node or through the Function
+                native.NativeBackend.autograd_plan = with_node if key == "node" else without_node
+
             try:
-                for r in range(head["rounds"] + 1):  # the first round warms up; the order alternates
-                    for key in (("node", "Function") if r % 2 else ("Function", "node")):
-                        native.NativeBackend.autograd_plan = with_node if key == "node" else without_node
-                        start = time.perf_counter()
-                        for _ in range(head["reps"]):
-                            pen = fn(logits, features, labels, sizes, loss=head["loss"])
-                            torch.autograd.grad(pen.hessian + pen.gradient, (logits, features))
-                        times[key].append((time.perf_counter() - start) / head["reps"])
+                times = interleaved_times({"node": call, "Function": call}, head["rounds"], head["reps"], switch)
             finally:
                 native.NativeBackend.autograd_plan = with_node
-            node, function = times["node"][1:], times["Function"][1:]
+            node, function = times["node"], times["Function"]
             ratio = statistics.median(a / b for a, b in zip(node, function))
             lines.append(f"| {name} (N={n}, D={head['d']}, C={c}, E={head['e']}) | {penalty} | "
                          f"{1e6 * statistics.median(node):.0f} | {1e6 * statistics.median(function):.0f} | "

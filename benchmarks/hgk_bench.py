@@ -433,9 +433,28 @@ def machine_description(device: torch.device) -> Dict[str, str]:
     return desc
 
 
+def interleaved_times(runs: Dict[str, Callable[[], None]], rounds: int, reps: int = 1,
+                      before: Optional[Callable[[str], None]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each run, one value per round: `rounds` rounds after a warm-up round (dropped),
+    each timing every run `reps` times in an order that rotates from round to round (a call right after
+    another's large GEMMs or allocations runs slower, and the machine drifts). `before(key)`, when given,
+    runs untimed ahead of each run's calls (e.g. to switch a code path)."""
+    keys = list(runs)
+    times: Dict[str, List[float]] = {key: [] for key in keys}
+    for r in range(rounds + 1):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            if before is not None:
+                before(key)
+            start = time.perf_counter()
+            for _ in range(reps):
+                runs[key]()
+            times[key].append((time.perf_counter() - start) / reps)
+    return {key: t[1:] for key, t in times.items()}
+
+
 def table_script_main(doc: str, measure: Callable[[dict], List[str]], heads: dict, smoke_heads: dict,
                       argv: Optional[List[str]] = None) -> int:
-    """The command line of the small table scripts (shuffled_ids.py, host_overhead.py): print
+    """The command line of the small table scripts (shuffled_ids.py, host_overhead.py, ...): print
     `measure(heads)`, or `measure(smoke_heads)` with --smoke (what CI runs)."""
     import argparse
 

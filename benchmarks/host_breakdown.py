@@ -18,12 +18,11 @@ Medians of rounds whose order rotates.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 import hgkernels as hk
-from hgk_bench import table_script_main
+from hgk_bench import interleaved_times, table_script_main
 from hgkernels._inputs import prepare
 from hgkernels._penalty import env_weight
 from hgkernels.backends import native
@@ -75,15 +74,8 @@ def measure(heads) -> list:
                               if method == "exact" else {})
             runs = {"plans": plans, "node": node, "api_nv": api(validate=False), "api": api(),
                     "generic": api(backend="reference", **generic_kwargs)}
-            times = {key: [] for key in runs}
-            keys = list(runs)
-            for r in range(head["rounds"] + 1):  # the first round warms up
-                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                    start = time.perf_counter()
-                    for _ in range(head["reps"]):
-                        runs[key]()
-                    times[key].append((time.perf_counter() - start) / head["reps"])
-            us = {key: 1e6 * statistics.median(t[1:]) for key, t in times.items()}
+            times = interleaved_times(runs, head["rounds"], head["reps"])
+            us = {key: 1e6 * statistics.median(t) for key, t in times.items()}
             lines.append(f"| {name} (N={n}, D={head['d']}, C={c}, E={e}) | {penalty} | {us['plans']:.0f} | "
                          f"{us['node']:.0f} | {us['api_nv']:.0f} | {us['api']:.0f} | {us['generic']:.0f} | "
                          f"{us['generic'] / us['api']:.1f}× |")

@@ -18,13 +18,12 @@ variants' order rotates from round to round.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import hgkernels as hk
-from hgk_bench import table_script_main
+from hgk_bench import interleaved_times, table_script_main
 
 HEADS = {"tiny": dict(n=12, d=5, c=3, e=3, rounds=41, reps=50),
          "pacs": dict(n=96, d=2048, c=7, e=3, rounds=21, reps=10)}
@@ -63,18 +62,7 @@ def cases(head):
 def measure(heads) -> list:
     lines = []
     for name, head in heads.items():
-        runs = cases(head)
-        times = {key: [] for key in runs}
-        keys = list(runs)
-        for r in range(head["rounds"] + 1):  # the first round warms up
-            # the order rotates per round: a call right after the generic path's large GEMMs runs slower
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                run = runs[key]
-                start = time.perf_counter()
-                for _ in range(head["reps"]):
-                    run()
-                times[key].append((time.perf_counter() - start) / head["reps"])
-        times = {key: t[1:] for key, t in times.items()}
+        times = interleaved_times(cases(head), head["rounds"], head["reps"])
         base = times["F.cross_entropy"]
         lines += ["", f"{name}: N={head['n']}, D={head['d']}, C={head['c']}, E={head['e']}, float32, "
                   f"{torch.get_num_threads()} threads; median of {head['rounds']} rounds of {head['reps']} calls", "",

@@ -10,12 +10,12 @@ the two layouts interleaved in one process, median of the rounds.
 from __future__ import annotations
 
 import statistics
-import time
+from functools import partial
 
 import torch
 
 import hgkernels as hk
-from hgk_bench import table_script_main
+from hgk_bench import interleaved_times, table_script_main
 
 HEADS = {"cmnist": dict(n=50000, d=390, c=1, e=2, loss="binary_cross_entropy", rounds=9),
          "pacs": dict(n=96, d=2048, c=7, e=3, loss="cross_entropy", rounds=41)}
@@ -34,15 +34,13 @@ def measure(heads) -> list:
         grouped = torch.arange(head["e"]).repeat_interleave(n // head["e"])
         layouts = {"grouped": grouped, "shuffled": grouped[torch.randperm(n, generator=gen)]}
         for penalty, fn in (("exact Hutchinson", hk.hutchinson_penalty), ("HGP", hk.hgp_penalty)):
-            times = {key: [] for key in layouts}
-            for _ in range(head["rounds"] + 1):  # the first round warms up
-                for key, envs in layouts.items():
-                    start = time.perf_counter()
-                    pen = fn(logits, features, labels, envs, loss=head["loss"], backend="native", form="feature",
-                             validate=False)
-                    torch.autograd.grad(pen.hessian + pen.gradient, (logits, features))
-                    times[key].append(time.perf_counter() - start)
-            g, s = (1e3 * statistics.median(times[key][1:]) for key in ("grouped", "shuffled"))
+            def call(envs, fn=fn):
+                pen = fn(logits, features, labels, envs, loss=head["loss"], backend="native", form="feature",
+                         validate=False)
+                torch.autograd.grad(pen.hessian + pen.gradient, (logits, features))
+
+            times = interleaved_times({key: partial(call, envs) for key, envs in layouts.items()}, head["rounds"])
+            g, s = (1e3 * statistics.median(times[key]) for key in ("grouped", "shuffled"))
             lines.append(f"| {name} (N={n}, D={head['d']}, C={c}, E={head['e']}) | {penalty} | {g:.2f} | {s:.2f} | "
                          f"{s / g:.2f}× |")
     return lines

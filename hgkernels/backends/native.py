@@ -271,13 +271,12 @@ class NativeBackend(Backend):
         """csrc/autograd.cpp's node for CPU float32/float64 problems in plain eager mode whose tensors the
         kernels read as they are (unit feature-column stride, contiguous targets and ids): the node saves
         the caller's own tensors, so in-place changes before backward raise. Others: None."""
-        logits, features, targets = problem.logits, problem.features, problem.targets
-        env_ids = problem.segments.env_ids
+        logits, features, targets, segments = problem.logits, problem.features, problem.targets, problem.segments
+        env_ids = segments.env_ids
         if (_AUTOGRAD is None or logits.device.type != "cpu" or logits.dtype not in _NODE_DTYPES
                 or features.stride(1) != 1 or not targets.is_contiguous() or not env_ids.is_contiguous()
                 or not plain_eager() or _compiled_autograd_on()):
             return None
-        segments = problem.segments
         return _AUTOGRAD.plan_penalty(logits, features, targets, segments.order, segments.offsets, env_ids,
                                       _LOSS_CODES[problem.loss], problem.bias, *_plan_args(spec), double_backward)
 
