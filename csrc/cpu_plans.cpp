@@ -1,16 +1,70 @@
 // The penalty plans of hgk_plans.h over the CPU kernels. Per-environment tensors are (E, rows, Dh)
-// blocks of M = C * Dh elements; scratch memory is uninitialised heap arrays (no zero fill).
+// blocks of M = C * Dh elements; scratch memory is uninitialised (no zero fill) and comes from the
+// calling thread's ScratchArena.
 #include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "hgk_plans.h"
 
 namespace hgk {
 namespace {
 
+// Scratch memory of one plan call, kept by the calling thread for its next call (up to kKeptBytes).
+// Fresh heap arrays each call made the allocator give memory back to the system and fault it in
+// again (about 30 page faults per PACS call between the penalty's outputs, 0.1 ms on these VMs).
+// Never handed out of the plans: the outputs are the caller's tensors.
+class ScratchArena {
+ public:
+  static constexpr size_t kKeptBytes = size_t(16) << 20;
+
+  // bytes of storage (64-byte multiples, so arrays start on cache lines) valid until the scope ends
+  char* take(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    wanted_ += bytes;
+    if (used_ + bytes <= capacity_) {
+      char* out = kept_.get() + used_;
+      used_ += bytes;
+      return out;
+    }
+    overflow_.emplace_back(new char[bytes]);  // kept_ is full: the arrays handed out stay where they are
+    return overflow_.back().get();
+  }
+
+  // Opened by each plan entry point; the outermost scope's end frees the call's scratch.
+  struct Scope {
+    ScratchArena& arena;
+    Scope() : arena(ScratchArena::mine()) { ++arena.depth_; }
+    ~Scope() {
+      if (--arena.depth_ == 0) arena.reset();
+    }
+  };
+
+  static ScratchArena& mine() {
+    thread_local ScratchArena arena;
+    return arena;
+  }
+
+ private:
+  void reset() {
+    if (!overflow_.empty()) {  // next time, one kept block of what this call took (if not too large)
+      overflow_.clear();
+      kept_.reset();
+      capacity_ = wanted_ <= kKeptBytes ? wanted_ : 0;
+      if (capacity_) kept_.reset(new char[capacity_]);
+    }
+    used_ = wanted_ = 0;
+  }
+
+  std::unique_ptr<char[]> kept_;
+  size_t capacity_ = 0, used_ = 0, wanted_ = 0;
+  std::vector<std::unique_ptr<char[]>> overflow_;
+  int depth_ = 0;
+};
+
 template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+T* scratch(int64_t n) {
+  return reinterpret_cast<T*>(ScratchArena::mine().take(sizeof(T) * size_t(std::max<int64_t>(n, 1))));
 }
 
 // out[k] = (sum_e x[e * stride + k]) / E, summed in environment order (torch's mean(0)); in chunks
@@ -58,11 +112,11 @@ double squared_deviation(const T* x, const T* ref, int64_t n, T* dev) {
 
 // (E, 2M) with environment e's block [a_e][shared]: HGP's directions (G_e, G_bar) and their upstream.
 template <typename T>
-std::unique_ptr<T[]> pair_with_shared(const T* a, const T* shared, int E, int64_t M) {
-  auto out = scratch<T>(2 * E * M);
+T* pair_with_shared(const T* a, const T* shared, int E, int64_t M) {
+  T* out = scratch<T>(2 * E * M);
   for (int e = 0; e < E; ++e) {
-    std::copy(a + e * M, a + (e + 1) * M, out.get() + 2 * e * M);
-    std::copy(shared, shared + M, out.get() + 2 * e * M + M);
+    std::copy(a + e * M, a + (e + 1) * M, out + 2 * e * M);
+    std::copy(shared, shared + M, out + 2 * e * M + M);
   }
   return out;
 }
@@ -70,8 +124,8 @@ std::unique_ptr<T[]> pair_with_shared(const T* a, const T* shared, int E, int64_
 // Statistics with a work buffer of the layout's size.
 template <typename T>
 void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch) {
-  auto work = scratch<T>(s.num_samples * stats_work_per_sample(layout));
-  head_stats<T>(h, s, layout, dirs, work.get(), out, launch);
+  T* work = scratch<T>(s.num_samples * stats_work_per_sample(layout));
+  head_stats<T>(h, s, layout, dirs, work, out, launch);
 }
 
 template <typename T>
@@ -80,13 +134,13 @@ void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state,
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   stats<T>(h, s, StatsLayout{C, 0, true, true, false}, nullptr, state, launch);  // per env [G_e][Dg_e]
-  auto mean = scratch<T>(M);
+  T* mean = scratch<T>(M);
   double sums[2];
   for (int b = 0; b < 2; ++b) {  // deviations from the mean over environments, in place
     T* block = state + b * M;
-    env_mean(block, 2 * M, E, M, mean.get());
+    env_mean(block, 2 * M, E, M, mean);
     sums[b] = 0;
-    for (int e = 0; e < E; ++e) sums[b] += squared_deviation<T>(block + 2 * e * M, mean.get(), M, block + 2 * e * M);
+    for (int e = 0; e < E; ++e) sums[b] += squared_deviation<T>(block + 2 * e * M, mean, M, block + 2 * e * M);
   }
   *gradient = T(spec.weight * sums[0]);
   *hessian = T(spec.weight * sums[1]);
@@ -99,15 +153,15 @@ bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T*
   const int64_t M = int64_t(C) * h.head_width();
   // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg)
   const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
-  auto lam = scratch<T>(E * M), gam = scratch<T>(E * M);
+  T *lam = scratch<T>(E * M), *gam = scratch<T>(E * M);
   for (int e = 0; e < E; ++e)
     for (int64_t k = 0; k < M; ++k) {
       lam[e * M + k] = lam_scale * state[2 * e * M + k];
       gam[e * M + k] = gam_scale * state[2 * e * M + M + k];
     }
   const BackwardLayout layout{C, 0, true, true, false};
-  auto work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  return per_sample_backward<T>(h, s, layout, lam.get(), nullptr, nullptr, gam.get(), head, work.get(), d_logits,
+  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  return per_sample_backward<T>(h, s, layout, lam, nullptr, nullptr, gam, head, work, d_logits,
                                 d_features, launch);
 }
 
@@ -119,15 +173,15 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
   T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M;
   stats<T>(h, s, StatsLayout{C, 0, true, false, false}, nullptr, grad, launch);
   env_mean(grad, M, E, M, grad_mean);
-  std::unique_ptr<T[]> stacked;  // directions [G_e][G_bar] for the pooled reference H_bar G_bar
+  T* stacked = nullptr;  // directions [G_e][G_bar] for the pooled reference H_bar G_bar
   if (K == 2) stacked = pair_with_shared(grad, grad_mean, E, M);
-  auto hv = scratch<T>(E * K * M);
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, K == 2 ? stacked.get() : grad, hv.get(), launch);
-  auto ref = scratch<T>(M);  // mean_e H_e G_bar (pooled) or mean_e H_e G_e
-  env_mean(hv.get() + (K == 2 ? M : 0), K * M, E, M, ref.get());
+  T* hv = scratch<T>(E * K * M);
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, K == 2 ? stacked : grad, hv, launch);
+  T* ref = scratch<T>(M);  // mean_e H_e G_bar (pooled) or mean_e H_e G_e
+  env_mean(hv + (K == 2 ? M : 0), K * M, E, M, ref);
   double hgp_sum = 0, grad_sum = 0;
   for (int e = 0; e < E; ++e) {
-    hgp_sum += squared_deviation<T>(hv.get() + e * K * M, ref.get(), M, hgp_dev + e * M);
+    hgp_sum += squared_deviation<T>(hv + e * K * M, ref, M, hgp_dev + e * M);
     grad_sum += squared_deviation<T>(grad + e * M, grad_mean, M, nullptr);
   }
   *hessian = T(spec.weight * hgp_sum);
@@ -144,27 +198,27 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   const bool shared = spec.pooled && !spec.detach_reference;
   const int K = shared ? 2 : 1;
   const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
-  auto gam = scratch<T>(E * M);
+  T* gam = scratch<T>(E * M);
   for (int64_t k = 0; k < E * M; ++k) gam[k] = gam_scale * hgp_dev[k];
-  std::unique_ptr<T[]> stacked_dirs, stacked_ups;
+  T *stacked_dirs = nullptr, *stacked_ups = nullptr;
   if (shared) {
-    auto ref_up = scratch<T>(M);
-    env_mean(gam.get(), M, E, M, ref_up.get());  // sum_e Gam_e / E, negated below
+    T* ref_up = scratch<T>(M);
+    env_mean(gam, M, E, M, ref_up);  // sum_e Gam_e / E, negated below
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
     stacked_dirs = pair_with_shared(grad, grad_mean, E, M);
-    stacked_ups = pair_with_shared(gam.get(), ref_up.get(), E, M);
+    stacked_ups = pair_with_shared(gam, ref_up, E, M);
   }
-  const T* dirs = shared ? stacked_dirs.get() : grad;
-  const T* ups = shared ? stacked_ups.get() : gam.get();
+  const T* dirs = shared ? stacked_dirs : grad;
+  const T* ups = shared ? stacked_ups : gam;
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
-  auto dir_grads = scratch<T>(E * K * M);
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads.get(), launch);
-  std::unique_ptr<T[]> to_mean;
+  T* dir_grads = scratch<T>(E * K * M);
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch);
+  T* to_mean = nullptr;
   if (shared) {
     to_mean = scratch<T>(M);
-    env_mean(dir_grads.get() + M, 2 * M, E, M, to_mean.get());
+    env_mean(dir_grads + M, 2 * M, E, M, to_mean);
   }
-  auto grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
+  T* grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
   for (int e = 0; e < E; ++e)
     for (int64_t k = 0; k < M; ++k) {
       T total = lam_scale * T(grad[e * M + k] - grad_mean[k]) + dir_grads[e * K * M + k];
@@ -172,8 +226,8 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
       grad_up[e * M + k] = total;
     }
   const BackwardLayout layout{C, K, true, false, false};
-  auto work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  return per_sample_backward<T>(h, s, layout, grad_up.get(), dirs, ups, nullptr, head, work.get(), d_logits,
+  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  return per_sample_backward<T>(h, s, layout, grad_up, dirs, ups, nullptr, head, work, d_logits,
                                 d_features, launch);
 }
 
@@ -187,6 +241,7 @@ int64_t plan_state_size(PlanSpec spec, int num_envs, int C, int head_width) {
 template <typename T>
 void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
                   Launch launch) {
+  ScratchArena::Scope scope;
   if (spec.method == EXACT_DIAG)
     exact_forward<T>(h, s, spec, state, hessian, gradient, launch);
   else
@@ -196,6 +251,7 @@ void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, 
 template <typename T>
 bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
                    HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  ScratchArena::Scope scope;
   if (spec.method == EXACT_DIAG)
     return exact_backward<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
   return hgp_backward<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);

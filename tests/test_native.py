@@ -137,6 +137,28 @@ def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
         assert_close(a, b, RTOL, f"fused head, C++ plan vs Python plan: {name}")
 
 
+def test_plan_scratch_kept_between_calls_leaves_no_trace():
+    """csrc/cpu_plans.cpp keeps each thread's plan scratch for its next call (ScratchArena, up to 16 MB):
+    a result must not depend on the calls before it. Calls that fit the kept block, outgrow it, exceed the
+    kept limit (about 25 MB of HGP scratch here) and fit again, run forward and reversed, give the same
+    bits, float32 and float64."""
+    shapes = [([5, 9, 7], 3, 40), ([40, 25], 7, 300), ([6, 9, 5, 8], 64, 4096), ([3, 4], 2, 9)]
+    calls = [(k, method, dtype) for k in range(len(shapes)) for method in ("exact", "hgp")
+             for dtype in (torch.float32, torch.float64)]
+    cases = [make_case(70 + k, loss="cross_entropy", bias=True, sizes=sizes, num_classes=c, num_features=d)
+             for k, (sizes, c, d) in enumerate(shapes)]
+
+    def run(k, method, dtype):
+        fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
+        return _grads(fn, cases[k], "native", dtype=dtype)
+
+    forward = [run(*call) for call in calls]
+    backward = [run(*call) for call in reversed(calls)][::-1]
+    for call, a, b in zip(calls, forward, backward):
+        for name, x, y in zip(("hessian term", "gradient term", "d logits", "d features"), a, b):
+            assert torch.equal(x, y), f"{call}: {name} depends on the calls before it"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(10))
 def test_stochastic_hutchinson_matches_reference_at_same_probes(seed, device):
