@@ -50,7 +50,7 @@ def measure(heads) -> list:
         for penalty, fn, method in (("exact Hutchinson", hk.hutchinson_penalty, "exact"), ("HGP", hk.hgp_penalty, "hgp")):
             spec = PlanSpec(method, env_weight("mean", e), method == "hgp", True)
             call, plan = native._plan_kernels(problem), native._plan_args(spec)
-            state = call.empty(call.module.plan_state_size(plan, call.num_envs, call.c, call.head_width))
+            state = call.empty(call.module.plan_state_size(plan, call.n, call.num_envs, call.c, call.head_width))
             hessian, gradient, d_logits, d_features = call.empty(), call.empty(), call.empty(n, c), call.empty(n, head["d"])
 
             def plans():

@@ -197,7 +197,7 @@ py::tuple plan_penalty(at::Tensor logits, at::Tensor features, at::Tensor target
   const hgk::PlanSpec spec{method, weight, pooled, detach_reference};
   const int64_t E = offsets.size(0) - 1, C = logits.size(1);
   const auto options = logits.options().requires_grad(false);
-  at::Tensor state = at::empty({hgk::plan_state_size(spec, int(E), int(C), int(p.head_width()))}, options);
+  at::Tensor state = at::empty({hgk::plan_state_size(spec, int(logits.size(0)), int(E), int(C), int(p.head_width()))}, options);
   at::Tensor hessian = at::empty({}, options), gradient = at::empty({}, options);
   {
     py::gil_scoped_release release;

@@ -117,8 +117,8 @@ PYBIND11_MODULE(HGK_MODULE, m) {
     return weight_grad_written;
   });
 #ifdef HGK_CPU_PLANS
-  m.def("plan_state_size", [](py::tuple plan, int num_envs, int C, int head_width) {
-    return hgk::plan_state_size(plan_from(plan), num_envs, C, head_width);
+  m.def("plan_state_size", [](py::tuple plan, int num_samples, int num_envs, int C, int head_width) {
+    return hgk::plan_state_size(plan_from(plan), num_samples, num_envs, C, head_width);
   });
   m.def("plan_forward", [](bool is_double, py::tuple head, py::tuple seg, py::tuple plan, uintptr_t state,
                            uintptr_t hessian, uintptr_t gradient, py::tuple launch) {

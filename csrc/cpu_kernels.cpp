@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "hgk_kernels.h"
+#include "hgk_plans.h"
 
 namespace hgk {
 namespace {
@@ -332,6 +332,14 @@ void head_rows_update(const T (*a)[2 * Cap], int first, const T* const* x, int C
   }
 }
 
+// A row's V and U blocks of dots (BackwardLayout order) from known dots of the caller's row i.
+template <typename T>
+void copy_known_dots(const KnownDots<T>& known, int64_t i, BackwardLayout layout, T* row) {
+  const int KC = layout.K * layout.C;
+  std::copy(known.dirs + i * known.dirs_stride, known.dirs + i * known.dirs_stride + KC, row + layout.dirs_begin());
+  std::copy(known.ups + i * known.ups_stride, known.ups + i * known.ups_stride + KC, row + layout.ups_begin());
+}
+
 // fn(std::integral_constant<int, rows>) for a pass of 1..kPassRows rows.
 template <typename Fn>
 void with_rows(int rows, Fn&& fn) {
@@ -350,8 +358,9 @@ void with_rows(int rows, Fn&& fn) {
 template <typename T, int Cap, int Bytes>
 void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
                           const Part<T>* parts, int num_parts, const T* gam, HeadTerm<T> head, T* head_partials,
-                          T* d_logits, T* d_features) {
+                          T* d_logits, T* d_features, const KnownDots<T>* known) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
+  const int dot_rows = known ? layout.dirs_begin() : W;  // the V and U blocks' dots are known
   const int64_t Dh = h.head_width();
   const T* mats[2 * Cap];
   const T* gam_rows[Cap];
@@ -370,7 +379,7 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     T* dx[kPassRows];
     for (int r = 0; r < rows; ++r) x[r] = h.features + (i0 + r) * h.features_row_stride, dx[r] = d_features + (i0 + r) * D;
     auto dots_of = [&](auto num_rows) {
-      rows_dots<T, false, decltype(num_rows)::value, Cap, Bytes>(x, mats, W, D, dots);
+      rows_dots<T, false, decltype(num_rows)::value, Cap, Bytes>(x, mats, dot_rows, D, dots);
       if (gam) rows_dots<T, true, decltype(num_rows)::value, Cap, Bytes>(x, gam_rows, C, D, dots_sq);
     };
     auto expand = [&](auto num_rows) {
@@ -379,10 +388,11 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     with_rows(rows, dots_of);
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      if (h.bias) {  // zh_D = 1 (and its square)
-        for (int m = 0; m < W; ++m) dots[r][m] += mats[m][D];
+      if (h.bias) {  // zh_D = 1 (and its square); known dots include it
+        for (int m = 0; m < dot_rows; ++m) dots[r][m] += mats[m][D];
         for (int c = 0; gam && c < C; ++c) dots_sq[r][c] += gam_rows[c][D];
       }
+      if (known) copy_known_dots(*known, i, layout, dots[r]);
       T* da = d_logits + i * C;
       backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                       dots[r], dots_sq[r], p, dp, coef[r], coef_sq[r], da, 1);
@@ -456,7 +466,8 @@ T row_dot(const T* x, const T* m, int D) {
 // and the rank-1 update of W × Dh partial sums while the row is in L1. The blocks' partials are then
 // added in block order. Fixed blocks and orders: the same bits for any thread count.
 template <typename T>
-void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch) {
+void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, T* dots_out,
+                  Launch launch) {
   using V = Simd<T>;
   const int C = h.C, KC = layout.K * C, W = layout.width(), Dh = h.head_width(), D = h.D;
   const int simd_cols = D / V::lanes * V::lanes;
@@ -485,6 +496,7 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
       const T* x = h.features + i * h.features_row_stride;
       for (int k = 0; k < KC; ++k)
         dots[k] = row_dot<T>(x, env_dirs + int64_t(k) * Dh, D) + (h.bias ? env_dirs[int64_t(k) * Dh + D] : T(0));
+      if (dots_out) std::copy(dots, dots + KC, dots_out + i * KC);
       stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w, dots, p,
                    cf);
       for (int d = 0; d < simd_cols; d += V::lanes) {
@@ -664,11 +676,11 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
 }  // namespace
 
 template <typename T>
-void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
-                Launch launch) {
+void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
+                             T* dots_out, Launch launch) {
   const int C = h.C, KC = layout.K * C, W = layout.width();
   if (W <= kDirectRows && size_t(W) * h.head_width() * sizeof(T) <= kDirectAccBytes)
-    return stats_direct<T>(h, s, layout, dirs, out, launch);
+    return stats_direct<T>(h, s, layout, dirs, out, dots_out, launch);
   const int64_t N = s.num_samples;
   T* dirs_dots = work;
   T* p_scratch = dirs_dots + N * KC;
@@ -689,6 +701,8 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
     stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
                  inv_count<T>(s, env_of(s, j)), dirs_dots + j * KC, p_scratch + j * C, coef + j * W);
   }
+  for (int64_t j = 0; dots_out && j < N; ++j)  // to the caller's rows
+    std::copy(dirs_dots + j * KC, dirs_dots + (j + 1) * KC, dots_out + s.order[j] * KC);
   const int diag_begin = layout.diag_begin(), diag_end = layout.hess_diag ? diag_begin + C : diag_begin;
   if (W <= kDirectRows)
     reduce_few<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
@@ -696,12 +710,18 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
     reduce<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
 }
 
+template <typename T>
+void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
+                Launch launch) {
+  head_stats_keeping_dots<T>(h, s, layout, dirs, work, out, nullptr, launch);
+}
+
 // One pass over the features: each task takes a block of one environment's rows through
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
 template <typename T>
-bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
-                         const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
-                         Launch launch) {
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up,
+                                   const T* dirs, const T* ups, const T* gam, HeadTerm<T> head, T* work,
+                                   T* d_logits, T* d_features, Launch launch, const KnownDots<T>* known) {
   const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
   const int64_t N = s.num_samples;
   const BackwardWork<T> buf(work, N, layout);
@@ -743,7 +763,7 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
               h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, env_gam, head, partials, d_logits,
-              d_features);
+              d_features, known);
         };
         using Few = std::integral_constant<int, kDirectRows>;
         using Many = std::integral_constant<int, kDirectBackwardRows>;
@@ -779,8 +799,11 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
       const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
       const T w = inv_count<T>(s, e);
       for (int p = 0; p < num_parts; ++p)
-        dots_block<T, false>(h, s, block.row_begin, block.row_end, parts[p].mats, 0, parts[p].rows,
-                             dots + parts[p].first_coef, W);
+        if (!known || parts[p].first_coef < layout.dirs_begin())
+          dots_block<T, false>(h, s, block.row_begin, block.row_end, parts[p].mats, 0, parts[p].rows,
+                               dots + parts[p].first_coef, W);
+      for (int64_t j = block.row_begin; known && j < block.row_end; ++j)
+        copy_known_dots(*known, s.order[j], layout, dots + j * W);
       if (gam) dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
       for (int64_t j = block.row_begin; j < block.row_end; ++j) {
         const int64_t i = s.order[j];
@@ -798,7 +821,24 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   return false;
 }
 
+template <typename T>
+bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
+                         const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
+                         Launch launch) {
+  return per_sample_backward_from_dots<T>(h, s, layout, grad_up, dirs, ups, gam, head, work, d_logits, d_features,
+                                          launch, nullptr);
+}
+
 HGK_INSTANTIATE_PRIMITIVES(float)
 HGK_INSTANTIATE_PRIMITIVES(double)
+#define HGK_INSTANTIATE_KEPT_DOTS(T)                                                                            \
+  template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, T*,  \
+                                           Launch);                                                             \
+  template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout, const T*,     \
+                                                 const T*, const T*, const T*, HeadTerm<T>, T*, T*, T*, Launch, \
+                                                 const KnownDots<T>*);
+HGK_INSTANTIATE_KEPT_DOTS(float)
+HGK_INSTANTIATE_KEPT_DOTS(double)
+#undef HGK_INSTANTIATE_KEPT_DOTS
 
 }  // namespace hgk

@@ -121,11 +121,12 @@ T* pair_with_shared(const T* a, const T* shared, int E, int64_t M) {
   return out;
 }
 
-// Statistics with a work buffer of the layout's size.
+// Statistics with a work buffer of the layout's size (and, with dots_out, the direction dots kept).
 template <typename T>
-void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch) {
+void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch,
+           T* dots_out = nullptr) {
   T* work = scratch<T>(s.num_samples * stats_work_per_sample(layout));
-  head_stats<T>(h, s, layout, dirs, work, out, launch);
+  head_stats_keeping_dots<T>(h, s, layout, dirs, work, out, dots_out, launch);
 }
 
 template <typename T>
@@ -170,13 +171,13 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
                  Launch launch) {
   const int E = s.num_envs, C = h.C, K = spec.pooled ? 2 : 1;
   const int64_t M = int64_t(C) * h.head_width();
-  T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M;
+  T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M, *dir_dots = hgp_dev + E * M;
   stats<T>(h, s, StatsLayout{C, 0, true, false, false}, nullptr, grad, launch);
   env_mean(grad, M, E, M, grad_mean);
   T* stacked = nullptr;  // directions [G_e][G_bar] for the pooled reference H_bar G_bar
   if (K == 2) stacked = pair_with_shared(grad, grad_mean, E, M);
   T* hv = scratch<T>(E * K * M);
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, K == 2 ? stacked : grad, hv, launch);
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, K == 2 ? stacked : grad, hv, launch, dir_dots);
   T* ref = scratch<T>(M);  // mean_e H_e G_bar (pooled) or mean_e H_e G_e
   env_mean(hv + (K == 2 ? M : 0), K * M, E, M, ref);
   double hgp_sum = 0, grad_sum = 0;
@@ -193,7 +194,7 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
                   HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
-  const T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M;
+  const T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M, *dir_dots = hgp_dev + E * M;
   // An undetached pooled reference S_ref = (1/E) sum_e H_e G_bar receives -sum_e Gam_e through G_bar.
   const bool shared = spec.pooled && !spec.detach_reference;
   const int K = shared ? 2 : 1;
@@ -212,7 +213,8 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   const T* ups = shared ? stacked_ups : gam;
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
   T* dir_grads = scratch<T>(E * K * M);
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch);
+  T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i, which the per-sample backward reuses
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch, up_dots);
   T* to_mean = nullptr;
   if (shared) {
     to_mean = scratch<T>(M);
@@ -227,15 +229,19 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
     }
   const BackwardLayout layout{C, K, true, false, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  return per_sample_backward<T>(h, s, layout, grad_up, dirs, ups, nullptr, head, work, d_logits,
-                                d_features, launch);
+  // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
+  // only the Lam rows' dots are computed (a third of them).
+  const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
+  return per_sample_backward_from_dots<T>(h, s, layout, grad_up, dirs, ups, nullptr, head, work, d_logits,
+                                          d_features, launch, &known);
 }
 
 }  // namespace
 
-int64_t plan_state_size(PlanSpec spec, int num_envs, int C, int head_width) {
+int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width) {
   const int64_t M = int64_t(C) * head_width;
-  return spec.method == EXACT_DIAG ? 2 * num_envs * M : (2 * num_envs + 1) * M;
+  if (spec.method == EXACT_DIAG) return 2 * num_envs * M;
+  return (2 * num_envs + 1) * M + int64_t(num_samples) * (spec.pooled ? 2 : 1) * C;
 }
 
 template <typename T>

@@ -25,8 +25,28 @@ struct PlanSpec {
 
 // Elements of the state a forward leaves for its backward:
 // exact (E, 2C, Dh): per environment [G_e - G_bar][Dg_e - mean Dg];
-// HGP: G (E, C, Dh), G_bar (C, Dh), H_e G_e - reference (E, C, Dh).
-int64_t plan_state_size(PlanSpec spec, int num_envs, int C, int head_width);
+// HGP: G (E, C, Dh), G_bar (C, Dh), H_e G_e - reference (E, C, Dh), then each sample's direction dots
+// (N, K C), K = 2 with pooled else 1: [G_e zh_i][G_bar zh_i], which the backward reuses.
+int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width);
+
+// The CPU primitives as the plans call them (hgk_kernels.h), with the direction dots s_k = V_k zh_i
+// passed between them: head_stats can also write them (dots_out, (N, K C) in the caller's rows), and
+// per_sample_backward can take the dots of its V and U blocks instead of computing them (each of the N
+// caller's rows holds K C values at its row stride; dots of the Lam and Gam rows are computed).
+template <typename T>
+struct KnownDots {
+  const T* dirs;
+  int64_t dirs_stride;
+  const T* ups;
+  int64_t ups_stride;
+};
+template <typename T>
+void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
+                             T* dots_out, Launch launch);
+template <typename T>
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up,
+                                   const T* dirs, const T* ups, const T* gam, HeadTerm<T> head, T* work,
+                                   T* d_logits, T* d_features, Launch launch, const KnownDots<T>* known);
 
 // Writes the state and the two penalty terms (hessian[0], gradient[0]).
 template <typename T>

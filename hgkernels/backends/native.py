@@ -261,7 +261,7 @@ class NativeBackend(Backend):
             return None
         call = _plan_kernels(problem)
         plan = _plan_args(spec)
-        state = call.empty(call.module.plan_state_size(plan, call.num_envs, call.c, call.head_width))
+        state = call.empty(call.module.plan_state_size(plan, call.n, call.num_envs, call.c, call.head_width))
         hessian, gradient = call.empty(), call.empty()
         call.module.plan_forward(call.is_double, call.head, call.segments, plan, state.data_ptr(),
                                  hessian.data_ptr(), gradient.data_ptr(), call.launch)
