@@ -595,12 +595,12 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
 }
 
 // A register tile of reduce_few: acc[r][v] += coef_j[r] * x_j (x_j ⊙ x_j when Square) over rows
-// [j0, j1) of one environment, for Rows coefficient columns and one strip of 2 SIMD vectors; the
-// first group of rows starts from zero instead of acc (no zero fill of acc: a memset per task was 8%
-// of a PACS forward).
+// [j0, j1) of one environment, for Rows coefficient columns and one strip of 2 SIMD vectors. The first
+// group of rows starts from zero instead of acc (a memset of acc per task was 8% of a PACS forward);
+// the last stores to the output rows (out, row stride out_stride) instead of acc.
 template <typename T, int Rows, bool Square>
 void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t j0, int64_t j1, int d0,
-              bool first, T (*acc)[2 * Simd<T, kWideBytes>::lanes]) {
+              bool first, bool last, T (*acc)[2 * Simd<T, kWideBytes>::lanes], T* out, int64_t out_stride) {
   using V = Simd<T, kWideBytes>;
   typename V::type tile[Rows][2] = {};
   for (int r = 0; !first && r < Rows; ++r)
@@ -614,7 +614,7 @@ void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t
       for (int v = 0; v < 2; ++v) tile[r][v] += cf[r] * xv[v];
   }
   for (int r = 0; r < Rows; ++r)
-    for (int v = 0; v < 2; ++v) V::store(acc[r] + v * V::lanes, tile[r][v]);
+    for (int v = 0; v < 2; ++v) V::store((last ? out + r * out_stride : acc[r]) + v * V::lanes, tile[r][v]);
 }
 
 // `reduce` for few coefficient columns (W <= kDirectRows, e.g. PACS's W = 2C = 14) whose partial sums
@@ -650,7 +650,8 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
     }
     const int d0 = k * strip;
     T acc[kDirectRows][2 * Simd<T, kWideBytes>::lanes];
-    if (r0 == r1) std::fill(&acc[0][0], &acc[0][0] + kDirectRows * strip, T(0));  // an empty environment
+    for (int m = 0; r0 == r1 && m < W; ++m)  // an empty environment
+      std::fill(env_out + int64_t(m) * Dh + d0, env_out + int64_t(m) * Dh + d0 + strip, T(0));
     for (int64_t g0 = r0; g0 < r1; g0 += kGroupRows) {
       const int64_t g1 = std::min<int64_t>(g0 + kGroupRows, r1);
       for (int m0 = 0; m0 < W;) {
@@ -658,10 +659,12 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
         int rows = 1;
         while (rows < kFewRows && m0 + rows < W && square(m0 + rows) == sq) ++rows;
         T (*a)[2 * Simd<T, kWideBytes>::lanes] = acc + m0;
+        T* o = env_out + int64_t(m0) * Dh + d0;
+        const bool first = g0 == r0, last = g1 == r1;
         switch (rows * 2 + int(sq)) {
-#define HGK_FEW_TILE(R)                                                          \
-  case 2 * R: few_tile<T, R, false>(h, s, coef + m0, W, g0, g1, d0, g0 == r0, a); break;   \
-  case 2 * R + 1: few_tile<T, R, true>(h, s, coef + m0, W, g0, g1, d0, g0 == r0, a); break;
+#define HGK_FEW_TILE(R)                                                                        \
+  case 2 * R: few_tile<T, R, false>(h, s, coef + m0, W, g0, g1, d0, first, last, a, o, Dh); break; \
+  case 2 * R + 1: few_tile<T, R, true>(h, s, coef + m0, W, g0, g1, d0, first, last, a, o, Dh); break;
           HGK_FEW_TILE(1) HGK_FEW_TILE(2) HGK_FEW_TILE(3) HGK_FEW_TILE(4) HGK_FEW_TILE(5) HGK_FEW_TILE(6)
           HGK_FEW_TILE(7) HGK_FEW_TILE(8)
 #undef HGK_FEW_TILE
@@ -669,7 +672,6 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
         m0 += rows;
       }
     }
-    for (int m = 0; m < W; ++m) std::copy(acc[m], acc[m] + strip, env_out + int64_t(m) * Dh + d0);
   }
 }
 
