@@ -137,6 +137,26 @@ def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
         assert_close(a, b, RTOL, f"fused head, C++ plan vs Python plan: {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_few_column_statistics_with_an_empty_environment_and_long_ones(dtype):
+    """reduce_few (W <= 16 coefficient columns whose partial sums outgrow L1, as at PACS) writes its
+    register tiles straight to the output after an environment's last group of 32 rows: a rank's shard
+    with an empty environment (zeros, not stale memory) and environments of several groups (here 40
+    and 24 rows, shuffled ids) equal the torch backend."""
+    gen = torch.Generator().manual_seed(5)
+    n, d, c = 64, 2048, 7
+    logits = torch.randn(n, c, generator=gen, dtype=dtype)
+    features = torch.randn(n, d, generator=gen, dtype=dtype)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    envs = torch.cat([torch.zeros(40, dtype=torch.long), torch.full((24,), 2)])[torch.randperm(n, generator=gen)]
+    problem = prepare(logits, features, labels, envs, loss="cross_entropy", bias=True, shard=True, num_envs=3)
+    ours = backends.load("native").head_stats(problem, gradient=True, hess_diag=True)
+    theirs = backends.load("torch").head_stats(problem, gradient=True, hess_diag=True)
+    for name, a, b in zip(("gradient", "Hessian diagonal"), ours, theirs):
+        assert torch.equal(a[1], torch.zeros_like(a[1])), f"{name}: the empty environment"
+        assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12, name)
+
+
 def test_plan_scratch_kept_between_calls_leaves_no_trace():
     """csrc/cpu_plans.cpp keeps each thread's plan scratch for its next call (ScratchArena, up to 16 MB):
     a result must not depend on the calls before it. Calls that fit the kept block, outgrow it, exceed the
