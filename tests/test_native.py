@@ -284,6 +284,29 @@ def test_deterministic_across_runs_and_thread_counts(method, loss, sizes, num_cl
         assert torch.equal(a, c), f"{name} differs between 2 threads and 1 thread"
 
 
+@pytest.mark.parametrize("method,num_classes,sizes", [("hgp", 9, [13, 7, 21]), ("hgp", 4, [41, 3, 17]),
+                                                     ("exact", 17, [13, 7, 21]), ("hgp", 17, [5, 6, 30])])
+def test_tiled_dots_bitwise_across_thread_counts_with_small_environments(method, num_classes, sizes):
+    """The tiled dot products (the statistics' direction dots, the blocked backward) take 4-sample tiles
+    from blocks whose size and start follow the thread count at small batches with enough work to run
+    in parallel (here blocks of 4 to 11 rows, D = 2048): a row's bits must not depend on where its block
+    starts. 1 to 4 threads, bitwise."""
+    case = make_case(3, loss="cross_entropy", bias=True, sizes=sizes, num_classes=num_classes, num_features=2048,
+                     dtype=torch.float32)
+    fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 3, 4):
+            torch.set_num_threads(count)
+            runs.append(_grads(fn, case, "native"))
+    finally:
+        torch.set_num_threads(threads)
+    for count, run in zip((2, 3, 4), runs[1:]):
+        for name, a, b in zip(("hessian", "gradient", "d logits", "d features"), runs[0], run):
+            assert torch.equal(a, b), f"{name}: {count} threads differ from 1"
+
+
 @pytest.mark.parametrize("method", ["hgp", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_row_backward_bitwise_across_thread_counts_with_grouped_ids(method, dtype):
