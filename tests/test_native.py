@@ -56,6 +56,19 @@ def _on(case, device):
                       case.bias)
 
 
+def _grads_at_thread_counts(fn, case, counts, **kwargs):
+    """_grads on the native backend once per torch thread count in `counts` (restored afterwards)."""
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in counts:
+            torch.set_num_threads(count)
+            runs.append(_grads(fn, case, "native", **kwargs))
+        return runs
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _compare(ours, theirs, rtol, what):
     for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), ours, theirs):
         assert_close(a.cpu(), b.cpu(), rtol, f"{what}: {name}")
@@ -271,14 +284,7 @@ def test_deterministic_across_runs_and_thread_counts(method, loss, sizes, num_cl
     case = make_case(9, loss=loss, bias=True, sizes=sizes, num_classes=num_classes, num_features=150,
                      dtype=torch.float32)
     fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = _grads(fn, case, "native"), _grads(fn, case, "native")
-        torch.set_num_threads(1)
-        single = _grads(fn, case, "native")
-    finally:
-        torch.set_num_threads(threads)
+    first, second, single = _grads_at_thread_counts(fn, case, (2, 2, 1))
     for name, a, b, c in zip(("hessian", "gradient", "d logits", "d features"), first, second, single):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
         assert torch.equal(a, c), f"{name} differs between 2 threads and 1 thread"
@@ -294,14 +300,7 @@ def test_tiled_dots_bitwise_across_thread_counts_with_small_environments(method,
     case = make_case(3, loss="cross_entropy", bias=True, sizes=sizes, num_classes=num_classes, num_features=2048,
                      dtype=torch.float32)
     fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for count in (1, 2, 3, 4):
-            torch.set_num_threads(count)
-            runs.append(_grads(fn, case, "native"))
-    finally:
-        torch.set_num_threads(threads)
+    runs = _grads_at_thread_counts(fn, case, (1, 2, 3, 4))
     for count, run in zip((2, 3, 4), runs[1:]):
         for name, a, b in zip(("hessian", "gradient", "d logits", "d features"), runs[0], run):
             assert torch.equal(a, b), f"{name}: {count} threads differ from 1"
@@ -317,14 +316,7 @@ def test_one_row_backward_bitwise_across_thread_counts_with_grouped_ids(method, 
     case = make_case(58, loss="binary_cross_entropy", bias=False, sizes=[3, 138], num_classes=7, num_features=255,
                      as_sizes=True, dtype=dtype)
     fn, opts = (hk.hgp_penalty, {"reference": "mean"}) if method == "hgp" else (hk.hutchinson_penalty, {})
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            runs.append(_grads(fn, case, "native", env_reduction="sum", detach_reference=False, **opts))
-    finally:
-        torch.set_num_threads(threads)
+    runs = _grads_at_thread_counts(fn, case, (1, 2, 3), env_reduction="sum", detach_reference=False, **opts)
     for other in runs[1:]:
         for name, a, b in zip(("hessian", "gradient", "d logits", "d features"), runs[0], other):
             assert torch.equal(a, b), f"{name} depends on the thread count"
