@@ -354,6 +354,14 @@ void copy_known_dots(const KnownDots<T>& known, int64_t i, BackwardLayout layout
   std::copy(known.ups + i * known.ups_stride, known.ups + i * known.ups_stride + KC, row + layout.ups_begin());
 }
 
+// EnvBlocks' scales on one row's Lam entries (its first C, with a gradient block) and Gam entries (gam_row,
+// nullptr: none): dots before the closed form, coefficients after it.
+template <typename T>
+void scale_upstream(BackwardLayout layout, T lam_scale, T* lam_row, T gam_scale, T* gam_row) {
+  for (int c = 0; layout.gradient && c < layout.C; ++c) lam_row[c] *= lam_scale;
+  for (int c = 0; gam_row && c < layout.C; ++c) gam_row[c] *= gam_scale;
+}
+
 // fn(std::integral_constant<int, rows>) for a pass of 1..kPassRows rows.
 template <typename Fn>
 void with_rows(int rows, Fn&& fn) {
@@ -371,8 +379,9 @@ void with_rows(int rows, Fn&& fn) {
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T, int Cap, int Bytes>
 void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
-                          const Part<T>* parts, int num_parts, const T* gam, HeadTerm<T> head, T* head_partials,
-                          T* d_logits, T* d_features, const KnownDots<T>* known) {
+                          const Part<T>* parts, int num_parts, T lam_scale, const T* gam, T gam_scale,
+                          HeadTerm<T> head, T* head_partials, T* d_logits, T* d_features,
+                          const KnownDots<T>* known) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
   const int dot_rows = known ? layout.dirs_begin() : W;  // the V and U blocks' dots are known
   const int64_t Dh = h.head_width();
@@ -408,8 +417,10 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
       }
       if (known) copy_known_dots(*known, i, layout, dots[r]);
       T* da = d_logits + i * C;
+      scale_upstream(layout, lam_scale, dots[r], gam_scale, gam ? dots_sq[r] : nullptr);
       backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                       dots[r], dots_sq[r], p, dp, coef[r], coef_sq[r], da, 1);
+      scale_upstream(layout, lam_scale, coef[r], gam_scale, gam ? coef_sq[r] : nullptr);
       for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
     }
     with_rows(rows, expand);
@@ -735,8 +746,8 @@ void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T
 // One pass over the features: each task takes a block of one environment's rows through
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
 template <typename T>
-bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up,
-                                   const T* dirs, const T* ups, const T* gam, HeadTerm<T> head, T* work,
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, EnvBlocks<T> grad_up,
+                                   const T* dirs, const T* ups, EnvBlocks<T> gam_blocks, HeadTerm<T> head, T* work,
                                    T* d_logits, T* d_features, Launch launch, const KnownDots<T>* known) {
   const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
   const int64_t N = s.num_samples;
@@ -746,13 +757,15 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
   // appends the head's weight rows after them (first_coef W), its coefficients the rows' d_logits.
   auto env_parts = [&](int e, Part<T>* parts) {
     int num_parts = 0;
-    if (layout.gradient) parts[num_parts++] = {grad_up + int64_t(e) * C * Dh, C, 0};
+    if (layout.gradient) parts[num_parts++] = {grad_up.data + e * grad_up.env_stride, C, 0};
     if (KC) {
       parts[num_parts++] = {dirs + int64_t(e) * KC * Dh, KC, layout.dirs_begin()};
       parts[num_parts++] = {ups + int64_t(e) * KC * Dh, KC, layout.ups_begin()};
     }
     return num_parts;
   };
+  const T* gam = gam_blocks.data;
+  auto env_gam_of = [&](int e) { return gam ? gam + e * gam_blocks.env_stride : nullptr; };
   const int threads = threads_for(launch, 2.0 * N * (W + C) * Dh);
   if (W + (gam ? C : 0) <= kDirectBackwardRows && C <= kDirectBackwardRows) {
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
@@ -775,11 +788,11 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
         }
         const int num_parts = env_parts(e, parts);
         // stack arrays sized for the rows at hand: 32-row arrays slowed the 14-row case by 15%
-        const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
+        const T* env_gam = env_gam_of(e);
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
-              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, env_gam, head, partials, d_logits,
-              d_features, known);
+              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, grad_up.scale, env_gam, gam_blocks.scale,
+              head, partials, d_logits, d_features, known);
         };
         using Few = std::integral_constant<int, kDirectRows>;
         using Many = std::integral_constant<int, kDirectBackwardRows>;
@@ -812,7 +825,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
       const int e = block.env;
       Part<T> parts[4];
       const int num_parts = env_parts(e, parts);
-      const T* env_gam = gam ? gam + int64_t(e) * C * Dh : nullptr;
+      const T* env_gam = env_gam_of(e);
       const T w = inv_count<T>(s, e);
       for (int p = 0; p < num_parts; ++p)
         if (!known || parts[p].first_coef < layout.dirs_begin())
@@ -823,9 +836,11 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
       if (gam) wide_dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
       for (int64_t j = block.row_begin; j < block.row_end; ++j) {
         const int64_t i = s.order[j];
+        scale_upstream(layout, grad_up.scale, dots + j * W, gam_blocks.scale, gam ? dots_sq + j * C : nullptr);
         backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                         dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
                         coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
+        scale_upstream(layout, grad_up.scale, coef + j * W, gam_blocks.scale, gam ? coef_sq + j * C : nullptr);
         for (int c = 0; head.weight && c < C; ++c) d_logits[i * C + c] += head.extra[i * C + c];
       }
       int expand_parts = num_parts;
@@ -841,8 +856,9 @@ template <typename T>
 bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
                          Launch launch) {
-  return per_sample_backward_from_dots<T>(h, s, layout, grad_up, dirs, ups, gam, head, work, d_logits, d_features,
-                                          launch, nullptr);
+  const int64_t block = int64_t(h.C) * h.head_width();
+  return per_sample_backward_from_dots<T>(h, s, layout, {grad_up, block, T(1)}, dirs, ups, {gam, block, T(1)}, head,
+                                          work, d_logits, d_features, launch, nullptr);
 }
 
 HGK_INSTANTIATE_PRIMITIVES(float)
@@ -850,8 +866,8 @@ HGK_INSTANTIATE_PRIMITIVES(double)
 #define HGK_INSTANTIATE_KEPT_DOTS(T)                                                                            \
   template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, T*,  \
                                            Launch);                                                             \
-  template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout, const T*,     \
-                                                 const T*, const T*, const T*, HeadTerm<T>, T*, T*, T*, Launch, \
+  template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout, EnvBlocks<T>,  \
+                                                 const T*, const T*, EnvBlocks<T>, HeadTerm<T>, T*, T*, T*, Launch, \
                                                  const KnownDots<T>*);
 HGK_INSTANTIATE_KEPT_DOTS(float)
 HGK_INSTANTIATE_KEPT_DOTS(double)

@@ -150,20 +150,14 @@ void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state,
 template <typename T>
 bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
                     HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
-  const int E = s.num_envs, C = h.C;
+  const int C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
-  // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg)
-  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
-  T *lam = scratch<T>(E * M), *gam = scratch<T>(E * M);
-  for (int e = 0; e < E; ++e)
-    for (int64_t k = 0; k < M; ++k) {
-      lam[e * M + k] = lam_scale * state[2 * e * M + k];
-      gam[e * M + k] = gam_scale * state[2 * e * M + M + k];
-    }
+  // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg): the state's blocks, scaled
+  const EnvBlocks<T> lam{state, 2 * M, T(2 * spec.weight * beta)}, gam{state + M, 2 * M, T(2 * spec.weight * alpha)};
   const BackwardLayout layout{C, 0, true, true, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  return per_sample_backward<T>(h, s, layout, lam, nullptr, nullptr, gam, head, work, d_logits,
-                                d_features, launch);
+  return per_sample_backward_from_dots<T>(h, s, layout, lam, nullptr, nullptr, gam, head, work, d_logits,
+                                          d_features, launch, nullptr);
 }
 
 template <typename T>
@@ -232,8 +226,8 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
   // only the Lam rows' dots are computed (a third of them).
   const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
-  return per_sample_backward_from_dots<T>(h, s, layout, grad_up, dirs, ups, nullptr, head, work, d_logits,
-                                          d_features, launch, &known);
+  return per_sample_backward_from_dots<T>(h, s, layout, {grad_up, M, T(1)}, dirs, ups, {nullptr, M, T(1)}, head,
+                                          work, d_logits, d_features, launch, &known);
 }
 
 }  // namespace

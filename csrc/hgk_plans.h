@@ -40,12 +40,23 @@ struct KnownDots {
   const T* ups;
   int64_t ups_stride;
 };
+// Lam or Gam as a plan holds it: environment e's (C, Dh) block at data + e * env_stride, standing for
+// scale times that block. The backward applies the scale to the block's dots (before the closed form)
+// and coefficients (after it), not to the block: the exact plan's state, whose deviations are its Lam
+// and Gam up to alpha and beta, is read in place (a scaled copy was a serial pass over the state, 10-25%
+// of a PACS call's node time). data nullptr: absent.
+template <typename T>
+struct EnvBlocks {
+  const T* data;
+  int64_t env_stride;
+  T scale;
+};
 template <typename T>
 void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                              T* dots_out, Launch launch);
 template <typename T>
-bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up,
-                                   const T* dirs, const T* ups, const T* gam, HeadTerm<T> head, T* work,
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, EnvBlocks<T> grad_up,
+                                   const T* dirs, const T* ups, EnvBlocks<T> gam, HeadTerm<T> head, T* work,
                                    T* d_logits, T* d_features, Launch launch, const KnownDots<T>* known);
 
 // Writes the state and the two penalty terms (hessian[0], gradient[0]).
