@@ -25,6 +25,7 @@ constexpr int kTileCols = 16;     // ... by head columns
 constexpr int kPanelRows = 64;    // matrix rows per expand panel
 constexpr int kDirectRows = 16;   // expansions / reductions with at most this many rows skip the tiles
 constexpr int kDirectBackwardRows = 32;  // ... and per-sample backwards with at most this many matrix rows
+constexpr int kMaxParts = 6;  // a backward's per-environment matrices: Lam, two runs each of V and U, a head
 constexpr int kHeadGradRows = 16;  // rows per partial sum of the fused head's weight gradient (fixed: same bits
                                    // for any thread count)
 constexpr int kDirectBlockRows = 2048;  // samples per task of the one-pass statistics
@@ -491,8 +492,8 @@ T row_dot(const T* x, const T* m, int D) {
 // and the rank-1 update of W × Dh partial sums while the row is in L1. The blocks' partials are then
 // added in block order. Fixed blocks and orders: the same bits for any thread count.
 template <typename T>
-void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, T* dots_out,
-                  Launch launch) {
+void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* out,
+                  T* dots_out, Launch launch) {
   using V = Simd<T>;
   const int C = h.C, KC = layout.K * C, W = layout.width(), Dh = h.head_width(), D = h.D;
   const int simd_cols = D / V::lanes * V::lanes;
@@ -516,11 +517,12 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
       const int64_t i = natural ? j : s.order[j];
       const int e = natural ? int(s.env_ids[i]) : block.env;
       T* acc = block_acc + (natural ? size_t(e) * W * Dh : 0);
-      const T* env_dirs = KC ? dirs + int64_t(e) * KC * Dh : nullptr;
       const T w = inv_count<T>(s, e);
       const T* x = h.features + i * h.features_row_stride;
-      for (int k = 0; k < KC; ++k)
-        dots[k] = row_dot<T>(x, env_dirs + int64_t(k) * Dh, D) + (h.bias ? env_dirs[int64_t(k) * Dh + D] : T(0));
+      for (int k = 0; k < KC; ++k) {
+        const T* dir = dirs.row(e, k, Dh);
+        dots[k] = row_dot<T>(x, dir, D) + (h.bias ? dir[D] : T(0));
+      }
       if (dots_out) std::copy(dots, dots + KC, dots_out + i * KC);
       stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w, dots, p,
                    cf);
@@ -703,8 +705,8 @@ void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int s
 }  // namespace
 
 template <typename T>
-void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
-                             T* dots_out, Launch launch) {
+void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
+                             T* out, T* dots_out, Launch launch) {
   const int C = h.C, KC = layout.K * C, W = layout.width();
   if (W <= kDirectRows && size_t(W) * h.head_width() * sizeof(T) <= kDirectAccBytes)
     return stats_direct<T>(h, s, layout, dirs, out, dots_out, launch);
@@ -718,8 +720,12 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(work_tasks.size()); ++t) {
       const Task& task = work_tasks[t];
-      wide_dots_block<T, false>(h, s, task.row_begin, task.row_end, dirs + int64_t(task.env) * KC * h.head_width(),
-                                task.col_begin, task.col_end, dirs_dots, KC);
+      dirs.each([&](const EnvRows<T>& run, int first) {  // the task's direction rows [col_begin, col_end) in this run
+        const int begin = std::max(task.col_begin, first), end = std::min(task.col_end, first + run.rows);
+        if (begin < end)
+          wide_dots_block<T, false>(h, s, task.row_begin, task.row_end, run.at(task.env), begin - first, end - first,
+                                    dirs_dots + first, KC);
+      });
     }
   }
 #pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(N) * (W + KC) * 8))
@@ -740,32 +746,37 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
 template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch) {
-  head_stats_keeping_dots<T>(h, s, layout, dirs, work, out, nullptr, launch);
+  const int KC = layout.K * h.C;
+  const RowRuns<T> stacked{{{dirs, int64_t(KC) * h.head_width(), KC}, {nullptr, 0, 0}}};
+  head_stats_keeping_dots<T>(h, s, layout, stacked, work, out, nullptr, launch);
 }
 
 // One pass over the features: each task takes a block of one environment's rows through
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
 template <typename T>
-bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, EnvBlocks<T> grad_up,
-                                   const T* dirs, const T* ups, EnvBlocks<T> gam_blocks, HeadTerm<T> head, T* work,
-                                   T* d_logits, T* d_features, Launch launch, const KnownDots<T>* known) {
-  const int C = h.C, KC = layout.K * h.C, W = layout.width(), Dh = h.head_width();
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout,
+                                   const BackwardMatrices<T>& mats, HeadTerm<T> head, T* work, T* d_logits,
+                                   T* d_features, Launch launch, const KnownDots<T>* known) {
+  const int C = h.C, W = layout.width(), Dh = h.head_width();
   const int64_t N = s.num_samples;
   const BackwardWork<T> buf(work, N, layout);
   T *dots = buf.dots, *dots_sq = buf.dots_sq, *scratch = buf.scratch, *coef = buf.coef, *coef_sq = buf.coef_sq;
-  // Environment e's stacked matrices [Lam][V_k][U_k] as parts; returns how many. The blocked path
-  // appends the head's weight rows after them (first_coef W), its coefficients the rows' d_logits.
+  // Environment e's stacked matrices [Lam][V_k][U_k] as parts (at most kMaxParts - 1); returns how many.
+  // The blocked path appends the head's weight rows after them (first_coef W), its coefficients the rows'
+  // d_logits.
   auto env_parts = [&](int e, Part<T>* parts) {
     int num_parts = 0;
-    if (layout.gradient) parts[num_parts++] = {grad_up.data + e * grad_up.env_stride, C, 0};
-    if (KC) {
-      parts[num_parts++] = {dirs + int64_t(e) * KC * Dh, KC, layout.dirs_begin()};
-      parts[num_parts++] = {ups + int64_t(e) * KC * Dh, KC, layout.ups_begin()};
-    }
+    if (layout.gradient) parts[num_parts++] = {mats.lam.at(e), C, 0};
+    mats.dirs.each([&](const EnvRows<T>& run, int first) {
+      parts[num_parts++] = {run.at(e), run.rows, layout.dirs_begin() + first};
+    });
+    mats.ups.each([&](const EnvRows<T>& run, int first) {
+      parts[num_parts++] = {run.at(e), run.rows, layout.ups_begin() + first};
+    });
     return num_parts;
   };
-  const T* gam = gam_blocks.data;
-  auto env_gam_of = [&](int e) { return gam ? gam + e * gam_blocks.env_stride : nullptr; };
+  const T* gam = mats.gam.data;
+  auto env_gam_of = [&](int e) { return gam ? mats.gam.at(e) : nullptr; };
   const int threads = threads_for(launch, 2.0 * N * (W + C) * Dh);
   if (W + (gam ? C : 0) <= kDirectBackwardRows && C <= kDirectBackwardRows) {
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
@@ -781,7 +792,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
     T* partials = head_grad ? head_partials.data() : nullptr;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
-      Part<T> parts[3];
+      Part<T> parts[kMaxParts];
       for (int64_t i = rows[t].row_begin, run_end; i < rows[t].row_end; i = run_end) {
         const int e = int(s.env_ids[i]);  // a run of consecutive rows of environment e
         for (run_end = i + 1; run_end < rows[t].row_end && s.env_ids[run_end] == e; ++run_end) {
@@ -791,7 +802,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
         const T* env_gam = env_gam_of(e);
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
-              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, grad_up.scale, env_gam, gam_blocks.scale,
+              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, mats.lam_scale, env_gam, mats.gam_scale,
               head, partials, d_logits, d_features, known);
         };
         using Few = std::integral_constant<int, kDirectRows>;
@@ -823,7 +834,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
     for (int64_t t = 0; t < int64_t(blocks.size()); ++t) {
       const Task& block = blocks[t];
       const int e = block.env;
-      Part<T> parts[4];
+      Part<T> parts[kMaxParts];
       const int num_parts = env_parts(e, parts);
       const T* env_gam = env_gam_of(e);
       const T w = inv_count<T>(s, e);
@@ -836,11 +847,11 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
       if (gam) wide_dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
       for (int64_t j = block.row_begin; j < block.row_end; ++j) {
         const int64_t i = s.order[j];
-        scale_upstream(layout, grad_up.scale, dots + j * W, gam_blocks.scale, gam ? dots_sq + j * C : nullptr);
+        scale_upstream(layout, mats.lam_scale, dots + j * W, mats.gam_scale, gam ? dots_sq + j * C : nullptr);
         backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                         dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
                         coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
-        scale_upstream(layout, grad_up.scale, coef + j * W, gam_blocks.scale, gam ? coef_sq + j * C : nullptr);
+        scale_upstream(layout, mats.lam_scale, coef + j * W, mats.gam_scale, gam ? coef_sq + j * C : nullptr);
         for (int c = 0; head.weight && c < C; ++c) d_logits[i * C + c] += head.extra[i * C + c];
       }
       int expand_parts = num_parts;
@@ -856,18 +867,24 @@ template <typename T>
 bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
                          Launch launch) {
-  const int64_t block = int64_t(h.C) * h.head_width();
-  return per_sample_backward_from_dots<T>(h, s, layout, {grad_up, block, T(1)}, dirs, ups, {gam, block, T(1)}, head,
-                                          work, d_logits, d_features, launch, nullptr);
+  const int C = h.C, KC = layout.K * C;
+  const int64_t Dh = h.head_width();
+  const BackwardMatrices<T> mats{{grad_up, C * Dh, C},
+                                 T(1),
+                                 {{{dirs, KC * Dh, KC}, {nullptr, 0, 0}}},
+                                 {{{ups, KC * Dh, KC}, {nullptr, 0, 0}}},
+                                 {gam, C * Dh, C},
+                                 T(1)};
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
 }
 
 HGK_INSTANTIATE_PRIMITIVES(float)
 HGK_INSTANTIATE_PRIMITIVES(double)
 #define HGK_INSTANTIATE_KEPT_DOTS(T)                                                                            \
-  template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, T*,  \
-                                           Launch);                                                             \
-  template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout, EnvBlocks<T>,  \
-                                                 const T*, const T*, EnvBlocks<T>, HeadTerm<T>, T*, T*, T*, Launch, \
+  template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const RowRuns<T>&, T*,  \
+                                           T*, T*, Launch);                                                     \
+  template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout,                \
+                                                 const BackwardMatrices<T>&, HeadTerm<T>, T*, T*, T*, Launch,     \
                                                  const KnownDots<T>*);
 HGK_INSTANTIATE_KEPT_DOTS(float)
 HGK_INSTANTIATE_KEPT_DOTS(double)

@@ -110,20 +110,16 @@ double squared_deviation(const T* x, const T* ref, int64_t n, T* dev) {
   return total;
 }
 
-// (E, 2M) with environment e's block [a_e][shared]: HGP's directions (G_e, G_bar) and their upstream.
+// HGP's direction (or upstream) rows: environment e's per_env block (E, C, Dh), then with `shared` the block
+// every environment shares (G_bar, or its upstream).
 template <typename T>
-T* pair_with_shared(const T* a, const T* shared, int E, int64_t M) {
-  T* out = scratch<T>(2 * E * M);
-  for (int e = 0; e < E; ++e) {
-    std::copy(a + e * M, a + (e + 1) * M, out + 2 * e * M);
-    std::copy(shared, shared + M, out + 2 * e * M + M);
-  }
-  return out;
+RowRuns<T> env_then_shared(const T* per_env, const T* shared, int C, int64_t M) {
+  return {{{per_env, M, C}, {shared, 0, shared ? C : 0}}};
 }
 
 // Statistics with a work buffer of the layout's size (and, with dots_out, the direction dots kept).
 template <typename T>
-void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* out, Launch launch,
+void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* out, Launch launch,
            T* dots_out = nullptr) {
   T* work = scratch<T>(s.num_samples * stats_work_per_sample(layout));
   head_stats_keeping_dots<T>(h, s, layout, dirs, work, out, dots_out, launch);
@@ -134,7 +130,7 @@ void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state,
                    Launch launch) {
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
-  stats<T>(h, s, StatsLayout{C, 0, true, true, false}, nullptr, state, launch);  // per env [G_e][Dg_e]
+  stats<T>(h, s, StatsLayout{C, 0, true, true, false}, RowRuns<T>{}, state, launch);  // per env [G_e][Dg_e]
   T* mean = scratch<T>(M);
   double sums[2];
   for (int b = 0; b < 2; ++b) {  // deviations from the mean over environments, in place
@@ -153,11 +149,11 @@ bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T*
   const int C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg): the state's blocks, scaled
-  const EnvBlocks<T> lam{state, 2 * M, T(2 * spec.weight * beta)}, gam{state + M, 2 * M, T(2 * spec.weight * alpha)};
+  const BackwardMatrices<T> mats{{state, 2 * M, C}, T(2 * spec.weight * beta), {}, {},
+                                 {state + M, 2 * M, C}, T(2 * spec.weight * alpha)};
   const BackwardLayout layout{C, 0, true, true, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  return per_sample_backward_from_dots<T>(h, s, layout, lam, nullptr, nullptr, gam, head, work, d_logits,
-                                          d_features, launch, nullptr);
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
 }
 
 template <typename T>
@@ -166,12 +162,11 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
   const int E = s.num_envs, C = h.C, K = spec.pooled ? 2 : 1;
   const int64_t M = int64_t(C) * h.head_width();
   T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M, *dir_dots = hgp_dev + E * M;
-  stats<T>(h, s, StatsLayout{C, 0, true, false, false}, nullptr, grad, launch);
+  stats<T>(h, s, StatsLayout{C, 0, true, false, false}, RowRuns<T>{}, grad, launch);
   env_mean(grad, M, E, M, grad_mean);
-  T* stacked = nullptr;  // directions [G_e][G_bar] for the pooled reference H_bar G_bar
-  if (K == 2) stacked = pair_with_shared(grad, grad_mean, E, M);
-  T* hv = scratch<T>(E * K * M);
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, K == 2 ? stacked : grad, hv, launch, dir_dots);
+  T* hv = scratch<T>(E * K * M);  // directions G_e, then G_bar for the pooled reference H_bar G_bar
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, env_then_shared<T>(grad, K == 2 ? grad_mean : nullptr, C, M),
+           hv, launch, dir_dots);
   T* ref = scratch<T>(M);  // mean_e H_e G_bar (pooled) or mean_e H_e G_e
   env_mean(hv + (K == 2 ? M : 0), K * M, E, M, ref);
   double hgp_sum = 0, grad_sum = 0;
@@ -195,16 +190,14 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
   T* gam = scratch<T>(E * M);
   for (int64_t k = 0; k < E * M; ++k) gam[k] = gam_scale * hgp_dev[k];
-  T *stacked_dirs = nullptr, *stacked_ups = nullptr;
+  T* ref_up = nullptr;
   if (shared) {
-    T* ref_up = scratch<T>(M);
+    ref_up = scratch<T>(M);
     env_mean(gam, M, E, M, ref_up);  // sum_e Gam_e / E, negated below
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
-    stacked_dirs = pair_with_shared(grad, grad_mean, E, M);
-    stacked_ups = pair_with_shared(gam, ref_up, E, M);
   }
-  const T* dirs = shared ? stacked_dirs : grad;
-  const T* ups = shared ? stacked_ups : gam;
+  const RowRuns<T> dirs = env_then_shared<T>(grad, shared ? grad_mean : nullptr, C, M);
+  const RowRuns<T> ups = env_then_shared<T>(gam, ref_up, C, M);
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
   T* dir_grads = scratch<T>(E * K * M);
   T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i, which the per-sample backward reuses
@@ -226,8 +219,8 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
   // only the Lam rows' dots are computed (a third of them).
   const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
-  return per_sample_backward_from_dots<T>(h, s, layout, {grad_up, M, T(1)}, dirs, ups, {nullptr, M, T(1)}, head,
-                                          work, d_logits, d_features, launch, &known);
+  const BackwardMatrices<T> mats{{grad_up, M, C}, T(1), dirs, ups, {nullptr, 0, 0}, T(1)};
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
 }
 
 }  // namespace

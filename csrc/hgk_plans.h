@@ -40,24 +40,52 @@ struct KnownDots {
   const T* ups;
   int64_t ups_stride;
 };
-// Lam or Gam as a plan holds it: environment e's (C, Dh) block at data + e * env_stride, standing for
-// scale times that block. The backward applies the scale to the block's dots (before the closed form)
-// and coefficients (after it), not to the block: the exact plan's state, whose deviations are its Lam
-// and Gam up to alpha and beta, is read in place (a scaled copy was a serial pass over the state, 10-25%
-// of a PACS call's node time). data nullptr: absent.
+// Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at
+// data + e * env_stride; env_stride 0 shares one block among all environments (HGP's G_bar).
 template <typename T>
-struct EnvBlocks {
+struct EnvRows {
   const T* data;
   int64_t env_stride;
-  T scale;
+  int rows;
+  const T* at(int e) const { return data + e * env_stride; }
+};
+
+// A per-environment stack of K C direction (or upstream) rows in up to two runs, such as [G_e][G_bar]
+// without a stacked copy (a serial copy of the state was a quarter of a PACS HGP forward). Unused runs
+// have no rows.
+template <typename T>
+struct RowRuns {
+  EnvRows<T> run[2];
+  // fn(run, index of its first row in the stack) for each run with rows
+  template <typename Fn>
+  void each(Fn&& fn) const {
+    for (int r = 0, first = 0; r < 2; first += run[r].rows, ++r)
+      if (run[r].rows) fn(run[r], first);
+  }
+  const T* row(int e, int k, int64_t Dh) const {
+    return k < run[0].rows ? run[0].at(e) + k * Dh : run[1].at(e) + (k - run[0].rows) * Dh;
+  }
+};
+
+// The per-sample backward's matrices (BackwardLayout's order) as the plans hold them. Lam and Gam (C rows;
+// data nullptr: absent) come with a scale that the backward applies to their dots (before the closed form)
+// and coefficients (after it) rather than to the matrices: the exact plan reads its state's deviations in
+// place (a scaled copy was a serial pass over the state, 10-25% of a PACS call's node time).
+template <typename T>
+struct BackwardMatrices {
+  EnvRows<T> lam;
+  T lam_scale;
+  RowRuns<T> dirs, ups;  // V_k and U_k
+  EnvRows<T> gam;
+  T gam_scale;
 };
 template <typename T>
-void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
-                             T* dots_out, Launch launch);
+void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
+                             T* out, T* dots_out, Launch launch);
 template <typename T>
-bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout, EnvBlocks<T> grad_up,
-                                   const T* dirs, const T* ups, EnvBlocks<T> gam, HeadTerm<T> head, T* work,
-                                   T* d_logits, T* d_features, Launch launch, const KnownDots<T>* known);
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout,
+                                   const BackwardMatrices<T>& mats, HeadTerm<T> head, T* work, T* d_logits,
+                                   T* d_features, Launch launch, const KnownDots<T>* known);
 
 // Writes the state and the two penalty terms (hessian[0], gradient[0]).
 template <typename T>
