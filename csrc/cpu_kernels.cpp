@@ -44,6 +44,23 @@ int64_t row_block_for(int64_t num_samples, int threads) {
   return std::max<int64_t>(kTileRows, std::min<int64_t>(kRowBlock, (num_samples + 4 * threads - 1) / (4 * threads)));
 }
 
+// Pieces of the sorted rows, piece p being [N p / P, N (p + 1) / P): a multiple of the thread count, so a
+// static schedule gives each thread the same number of rows whatever the environments' sizes (blocks of
+// each environment's rows gave one of two threads 56 of PACS's 96), and of about kRowBlock rows.
+int64_t row_pieces(int64_t num_samples, int threads) {
+  const int64_t per_thread = (num_samples / threads + kRowBlock - 1) / kRowBlock;
+  return std::max<int64_t>(2, per_thread) * threads;
+}
+
+// fn(e, begin, end) for each environment's part of sorted rows [row_begin, row_end), in order.
+template <typename Fn>
+void env_runs(const Segments& s, int64_t row_begin, int64_t row_end, Fn&& fn) {
+  for (int e = 0; e < s.num_envs; ++e) {
+    const int64_t begin = std::max(row_begin, s.offsets[e]), end = std::min(row_end, s.offsets[e + 1]);
+    if (begin < end) fn(e, begin, end);
+  }
+}
+
 struct Task {
   int env;
   int64_t row_begin, row_end;
@@ -714,28 +731,27 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
   T* dirs_dots = work;
   T* p_scratch = dirs_dots + N * KC;
   T* coef = p_scratch + N * C;
-  if (KC) {  // s_k = V_k zh for every sample: tiles of rows × direction rows
-    const int threads = threads_for(launch, double(N) * KC * h.head_width());
-    const std::vector<Task> work_tasks = tasks(s, row_block_for(N, threads), KC, kMatBlock);
+  // Per piece of sorted rows: s_k = V_k zh (tiles of rows × direction rows), then each row's coefficients
+  // (and its dots to the caller's row).
+  const int threads = threads_for(launch, double(N) * (KC * double(h.head_width()) + (W + KC) * 8));
+  const int64_t pieces = row_pieces(N, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < int64_t(work_tasks.size()); ++t) {
-      const Task& task = work_tasks[t];
-      dirs.each([&](const EnvRows<T>& run, int first) {  // the task's direction rows [col_begin, col_end) in this run
-        const int begin = std::max(task.col_begin, first), end = std::min(task.col_end, first + run.rows);
-        if (begin < end)
-          wide_dots_block<T, false>(h, s, task.row_begin, task.row_end, run.at(task.env), begin - first, end - first,
-                                    dirs_dots + first, KC);
-      });
-    }
-  }
-#pragma omp parallel for schedule(static) num_threads(threads_for(launch, double(N) * (W + KC) * 8))
-  for (int64_t j = 0; j < N; ++j) {
-    const int64_t i = s.order[j];
-    stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
-                 inv_count<T>(s, env_of(s, j)), dirs_dots + j * KC, p_scratch + j * C, coef + j * W);
-  }
-  for (int64_t j = 0; dots_out && j < N; ++j)  // to the caller's rows
-    std::copy(dirs_dots + j * KC, dirs_dots + (j + 1) * KC, dots_out + s.order[j] * KC);
+  for (int64_t piece = 0; piece < pieces; ++piece)
+    env_runs(s, N * piece / pieces, N * (piece + 1) / pieces, [&](int e, int64_t row_begin, int64_t row_end) {
+      for (int c0 = 0; c0 < KC; c0 += kMatBlock)
+        dirs.each([&](const EnvRows<T>& run, int first) {  // direction rows [c0, c0 + kMatBlock) in this run
+          const int begin = std::max(c0, first), end = std::min({c0 + kMatBlock, KC, first + run.rows});
+          if (begin < end)
+            wide_dots_block<T, false>(h, s, row_begin, row_end, run.at(e), begin - first, end - first,
+                                      dirs_dots + first, KC);
+        });
+      for (int64_t j = row_begin; j < row_end; ++j) {
+        const int64_t i = s.order[j];
+        stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
+                     inv_count<T>(s, e), dirs_dots + j * KC, p_scratch + j * C, coef + j * W);
+        if (dots_out) std::copy(dirs_dots + j * KC, dirs_dots + (j + 1) * KC, dots_out + i * KC);
+      }
+    });
   const int diag_begin = layout.diag_begin(), diag_end = layout.hess_diag ? diag_begin + C : diag_begin;
   if (W <= kDirectRows)
     reduce_few<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
