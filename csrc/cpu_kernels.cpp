@@ -372,12 +372,13 @@ void copy_known_dots(const KnownDots<T>& known, int64_t i, BackwardLayout layout
   std::copy(known.ups + i * known.ups_stride, known.ups + i * known.ups_stride + KC, row + layout.ups_begin());
 }
 
-// EnvBlocks' scales on one row's Lam entries (its first C, with a gradient block) and Gam entries (gam_row,
-// nullptr: none): dots before the closed form, coefficients after it.
+// BackwardMatrices' scales on one row's Lam and U entries (row, BackwardLayout's order) and its Gam entries
+// (gam_row, nullptr: none): dots before the closed form, coefficients after it.
 template <typename T>
-void scale_upstream(BackwardLayout layout, T lam_scale, T* lam_row, T gam_scale, T* gam_row) {
-  for (int c = 0; layout.gradient && c < layout.C; ++c) lam_row[c] *= lam_scale;
-  for (int c = 0; gam_row && c < layout.C; ++c) gam_row[c] *= gam_scale;
+void scale_upstream(BackwardLayout layout, const BackwardMatrices<T>& mats, T* row, T* gam_row) {
+  for (int c = 0; layout.gradient && c < layout.C; ++c) row[c] *= mats.lam_scale;
+  for (int k = layout.ups_begin(); k < layout.width(); ++k) row[k] *= mats.ups_scale;
+  for (int c = 0; gam_row && c < layout.C; ++c) gam_row[c] *= mats.gam_scale;
 }
 
 // fn(std::integral_constant<int, rows>) for a pass of 1..kPassRows rows.
@@ -397,7 +398,7 @@ void with_rows(int rows, Fn&& fn) {
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T, int Cap, int Bytes>
 void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
-                          const Part<T>* parts, int num_parts, T lam_scale, const T* gam, T gam_scale,
+                          const Part<T>* parts, int num_parts, const BackwardMatrices<T>& scales, const T* gam,
                           HeadTerm<T> head, T* head_partials, T* d_logits, T* d_features,
                           const KnownDots<T>* known) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
@@ -435,10 +436,10 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
       }
       if (known) copy_known_dots(*known, i, layout, dots[r]);
       T* da = d_logits + i * C;
-      scale_upstream(layout, lam_scale, dots[r], gam_scale, gam ? dots_sq[r] : nullptr);
+      scale_upstream(layout, scales, dots[r], gam ? dots_sq[r] : nullptr);
       backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                       dots[r], dots_sq[r], p, dp, coef[r], coef_sq[r], da, 1);
-      scale_upstream(layout, lam_scale, coef[r], gam_scale, gam ? coef_sq[r] : nullptr);
+      scale_upstream(layout, scales, coef[r], gam ? coef_sq[r] : nullptr);
       for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
     }
     with_rows(rows, expand);
@@ -818,7 +819,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
         const T* env_gam = env_gam_of(e);
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
-              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, mats.lam_scale, env_gam, mats.gam_scale,
+              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, mats, env_gam,
               head, partials, d_logits, d_features, known);
         };
         using Few = std::integral_constant<int, kDirectRows>;
@@ -863,11 +864,11 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
       if (gam) wide_dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
       for (int64_t j = block.row_begin; j < block.row_end; ++j) {
         const int64_t i = s.order[j];
-        scale_upstream(layout, mats.lam_scale, dots + j * W, mats.gam_scale, gam ? dots_sq + j * C : nullptr);
+        scale_upstream(layout, mats, dots + j * W, gam ? dots_sq + j * C : nullptr);
         backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
                         dots + j * W, gam ? dots_sq + j * C : nullptr, scratch + j * 2 * C, scratch + j * 2 * C + C,
                         coef + j * W, gam ? coef_sq + j * C : nullptr, d_logits + i * C, 1);
-        scale_upstream(layout, mats.lam_scale, coef + j * W, mats.gam_scale, gam ? coef_sq + j * C : nullptr);
+        scale_upstream(layout, mats, coef + j * W, gam ? coef_sq + j * C : nullptr);
         for (int c = 0; head.weight && c < C; ++c) d_logits[i * C + c] += head.extra[i * C + c];
       }
       int expand_parts = num_parts;
@@ -889,6 +890,7 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
                                  T(1),
                                  {{{dirs, KC * Dh, KC}, {nullptr, 0, 0}}},
                                  {{{ups, KC * Dh, KC}, {nullptr, 0, 0}}},
+                                 T(1),
                                  {gam, C * Dh, C},
                                  T(1)};
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);

@@ -149,7 +149,7 @@ bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T*
   const int C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg): the state's blocks, scaled
-  const BackwardMatrices<T> mats{{state, 2 * M, C}, T(2 * spec.weight * beta), {}, {},
+  const BackwardMatrices<T> mats{{state, 2 * M, C}, T(2 * spec.weight * beta), {}, {}, T(1),
                                  {state + M, 2 * M, C}, T(2 * spec.weight * alpha)};
   const BackwardLayout layout{C, 0, true, true, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
@@ -187,20 +187,20 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   // An undetached pooled reference S_ref = (1/E) sum_e H_e G_bar receives -sum_e Gam_e through G_bar.
   const bool shared = spec.pooled && !spec.detach_reference;
   const int K = shared ? 2 : 1;
+  // The upstream U of the directions is gam_scale times [hgp_dev_e][ref_up]: the scale goes to U's dots and
+  // coefficients (BackwardMatrices) and to H_e U below, not to a scaled copy.
   const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
-  T* gam = scratch<T>(E * M);
-  for (int64_t k = 0; k < E * M; ++k) gam[k] = gam_scale * hgp_dev[k];
   T* ref_up = nullptr;
   if (shared) {
     ref_up = scratch<T>(M);
-    env_mean(gam, M, E, M, ref_up);  // sum_e Gam_e / E, negated below
+    env_mean(hgp_dev, M, E, M, ref_up);  // sum_e Gam_e / E, negated below
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
   }
   const RowRuns<T> dirs = env_then_shared<T>(grad, shared ? grad_mean : nullptr, C, M);
-  const RowRuns<T> ups = env_then_shared<T>(gam, ref_up, C, M);
+  const RowRuns<T> ups = env_then_shared<T>(hgp_dev, ref_up, C, M);
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
   T* dir_grads = scratch<T>(E * K * M);
-  T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i, which the per-sample backward reuses
+  T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i (unscaled), which the per-sample backward reuses
   stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch, up_dots);
   T* to_mean = nullptr;
   if (shared) {
@@ -210,16 +210,15 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   T* grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
   for (int e = 0; e < E; ++e)
     for (int64_t k = 0; k < M; ++k) {
-      T total = lam_scale * T(grad[e * M + k] - grad_mean[k]) + dir_grads[e * K * M + k];
-      if (shared) total += to_mean[k];
-      grad_up[e * M + k] = total;
+      const T to_dir = shared ? T(dir_grads[e * K * M + k] + to_mean[k]) : dir_grads[e * K * M + k];
+      grad_up[e * M + k] = lam_scale * T(grad[e * M + k] - grad_mean[k]) + gam_scale * to_dir;
     }
   const BackwardLayout layout{C, K, true, false, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
   // only the Lam rows' dots are computed (a third of them).
   const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
-  const BackwardMatrices<T> mats{{grad_up, M, C}, T(1), dirs, ups, {nullptr, 0, 0}, T(1)};
+  const BackwardMatrices<T> mats{{grad_up, M, C}, T(1), dirs, ups, gam_scale, {nullptr, 0, 0}, T(1)};
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
 }
 

@@ -67,15 +67,17 @@ struct RowRuns {
   }
 };
 
-// The per-sample backward's matrices (BackwardLayout's order) as the plans hold them. Lam and Gam (C rows;
-// data nullptr: absent) come with a scale that the backward applies to their dots (before the closed form)
-// and coefficients (after it) rather than to the matrices: the exact plan reads its state's deviations in
-// place (a scaled copy was a serial pass over the state, 10-25% of a PACS call's node time).
+// The per-sample backward's matrices (BackwardLayout's order) as the plans hold them: Lam and Gam (C rows;
+// data nullptr: absent), V_k and U_k. Lam, U and Gam come with scales that the backward applies to their
+// dots (before the closed form) and coefficients (after it) rather than to the matrices, so the plans read
+// their state's deviations in place (a scaled copy was a serial pass over the state, 10-25% of a PACS
+// call's node time). Known U dots (KnownDots) are of the unscaled U.
 template <typename T>
 struct BackwardMatrices {
   EnvRows<T> lam;
   T lam_scale;
-  RowRuns<T> dirs, ups;  // V_k and U_k
+  RowRuns<T> dirs, ups;
+  T ups_scale;
   EnvRows<T> gam;
   T gam_scale;
 };
