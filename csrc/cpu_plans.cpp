@@ -67,13 +67,17 @@ T* scratch(int64_t n) {
   return reinterpret_cast<T*>(ScratchArena::mine().take(sizeof(T) * size_t(std::max<int64_t>(n, 1))));
 }
 
+// Passes over (E, M) blocks of fewer elements than this run on one thread: these memory-bound passes gain
+// from two threads well below the kernels' multiply-add threshold. They go in chunks of kPassChunk columns.
+constexpr int64_t kMinParallelElements = int64_t(1) << 15;
+constexpr int64_t kPassChunk = 1024;
+
 // out[k] = (sum_e x[e * stride + k]) / E, summed in environment order (torch's mean(0)); in chunks
 // that stay in L1 between the passes.
 template <typename T>
 void env_mean(const T* x, int64_t stride, int E, int64_t M, T* out) {
-  constexpr int64_t kChunk = 1024;
-  for (int64_t k0 = 0; k0 < M; k0 += kChunk) {
-    const int64_t k1 = std::min(k0 + kChunk, M);
+  for (int64_t k0 = 0; k0 < M; k0 += kPassChunk) {
+    const int64_t k1 = std::min(k0 + kPassChunk, M);
     std::copy(x + k0, x + k1, out + k0);
     for (int e = 1; e < E; ++e)
       for (int64_t k = k0; k < k1; ++k) out[k] += x[e * stride + k];
@@ -110,6 +114,49 @@ double squared_deviation(const T* x, const T* ref, int64_t n, T* dev) {
   return total;
 }
 
+// One deviation pass of a plan over (E, M) blocks: mean = the mean over environments of `of` (stride
+// of_stride; of nullptr: `mean` is given) and d_e = x_e - mean for x_e = x + e * x_stride (x nullptr: the
+// mean only), written to dev + e * dev_stride (dev nullptr: not kept; may alias x); `sum` receives
+// sum_e sum_k d_e[k]^2.
+template <typename T>
+struct Deviations {
+  const T* of;
+  int64_t of_stride;
+  const T* x;
+  int64_t x_stride;
+  T* mean;  // nullptr: not kept
+  T* dev;
+  int64_t dev_stride;
+  double sum;
+};
+
+// The jobs' passes in chunks of columns that stay in L1 between the environments, split among threads
+// (serial, they were about a tenth of a PACS HGP call). Each chunk sums its squares in double
+// (squared_deviation), then `sum` adds the chunks in order: the same bits for any thread count.
+template <typename T>
+void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch launch) {
+  const int64_t chunks = (M + kPassChunk - 1) / kPassChunk, tasks = num_jobs * chunks;
+  double* partial = scratch<double>(tasks);  // on the calling thread: its arena is the call's
+  const int threads = int64_t(E) * M * num_jobs >= kMinParallelElements ? launch.threads : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const Deviations<T>& job = jobs[t / chunks];
+    const int64_t k0 = t % chunks * kPassChunk, n = std::min(kPassChunk, M - k0);
+    T chunk_mean[kPassChunk];
+    T* mean = job.mean ? job.mean + k0 : chunk_mean;
+    if (job.of) env_mean(job.of + k0, job.of_stride, E, n, mean);
+    double total = 0;
+    for (int e = 0; job.x && e < E; ++e)
+      total += squared_deviation<T>(job.x + e * job.x_stride + k0, mean, n,
+                                    job.dev ? job.dev + e * job.dev_stride + k0 : nullptr);
+    partial[t] = total;
+  }
+  for (int j = 0; j < num_jobs; ++j) {
+    jobs[j].sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) jobs[j].sum += partial[j * chunks + c];
+  }
+}
+
 // HGP's direction (or upstream) rows: environment e's per_env block (E, C, Dh), then with `shared` the block
 // every environment shares (G_bar, or its upstream).
 template <typename T>
@@ -131,16 +178,11 @@ void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state,
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   stats<T>(h, s, StatsLayout{C, 0, true, true, false}, RowRuns<T>{}, state, launch);  // per env [G_e][Dg_e]
-  T* mean = scratch<T>(M);
-  double sums[2];
-  for (int b = 0; b < 2; ++b) {  // deviations from the mean over environments, in place
-    T* block = state + b * M;
-    env_mean(block, 2 * M, E, M, mean);
-    sums[b] = 0;
-    for (int e = 0; e < E; ++e) sums[b] += squared_deviation<T>(block + 2 * e * M, mean, M, block + 2 * e * M);
-  }
-  *gradient = T(spec.weight * sums[0]);
-  *hessian = T(spec.weight * sums[1]);
+  Deviations<T> blocks[2];  // deviations from the mean over environments, in place
+  for (int b = 0; b < 2; ++b) blocks[b] = {state + b * M, 2 * M, state + b * M, 2 * M, nullptr, state + b * M, 2 * M, 0};
+  deviations(blocks, 2, E, M, launch);
+  *gradient = T(spec.weight * blocks[0].sum);
+  *hessian = T(spec.weight * blocks[1].sum);
 }
 
 template <typename T>
@@ -163,19 +205,17 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
   const int64_t M = int64_t(C) * h.head_width();
   T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M, *dir_dots = hgp_dev + E * M;
   stats<T>(h, s, StatsLayout{C, 0, true, false, false}, RowRuns<T>{}, grad, launch);
-  env_mean(grad, M, E, M, grad_mean);
+  Deviations<T> grad_mean_pass{grad, M, nullptr, 0, grad_mean, nullptr, 0, 0};
+  deviations(&grad_mean_pass, 1, E, M, launch);
   T* hv = scratch<T>(E * K * M);  // directions G_e, then G_bar for the pooled reference H_bar G_bar
   stats<T>(h, s, StatsLayout{C, K, false, false, false}, env_then_shared<T>(grad, K == 2 ? grad_mean : nullptr, C, M),
            hv, launch, dir_dots);
-  T* ref = scratch<T>(M);  // mean_e H_e G_bar (pooled) or mean_e H_e G_e
-  env_mean(hv + (K == 2 ? M : 0), K * M, E, M, ref);
-  double hgp_sum = 0, grad_sum = 0;
-  for (int e = 0; e < E; ++e) {
-    hgp_sum += squared_deviation<T>(hv + e * K * M, ref, M, hgp_dev + e * M);
-    grad_sum += squared_deviation<T>(grad + e * M, grad_mean, M, nullptr);
-  }
-  *hessian = T(spec.weight * hgp_sum);
-  *gradient = T(spec.weight * grad_sum);
+  // H_e G_e - ref with ref = mean_e H_e G_bar (pooled) or mean_e H_e G_e, and G_e - G_bar
+  Deviations<T> devs[2] = {{hv + (K == 2 ? M : 0), K * M, hv, K * M, nullptr, hgp_dev, M, 0},
+                           {nullptr, 0, grad, M, grad_mean, nullptr, 0, 0}};
+  deviations(devs, 2, E, M, launch);
+  *hessian = T(spec.weight * devs[0].sum);
+  *gradient = T(spec.weight * devs[1].sum);
 }
 
 template <typename T>
@@ -208,11 +248,15 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
     env_mean(dir_grads + M, 2 * M, E, M, to_mean);
   }
   T* grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
-  for (int e = 0; e < E; ++e)
-    for (int64_t k = 0; k < M; ++k) {
+  const int64_t chunks = (M + kPassChunk - 1) / kPassChunk;
+#pragma omp parallel for schedule(static) num_threads(int64_t(E) * M >= kMinParallelElements ? launch.threads : 1)
+  for (int64_t t = 0; t < E * chunks; ++t) {
+    const int e = int(t / chunks);
+    for (int64_t k = t % chunks * kPassChunk, end = std::min(k + kPassChunk, M); k < end; ++k) {
       const T to_dir = shared ? T(dir_grads[e * K * M + k] + to_mean[k]) : dir_grads[e * K * M + k];
       grad_up[e * M + k] = lam_scale * T(grad[e * M + k] - grad_mean[k]) + gam_scale * to_dir;
     }
+  }
   const BackwardLayout layout{C, K, true, false, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
