@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import subprocess
 import time
 import warnings
@@ -436,13 +437,18 @@ def machine_description(device: torch.device) -> Dict[str, str]:
 def interleaved_times(runs: Dict[str, Callable[[], None]], rounds: int, reps: int = 1,
                       before: Optional[Callable[[str], None]] = None) -> Dict[str, List[float]]:
     """Seconds per call of each run, one value per round: `rounds` rounds after a warm-up round (dropped),
-    each timing every run `reps` times in an order that rotates from round to round (a call right after
-    another's large GEMMs or allocations runs slower, and the machine drifts). `before(key)`, when given,
-    runs untimed ahead of each run's calls (e.g. to switch a code path)."""
+    each timing every run `reps` times in an order shuffled from round to round (seeded). A call right
+    after another's large GEMMs or allocations runs slower, and the machine drifts: a shuffle gives each
+    run varied neighbours, where a rotated order kept each run after the same other one (the first
+    penalty after the generic path's allocations measured 100 µs above its validate=False twin at PACS).
+    `before(key)`, when given, runs untimed ahead of each run's calls (e.g. to switch a code path)."""
     keys = list(runs)
     times: Dict[str, List[float]] = {key: [] for key in keys}
-    for r in range(rounds + 1):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+    shuffler = random.Random(0)
+    for _ in range(rounds + 1):
+        order = keys[:]
+        shuffler.shuffle(order)
+        for key in order:
             if before is not None:
                 before(key)
             start = time.perf_counter()
