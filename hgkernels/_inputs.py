@@ -85,8 +85,8 @@ class HeadProblem:
     loss: str
     bias: bool
     segments: EnvSegments
-    # validate=True left the features' NaN/Inf scan to `check_deferred_features` (see `prepare`)
-    features_check_deferred: bool = False
+    # validate=True left the value scans to `check_deferred_values` (see `prepare`)
+    value_checks_deferred: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +110,7 @@ class HeadProblem:
         """The same problem on other tensors (None drops them: an autograd context keeps its
         tensors as saved tensors, which autograd frees after backward)."""
         return HeadProblem(logits, features, self.targets if targets is None else targets, self.loss, self.bias,
-                           self.segments, self.features_check_deferred)
+                           self.segments, self.value_checks_deferred)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -257,10 +257,8 @@ def _targets(loss: str, labels, n: int, c: int, device, dtype, validate: bool) -
         if labels.dim() != 1 or labels.shape[0] != n:
             raise ValueError(f"labels must have shape ({n},) for loss='cross_entropy'; got {tuple(labels.shape)}")
         labels = labels.to(torch.int64)
-        if validate and n:
-            lo, hi = (int(v) for v in torch.aminmax(labels))
-            if lo < 0 or hi >= c:
-                raise ValueError(f"labels must lie in [0, {c}) (C = logits.shape[1]); got range [{lo}, {hi}]")
+        if validate:
+            _check_label_range(labels, c)
         return labels
     if not labels.dtype.is_floating_point:
         raise TypeError(f"labels for loss={loss!r} must be floating targets; got dtype {labels.dtype}")
@@ -276,6 +274,13 @@ def _targets(loss: str, labels, n: int, c: int, device, dtype, validate: bool) -
     return labels.to(dtype)
 
 
+def _check_label_range(labels: torch.Tensor, c: int) -> None:
+    if labels.numel():
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= c:
+            raise ValueError(f"labels must lie in [0, {c}) (C = logits.shape[1]); got range [{lo}, {hi}]")
+
+
 def _check_not_vmapped(**tensors) -> None:
     for name, t in tensors.items():
         while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
@@ -287,7 +292,7 @@ def _check_not_vmapped(**tensors) -> None:
 
 
 def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: Optional[int] = None,
-            validate: bool = True, shard: bool = False, defer_features_check: bool = False) -> HeadProblem:
+            validate: bool = True, shard: bool = False, defer_value_checks: bool = False) -> HeadProblem:
     """Check the user's tensors and build the `HeadProblem` every backend consumes.
 
     1-D logits are read as a single logit per sample (C = 1). Raises TypeError
@@ -329,21 +334,31 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
         _check_not_vmapped(logits=logits, features=features, labels=labels, envs=envs)
     if features.dtype != logits.dtype:
         raise TypeError(f"features dtype {features.dtype} must match logits dtype {logits.dtype}")
-    if validate:
+    # Deferred (validate and defer_value_checks): the scans wait for the gradient term, which any value they
+    # reject makes non-finite (check_deferred_values). The logits and label range only with cross_entropy:
+    # a sigmoid saturates at an infinite logit.
+    deferred = validate and defer_value_checks
+    scan_logits_labels = validate and not (deferred and loss == "cross_entropy")
+    if scan_logits_labels:
         _check_finite("logits", logits, masked_logits=loss == "cross_entropy")
-        if not defer_features_check:
-            _check_finite("features", features)
-    targets = _targets(loss, labels, n, c, logits.device, compute_dtype(logits.dtype), validate)
+    if validate and not deferred:
+        _check_finite("features", features)
+    targets = _targets(loss, labels, n, c, logits.device, compute_dtype(logits.dtype), scan_logits_labels)
     if shard and isinstance(envs, torch.Tensor) and num_envs is None:
         raise ValueError("num_envs is needed for a rank's shard given as ids (hgkernels.distributed agrees on it)")
     segments = _segments(envs, n, logits.device, num_envs, shard)
-    return HeadProblem(logits, features, targets, loss, bias, segments, validate and defer_features_check)
+    return HeadProblem(logits, features, targets, loss, bias, segments, deferred)
 
 
-def check_deferred_features(problem: HeadProblem, gradient_term: torch.Tensor) -> None:
-    """The features' NaN/Inf check that `prepare` deferred. A non-finite feature z_ij makes every
-    G_e[c, j] = (1/N_e) sum_i r_ic z_ij of its environment inf or NaN (NaN when r_ic = 0), hence the
-    gradient term, a sum of their squared deviations; so a finite gradient term means finite features
-    and the O(N × D) scan runs only when it is not (it then raises, or passes on a genuine overflow)."""
-    if problem.features_check_deferred and not math.isfinite(gradient_term.item()):
+def check_deferred_values(problem: HeadProblem, gradient_term: torch.Tensor) -> None:
+    """The value scans that `prepare` deferred, run only when the gradient term is non-finite (they then
+    raise, in prepare's order, or pass on a genuine overflow). Each rejected value makes that term
+    non-finite on every backend: a non-finite feature z_ij makes every G_e[c, j] = (1/N_e) sum_i r_ic z_ij
+    of its environment inf or NaN (NaN when r_ic = 0), and with cross_entropy a NaN or +inf logit, a row of
+    -inf logits (softmax NaN) or a label outside [0, C) (a NaN residual, as validate=False documents)
+    makes a sample's residual r_i NaN; the term is a sum of the G_e's squared deviations."""
+    if problem.value_checks_deferred and not math.isfinite(gradient_term.item()):
+        if problem.loss == "cross_entropy":
+            _check_finite("logits", problem.logits, masked_logits=True)
+            _check_label_range(problem.targets, problem.num_classes)
         _check_finite("features", problem.features)

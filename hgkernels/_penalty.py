@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._inputs import HeadProblem, check_deferred_features
+from ._inputs import HeadProblem, check_deferred_values
 from .backends import Backend
 from .backends.base import HeadTerm, PlanSpec, add_head_term
 
@@ -337,7 +337,7 @@ class PenaltyFunction(torch.autograd.Function):
     def forward(ctx, logits, features, problem: HeadProblem, backend: Backend, plan):
         problem = problem.with_tensors(logits, features)
         hessian, gradient = plan.forward(backend, problem)
-        check_deferred_features(problem, gradient)
+        check_deferred_values(problem, gradient)
         ctx.slots, state = take_state(plan)
         ctx.save_for_backward(logits, features, problem.targets, problem.segments.env_ids, *state)
         ctx.problem, ctx.backend, ctx.plan = problem.with_tensors(None, None), backend, plan
@@ -373,6 +373,6 @@ def penalty_function(problem: HeadProblem, backend: Backend, plan) -> Tuple[torc
 
         node = backend.autograd_plan(problem, plan.plan_spec(problem), double_backward)
         if node is not None:
-            check_deferred_features(problem, node[1])
+            check_deferred_values(problem, node[1])
             return node
     return PenaltyFunction.apply(problem.logits, problem.features, problem, backend, plan)

@@ -68,8 +68,8 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _defers_features_check(backend: str, shard: bool) -> bool:
-    """Whether the features' NaN/Inf scan waits for the penalty's gradient term (_inputs.check_deferred_features):
+def _defers_value_checks(backend: str, shard: bool) -> bool:
+    """Whether the value scans wait for the penalty's gradient term (_inputs.check_deferred_values):
     in the autograd Functions, which check it, so not for the reference path, a rank's shard (ranks must
     agree on errors before any collective) or a traced call (the composed path)."""
     return backend != "reference" and not shard and not _traced()
@@ -221,7 +221,7 @@ def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, 
         if form == "sample" and estimator != "exact":
             raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
-                          validate=validate, shard=shard, defer_features_check=_defers_features_check(backend, shard))
+                          validate=validate, shard=shard, defer_value_checks=_defers_value_checks(backend, shard))
         if backend != "reference":
             check_targets_grad(labels)
         if generator is not None and generator.device.type != problem.logits.device.type:
@@ -252,7 +252,7 @@ def _hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_red
         check_choice("reference", reference, REFERENCES)
         _check_common(env_reduction, detach_reference, backend, form)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
-                          validate=validate, shard=shard, defer_features_check=_defers_features_check(backend, shard))
+                          validate=validate, shard=shard, defer_value_checks=_defers_value_checks(backend, shard))
         if backend != "reference":
             check_targets_grad(labels)
         if not shard and _sample_form(form, problem, "hgp", backend):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from ._inputs import EnvsArg, HeadProblem, all_finite, check_deferred_features
+from ._inputs import EnvsArg, HeadProblem, all_finite, check_deferred_values
 from ._penalty import differentiable_grads, put_state, replayed_feature_form, take_state
 from .backends import Backend, load, select
 from .backends.base import HeadTerm
@@ -76,9 +76,9 @@ class HeadFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, bias, problem: HeadProblem, backend: Backend, plan):
-        erm = env_losses(problem).mean()
         hessian, gradient = plan.forward(backend, problem)
-        check_deferred_features(problem, gradient)
+        check_deferred_values(problem, gradient)  # before the ERM loss, which indexes by the labels
+        erm = env_losses(problem).mean()
         ctx.slots, state = take_state(plan)
         logits = problem.logits
         ctx.save_for_backward(features, weight, bias, logits, problem.targets, problem.segments.env_ids, *state)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hgkernels as hk
+from hgkernels import _inputs
 from _helpers import assert_close
 
 NATIVE = pytest.importorskip("hgkernels.backends.native")._CPU is not None
@@ -191,7 +192,7 @@ def test_fused_head_option_errors():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_features_nan_inf_still_raise_with_the_deferred_check(backend, bad):
-    """validate=True scans the features only when the gradient term is non-finite (_inputs.check_deferred_features);
+    """validate=True scans the features only when the gradient term is non-finite (_inputs.check_deferred_values);
     a NaN/Inf feature must still raise, through the functions and the fused head, in both forms."""
     x, featurizer, head, y, envs = _problem(9, "cross_entropy", 3)
     z = featurizer(x).detach()
@@ -203,6 +204,38 @@ def test_features_nan_inf_still_raise_with_the_deferred_check(backend, bad):
                 fn(logits, z, y, envs, backend=backend, form=form)
         with pytest.raises(ValueError, match="features contains NaN or Inf"):
             hk.HessianAlignmentLoss("hgp", backend=backend, form=form)(head, z, y, envs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_and_labels_still_raise_with_the_deferred_check(backend, dtype, monkeypatch):
+    """With cross_entropy, validate=True leaves the logits' and labels' scans to a non-finite gradient term too
+    (_inputs.check_deferred_values): NaN or +inf logits, a row of -inf logits and a label outside [0, C) still
+    raise their messages, through both penalties in both forms (float32 on the native backend takes the C++
+    autograd node), a logits NaN before a bad label as up front; clean inputs are not scanned."""
+    x, featurizer, head, y, envs = _problem(11, "cross_entropy", 3)
+    z = featurizer(x).detach().to(dtype)
+    logits = head.to(dtype)(z).detach()
+    nan_logit, inf_logit, masked_row = logits.clone(), logits.clone(), logits.clone()
+    nan_logit[3, 1], inf_logit[5, 0], masked_row[2] = float("nan"), float("inf"), float("-inf")
+    bad_label = y.clone()
+    bad_label[7] = 3
+    cases = [(nan_logit, y, "logits contains NaN or \\+Inf"), (inf_logit, y, "logits contains NaN or \\+Inf"),
+             (masked_row, y, "every entry is -inf"), (logits, bad_label, r"labels must lie in \[0, 3\)"),
+             (nan_logit, bad_label, "logits contains NaN")]
+    for form in ("feature", "sample"):
+        for fn in (hk.hutchinson_penalty, hk.hgp_penalty):
+            for bad_logits, labels, match in cases:
+                with pytest.raises(ValueError, match=match):
+                    fn(bad_logits, z, labels, envs, backend=backend, form=form)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):  # the fused head: before its ERM loss
+        hk.linear_head_alignment(z, head.weight.detach(), head.bias.detach(), bad_label, envs, backend=backend)
+    scanned = []
+    monkeypatch.setattr(_inputs, "_check_finite", lambda name, *args, **kwargs: scanned.append(name))
+    monkeypatch.setattr(_inputs, "_check_label_range", lambda *args: scanned.append("labels"))
+    for fn in (hk.hutchinson_penalty, hk.hgp_penalty):
+        fn(logits.requires_grad_(), z, y, envs, backend=backend)
+    assert scanned == []
 
 
 @pytest.mark.parametrize("where", ["features", "weight", "bias"])
