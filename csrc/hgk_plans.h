@@ -29,10 +29,12 @@ struct PlanSpec {
 // (N, K C), K = 2 with pooled else 1: [G_e zh_i][G_bar zh_i], which the backward reuses.
 int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width);
 
-// The CPU primitives as the plans call them (hgk_kernels.h), with the direction dots s_k = V_k zh_i
-// passed between them: head_stats can also write them (dots_out, (N, K C) in the caller's rows), and
-// per_sample_backward can take the dots of its V and U blocks instead of computing them (each of the N
-// caller's rows holds K C values at its row stride; dots of the Lam and Gam rows are computed).
+// The CPU primitives as the plans call them (hgk_kernels.h): on the per-environment matrices where the
+// plans hold them (EnvRows, RowRuns, BackwardMatrices below) rather than in stacked arrays, and with the
+// direction dots s_k = V_k zh_i passed between them: head_stats can also write them (dots_out, (N, K C)
+// in the caller's rows), and per_sample_backward can take the dots of its V and U blocks instead of
+// computing them (each of the N caller's rows holds K C values at its row stride; dots of the Lam and
+// Gam rows are computed).
 template <typename T>
 struct KnownDots {
   const T* dirs;
@@ -40,6 +42,7 @@ struct KnownDots {
   const T* ups;
   int64_t ups_stride;
 };
+
 // Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at
 // data + e * env_stride; env_stride 0 shares one block among all environments (HGP's G_bar).
 template <typename T>
@@ -81,6 +84,7 @@ struct BackwardMatrices {
   EnvRows<T> gam;
   T gam_scale;
 };
+
 template <typename T>
 void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
                              T* out, T* dots_out, Launch launch);
