@@ -140,8 +140,10 @@ void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch laun
   const int threads = int64_t(E) * M * num_jobs >= kMinParallelElements ? launch.threads : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tasks; ++t) {
-    const Deviations<T>& job = jobs[t / chunks];
-    const int64_t k0 = t % chunks * kPassChunk, n = std::min(kPassChunk, M - k0);
+    // chunk-major: each thread gets every job's chunks of its columns (jobs differ in work)
+    const int64_t job_index = t % num_jobs, chunk = t / num_jobs;
+    const Deviations<T>& job = jobs[job_index];
+    const int64_t k0 = chunk * kPassChunk, n = std::min(kPassChunk, M - k0);
     T chunk_mean[kPassChunk];
     T* mean = job.mean ? job.mean + k0 : chunk_mean;
     if (job.of) env_mean(job.of + k0, job.of_stride, E, n, mean);
@@ -149,7 +151,7 @@ void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch laun
     for (int e = 0; job.x && e < E; ++e)
       total += squared_deviation<T>(job.x + e * job.x_stride + k0, mean, n,
                                     job.dev ? job.dev + e * job.dev_stride + k0 : nullptr);
-    partial[t] = total;
+    partial[job_index * chunks + chunk] = total;
   }
   for (int j = 0; j < num_jobs; ++j) {
     jobs[j].sum = 0;
