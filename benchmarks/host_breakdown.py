@@ -10,7 +10,7 @@ Forward + backward at the PACS head (N 96, D 2048, C 7, E 3, float32), each row 
 - ``generic``: backend="reference" (one Hutchinson probe / the HGP double backward), the baseline of
   the speed-up targets.
 
-Medians of rounds whose order rotates.
+Medians of rounds whose order is shuffled (seeded).
 
     python benchmarks/host_breakdown.py
     python benchmarks/host_breakdown.py --smoke      # tiny, for CI

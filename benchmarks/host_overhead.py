@@ -10,7 +10,7 @@ interleaved, forward + backward (torch.autograd.grad to the leaves) of:
   formulation) with one Hutchinson probe / the HGP double backward, at the PACS head.
 
 Ratios are medians of per-round ratios to F.cross_entropy (or of the generic time to ours); the
-variants' order rotates from round to round.
+variants' order is shuffled from round to round (seeded).
 
     python benchmarks/host_overhead.py
     python benchmarks/host_overhead.py --smoke     # a few rounds, for CI
