@@ -67,6 +67,12 @@ def prefers_sample_space(method: str, n: int, c: int, dh: int, backend: str = "t
     return sample < feature
 
 
+def sample_space_possible(method: str, n: int, c: int, dh: int) -> bool:
+    """Whether the sample form could be faster on some backend: against the slowest C × Dh form."""
+    slowest = max(FEATURE_SLOWDOWN, key=FEATURE_SLOWDOWN.get)
+    return prefers_sample_space(method, n, c, dh, slowest)
+
+
 def _power_of_two_above(x: torch.Tensor) -> torch.Tensor:
     """A power of two >= max |x| (1 for x = 0): dividing by it is exact and brings x to [-1, 1]."""
     _, exponent = torch.frexp(x.detach().abs().amax())

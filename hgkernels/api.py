@@ -8,7 +8,7 @@ import torch
 from . import backends, distributed, reference as reference_path
 from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import ExactDiagPlan, HGPPlan, StochasticDiagPlan, differentiable_grads, penalty_function
-from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space, tiny_head
+from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space, sample_space_possible
 from .backends.base import Backend
 
 
@@ -50,7 +50,7 @@ def _sample_form(form: str, problem: HeadProblem, method: str, backend: str = "a
         return False
     if form == "sample":
         return True
-    if tiny_head(problem.logits.shape[0], problem.num_classes, problem.head_width):
+    if not sample_space_possible(method, problem.logits.shape[0], problem.num_classes, problem.head_width):
         return False  # (before resolving the backend, which costs a few checks)
     resolved = "torch" if backend == "reference" else backends.select(backend, problem).name
     return prefers_sample_space(method, problem.logits.shape[0], problem.num_classes, problem.head_width, resolved)

@@ -27,6 +27,19 @@ def test_auto_weighs_the_backend_that_runs_the_feature_form():
     assert api._sample_form("auto", problem, "hgp", "torch") is True
 
 
+def test_auto_skips_resolving_the_backend_only_where_no_backend_takes_the_sample_form():
+    """`_sample_form` answers "feature form" before resolving the backend when the sample form loses even
+    against the slowest C × Dh form (sample_space_possible): over a grid of heads, that shortcut never
+    differs from the cost model on any backend."""
+    backends = list(_sample_space.FEATURE_SLOWDOWN)
+    for method in ("hutchinson", "hgp"):
+        for n in (8, 24, 96, 384, 1536, 6144):
+            for c in (1, 7, 65, 345, 1000):
+                for dh in (6, 129, 513, 2049, 4097):
+                    if not _sample_space.sample_space_possible(method, n, c, dh):
+                        assert not any(_sample_space.prefers_sample_space(method, n, c, dh, b) for b in backends)
+
+
 @pytest.mark.parametrize("shape,method,sample", [
     ((160, 2048, 345, 5), "hgp", True),             # DomainNet head: N ≪ C
     ((160, 2048, 345, 5), "hutchinson", True),
