@@ -193,9 +193,13 @@ bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T*
   const int C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg): the state's blocks, scaled
-  const BackwardMatrices<T> mats{{state, 2 * M, C}, T(2 * spec.weight * beta), {}, {}, T(1),
-                                 {state + M, 2 * M, C}, T(2 * spec.weight * alpha)};
-  const BackwardLayout layout{C, 0, true, true, false};
+  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
+  // A term whose upstream is zero adds nothing, and its blocks are left out rather than multiplied by zero:
+  // their unscaled dots may overflow where that term did (0 * inf would be NaN in the other term's gradient).
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
+  const BackwardMatrices<T> mats{{with_gradient ? state : nullptr, 2 * M, C}, lam_scale, {}, {}, T(1),
+                                 {with_hessian ? state + M : nullptr, 2 * M, C}, gam_scale};
+  const BackwardLayout layout{C, 0, with_gradient, with_hessian, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
 }
@@ -228,12 +232,14 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   const T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M, *dir_dots = hgp_dev + E * M;
   // An undetached pooled reference S_ref = (1/E) sum_e H_e G_bar receives -sum_e Gam_e through G_bar.
   const bool shared = spec.pooled && !spec.detach_reference;
-  const int K = shared ? 2 : 1;
   // The upstream U of the directions is gam_scale times [hgp_dev_e][ref_up]: the scale goes to U's dots and
   // coefficients (BackwardMatrices) and to H_e U below, not to a scaled copy.
   const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
+  // A term whose upstream is zero adds nothing, and its blocks are left out (as in exact_backward).
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
+  const int K = with_hessian ? (shared ? 2 : 1) : 0;  // without the Hessian term no direction gets a gradient
   T* ref_up = nullptr;
-  if (shared) {
+  if (shared && with_hessian) {
     ref_up = scratch<T>(M);
     env_mean(hgp_dev, M, E, M, ref_up);  // sum_e Gam_e / E, negated below
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
@@ -243,9 +249,9 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
   T* dir_grads = scratch<T>(E * K * M);
   T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i (unscaled), which the per-sample backward reuses
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch, up_dots);
+  if (with_hessian) stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch, up_dots);
   T* to_mean = nullptr;
-  if (shared) {
+  if (shared && with_hessian) {
     to_mean = scratch<T>(M);
     env_mean(dir_grads + M, 2 * M, E, M, to_mean);
   }
@@ -255,17 +261,20 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   for (int64_t t = 0; t < E * chunks; ++t) {
     const int e = int(t / chunks);
     for (int64_t k = t % chunks * kPassChunk, end = std::min(k + kPassChunk, M); k < end; ++k) {
-      const T to_dir = shared ? T(dir_grads[e * K * M + k] + to_mean[k]) : dir_grads[e * K * M + k];
-      grad_up[e * M + k] = lam_scale * T(grad[e * M + k] - grad_mean[k]) + gam_scale * to_dir;
+      T total = with_gradient ? T(lam_scale * T(grad[e * M + k] - grad_mean[k])) : T(0);
+      if (with_hessian) total += gam_scale * (shared ? T(dir_grads[e * K * M + k] + to_mean[k]) : dir_grads[e * K * M + k]);
+      grad_up[e * M + k] = total;
     }
   }
-  const BackwardLayout layout{C, K, true, false, false};
+  const BackwardLayout layout{C, K, with_gradient || with_hessian, false, false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
   // only the Lam rows' dots are computed (a third of them).
   const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
-  const BackwardMatrices<T> mats{{grad_up, M, C}, T(1), dirs, ups, gam_scale, {nullptr, 0, 0}, T(1)};
-  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
+  const BackwardMatrices<T> mats{{grad_up, M, C}, T(1),       K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{},
+                                 gam_scale,       {nullptr, 0, 0}, T(1)};
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch,
+                                          K ? &known : nullptr);
 }
 
 }  // namespace

@@ -179,6 +179,47 @@ def test_many_missing_ids_are_listed_briefly():
         hk.hutchinson_penalty(case.logits, case.features, case.labels, envs, num_envs=26)
 
 
+@pytest.mark.parametrize("name", PENALTIES)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e10), (torch.float64, 1e80)])
+def test_one_term_alone_is_right_where_the_other_term_overflows(name, dtype, scale):
+    """Backpropagating one term gives the other a zero upstream. The C++ plans apply the upstream factors to
+    dots rather than to matrices, so they leave a zero-factor term's blocks out instead of multiplying its
+    products, which overflowed here with the term (its value is inf), by zero: NaN in every gradient.
+    The gradient term alone, 0 * hessian + gradient, both at zero, and the fused head with alpha=0 equal
+    the reference on the same inputs."""
+    gen = torch.Generator().manual_seed(3)
+    n, c, d = 24, 3, 8
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64).to(dtype)
+    features = (torch.randn(n, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    labels, envs = torch.randint(0, c, (n,), generator=gen), torch.arange(n) % 3
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+
+    def grads(backend, weights):
+        lg, ft = logits.clone().requires_grad_(True), features.clone().requires_grad_(True)
+        pen = PENALTIES[name](lg, ft, labels, envs, backend=backend)
+        total = sum(w * term for w, term in zip(weights, (pen.hessian, pen.gradient)) if w is not None)
+        return pen.hessian, torch.autograd.grad(total, (lg, ft))
+
+    for weights in ((None, 1.0), (0.0, 1.0), (0.0, 0.0)):
+        hessian, ours = grads("native", weights)
+        assert torch.isinf(hessian)  # the case this test is about
+        _, want = grads("reference", weights)
+        for what, a, b in zip(("d logits", "d features"), ours, want):
+            assert_close(a, b, rtol, f"{name}, upstream weights {weights}: {what}")
+    head = torch.nn.Linear(d, c).to(dtype)
+    fused = hk.HessianAlignmentLoss(name, alpha=0.0, backend="native")
+    unfused = hk.HessianAlignmentLoss(name, alpha=0.0, backend="reference")
+    for loss_fn, store in ((fused, []), (unfused, [])):
+        head.zero_grad()
+        ft = features.clone().requires_grad_(True)
+        out = loss_fn(head, ft, labels, envs) if loss_fn is fused else loss_fn(head(ft), ft, labels, envs)
+        (out.erm + out.gradient).backward()
+        store += [ft.grad, head.weight.grad.clone(), head.bias.grad.clone()]
+        loss_fn.grads = store
+    for what, a, b in zip(("d features", "d weight", "d bias"), fused.grads, unfused.grads):
+        assert_close(a, b, rtol, f"{name}, fused head with alpha=0: {what}")
+
+
 # 6. validate=False: one documented behaviour on every backend ---------------------------------------
 
 ALL_PATHS = [("torch", "feature"), ("native", "feature"), ("torch", "sample"), ("reference", "feature"),
