@@ -64,28 +64,22 @@ void env_runs(const Segments& s, int64_t row_begin, int64_t row_end, Fn&& fn) {
 struct Task {
   int env;
   int64_t row_begin, row_end;
-  int col_begin, col_end;
 };
 
 // Blocks of `row_block` rows in the caller's order, across environments (env = -1).
 std::vector<Task> natural_blocks(const Segments& s, int64_t row_block) {
   std::vector<Task> out;
-  for (int64_t r = 0; r < s.num_samples; r += row_block) out.push_back({-1, r, std::min(r + row_block, s.num_samples), 0, 1});
+  for (int64_t r = 0; r < s.num_samples; r += row_block) out.push_back({-1, r, std::min(r + row_block, s.num_samples)});
   return out;
 }
 
-// Environment blocks of `row_block` sorted rows crossed with column blocks of [0, cols).
-std::vector<Task> tasks(const Segments& s, int64_t row_block, int cols, int col_block) {
+// Blocks of `row_block` sorted rows within each environment.
+std::vector<Task> env_blocks(const Segments& s, int64_t row_block) {
   std::vector<Task> out;
   for (int e = 0; e < s.num_envs; ++e)
     for (int64_t r = s.offsets[e]; r < s.offsets[e + 1]; r += row_block)
-      for (int c = 0; c < cols; c += col_block)
-        out.push_back({e, r, std::min(r + row_block, s.offsets[e + 1]), c, std::min(c + col_block, cols)});
+      out.push_back({e, r, std::min(r + row_block, s.offsets[e + 1])});
   return out;
-}
-
-int env_of(const Segments& s, int64_t j) {
-  return int(std::upper_bound(s.offsets, s.offsets + s.num_envs + 1, j) - s.offsets) - 1;
 }
 
 template <typename T>
@@ -521,7 +515,7 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
   // order and each row adds into its environment's partial: memory order whatever the ids' order
   // (shuffled ids read rows at random through `order` otherwise). Else blocks follow each environment.
   const bool natural = size_t(s.num_envs) * W * Dh * sizeof(T) <= size_t(kDirectAccBytes);
-  const std::vector<Task> blocks = natural ? natural_blocks(s, kDirectBlockRows) : tasks(s, kDirectBlockRows, 1, 1);
+  const std::vector<Task> blocks = natural ? natural_blocks(s, kDirectBlockRows) : env_blocks(s, kDirectBlockRows);
   const int block_envs = natural ? s.num_envs : 1;
   std::vector<T> partial(blocks.size() * size_t(block_envs) * W * Dh);
   const int threads = threads_for(launch, double(s.num_samples) * (W + KC) * Dh);
@@ -763,9 +757,8 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
 template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch) {
-  const int KC = layout.K * h.C;
-  const RowRuns<T> stacked{{{dirs, int64_t(KC) * h.head_width(), KC}, {nullptr, 0, 0}}};
-  head_stats_keeping_dots<T>(h, s, layout, stacked, work, out, nullptr, launch);
+  head_stats_keeping_dots<T>(h, s, layout, RowRuns<T>::stacked(dirs, layout.K * h.C, h.head_width()), work, out,
+                             nullptr, launch);
 }
 
 // One pass over the features: each task takes a block of one environment's rows through
@@ -843,7 +836,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
     }
     return true;
   }
-  const std::vector<Task> blocks = tasks(s, row_block_for(N, threads), 1, 1);
+  const std::vector<Task> blocks = env_blocks(s, row_block_for(N, threads));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> coef_t, acc, acc_sq;  // per-thread scratch of expand_block
@@ -888,8 +881,8 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
   const int64_t Dh = h.head_width();
   const BackwardMatrices<T> mats{{grad_up, C * Dh, C},
                                  T(1),
-                                 {{{dirs, KC * Dh, KC}, {nullptr, 0, 0}}},
-                                 {{{ups, KC * Dh, KC}, {nullptr, 0, 0}}},
+                                 RowRuns<T>::stacked(dirs, KC, Dh),
+                                 RowRuns<T>::stacked(ups, KC, Dh),
                                  T(1),
                                  {gam, C * Dh, C},
                                  T(1)};

@@ -162,8 +162,10 @@ void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch laun
 // HGP's direction (or upstream) rows: environment e's per_env block (E, C, Dh), then with `shared` the block
 // every environment shares (G_bar, or its upstream).
 template <typename T>
-RowRuns<T> env_then_shared(const T* per_env, const T* shared, int C, int64_t M) {
-  return {{{per_env, M, C}, {shared, 0, shared ? C : 0}}};
+RowRuns<T> env_then_shared(const T* per_env, const T* shared, int C, int64_t Dh) {
+  RowRuns<T> runs = RowRuns<T>::stacked(per_env, C, Dh);
+  if (shared) runs.run[1] = {shared, 0, C};
+  return runs;
 }
 
 // Statistics with a work buffer of the layout's size (and, with dots_out, the direction dots kept).
@@ -213,9 +215,10 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
   stats<T>(h, s, StatsLayout{C, 0, true, false, false}, RowRuns<T>{}, grad, launch);
   Deviations<T> grad_mean_pass{grad, M, nullptr, 0, grad_mean, nullptr, 0, 0};
   deviations(&grad_mean_pass, 1, E, M, launch);
-  T* hv = scratch<T>(E * K * M);  // directions G_e, then G_bar for the pooled reference H_bar G_bar
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, env_then_shared<T>(grad, K == 2 ? grad_mean : nullptr, C, M),
-           hv, launch, dir_dots);
+  // directions G_e, then G_bar for the pooled reference H_bar G_bar
+  const RowRuns<T> dirs = env_then_shared<T>(grad, K == 2 ? grad_mean : nullptr, C, h.head_width());
+  T* hv = scratch<T>(E * K * M);
+  stats<T>(h, s, StatsLayout{C, K, false, false, false}, dirs, hv, launch, dir_dots);
   // H_e G_e - ref with ref = mean_e H_e G_bar (pooled) or mean_e H_e G_e, and G_e - G_bar
   Deviations<T> devs[2] = {{hv + (K == 2 ? M : 0), K * M, hv, K * M, nullptr, hgp_dev, M, 0},
                            {nullptr, 0, grad, M, grad_mean, nullptr, 0, 0}};
@@ -241,11 +244,12 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   T* ref_up = nullptr;
   if (shared && with_hessian) {
     ref_up = scratch<T>(M);
-    env_mean(hgp_dev, M, E, M, ref_up);  // sum_e Gam_e / E, negated below
+    Deviations<T> mean_pass{hgp_dev, M, nullptr, 0, ref_up, nullptr, 0, 0};  // sum_e Gam_e / E, negated below
+    deviations(&mean_pass, 1, E, M, launch);
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
   }
-  const RowRuns<T> dirs = env_then_shared<T>(grad, shared ? grad_mean : nullptr, C, M);
-  const RowRuns<T> ups = env_then_shared<T>(hgp_dev, ref_up, C, M);
+  const RowRuns<T> dirs = env_then_shared<T>(grad, shared ? grad_mean : nullptr, C, h.head_width());
+  const RowRuns<T> ups = env_then_shared<T>(hgp_dev, ref_up, C, h.head_width());
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
   T* dir_grads = scratch<T>(E * K * M);
   T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i (unscaled), which the per-sample backward reuses
@@ -253,7 +257,8 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   T* to_mean = nullptr;
   if (shared && with_hessian) {
     to_mean = scratch<T>(M);
-    env_mean(dir_grads + M, 2 * M, E, M, to_mean);
+    Deviations<T> mean_pass{dir_grads + M, 2 * M, nullptr, 0, to_mean, nullptr, 0, 0};
+    deviations(&mean_pass, 1, E, M, launch);
   }
   T* grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
   const int64_t chunks = (M + kPassChunk - 1) / kPassChunk;
@@ -271,8 +276,13 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
   // only the Lam rows' dots are computed (a third of them).
   const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
-  const BackwardMatrices<T> mats{{grad_up, M, C}, T(1),       K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{},
-                                 gam_scale,       {nullptr, 0, 0}, T(1)};
+  const BackwardMatrices<T> mats{{grad_up, M, C},
+                                 T(1),
+                                 K ? dirs : RowRuns<T>{},
+                                 K ? ups : RowRuns<T>{},
+                                 gam_scale,
+                                 {nullptr, 0, 0},
+                                 T(1)};
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch,
                                           K ? &known : nullptr);
 }

@@ -59,6 +59,8 @@ struct EnvRows {
 template <typename T>
 struct RowRuns {
   EnvRows<T> run[2];
+  // one run: a contiguous (E, rows, Dh) array (data nullptr or rows 0: none)
+  static RowRuns stacked(const T* data, int rows, int64_t Dh) { return {{{data, rows * Dh, rows}, {nullptr, 0, 0}}}; }
   // fn(run, index of its first row in the stack) for each run with rows
   template <typename Fn>
   void each(Fn&& fn) const {
