@@ -352,15 +352,17 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
 
 def check_deferred_values(problem: HeadProblem, gradient_term: torch.Tensor) -> None:
     """The value scans that `prepare` deferred, run only when the gradient term is non-finite (they then
-    raise, logits before labels before features, or pass on a genuine overflow). The structural checks
-    (types, shapes, environment ids) ran in `prepare`, so an input with a structural and a value problem
-    reports the structural one here, the value one on the eager paths (backend="reference", shards). Each rejected value makes that term
-    non-finite on every backend: a non-finite feature z_ij makes every G_e[c, j] = (1/N_e) sum_i r_ic z_ij
+    raise in prepare's order, logits, features, labels, or pass on a genuine overflow). The structural
+    checks (types, shapes, environment ids) ran in `prepare`, so an input with a structural and a value
+    problem reports the structural one here, the value one on the eager paths (backend="reference",
+    shards). Each rejected value makes that term non-finite on every backend: a non-finite feature z_ij makes every G_e[c, j] = (1/N_e) sum_i r_ic z_ij
     of its environment inf or NaN (NaN when r_ic = 0), and with cross_entropy a NaN or +inf logit, a row of
     -inf logits (softmax NaN) or a label outside [0, C) (a NaN residual, as validate=False documents)
     makes a sample's residual r_i NaN; the term is a sum of the G_e's squared deviations."""
     if problem.value_checks_deferred and not math.isfinite(gradient_term.item()):
-        if problem.loss == "cross_entropy":
+        cross_entropy = problem.loss == "cross_entropy"
+        if cross_entropy:
             _check_finite("logits", problem.logits, masked_logits=True)
-            _check_label_range(problem.targets, problem.num_classes)
         _check_finite("features", problem.features)
+        if cross_entropy:
+            _check_label_range(problem.targets, problem.num_classes)
