@@ -26,23 +26,36 @@ AUTO_ORDER: List[str] = ["triton", "native", "torch"]
 BACKEND_NAMES = ("auto", "reference", *_FACTORIES)
 
 
-def _instantiate(name: str) -> Union[Backend, Exception]:
+def _instantiate(name: str) -> Union[Backend, str]:
     module, attr = _FACTORIES[name].split(":")
     try:
         return getattr(importlib.import_module(module), attr)()
     except (ImportError, RuntimeError) as err:
-        return err
+        # Only the reason is kept: a stored exception raised again on every call would chain each
+        # caller's frame (and the inputs it holds) onto its traceback, for the life of the process.
+        return f"{type(err).__name__}: {err}"
 
 
-# name -> the backend, or the ImportError/RuntimeError saying why it is unavailable
-_INSTANCES: Dict[str, Union[Backend, Exception]] = {name: _instantiate(name) for name in _FACTORIES}
+# name -> the backend, or the reason it is unavailable
+_INSTANCES: Dict[str, Union[Backend, str]] = {name: _instantiate(name) for name in _FACTORIES}
+
+
+def available(name: str) -> bool:
+    """Whether the registered backend `name` could be loaded in this process."""
+    return isinstance(_INSTANCES[name], Backend)
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why the registered backend `name` is unavailable, or None when it is available."""
+    backend = _INSTANCES[name]
+    return None if isinstance(backend, Backend) else backend
 
 
 def load(name: str) -> Backend:
-    """A registered backend; raises the ImportError/RuntimeError that says why it is unavailable."""
+    """A registered backend; raises a fresh ImportError saying why it is unavailable."""
     backend = _INSTANCES[name]
-    if isinstance(backend, Exception):
-        raise backend
+    if not isinstance(backend, Backend):
+        raise ImportError(f"backend {name!r} is unavailable ({backend})")
     return backend
 
 
@@ -50,23 +63,20 @@ def select(name: str, problem: HeadProblem) -> Backend:
     """Resolve `backend=` for `problem`; raises ValueError naming the reason a backend can't run."""
     if name == "auto":
         for candidate in AUTO_ORDER:
-            try:
-                backend = load(candidate)
-            except (ImportError, RuntimeError):
-                continue
-            if backend.unsupported_reason(problem, auto=True) is None:
+            backend = _INSTANCES[candidate]
+            if isinstance(backend, Backend) and backend.unsupported_reason(problem, auto=True) is None:
                 return backend
         raise ValueError("no backend supports these inputs")  # torch supports everything; kept for safety
     if name not in _FACTORIES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}")
-    try:
-        backend = load(name)
-    except (ImportError, RuntimeError) as err:
-        raise ValueError(f"backend={name!r} is not available: {err}") from err
+    why = unavailable_reason(name)
+    if why is not None:
+        raise ValueError(f"backend={name!r} is not available: {why}")
+    backend = _INSTANCES[name]
     reason: Optional[str] = backend.unsupported_reason(problem)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
     return backend
 
 
-__all__ = ["Backend", "HeadStats", "load", "select", "AUTO_ORDER", "BACKEND_NAMES"]
+__all__ = ["Backend", "HeadStats", "available", "load", "select", "unavailable_reason", "AUTO_ORDER", "BACKEND_NAMES"]
