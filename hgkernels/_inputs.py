@@ -142,6 +142,10 @@ def _check_finite(name: str, tensor: torch.Tensor, masked_logits: bool = False) 
         raise ValueError(f"{name} has a row whose every entry is -inf (at least one class must be unmasked)")
 
 
+_SIZES_NOT_IDS = ("; a list or tuple is read as per-environment sizes (samples grouped by environment), "
+                  "per-sample environment ids must be a tensor: torch.as_tensor(envs)")
+
+
 def _listed(ids: Sequence[int], limit: int = 8) -> str:
     """A short list for an error message: the first `limit` ids and how many there are."""
     shown = ", ".join(map(str, ids[:limit]))
@@ -230,9 +234,10 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in envs):
             raise TypeError("envs given as a sequence must hold ints (per-environment sizes)")
         if len(envs) == 0 or any(c < 0 or (c == 0 and not shard) for c in envs):
-            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {_listed(list(envs))}")
+            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {_listed(list(envs))}"
+                             + _SIZES_NOT_IDS)
         if sum(envs) != n:
-            raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples")
+            raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples" + _SIZES_NOT_IDS)
         if num_envs is not None and num_envs != len(envs):
             raise ValueError(f"num_envs={num_envs} disagrees with {len(envs)} sizes in envs")
         if not _may_keep_segments():

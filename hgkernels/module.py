@@ -89,6 +89,11 @@ class HessianAlignmentLoss(torch.nn.Module):
 
     def forward(self, logits: Union[torch.Tensor, torch.nn.Linear], features: torch.Tensor, labels: torch.Tensor,
                 envs: EnvsArg) -> Union[AlignmentLoss, HeadAlignment]:
+        if isinstance(logits, torch.nn.Module) and not isinstance(logits, torch.nn.Linear):
+            raise TypeError(
+                f"HessianAlignmentLoss takes the head itself only as an nn.Linear (the penalties are for a linear "
+                f"head); got {type(logits).__name__}. For another head, pass its output and the features its last "
+                "linear layer reads: criterion(logits, features, labels, envs)")
         if not isinstance(logits, torch.nn.Linear):
             return self._with_logits(logits, features, labels, envs, self.penalty_kwargs)
         head, options = logits, dict(self.penalty_kwargs)

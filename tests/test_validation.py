@@ -121,3 +121,21 @@ def test_non_contiguous_inputs_match_contiguous():
         a = fn(logits, features, labels, envs)
         b = fn(logits.contiguous(), features.contiguous(), labels.contiguous(), envs.contiguous())
         assert torch.equal(a.hessian, b.hessian) and torch.equal(a.gradient, b.gradient)
+
+
+def test_a_python_list_of_ids_is_named_as_sizes_in_the_error():
+    ids_as_list = [0, 1, 0, 1, 1, 0]  # per-sample ids given as a list: read as sizes, which cannot sum to 6
+    with pytest.raises(ValueError, match=r"per-sample environment ids must be a tensor: torch.as_tensor\(envs\)"):
+        call(envs=ids_as_list)
+    with pytest.raises(ValueError, match=r"a list or tuple is read as per-environment sizes"):
+        call(envs=[0, 3, 3])
+
+
+@pytest.mark.parametrize("head", [torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(4, 3)),
+                                  torch.nn.Bilinear(4, 4, 3)], ids=["Sequential", "Bilinear"])
+def test_a_head_that_is_not_an_nn_linear_says_how_to_use_the_logits_path(head):
+    args = good()
+    criterion = hk.HessianAlignmentLoss("hgp", alpha=1.0, beta=1.0)
+    with pytest.raises(TypeError, match=rf"only as an nn.Linear .*got {type(head).__name__}.*"
+                                        r"criterion\(logits, features, labels, envs\)"):
+        criterion(head, args["features"], args["labels"], args["envs"])
