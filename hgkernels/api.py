@@ -1,12 +1,13 @@
 """Public functions: the two penalties and the per-environment head statistics."""
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import backends, distributed, reference as reference_path
-from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
+from ._inputs import ENV_REDUCTIONS, LOSSES, EnvSegments, EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import ExactDiagPlan, HGPPlan, StochasticDiagPlan, differentiable_grads, penalty_function
 from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space, sample_space_possible
 from .backends.base import Backend
@@ -84,24 +85,34 @@ def composed_backend(impl: Backend) -> Backend:
 
 
 def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Optional[int], validate: bool,
-              config: Sequence[Tuple[str, object]]):
+             config: Sequence[Tuple[str, object]], logits, features):
     """Run `build(num_envs, shard)` -> (problem, plan), the option checks and `prepare`. With a process
-    group, E is agreed first (ids without num_envs) and, with validate, every rank learns whether any
-    rank's inputs or options were rejected, so all raise together instead of waiting in a collective."""
-    check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+    group the call first makes its one agreement (`distributed.agree`), whatever `validate` says: every
+    rank checks its own inputs, catching its error, then all ranks exchange that and their spec (`config`,
+    validate, num_envs, ddp_reduction, dtype, C, D) and raise the same ValueError if any rank failed or
+    any field differs; it also gives E when ids come without num_envs."""
     if process_group is None:
+        check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
         return build(num_envs, False)
     distributed.check_group(process_group)
-    num_envs = distributed.agree_num_envs(envs, num_envs, process_group)
-    if not validate:
-        return build(num_envs, True)
+    spec = [*config, ("validate", validate), ("num_envs", num_envs), ("ddp_reduction", ddp_reduction),
+            *distributed.input_spec(logits, features)]
+    local_e, fixed = distributed.local_num_envs(envs, num_envs)
     built, error = None, None
     try:
-        built = build(num_envs, True)
+        check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+        # ids without num_envs: this rank's E for now, padded to the agreed E below
+        built = build(num_envs if fixed else max(local_e, 1), True)
     except (ValueError, TypeError) as err:
         error = err
-    distributed.agree(process_group, error, [("num_envs", num_envs), *config])
-    return built
+    agreed_e = distributed.agree(process_group, spec, error, (local_e, fixed))
+    problem = built[0]
+    if problem.segments.num_envs != agreed_e:
+        segments = problem.segments
+        counts = list(segments.counts) + [0] * (agreed_e - segments.num_envs)
+        problem = dataclasses.replace(problem, segments=EnvSegments(segments.env_ids, agreed_e, counts,
+                                                                     segments.grouped))
+    return (problem, *built[1:])
 
 
 def dispatch(problem: HeadProblem, backend: str, process_group, ddp_reduction: str, *, reference, composed,
@@ -234,12 +245,12 @@ def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, 
 
     config = [("function", "hutchinson_penalty"), ("loss", loss), ("bias", bias), ("estimator", estimator),
               ("num_probes", num_probes), ("env_reduction", env_reduction), ("detach_reference", detach_reference),
-              ("backend", backend), ("form", form), ("ddp_reduction", ddp_reduction)]
-    if process_group is not None and estimator == "hutchinson" and validate:
+              ("backend", backend), ("form", form)]
+    if process_group is not None and estimator == "hutchinson":
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         config.append(("probe generator state", distributed.generator_fingerprint(generator, device)))
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                              num_envs=num_envs, validate=validate, config=config)
+                             num_envs=num_envs, validate=validate, config=config, logits=logits, features=features)
     return problem, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
         estimator=estimator, num_probes=num_probes, generator=generator)
@@ -261,9 +272,9 @@ def _hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_red
 
     config = [("function", "hgp_penalty"), ("loss", loss), ("bias", bias), ("reference", reference),
               ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend),
-              ("form", form), ("ddp_reduction", ddp_reduction)]
+              ("form", form)]
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                              num_envs=num_envs, validate=validate, config=config)
+                             num_envs=num_envs, validate=validate, config=config, logits=logits, features=features)
     return problem, plan, lambda: reference_path.penalty(
         problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference)
 
@@ -330,8 +341,12 @@ class _HeadStatistic(torch.autograd.Function):
 
 def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
                     num_envs: Optional[int], validate: bool, vector=None, process_group=None,
-                    ddp_reduction: str = "mean") -> HeadParams:
+                    ddp_reduction: str = "mean", agreed=(), check_agreed=None) -> HeadParams:
+    """``agreed``: a caller's further (name, value) pairs for the ranks' spec (Fishr's reductions), and
+    ``check_agreed`` their checks, run where a rank's error joins the agreement."""
     def build(num_envs, shard):
+        if check_agreed is not None:
+            check_agreed()
         check_choice("backend", backend, backends.BACKEND_NAMES)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
@@ -339,10 +354,10 @@ def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bia
             check_targets_grad(labels)
         return problem, None if vector is None else _head_vector(vector, problem)
 
-    config = [("function", kind), ("loss", loss), ("bias", bias), ("backend", backend),
-              ("ddp_reduction", ddp_reduction)]
+    config = [("function", kind), *agreed, ("loss", loss), ("bias", bias), ("backend", backend)]
     problem, flat_vector = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                                    num_envs=num_envs, validate=validate, config=config)
+                                    num_envs=num_envs, validate=validate, config=config, logits=logits,
+                                    features=features)
     stats = dispatch(
         problem, backend, process_group, ddp_reduction,
         reference=lambda: reference_path.stats(problem, kind, flat_vector),
