@@ -97,13 +97,13 @@ def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Option
     distributed.check_group(process_group)
     spec = [*config, ("validate", validate), ("num_envs", num_envs), ("ddp_reduction", ddp_reduction),
             *distributed.input_spec(logits, features)]
-    local_e, fixed = distributed.local_num_envs(envs, num_envs)
-    built, error = None, None
-    try:
+    built, error, (local_e, fixed) = None, None, (0, False)
+    try:  # any error here joins the agreement, so that no rank is left waiting in a collective
+        local_e, fixed = distributed.local_num_envs(envs, num_envs)
         check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
         # ids without num_envs: this rank's E for now, padded to the agreed E below
         built = build(num_envs if fixed else max(local_e, 1), True)
-    except (ValueError, TypeError) as err:
+    except Exception as err:
         error = err
     agreed_e = distributed.agree(process_group, spec, error, (local_e, fixed))
     problem = built[0]
@@ -169,8 +169,9 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         detach_reference: detach the pooled reference (DomainBed) or not (Colored MNIST).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` (generic autograd), or a compiled backend.
         num_envs: E when some environment ids may be absent from envs (absent ones raise).
-        validate: run data-dependent checks (label range, NaN/Inf, empty environments);
-            they synchronise a GPU, so ``False`` skips them in tight loops.
+        validate: run the scans that read every value (label range, NaN/Inf, BCE targets in [0, 1]);
+            they synchronise a GPU, so ``False`` skips them in tight loops. The environment checks
+            and, with a process group, the agreement across ranks run either way.
         form: how the closed form is organised (same values up to rounding): ``"feature"``
             builds the C × Dh statistics (cost ∝ N·C·Dh), ``"sample"`` works with N × N Gram
             matrices of the features (cost ∝ N²·Dh, cheaper when the batch is small against
@@ -181,8 +182,13 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``): the
             statistics are those of the concatenation of every rank's batch, the penalty is the
             same on every rank (environments identified by id; ``num_envs`` or a size list, or it
-            is agreed by a collective), computed in the feature form. A rank may hold no sample of
-            an environment, or none at all; it still joins. ``None``: this process's batch only.
+            is agreed from every rank's ids), computed in the feature form. A rank may hold no sample
+            of an environment, or none at all; it still joins. Every call first makes one agreement,
+            whatever ``validate`` says (one all-gather of 40 bytes per rank, before the statistics'
+            collectives): if any rank rejected its inputs or the ranks differ in an option, validate,
+            num_envs, ddp_reduction, the probe generator's state, dtype, C or D, every rank raises the
+            same ValueError naming the rank and its error or what differs. ``None``: this process's
+            batch only.
         ddp_reduction: with a process group, how the ranks' gradients are combined afterwards:
             ``"mean"`` (DistributedDataParallel's averaging; each rank's backward returns its share
             times the world size, so the average is the global gradient) or ``"sum"`` (its share).

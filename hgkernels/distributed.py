@@ -15,6 +15,14 @@ any closed-form backend and is the one place that knows about ranks:
   DistributedDataParallel averages gradients over ranks, and the average of W shares is their sum)
   or as it is for ``"sum"`` (code that sums gradients itself).
 
+Before any of these, every call makes one agreement (`agree`), whatever ``validate`` says: each rank
+checks its own inputs, catching its error, and all ranks all-gather a fixed-size packet (failed or not,
+the rank's E, a hash of its spec: the options, validate, num_envs, ddp_reduction, dtype, C, D), so ranks
+that disagree on anything still match sizes and every rank raises the same ValueError at once instead
+of hanging or returning different penalties. It costs one all-gather of 40 bytes per rank, which also
+agrees E when ids come without num_envs. ``validate=False`` skips only the value scans: it keeps the
+agreement, since a disagreement let through hangs or returns wrong penalties silently.
+
 The plans run unchanged on top, so HGP's second statistic (the HVP of the global gradient) and
 its backward's HVP of the upstream matrix each cost one more all-reduce. Every rank makes the same
 collectives in the same order whatever its data: an empty shard contributes zeros.
@@ -89,6 +97,13 @@ def input_spec(logits, features) -> List[Tuple[str, Any]]:
             ("num_classes", described(logits, "num_classes")), ("feature width", described(features, "features"))]
 
 
+def _shown(value) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a value that cannot show itself still takes part, by its type
+        return f"a {type(value).__name__}"
+
+
 def _one_line(text: str, limit: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -116,7 +131,8 @@ def _message(texts: Sequence[str]) -> str:
         error, *lines = text.split("\n")
         errors.append(error)
         specs.append(dict(line.split("\t", 1) for line in lines if "\t" in line))
-    parts = [f"rank {rank} rejected its inputs ({error})" for rank, error in enumerate(errors) if error]
+    parts = [f"rank {rank} {'rejected its inputs' if error.startswith(('ValueError', 'TypeError')) else 'failed'} "
+             f"({error})" for rank, error in enumerate(errors) if error]
     names = list(dict.fromkeys(name for spec in specs for name in spec))
     for name in names:
         by_value = {}
@@ -138,7 +154,7 @@ def agree(group, spec: Sequence[Tuple[str, Any]], error: Optional[BaseException]
     spec), so ranks that disagree on anything still match sizes: one all-gather of 5 int64 per rank.
     Only when a rank failed or the hashes differ, every rank (all see the same packets) sends its spec
     and error as text of a fixed size, a second all-gather, to name what differs."""
-    lines = [f"{_one_line(name, _VALUE_CHARS)}\t{_one_line(repr(value), _VALUE_CHARS)}" for name, value in spec]
+    lines = [f"{_one_line(name, _VALUE_CHARS)}\t{_one_line(_shown(value), _VALUE_CHARS)}" for name, value in spec]
     digest = hashlib.sha256("\n".join(lines).encode()).digest()
     local_e, fixed = envs
     packet = torch.tensor([int(error is not None), local_e, int(fixed),

@@ -20,7 +20,7 @@ import hgkernels as hk
 
 GROUP_TIMEOUT_S = 60
 RAISE_S = 10.0
-DEADLINE_S = 240
+DEADLINE_S = 150
 N, C, D, E = 18, 3, 4, 3
 
 
@@ -215,11 +215,15 @@ def _run_group(world, directory):
     crashes = []
     deadline = time.monotonic() + DEADLINE_S
     try:
-        for _ in range(world * len(ORDER)):
+        expected = world * len(ORDER)
+        while expected and time.monotonic() < deadline:
             try:
-                rank, name, outcome, seconds = results.get(timeout=max(deadline - time.monotonic(), 0.1))
+                rank, name, outcome, seconds = results.get(timeout=1.0)
             except queue.Empty:
-                break
+                if not any(p.is_alive() for p in procs):  # a worker killed inside gloo reports nothing
+                    break
+                continue
+            expected -= 1
             if name == "crash":
                 crashes.append(outcome[1])
             else:
@@ -232,7 +236,7 @@ def _run_group(world, directory):
     return got, crashes
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def group_results(request, tmp_path_factory):
     world = request.param
     return world, *_run_group(world, tmp_path_factory.mktemp(f"agreement-{world}"))
