@@ -142,6 +142,32 @@ def _case_agreeing_ranks(rank, world, group):
     return [float(pen.hessian), float(pen.gradient)]
 
 
+def _case_collective_order(rank, world, group):
+    """The agreement is the call's first collective and adds only itself: HGP makes one all-gather, then
+    its two all-reduces forward and one backward, as without it."""
+    made = []
+    originals = {name: getattr(torch.distributed, name) for name in ("all_gather", "all_reduce", "all_gather_object")}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            made.append(name)
+            return originals[name](*args, **kwargs)
+        return call
+
+    logits, features, labels, ids = _shard(rank, world)
+    logits.requires_grad_(True)
+    try:
+        for name in originals:
+            setattr(torch.distributed, name, counted(name))
+        pen = hk.hgp_penalty(logits, features, labels, ids, process_group=group, validate=False)
+        forward = list(made)
+        (pen.hessian + pen.gradient).backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.distributed, name, fn)
+    return [forward, made[len(forward):]]
+
+
 def _others(world, value):
     """How the message names the ranks other than rank 1 (which all share `value`)."""
     others = [r for r in range(world) if r != 1]
@@ -181,7 +207,9 @@ CASES = {
         "rank 1 rejected its inputs (ValueError: envs holds id 3 but num_envs=3)"]),
 }
 CONTROL = "agreeing ranks after the failures"
-ORDER = list(CASES) + [CONTROL]
+COLLECTIVES = "collectives of an HGP step"
+ORDER = list(CASES) + [CONTROL, COLLECTIVES]
+RUNS = {CONTROL: _case_agreeing_ranks, COLLECTIVES: _case_collective_order}
 
 
 def _worker(rank, world, init_file, results, names):
@@ -190,7 +218,7 @@ def _worker(rank, world, init_file, results, names):
                                              timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
         group = torch.distributed.group.WORLD
         for name in names:
-            run = _case_agreeing_ranks if name == CONTROL else CASES[name][0]
+            run = RUNS[name] if name in RUNS else CASES[name][0]
             start = time.monotonic()
             try:
                 value = run(rank, world, group)
@@ -263,3 +291,13 @@ def test_the_group_still_agrees_after_the_failures(group_results):
     assert all(r is not None for r in per_rank), f"a rank never reported: {per_rank}; {crashes}"
     values = [outcome for outcome, _ in per_rank]
     assert all(v[0] == "ok" for v in values) and all(v == values[0] for v in values), values
+
+
+def test_the_agreement_is_the_first_collective_and_the_only_one_added(group_results):
+    world, got, crashes = group_results
+    per_rank = got[COLLECTIVES]
+    assert all(r is not None for r in per_rank), f"a rank never reported: {per_rank}; {crashes}"
+    for outcome, _ in per_rank:
+        assert outcome[0] == "ok", outcome
+        forward, backward = outcome[1]
+        assert forward == ["all_gather", "all_reduce", "all_reduce"] and backward == ["all_reduce"], (forward, backward)
