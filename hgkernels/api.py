@@ -1,12 +1,13 @@
 """Public functions: the two penalties and the per-environment head statistics."""
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import backends, distributed, reference as reference_path
-from ._inputs import ENV_REDUCTIONS, LOSSES, EnvsArg, HeadProblem, check_choice, prepare
+from ._inputs import ENV_REDUCTIONS, LOSSES, EnvSegments, EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import ExactDiagPlan, HGPPlan, StochasticDiagPlan, differentiable_grads, penalty_function
 from ._sample_space import SampleExactDiagPlan, SampleHGPPlan, prefers_sample_space, sample_space_possible
 from .backends.base import Backend
@@ -84,24 +85,34 @@ def composed_backend(impl: Backend) -> Backend:
 
 
 def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Optional[int], validate: bool,
-              config: Sequence[Tuple[str, object]]):
+             config: Sequence[Tuple[str, object]], logits, features):
     """Run `build(num_envs, shard)` -> (problem, plan), the option checks and `prepare`. With a process
-    group, E is agreed first (ids without num_envs) and, with validate, every rank learns whether any
-    rank's inputs or options were rejected, so all raise together instead of waiting in a collective."""
-    check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+    group the call first makes its one agreement (`distributed.agree`), whatever `validate` says: every
+    rank checks its own inputs, catching its error, then all ranks exchange that and their spec (`config`,
+    validate, num_envs, ddp_reduction, dtype, C, D) and raise the same ValueError if any rank failed or
+    any field differs; it also gives E when ids come without num_envs."""
     if process_group is None:
+        check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
         return build(num_envs, False)
     distributed.check_group(process_group)
-    num_envs = distributed.agree_num_envs(envs, num_envs, process_group)
-    if not validate:
-        return build(num_envs, True)
-    built, error = None, None
-    try:
-        built = build(num_envs, True)
-    except (ValueError, TypeError) as err:
+    spec = [*config, ("validate", validate), ("num_envs", num_envs), ("ddp_reduction", ddp_reduction),
+            *distributed.input_spec(logits, features)]
+    built, error, (local_e, fixed) = None, None, (0, False)
+    try:  # any error here joins the agreement, so that no rank is left waiting in a collective
+        local_e, fixed = distributed.local_num_envs(envs, num_envs)
+        check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+        # ids without num_envs: this rank's E for now, padded to the agreed E below
+        built = build(num_envs if fixed else max(local_e, 1), True)
+    except Exception as err:
         error = err
-    distributed.agree(process_group, error, [("num_envs", num_envs), *config])
-    return built
+    agreed_e = distributed.agree(process_group, spec, error, (local_e, fixed))
+    problem = built[0]
+    if problem.segments.num_envs != agreed_e:
+        segments = problem.segments
+        counts = list(segments.counts) + [0] * (agreed_e - segments.num_envs)
+        problem = dataclasses.replace(problem, segments=EnvSegments(segments.env_ids, agreed_e, counts,
+                                                                     segments.grouped))
+    return (problem, *built[1:])
 
 
 def dispatch(problem: HeadProblem, backend: str, process_group, ddp_reduction: str, *, reference, composed,
@@ -158,8 +169,9 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         detach_reference: detach the pooled reference (DomainBed) or not (Colored MNIST).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` (generic autograd), or a compiled backend.
         num_envs: E when some environment ids may be absent from envs (absent ones raise).
-        validate: run data-dependent checks (label range, NaN/Inf, empty environments);
-            they synchronise a GPU, so ``False`` skips them in tight loops.
+        validate: run the scans that read every value (label range, NaN/Inf, BCE targets in [0, 1]);
+            they synchronise a GPU, so ``False`` skips them in tight loops. The environment checks
+            and, with a process group, the agreement across ranks run either way.
         form: how the closed form is organised (same values up to rounding): ``"feature"``
             builds the C × Dh statistics (cost ∝ N·C·Dh), ``"sample"`` works with N × N Gram
             matrices of the features (cost ∝ N²·Dh, cheaper when the batch is small against
@@ -170,8 +182,13 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
         process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``): the
             statistics are those of the concatenation of every rank's batch, the penalty is the
             same on every rank (environments identified by id; ``num_envs`` or a size list, or it
-            is agreed by a collective), computed in the feature form. A rank may hold no sample of
-            an environment, or none at all; it still joins. ``None``: this process's batch only.
+            is agreed from every rank's ids), computed in the feature form. A rank may hold no sample
+            of an environment, or none at all; it still joins. Every call first makes one agreement,
+            whatever ``validate`` says (one all-gather of 40 bytes per rank, before the statistics'
+            collectives): if any rank rejected its inputs or the ranks differ in an option, validate,
+            num_envs, ddp_reduction, the probe generator's state, dtype, C or D, every rank raises the
+            same ValueError naming the rank and its error or what differs. ``None``: this process's
+            batch only.
         ddp_reduction: with a process group, how the ranks' gradients are combined afterwards:
             ``"mean"`` (DistributedDataParallel's averaging; each rank's backward returns its share
             times the world size, so the average is the global gradient) or ``"sum"`` (its share).
@@ -234,12 +251,12 @@ def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, 
 
     config = [("function", "hutchinson_penalty"), ("loss", loss), ("bias", bias), ("estimator", estimator),
               ("num_probes", num_probes), ("env_reduction", env_reduction), ("detach_reference", detach_reference),
-              ("backend", backend), ("form", form), ("ddp_reduction", ddp_reduction)]
-    if process_group is not None and estimator == "hutchinson" and validate:
+              ("backend", backend), ("form", form)]
+    if process_group is not None and estimator == "hutchinson":
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         config.append(("probe generator state", distributed.generator_fingerprint(generator, device)))
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                              num_envs=num_envs, validate=validate, config=config)
+                             num_envs=num_envs, validate=validate, config=config, logits=logits, features=features)
     return problem, plan, lambda: reference_path.penalty(
         problem, "hutchinson", env_reduction=env_reduction, detach_reference=detach_reference,
         estimator=estimator, num_probes=num_probes, generator=generator)
@@ -261,9 +278,9 @@ def _hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_red
 
     config = [("function", "hgp_penalty"), ("loss", loss), ("bias", bias), ("reference", reference),
               ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend),
-              ("form", form), ("ddp_reduction", ddp_reduction)]
+              ("form", form)]
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                              num_envs=num_envs, validate=validate, config=config)
+                             num_envs=num_envs, validate=validate, config=config, logits=logits, features=features)
     return problem, plan, lambda: reference_path.penalty(
         problem, "hgp", env_reduction=env_reduction, detach_reference=detach_reference, reference=reference)
 
@@ -330,8 +347,12 @@ class _HeadStatistic(torch.autograd.Function):
 
 def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
                     num_envs: Optional[int], validate: bool, vector=None, process_group=None,
-                    ddp_reduction: str = "mean") -> HeadParams:
+                    ddp_reduction: str = "mean", agreed=(), check_agreed=None) -> HeadParams:
+    """``agreed``: a caller's further (name, value) pairs for the ranks' spec (Fishr's reductions), and
+    ``check_agreed`` their checks, run where a rank's error joins the agreement."""
     def build(num_envs, shard):
+        if check_agreed is not None:
+            check_agreed()
         check_choice("backend", backend, backends.BACKEND_NAMES)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
@@ -339,10 +360,10 @@ def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bia
             check_targets_grad(labels)
         return problem, None if vector is None else _head_vector(vector, problem)
 
-    config = [("function", kind), ("loss", loss), ("bias", bias), ("backend", backend),
-              ("ddp_reduction", ddp_reduction)]
+    config = [("function", kind), *agreed, ("loss", loss), ("bias", bias), ("backend", backend)]
     problem, flat_vector = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                                    num_envs=num_envs, validate=validate, config=config)
+                                    num_envs=num_envs, validate=validate, config=config, logits=logits,
+                                    features=features)
     stats = dispatch(
         problem, backend, process_group, ddp_reduction,
         reference=lambda: reference_path.stats(problem, kind, flat_vector),

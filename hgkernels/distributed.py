@@ -15,6 +15,14 @@ any closed-form backend and is the one place that knows about ranks:
   DistributedDataParallel averages gradients over ranks, and the average of W shares is their sum)
   or as it is for ``"sum"`` (code that sums gradients itself).
 
+Before any of these, every call makes one agreement (`agree`), whatever ``validate`` says: each rank
+checks its own inputs, catching its error, and all ranks all-gather a fixed-size packet (failed or not,
+the rank's E, a hash of its spec: the options, validate, num_envs, ddp_reduction, dtype, C, D), so ranks
+that disagree on anything still match sizes and every rank raises the same ValueError at once instead
+of hanging or returning different penalties. It costs one all-gather of 40 bytes per rank, which also
+agrees E when ids come without num_envs. ``validate=False`` skips only the value scans: it keeps the
+agreement, since a disagreement let through hangs or returns wrong penalties silently.
+
 The plans run unchanged on top, so HGP's second statistic (the HVP of the global gradient) and
 its backward's HVP of the upstream matrix each cost one more all-reduce. Every rank makes the same
 collectives in the same order whatever its data: an empty shard contributes zeros.
@@ -47,51 +55,132 @@ def check_group(process_group) -> None:
                         f"torch.distributed.group.WORLD) or None; got {type(process_group).__name__}")
 
 
-def agree_num_envs(envs, num_envs: Optional[int], group) -> Optional[int]:
-    """E when num_envs is not given: the largest id (or size-list length) over every rank, plus one
-    (one all-reduce, which every rank makes whatever its envs hold)."""
+AGREEMENT_TEXT_BYTES = 4096  # a rank's spec and error, sent only when ranks disagree or one failed
+_VALUE_CHARS, _ERROR_CHARS = 200, 1000
+
+
+def local_num_envs(envs, num_envs) -> Tuple[int, bool]:
+    """(this rank's E, whether it is fixed): ``num_envs``, or a size list's length (fixed); else the
+    largest id plus one, a lower bound (0 for no ids) that the agreement raises to the ranks' maximum.
+    Never raises: a malformed envs is `prepare`'s to reject, after which the rank still joins."""
     if num_envs is not None:
-        return num_envs
-    if isinstance(envs, torch.Tensor) and envs.dim() == 1 and not envs.dtype.is_floating_point:
-        local = envs.max().to(torch.int64).cpu() if envs.numel() else torch.tensor(-1)
-    elif isinstance(envs, (list, tuple)):
-        local = torch.tensor(len(envs) - 1)
-    else:
-        local = torch.tensor(-1)
-    device = envs.device if isinstance(envs, torch.Tensor) else torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    local = local.reshape(1).to(device)
-    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-    return int(local) + 1 if int(local) >= 0 else None
+        return (num_envs if isinstance(num_envs, int) and not isinstance(num_envs, bool) else 0), True
+    if isinstance(envs, (list, tuple)):
+        return len(envs), True
+    if (isinstance(envs, torch.Tensor) and envs.dim() == 1 and envs.numel()
+            and not (envs.dtype.is_floating_point or envs.dtype.is_complex or envs.dtype == torch.bool)):
+        return int(envs.max()) + 1, False
+    return 0, False
 
 
-def generator_fingerprint(generator: Optional[torch.Generator], device: torch.device) -> str:
-    """A short hash of the probe generator's state: every rank must draw the same probes."""
+def generator_fingerprint(generator, device) -> str:
+    """A short hash of the probe generator's state (every rank must draw the same probes), or what
+    the argument is when it is not a generator (that rank's own check rejects it)."""
     if generator is None:
-        generator = (torch.cuda.default_generators[device.index or 0] if device.type == "cuda"
-                     else torch.default_generator)
+        generator = (torch.cuda.default_generators[device.index or 0]
+                     if isinstance(device, torch.device) and device.type == "cuda" else torch.default_generator)
+    if not isinstance(generator, torch.Generator):
+        return f"not a torch.Generator ({type(generator).__name__})"
     return hashlib.sha1(generator.get_state().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def agree(group, error: Optional[BaseException], config: Sequence[Any]) -> None:
-    """Every rank learns whether any rank rejected its inputs, and whether all ranks called with the
-    same options; either raises the same ValueError on every rank (one all_gather_object)."""
-    gathered: List[Any] = [None] * world_size(group)
-    dist.all_gather_object(gathered, (None if error is None else f"{type(error).__name__}: {error}",
-                                      tuple(config)), group=group)
-    failed = [(rank, message) for rank, (message, _) in enumerate(gathered) if message is not None]
-    if failed:
+def input_spec(logits, features) -> List[Tuple[str, Any]]:
+    """The dtype, C and D every rank must share, read without raising (a malformed input is described,
+    and rejected by that rank's own checks)."""
+    def described(t, column: str):
+        if not isinstance(t, torch.Tensor):
+            return f"not a tensor ({type(t).__name__})"
+        if column == "num_classes" and t.dim() == 1:
+            return 1
+        return t.shape[1] if t.dim() == 2 else f"{t.dim()}-D"
+    return [("dtype", getattr(logits, "dtype", type(logits).__name__)),
+            ("num_classes", described(logits, "num_classes")), ("feature width", described(features, "features"))]
+
+
+def _shown(value) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a value that cannot show itself still takes part, by its type
+        return f"a {type(value).__name__}"
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _gather(local: torch.Tensor, group) -> List[torch.Tensor]:
+    if dist.get_backend(group) == "nccl":
+        local = local.to(torch.device("cuda", torch.cuda.current_device()))
+    parts = [torch.empty_like(local) for _ in range(world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return [part.cpu() for part in parts]
+
+
+def _ranks(ranks: Sequence[int], limit: int = 8) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    shown = ", ".join(map(str, ranks[:limit]))
+    return f"ranks {shown}" + (f", ... ({len(ranks)} in all)" if len(ranks) > limit else "")
+
+
+def _message(texts: Sequence[str]) -> str:
+    """The same ValueError text on every rank, from every rank's (error line, spec lines)."""
+    errors, specs = [], []
+    for text in texts:
+        error, *lines = text.split("\n")
+        errors.append(error)
+        specs.append(dict(line.split("\t", 1) for line in lines if "\t" in line))
+    parts = [f"rank {rank} {'rejected its inputs' if error.startswith(('ValueError', 'TypeError')) else 'failed'} "
+             f"({error})" for rank, error in enumerate(errors) if error]
+    names = list(dict.fromkeys(name for spec in specs for name in spec))
+    for name in names:
+        by_value = {}
+        for rank, spec in enumerate(specs):
+            by_value.setdefault(spec.get(name, "nothing"), []).append(rank)
+        if len(by_value) > 1:
+            have = ", ".join(f"{_ranks(ranks)} {'has' if len(ranks) == 1 else 'have'} {value}"
+                             for value, ranks in by_value.items())
+            parts.append(f"ranks disagree on {name}: {have}")
+    return "process_group: " + "; ".join(parts) + " (every rank raises this error)"
+
+
+def agree(group, spec: Sequence[Tuple[str, Any]], error: Optional[BaseException],
+          envs: Tuple[int, bool]) -> int:
+    """The call's one agreement across ranks, before any other collective: returns E, or raises the same
+    ValueError on every rank when any rank rejected its inputs (``error``) or the ranks' specs differ.
+
+    Each rank sends a fixed-size packet (failed, its E and whether it is fixed, a 128-bit hash of its
+    spec), so ranks that disagree on anything still match sizes: one all-gather of 5 int64 per rank.
+    Only when a rank failed or the hashes differ, every rank (all see the same packets) sends its spec
+    and error as text of a fixed size, a second all-gather, to name what differs."""
+    lines = [f"{_one_line(name, _VALUE_CHARS)}\t{_one_line(_shown(value), _VALUE_CHARS)}" for name, value in spec]
+    digest = hashlib.sha256("\n".join(lines).encode()).digest()
+    local_e, fixed = envs
+    packet = torch.tensor([int(error is not None), local_e, int(fixed),
+                           int.from_bytes(digest[:8], "little", signed=True),
+                           int.from_bytes(digest[8:16], "little", signed=True)], dtype=torch.int64)
+    rows = [part.tolist() for part in _gather(packet, group)]
+    if any(row[0] for row in rows) or any(row[3:] != rows[0][3:] for row in rows):
+        error_line = "" if error is None else _one_line(f"{type(error).__name__}: {error}", _ERROR_CHARS)
+        encoded = "\n".join([error_line, *lines]).encode()[:AGREEMENT_TEXT_BYTES]
+        text = torch.zeros(AGREEMENT_TEXT_BYTES, dtype=torch.uint8)
+        text[:len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        texts = [bytes(part.tolist()).rstrip(b"\0").decode(errors="replace") for part in _gather(text, group)]
+        message = _message(texts)
         if error is not None:
-            raise error
-        rank, message = failed[0]
-        raise ValueError(f"process_group: rank {rank} rejected its inputs ({message}); every rank raises")
-    configs = [cfg for _, cfg in gathered]
-    for rank, cfg in enumerate(configs):
-        if cfg != configs[0]:
-            diff = [f"{name}: {a!r} on rank 0, {b!r} on rank {rank}"
-                    for (name, a), (_, b) in zip(configs[0], cfg) if a != b]
-            raise ValueError("process_group: ranks called with different options (" + "; ".join(diff) + ")")
+            raise ValueError(message) from error
+        raise ValueError(message)
+    num_envs = max(row[1] for row in rows)
+    if num_envs < 1:
+        raise ValueError("process_group: no rank holds a sample, so the environments are unknown (every rank raises "
+                         "this error)")
+    short = [(rank, row[1]) for rank, row in enumerate(rows) if row[2] and row[1] != num_envs]
+    if short:  # only size lists can be fixed here: equal num_envs are in the spec, ids beyond it fail locally
+        have = ", ".join(f"rank {rank} gives {e} sizes" for rank, e in short)
+        raise ValueError(f"process_group: ranks disagree on the number of environments: {have}, but the ranks' envs "
+                         f"span {num_envs} (every rank raises this error)")
+    return num_envs
 
 
 class GlobalStats(Backend):

@@ -19,15 +19,25 @@ from typing import Optional
 import torch
 
 from ._inputs import EnvsArg, check_choice
-from .api import head_gradient_variance
+from .api import _head_statistic
 from ._penalty import env_weight
 
 COORDINATE_REDUCTIONS = ("mean", "sum")
+_VARIANCE_DEFAULTS = dict(loss="cross_entropy", bias=True, num_envs=None, backend="auto", validate=True)
 
 
-def _flat_variances(logits, features, labels, envs, **kwargs) -> torch.Tensor:
-    """(E, C·Dh) per-environment variances, weight and bias entries together."""
-    v = head_gradient_variance(logits, features, labels, envs, **kwargs)
+def _check_reductions(env_reduction: str, coordinate_reduction: str) -> None:
+    check_choice("coordinate_reduction", coordinate_reduction, COORDINATE_REDUCTIONS)
+    check_choice("env_reduction", env_reduction, ("mean", "sum"))
+
+
+def _flat_variances(logits, features, labels, envs, *, agreed=(), env_reduction: str = "mean",
+                    coordinate_reduction: str = "mean", **kwargs) -> torch.Tensor:
+    """(E, C·Dh) per-environment variances, weight and bias entries together. The reductions (and
+    `agreed`) join the ranks' spec with a process group: they decide the penalty each rank returns."""
+    agreed = (("env_reduction", env_reduction), ("coordinate_reduction", coordinate_reduction), *agreed)
+    v = _head_statistic("gradient_variance", logits, features, labels, envs, **{**_VARIANCE_DEFAULTS, **kwargs},
+                        agreed=agreed, check_agreed=lambda: _check_reductions(env_reduction, coordinate_reduction))
     parts = [v.weight.flatten(1)] + ([v.bias] if v.bias is not None else [])
     return torch.cat(parts, 1)
 
@@ -58,8 +68,8 @@ def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Te
         exactly 0 with one environment. Differentiable in logits and features (hand-written backward of
         the statistics, autograd on the small (E, C·Dh) algebra).
     """
-    check_choice("coordinate_reduction", coordinate_reduction, COORDINATE_REDUCTIONS)
-    variances = _flat_variances(logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+    variances = _flat_variances(logits, features, labels, envs, env_reduction=env_reduction,
+                                coordinate_reduction=coordinate_reduction, loss=loss, bias=bias, backend=backend,
                                 num_envs=num_envs, validate=validate, process_group=process_group,
                                 ddp_reduction=ddp_reduction)
     return variance_distance(variances, env_reduction=env_reduction, coordinate_reduction=coordinate_reduction)
@@ -100,8 +110,12 @@ class FishrLoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                 envs: EnvsArg) -> torch.Tensor:
-        variances = _flat_variances(logits, features, labels, envs, bias=self.bias, num_envs=self.num_envs,
-                                    **self.penalty_kwargs)
+        # with a process group every rank's average must be the same one
+        agreed = (("FishrLoss ema", self.ema), ("FishrLoss buffer shape", tuple(self.ema_variances.shape)),
+                  ("FishrLoss training", self.training), ("FishrLoss updates", int(self.updates)))
+        variances = _flat_variances(logits, features, labels, envs, agreed=agreed, env_reduction=self.env_reduction,
+                                    coordinate_reduction=self.coordinate_reduction, bias=self.bias,
+                                    num_envs=self.num_envs, **self.penalty_kwargs)
         if variances.shape != self.ema_variances.shape:
             raise ValueError(f"the head's variances have shape {tuple(variances.shape)} but FishrLoss was built for "
                              f"{tuple(self.ema_variances.shape)} (num_envs, num_classes * (num_features + bias))")

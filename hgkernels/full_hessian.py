@@ -246,10 +246,9 @@ def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: t
         return problem, (plan if not shard else distributed.GatheredPlan(plan, process_group, ddp_reduction))
 
     config = [("function", "full_hessian_penalty"), ("loss", loss), ("bias", bias),
-              ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend),
-              ("ddp_reduction", ddp_reduction)]
+              ("env_reduction", env_reduction), ("detach_reference", detach_reference), ("backend", backend)]
     problem, plan = prepared(build, process_group=process_group, ddp_reduction=ddp_reduction, envs=envs,
-                             num_envs=num_envs, validate=validate, config=config)
+                             num_envs=num_envs, validate=validate, config=config, logits=logits, features=features)
     return run_penalty(problem, backend, plan, lambda: reference_full_hessian_penalty(
         problem, env_reduction=env_reduction, detach_reference=detach_reference), process_group, ddp_reduction)
 
