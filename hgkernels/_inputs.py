@@ -1,7 +1,7 @@
 """Input validation and the environment-segment layout shared by every backend.
 
 Everything user-facing is checked here, once, with the argument's name in the
-message; backends assume validated inputs (STYLE.md, rule 8).
+message; backends assume validated inputs (they check only what they themselves cannot run).
 """
 from __future__ import annotations
 
