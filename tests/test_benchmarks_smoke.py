@@ -137,6 +137,20 @@ def test_device_check_dry_run(tmp_path):
     assert "triton" in report and "native" in report, report
     assert (tmp_path / "results-gpu-dry-run.json").exists()
     assert "done in" in result.stdout
+    assert f"hgkernels imported from {os.path.realpath(os.path.join(ROOT, 'hgkernels'))} " in result.stdout
+
+
+def test_device_check_refuses_a_package_from_elsewhere(tmp_path, monkeypatch):
+    """The check must time this checkout: a tree whose hgkernels is not importable fails it."""
+    saved = sys.path[:]
+    try:
+        sys.path.insert(0, BENCH)
+        import device_check
+    finally:
+        sys.path[:] = saved  # importing it puts the root first on sys.path
+    monkeypatch.setattr(device_check, "ROOT", str(tmp_path))
+    with pytest.raises(SystemExit, match="not this checkout"):
+        device_check.check_import()
 
 
 def test_full_hessian_cost_smoke():
