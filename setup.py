@@ -116,13 +116,11 @@ class CMakeBuild(build_ext):
         cmake = shutil.which("cmake")
         if cmake is None:
             raise OSError("cmake was not found")
-        import pybind11
-
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake" + ("_cuda" if cuda else "")))
         staging = os.path.join(build_dir, "modules")
         os.makedirs(staging, exist_ok=True)
         args = [cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
-                f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                f"-DPython_EXECUTABLE={sys.executable}", *_pybind11_args(torch_info),
                 f"-DHGK_OUTPUT_DIR={staging}", f"-DHGK_CUDA={'ON' if cuda else 'OFF'}",
                 f"-DHGK_MARCH_NATIVE={'OFF' if _flag('HGK_MARCH_NATIVE', '1') in _OFF else 'ON'}"]
         if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
@@ -142,6 +140,22 @@ class CMakeBuild(build_ext):
         for name in modules:
             _install_atomically(os.path.join(staging, os.path.basename(self.get_ext_filename(name))), out_dir)
         return modules
+
+
+def _pybind11_args(torch_info) -> list:
+    """pybind11's CMake package when it is installed; else the pybind11 headers that torch bundles, so an
+    in-place build works on a machine with torch but no network to fetch pybind11 (a lent GPU machine)."""
+    try:
+        import pybind11
+    except ImportError:
+        bundled = [path for path in (torch_info or {}).get("include", [])
+                   if os.path.exists(os.path.join(path, "pybind11", "pybind11.h"))]
+        if not bundled:
+            raise OSError("pybind11 is not installed and no torch with bundled pybind11 headers was found")
+        print(f"hgkernels: pybind11 is not installed; using torch's bundled headers in {bundled[0]}",
+              file=sys.stderr, flush=True)
+        return [f"-DHGK_PYBIND11_INCLUDE_DIR={bundled[0]}"]
+    return [f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
 
 
 def _install_atomically(path: str, out_dir: str) -> None:

@@ -17,7 +17,7 @@ import statistics
 import torch
 
 import hgkernels as hk
-from hgk_bench import interleaved_times, table_script_main
+from hgk_bench import case, interleaved_times, table_script_main
 from hgkernels.backends import native
 
 HEADS = {"tiny": dict(n=12, d=5, c=3, e=3, loss="cross_entropy", rounds=30, reps=50),
@@ -53,7 +53,8 @@ def measure(heads) -> list:
                 native.NativeBackend.autograd_plan = with_node if key == "node" else without_node
 
             try:
-                times = interleaved_times({"node": call, "Function": call}, head["rounds"], head["reps"], switch)
+                with case(f"{name} {penalty}"):
+                    times = interleaved_times({"node": call, "Function": call}, head["rounds"], head["reps"], switch)
             finally:
                 native.NativeBackend.autograd_plan = with_node
             node, function = times["node"], times["Function"]

@@ -3,9 +3,14 @@
     python benchmarks/device_check.py               # on a CUDA machine, under 8 minutes on one H100/H200
     python benchmarks/device_check.py --dry-run     # the same steps on the CPU with tiny shapes (CI runs it)
 
+It needs no pip install and no network: it builds the package in place in this checkout and
+imports it from here (this checkout's root first on sys.path and on its children's PYTHONPATH),
+checking that the hgkernels it and its children import is this checkout's, not an installed one.
+
 Steps, stopping at the first failure:
 1. build: the native extension with its CUDA module for the device's architecture, in place
-   (`python setup.py build_ext --inplace`, HGK_CUDA=1, HGK_CUDA_ARCHS from the device);
+   (`python setup.py build_ext --inplace`, HGK_CUDA=1, HGK_CUDA_ARCHS from the device); the dry
+   run builds the CPU modules in place only when this checkout has none;
 2. correctness: the CUDA and Triton tests on the device (`tests/test_native.py`, `tests/test_triton.py`,
    `tests/test_fused_head.py`),
    then every backend against `reference` on fresh inputs of each named head;
@@ -14,12 +19,13 @@ Steps, stopping at the first failure:
    so the penalties can be captured in CUDA graphs / torch.compile(mode="reduce-overhead");
 4. launches per penalty (forward + backward) from the profiler's kernel events, per backend;
 5. timings: forward + backward of both penalties at the named heads for triton / native / torch /
-   reference (median of interleaved rounds), written to `benchmarks/RESULTS-GPU.md` and a JSON beside it.
-Read `.library/device/METHOD.md`-style advice: warm up, synchronise, take medians, one process.
+   reference (median of interleaved rounds), written to `benchmarks/out/RESULTS-GPU.md` (git-ignored)
+   and a JSON beside it. Warm up, synchronise, take medians, one process.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -31,7 +37,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+# This checkout's package, ahead of any installed hgkernels (an editable install of another
+# checkout included): the check is of this tree, built in place.
+sys.path[:0] = [ROOT, HERE]
 
 TIME_BUDGET_S = 7.5 * 60
 PENALTIES = ("hutchinson", "hgp")
@@ -41,15 +49,41 @@ def log(message: str) -> None:
     print(f"[device_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def child_env(**extra: str) -> Dict[str, str]:
+    """The environment of every child process: this checkout first on PYTHONPATH."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else ""), **extra}
+
+
 def build(dry_run: bool) -> None:
     if dry_run:
-        log("build: skipped (dry run uses the installed build)")
-        return
-    major, minor = torch.cuda.get_device_capability()
-    env = {**os.environ, "HGK_CUDA": "1", "HGK_REQUIRE_NATIVE": "1", "HGK_CUDA_ARCHS": f"{major}{minor}",
-           "MAX_JOBS": str(os.cpu_count() or 4)}
-    log(f"build: native extension with CUDA for sm_{major}{minor}")
+        built = glob.glob(os.path.join(ROOT, "hgkernels", "_native_cpu*.so"))
+        if built:
+            log(f"build: skipped (dry run; this checkout has {os.path.relpath(built[0], ROOT)})")
+            return
+        env = child_env(HGK_CUDA="0", HGK_REQUIRE_NATIVE="1")
+        log("build: native CPU modules in place (dry run, none built in this checkout)")
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        env = child_env(HGK_CUDA="1", HGK_REQUIRE_NATIVE="1", HGK_CUDA_ARCHS=f"{major}{minor}",
+                        MAX_JOBS=str(os.cpu_count() or 4))
+        log(f"build: native extension with CUDA for sm_{major}{minor}, in place")
     subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env, check=True)
+
+
+def check_import() -> str:
+    """That this process and its children import this checkout's hgkernels; its path."""
+    want = os.path.realpath(os.path.join(ROOT, "hgkernels", "__init__.py"))
+    import hgkernels
+
+    probe = subprocess.run([sys.executable, "-c", "import hgkernels; print(hgkernels.__file__)"], cwd=ROOT,
+                           env=child_env(), capture_output=True, text=True)
+    child = probe.stdout.strip().splitlines()[-1] if probe.returncode == 0 and probe.stdout.strip() else probe.stderr
+    for who, got in (("this process", hgkernels.__file__), ("a child process", child)):
+        if os.path.realpath(got) != want:
+            raise SystemExit(f"device_check: {who} imports hgkernels from {got!r}, not this checkout's {want}")
+    log(f"hgkernels imported from {os.path.dirname(want)} (here and in child processes)")
+    return os.path.dirname(want)
 
 
 def device_tests(dry_run: bool) -> None:
@@ -58,7 +92,7 @@ def device_tests(dry_run: bool) -> None:
     if dry_run:  # one fast test of each file keeps the step from rotting
         args += ["-k", "test_two_runs_are_bitwise_equal or test_primitives_match_torch_backend"]
     log("tests: " + " ".join(args[3:]))
-    subprocess.run(args, cwd=ROOT, check=True, env={**os.environ, "TRITON_INTERPRET": "1"} if dry_run else None)
+    subprocess.run(args, cwd=ROOT, check=True, env=child_env(TRITON_INTERPRET="1") if dry_run else child_env())
 
 
 def _backends(device: torch.device) -> List[str]:
@@ -84,6 +118,7 @@ def correctness(hb, shapes, device: torch.device) -> Dict[str, float]:
     """Worst relative error of each backend against `reference` (float32 inputs, 1e-3 bound)."""
     worst: Dict[str, float] = {}
     for shape in shapes:
+        log(f"correctness: {shape.label}")
         inputs = hb.make_inputs(shape, device, seed=1)
         for penalty in PENALTIES:
             ref_pen, ref_grads = _call(hb, shape, inputs, "reference", penalty, validate=True)
@@ -150,6 +185,7 @@ def launches(hb, shape, device: torch.device) -> Dict[str, int]:
 def timings(hb, shapes, device: torch.device, rounds: int, deadline: float) -> List[Dict]:
     rows = []
     for shape in shapes:
+        log(f"timing {shape.label}: started")
         inputs = hb.make_inputs(shape, device)
         steps = {(backend, penalty): (lambda b=backend, p=penalty: _call(hb, shape, inputs, b, p))
                  for backend in _backends(device) for penalty in PENALTIES}
@@ -200,7 +236,8 @@ def _backends_in(rows: List[Dict]) -> List[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no build (what CI runs)")
-    parser.add_argument("--out-dir", default=HERE, help="where RESULTS-GPU.md and results-gpu.json go")
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "out"),
+                        help="where RESULTS-GPU.md and results-gpu.json go (default benchmarks/out/, git-ignored)")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     start = time.monotonic()
@@ -210,6 +247,7 @@ def main(argv=None) -> int:
     if args.dry_run:  # Triton's kernels run on the CPU through its interpreter (set before triton is imported)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     build(args.dry_run)
+    package = check_import()
     device_tests(args.dry_run)
     import hgk_bench as hb
     shapes = hb.SUBSETS["smoke"][:2] if args.dry_run else hb.SUBSETS["named"]
@@ -219,7 +257,8 @@ def main(argv=None) -> int:
     rows = timings(hb, shapes, device, 2 if args.dry_run else args.rounds, start + TIME_BUDGET_S)
     os.makedirs(args.out_dir, exist_ok=True)
     name = "RESULTS-GPU-dry-run" if args.dry_run else "RESULTS-GPU"
-    write_results(os.path.join(args.out_dir, f"{name}.md"), hb.machine_description(device), worst, syncs, counts, rows)
+    machine = {**hb.machine_description(device), "hgkernels": package}
+    write_results(os.path.join(args.out_dir, f"{name}.md"), machine, worst, syncs, counts, rows)
     with open(os.path.join(args.out_dir, f"{name.lower()}.json"), "w") as out:
         json.dump({"correctness": worst, "sync": syncs, "launches": counts, "timings": rows}, out, indent=1)
     log(f"done in {time.monotonic() - start:.0f} s: {os.path.join(args.out_dir, name + '.md')}")

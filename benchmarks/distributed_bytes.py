@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import hgkernels as hk
+from hgk_bench import case, progress  # benchmarks/ is the script's folder, first on sys.path
 
 HEADS = {"cmnist": dict(n=24000, d=390, c=1, e=2, loss="binary_cross_entropy"),
          "pacs": dict(n=96, d=2048, c=7, e=3, loss="cross_entropy"),
@@ -57,7 +58,8 @@ def table(heads: Dict[str, Dict]) -> List[str]:
     ddp_bytes = RESNET50_FEATURIZER_PARAMS * 4
     for name, head in heads.items():
         for penalty in PENALTIES:
-            got = count_step(head, penalty)
+            with case(f"{name} {penalty}"):
+                got = count_step(head, penalty)
             total = got["forward bytes"] + got["backward bytes"]
             rows.append(f"| {name} (N={head['n']}, D={head['d']}, C={head['c']}, E={head['e']}) | {penalty} | "
                         f"{got['forward collectives']} / {got['backward collectives']} | {total:,} | "
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny head, for CI")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        progress("one-rank gloo group: starting")
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1)
         try:
             print("\n".join(table(SMOKE_HEADS if args.smoke else HEADS)))

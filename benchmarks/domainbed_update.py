@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from torch import autograd
 from torch.func import functional_call, grad, vmap
 
+from hgk_bench import case  # benchmarks/ is the script's folder, first on sys.path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -262,6 +264,18 @@ def time_update(fn: Callable, batch, reps: int) -> float:
 def run_shape(shape: Shape, args, algorithms, registry, with_backpack) -> List[dict]:
     pairs = build_pairs(shape, algorithms, registry, with_backpack)
     batch = minibatches(shape, 0)
+    with case(f"{shape.name}: first update of each pair (agreement, warm-up)"):
+        _first_updates(pairs, batch)
+    variants = list({id(p[side]): p[side] for p in pairs for side in ("ours", "baseline")}.values())
+    for r in range(args.rounds):
+        with case(f"{shape.name}: round {r + 1}/{args.rounds} of {len(variants)} variants"):
+            _one_round(pairs, variants, r, batch, args.reps)
+    return [dict(shape=f"{shape.name} (C={shape.classes}, E={shape.envs}x{shape.n}, D={shape.width})", row=p["row"],
+                 ours=statistics.median(p["ours_ms"]), base=p["base"], base_ms=statistics.median(p["base_ms"]),
+                 speedup=statistics.median(p["ratio"]), agree=p["agree"]) for p in pairs]
+
+
+def _first_updates(pairs, batch) -> None:
     for p in pairs:  # first update from the same weights and batch: the penalties agree (also a warm-up)
         p["ours_ms"], p["base_ms"], p["ratio"], p["agree"] = [], [], [], None
         if not p.get("compare", True):
@@ -272,19 +286,17 @@ def run_shape(shape: Shape, args, algorithms, registry, with_backpack) -> List[d
         torch.manual_seed(1)
         b = p["baseline"].update(batch)["penalty"]
         p["agree"] = abs(a - b) / max(abs(b), 1e-30)
-    variants = list({id(p[side]): p[side] for p in pairs for side in ("ours", "baseline")}.values())
-    for r in range(args.rounds):
-        times: Dict[int, float] = {}
-        rot = r % len(variants)
-        for v in variants[rot:] + variants[:rot]:  # each distinct update object once per round
-            times[id(v)] = time_update(v.update, batch, args.reps)
-        for p in pairs:
-            p["ours_ms"].append(times[id(p["ours"])])
-            p["base_ms"].append(times[id(p["baseline"])])
-            p["ratio"].append(times[id(p["baseline"])] / times[id(p["ours"])])
-    return [dict(shape=f"{shape.name} (C={shape.classes}, E={shape.envs}x{shape.n}, D={shape.width})", row=p["row"],
-                 ours=statistics.median(p["ours_ms"]), base=p["base"], base_ms=statistics.median(p["base_ms"]),
-                 speedup=statistics.median(p["ratio"]), agree=p["agree"]) for p in pairs]
+
+
+def _one_round(pairs, variants, r: int, batch, reps: int) -> None:
+    times: Dict[int, float] = {}
+    rot = r % len(variants)
+    for v in variants[rot:] + variants[:rot]:  # each distinct update object once per round
+        times[id(v)] = time_update(v.update, batch, reps)
+    for p in pairs:
+        p["ours_ms"].append(times[id(p["ours"])])
+        p["base_ms"].append(times[id(p["baseline"])])
+        p["ratio"].append(times[id(p["baseline"])] / times[id(p["ours"])])
 
 
 def markdown(rows: List[dict]) -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import hgkernels as hk
+from hgk_bench import case  # benchmarks/ is the script's folder, first on sys.path
 
 HEADS = {
     # Colored MNIST's binary head on the main job's per-environment subsample (the full 24,000-sample
@@ -100,10 +101,11 @@ def measure(heads: Dict[str, Dict], repeat: int) -> list:
             hk.hessian_distance(logits[:pair], features[:pair], labels[:pair], sizes[:2], norm="spectral",
                                 loss=head["loss"], validate=False, tol=1e-4)
 
-        t_pen, t_spec = _median(penalty, repeat), _median(spectral, repeat)
+        with case(name):
+            t_pen, t_spec = _median(penalty, repeat), _median(spectral, repeat)
+            autograd = _autograd_hessian_seconds(head, logits, features, labels, sizes)
         lines.append(f"| {name} (N={head['n']}, D={head['d']}, C={head['c']}, E={head['e']}) | {1e3 * t_pen:.1f} ms | "
-                     f"{1e3 * t_spec:.1f} ms | {_autograd_hessian_seconds(head, logits, features, labels, sizes)} |")
-        print(lines[-1], flush=True)
+                     f"{1e3 * t_spec:.1f} ms | {autograd} |")
     return lines
 
 

@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -456,6 +457,25 @@ def interleaved_times(runs: Dict[str, Callable[[], None]], rounds: int, reps: in
                 runs[key]()
             times[key].append((time.perf_counter() - start) / reps)
     return {key: t[1:] for key, t in times.items()}
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, flushed at once: a long run shows where it is, and stdout keeps
+    only the tables."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def case(label: str):
+    """Progress lines as a case starts and as it finishes (or fails), with its wall time."""
+    progress(f"{label}: started")
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        progress(f"{label}: failed after {time.perf_counter() - start:.1f} s")
+        raise
+    progress(f"{label}: done in {time.perf_counter() - start:.1f} s")
 
 
 def table_script_main(doc: str, measure: Callable[[dict], List[str]], heads: dict, smoke_heads: dict,

@@ -22,7 +22,7 @@ import statistics
 import torch
 
 import hgkernels as hk
-from hgk_bench import interleaved_times, table_script_main
+from hgk_bench import case, interleaved_times, table_script_main
 from hgkernels._inputs import prepare
 from hgkernels._penalty import env_weight
 from hgkernels.backends import native
@@ -74,7 +74,8 @@ def measure(heads) -> list:
                               if method == "exact" else {})
             runs = {"plans": plans, "node": node, "api_nv": api(validate=False), "api": api(),
                     "generic": api(backend="reference", **generic_kwargs)}
-            times = interleaved_times(runs, head["rounds"], head["reps"])
+            with case(f"{name} {penalty}"):
+                times = interleaved_times(runs, head["rounds"], head["reps"])
             us = {key: 1e6 * statistics.median(t) for key, t in times.items()}
             lines.append(f"| {name} (N={n}, D={head['d']}, C={c}, E={e}) | {penalty} | {us['plans']:.0f} | "
                          f"{us['node']:.0f} | {us['api_nv']:.0f} | {us['api']:.0f} | {us['generic']:.0f} | "

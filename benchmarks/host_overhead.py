@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import hgkernels as hk
-from hgk_bench import interleaved_times, table_script_main
+from hgk_bench import case, interleaved_times, table_script_main
 
 HEADS = {"tiny": dict(n=12, d=5, c=3, e=3, rounds=41, reps=50),
          "pacs": dict(n=96, d=2048, c=7, e=3, rounds=21, reps=10)}
@@ -62,7 +62,8 @@ def cases(head):
 def measure(heads) -> list:
     lines = []
     for name, head in heads.items():
-        times = interleaved_times(cases(head), head["rounds"], head["reps"])
+        with case(f"{name}: {head['rounds']} rounds"):
+            times = interleaved_times(cases(head), head["rounds"], head["reps"])
         base = times["F.cross_entropy"]
         lines += ["", f"{name}: N={head['n']}, D={head['d']}, C={head['c']}, E={head['e']}, float32, "
                   f"{torch.get_num_threads()} threads; median of {head['rounds']} rounds of {head['reps']} calls", "",

@@ -65,6 +65,7 @@ def measure(builds, shape, rounds: int, reps: int) -> list:
             calls = {"forward": lambda: backend.plan_forward(problem, spec),
                      "backward": lambda: backend.plan_backward(problem, spec, state, alpha, alpha)}
             for direction, call in calls.items():
+                hb.progress(f"{shape.name} {method} {direction}: started")
                 times = [[] for _ in builds]
                 for r in range(rounds + 1):  # the first round warms up
                     for k in (range(len(builds)) if r % 2 == 0 else reversed(range(len(builds)))):
@@ -75,6 +76,7 @@ def measure(builds, shape, rounds: int, reps: int) -> list:
                         times[k].append((time.perf_counter() - start) / reps)
                 times = [t[1:] for t in times]
                 ratio = statistics.median(b / a for a, b in zip(*times))
+                hb.progress(f"{shape.name} {method} {direction}: done")
                 rows.append(f"| {shape.name} | {method} | {direction} | {1e6 * statistics.median(times[0]):.0f} | "
                             f"{1e6 * statistics.median(times[1]):.0f} | {ratio:.3f} |")
     finally:

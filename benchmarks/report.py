@@ -1,9 +1,16 @@
-"""Run a subset of the benchmark cases and write a markdown report and a log-log plot.
+"""Run a subset of the benchmark cases and write a markdown report, its raw data and a log-log plot.
 
-    python benchmarks/report.py                      # named shapes + the N sweep, RESULTS.md + plot
+    python benchmarks/report.py                      # named shapes + the N sweep, into benchmarks/out/
+    python benchmarks/report.py --out benchmarks/RESULTS.md   # regenerate the tracked report
     python benchmarks/report.py --subset all --repeat 7
     python benchmarks/report.py --smoke --out /tmp/r.md --plot /tmp/r.png
     python benchmarks/report.py --cases cmnist pacs --out /tmp/r.md --plot /tmp/r.png
+    python benchmarks/report.py --from-data benchmarks/out/RESULTS.json   # markdown again, no run
+
+Outputs: the markdown (`--out`, default benchmarks/out/RESULTS.md, a git-ignored folder, so a run
+never overwrites a tracked file unless asked), the raw data it is generated from (`--data`, default
+the markdown's path with .json) and the plot (`--plot`, default time_vs_n.png beside the markdown).
+The markdown is always rendered from the raw data, so `--from-data` reproduces it exactly.
 
 Each case times forward + backward (forward alone for the diagonal rows) of every
 available closed-form backend and of the generic autograd baselines on the same
@@ -34,6 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hgk_bench as hb  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Default output folder, git-ignored: the tracked RESULTS.md changes only through an explicit --out.
+OUT_DIR = os.path.join(HERE, "out")
+DATA_FORMAT = 1  # version of the raw data file's layout
 # Blocks from 128 KiB up get their own mapping, returned to the OS when freed (see hgk_bench.peak_memory).
 MMAP_THRESHOLD = "131072"
 
@@ -169,7 +179,7 @@ def _run_worker(shape: hb.Shape, command: List[str], env: Dict[str, str],
             if code == 0:
                 with open(out) as result:
                     data = json.load(result)
-                rows = [Row(shape, hb.Method(**row.pop("method")), **row) for row in data["rows"]]
+                rows = [row_from_dict(shape, row) for row in data["rows"]]
                 return rows, data["skipped"]
             why = f"signal {-code}" if code < 0 else f"exit code {code}"
             notes.append(f"{shape.name}: attempt {attempt} crashed ({why})")
@@ -181,7 +191,7 @@ def _worker(args: argparse.Namespace) -> int:
     rows, skipped = run_case(hb.shape_named(args.worker), torch.device(args.device), args.repeat, args.budget)
     with open(args.worker_out, "w") as out:
         json.dump({"skipped": skipped,
-                   "rows": [{k: v for k, v in dataclasses.asdict(row).items() if k != "shape"} for row in rows]},
+                   "rows": [row_to_dict(row) for row in rows]},
                   out)
     return 0
 
@@ -263,25 +273,73 @@ def headline_table(all_rows: Dict[str, List[Row]]) -> List[str]:
     return lines
 
 
-def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceilings, machine: Dict[str, str],
-                   command: str, skipped_backends: Dict[str, str], notes: List[str], plot_path: Optional[str],
-                   repeat: int, budget: float, device: torch.device, elapsed: float) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def row_to_dict(row: Row) -> Dict:
+    return {k: v for k, v in dataclasses.asdict(row).items() if k != "shape"}
+
+
+def row_from_dict(shape: hb.Shape, data: Dict) -> Row:
+    data = dict(data)
+    return Row(shape, hb.Method(**data.pop("method")), **data)
+
+
+def make_data(all_rows: Dict[str, List[Row]], ceilings: hb.Ceilings, machine: Dict[str, str], command: str,
+              skipped_backends: Dict[str, str], notes: List[str], repeat: int, budget: float,
+              device: torch.device, elapsed: float) -> Dict:
+    """Everything the markdown shows, as plain JSON: times in seconds, every timed run kept."""
+    return {"format": DATA_FORMAT, "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "elapsed_s": elapsed, "device": device.type, "repeat": repeat, "budget_s": budget,
+            "machine": machine, "ceilings": dataclasses.asdict(ceilings),
+            "skipped_backends": skipped_backends, "backpack_reason": hb.backpack_reason(), "notes": notes,
+            "cases": [{"label": label, "shape": dataclasses.asdict(rows[0].shape),
+                       "rows": [row_to_dict(row) for row in rows]} for label, rows in all_rows.items()]}
+
+
+def rows_of(data: Dict) -> Dict[str, List[Row]]:
+    out = {}
+    for case in data["cases"]:
+        shape = hb.Shape(**case["shape"])
+        out[case["label"]] = [row_from_dict(shape, row) for row in case["rows"]]
+    return out
+
+
+def write_data(path: str, data: Dict) -> None:
+    with open(path, "w") as out:
+        json.dump(data, out, indent=1)
+        out.write("\n")
+
+
+def read_data(path: str) -> Dict:
+    with open(path) as source:
+        data = json.load(source)
+    if data.get("format") != DATA_FORMAT:
+        raise SystemExit(f"{path}: raw data format {data.get('format')!r}, this report.py reads {DATA_FORMAT}")
+    return data
+
+
+def render_markdown(data: Dict, md_path: str, data_path: str, plot_path: Optional[str]) -> str:
+    """The report, from the raw data alone (plus where the data and plot files lie, for links)."""
+    all_rows = rows_of(data)
+    ceilings = hb.Ceilings(**data["ceilings"])
+    repeat, budget = data["repeat"], data["budget_s"]
+    here = os.path.dirname(os.path.abspath(md_path))
     lines = ["# hgkernels benchmarks", "",
-             f"Produced by `{command}` on {now} in {elapsed / 60:.1f} min.", "", "## Machine", ""]
-    lines += [f"- {key}: {value}" for key, value in machine.items()]
+             f"Produced by `{data['command']}` on {data['date']} in {data['elapsed_s'] / 60:.1f} min. "
+             f"Raw data: [{os.path.basename(data_path)}]({os.path.relpath(data_path, here)}); "
+             "`python benchmarks/report.py --from-data FILE --out FILE.md` renders this page from it.",
+             "", "## Machine", ""]
+    lines += [f"- {key}: {value}" for key, value in data["machine"].items()]
     lines += [f"- measured ceilings: sgemm {ceilings.sgemm_flops / 1e9:.1f} GFLOP/s, "
               f"copy {ceilings.copy_bytes / 1e9:.1f} GB/s ({ceilings.notes})",
-              f"- peak memory: {_memory_note(device)}"]
-    if device.type != "cuda":
+              f"- peak memory: {_memory_note(data['device'])}"]
+    if data["device"] != "cuda":
         lines.append("- GPU: none on this machine; no GPU numbers (triton backend not timed).")
-    if skipped_backends:
-        lines += ["", "Backends not timed:"] + [f"- {name}: {why}" for name, why in skipped_backends.items()]
-    reason = hb.backpack_reason()
-    if reason:
-        lines.append(f"- BackPACK peer not timed: {reason}")
-    if notes:
-        lines += ["", "Crashed case processes (each crashed case is run once more):"] + [f"- {n}" for n in notes]
+    if data["skipped_backends"]:
+        lines += ["", "Backends not timed:"] + [f"- {name}: {why}" for name, why in data["skipped_backends"].items()]
+    if data["backpack_reason"]:
+        lines.append(f"- BackPACK peer not timed: {data['backpack_reason']}")
+    if data["notes"]:
+        lines += ["", "Crashed case processes (each crashed case is run once more):"] + [f"- {n}" for n in data["notes"]]
     lines += ["", "## Headline: closed form vs the generic double-backward path", "",
               "Speed-up = the baseline's median time ÷ the closed form's median time, forward + backward "
               "(forward alone in the last column), same run and inputs.", ""]
@@ -298,13 +356,24 @@ def write_markdown(path: str, all_rows: Dict[str, List[Row]], ceilings: hb.Ceili
     for label, rows in all_rows.items():
         lines += [f"### {label}", ""] + case_table(rows) + [""]
     if plot_path:
-        lines += ["## Scaling", "", f"![time vs N]({os.path.relpath(plot_path, os.path.dirname(path))})", ""]
-    with open(path, "w") as out:
-        out.write("\n".join(lines) + "\n")
+        lines += ["## Scaling", "", f"![time vs N]({os.path.relpath(plot_path, here)})", ""]
+    return "\n".join(lines) + "\n"
 
 
-def _memory_note(device: torch.device) -> str:
-    if device.type == "cuda":
+def write_report(data: Dict, md_path: str, data_path: str, plot_path: Optional[str]) -> Optional[str]:
+    """Plot and markdown from the raw data: (re)generated the same way after a run and with --from-data."""
+    for path in (md_path, data_path, plot_path):
+        if path and os.path.dirname(os.path.abspath(path)):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plot_path = write_plot(plot_path, rows_of(data)) if plot_path else None
+    text = render_markdown(data, md_path, data_path, plot_path)
+    with open(md_path, "w") as out:
+        out.write(text)
+    return plot_path
+
+
+def _memory_note(device: str) -> str:
+    if device == "cuda":
         return "torch.cuda.max_memory_allocated above what was allocated before the warm-up call"
     return (f"resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the resident "
             f"size before the warm-up call, from a second process per case with "
@@ -369,8 +438,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed per method's single run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown report path")
-    parser.add_argument("--plot", default=os.path.join(HERE, "time_vs_n.png"), help="PNG plot path")
+    parser.add_argument("--out", default=os.path.join(OUT_DIR, "RESULTS.md"),
+                        help="markdown report path (default benchmarks/out/RESULTS.md, git-ignored; "
+                             "--out benchmarks/RESULTS.md regenerates the tracked report)")
+    parser.add_argument("--data", default=None,
+                        help="raw data (JSON) path (default: --out with .json in place of .md)")
+    parser.add_argument("--plot", default=None, help="PNG plot path (default: time_vs_n.png beside --out)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--from-data", metavar="FILE",
+                        help="render the markdown (and plot) from this raw data file; runs nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one case, write JSON
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -378,6 +454,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.subset, args.repeat = ["smoke"], min(args.repeat, 2)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.data is None:
+        args.data = args.from_data or os.path.splitext(args.out)[0] + ".json"
+    if args.plot is None and not args.no_plot:
+        args.plot = os.path.join(os.path.dirname(os.path.abspath(args.out)), "time_vs_n.png")
+    if args.no_plot:
+        args.plot = None
     return args
 
 
@@ -388,6 +470,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if args.worker:
         return _worker(args)
+    if args.from_data:
+        data = read_data(args.from_data)
+        if os.path.abspath(args.data) != os.path.abspath(args.from_data):
+            write_data(args.data, data)
+        plot_path = write_report(data, args.out, args.data, args.plot)
+        log(f"wrote {args.out} from {args.from_data}" + (f" and {plot_path}" if plot_path else " (no plot)"))
+        return 0
     command = "python benchmarks/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = datetime.datetime.now()
     machine = hb.machine_description(device)
@@ -404,17 +493,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     skipped_backends: Dict[str, str] = {}
     notes: List[str] = []
     for index, shape in enumerate(shapes, 1):
-        log(f"[{index}/{len(shapes)}] {shape.label}")
+        log(f"[{index}/{len(shapes)}] {shape.label}: started")
+        case_start = datetime.datetime.now()
         rows, skipped = run_case_isolated(shape, args, notes)
         for row in (r for r in rows if r.method.kind != "crash"):
             row.floor = hb.floor_seconds(row.method.penalty, shape, ceilings, row.method.form)
         all_rows[shape.label] = rows
         skipped_backends.update(skipped)
-    plot_path = write_plot(args.plot, all_rows)
+        log(f"[{index}/{len(shapes)}] {shape.label}: done in "
+            f"{(datetime.datetime.now() - case_start).total_seconds():.1f} s")
     elapsed = (datetime.datetime.now() - start).total_seconds()
-    write_markdown(args.out, all_rows, ceilings, machine, command.strip(), skipped_backends, notes,
-                   plot_path, args.repeat, args.budget, device, elapsed)
-    log(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else " (no plot)"))
+    data = make_data(all_rows, ceilings, machine, command.strip(), skipped_backends, notes, args.repeat,
+                     args.budget, device, elapsed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.data)), exist_ok=True)
+    write_data(args.data, data)
+    plot_path = write_report(read_data(args.data), args.out, args.data, args.plot)  # from the file, as --from-data
+    log(f"wrote {args.out}, {args.data}" + (f" and {plot_path}" if plot_path else " (no plot)"))
     return 0
 
 

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 import hgkernels as hk
-from hgk_bench import interleaved_times, table_script_main
+from hgk_bench import case, interleaved_times, table_script_main
 
 HEADS = {"cmnist": dict(n=50000, d=390, c=1, e=2, loss="binary_cross_entropy", rounds=9),
          "pacs": dict(n=96, d=2048, c=7, e=3, loss="cross_entropy", rounds=41)}
@@ -39,7 +39,8 @@ def measure(heads) -> list:
                          validate=False)
                 torch.autograd.grad(pen.hessian + pen.gradient, (logits, features))
 
-            times = interleaved_times({key: partial(call, envs) for key, envs in layouts.items()}, head["rounds"])
+            with case(f"{name} {penalty}"):
+                times = interleaved_times({key: partial(call, envs) for key, envs in layouts.items()}, head["rounds"])
             g, s = (1e3 * statistics.median(times[key]) for key in ("grouped", "shuffled"))
             lines.append(f"| {name} (N={n}, D={head['d']}, C={c}, E={head['e']}) | {penalty} | {g:.2f} | {s:.2f} | "
                          f"{s / g:.2f}× |")

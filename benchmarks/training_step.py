@@ -342,6 +342,8 @@ def run_rounds(cases: Dict[str, Callable[[], float]], rounds: int, min_seconds: 
     names = list(cases)
     repeats = {}
     for name in names:  # warm-up (2 steps), then enough back-to-back steps per round for min_seconds
+        if progress:
+            progress(f"warm-up: {name}")
         cases[name]()
         t = _timed(cases[name], 1)
         repeats[name] = max(1, min(20, math.ceil(min_seconds / max(t, 1e-6))))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -33,8 +35,9 @@ def _available_backends():
 
 
 def test_pytest_benchmark_suite_runs_in_smoke_mode():
+    # HGK_BENCH_BUDGET: no smoke case may be skipped as an estimated time-out on a slow or busy machine
     result = _run(["-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
-                  HGK_BENCH_SMOKE="1")
+                  HGK_BENCH_SMOKE="1", HGK_BENCH_BUDGET="3600")
     summary = result.stdout.strip().splitlines()[-1]
     assert "failed" not in summary and "error" not in summary, summary
     passed = int(re.search(r"(\d+) passed", summary).group(1))
@@ -42,23 +45,88 @@ def test_pytest_benchmark_suite_runs_in_smoke_mode():
     assert passed >= 6 * 3, summary
 
 
-def test_report_writes_table_and_plot(tmp_path):
+def _cell_ms(cell: str) -> float:
+    """A markdown time cell as a number, whatever its digit grouping ("1,096" or "1096")."""
+    return float(cell.replace(",", "").replace("\u202f", ""))
+
+
+def _report_tables(text: str) -> dict:
+    """{case label: {(method, backend): row cells}} from a report's per-case sections."""
+    tables, label = {}, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            label = line[4:]
+            tables[label] = {}
+        elif label is not None and line.startswith("| ") and not line.startswith("| method "):
+            cells = [cell.strip() for cell in line.split("|")[1:-1]]
+            tables[label][(cells[0], cells[1])] = cells
+    return tables
+
+
+def test_report_writes_data_table_and_plot(tmp_path):
     out, plot = tmp_path / "RESULTS.md", tmp_path / "plot.png"
-    _run(["benchmarks/report.py", "--smoke", "--out", str(out), "--plot", str(plot)])
+    # a budget no machine reaches: which rows run must not depend on the machine's speed
+    _run(["benchmarks/report.py", "--smoke", "--budget", "3600", "--out", str(out), "--plot", str(plot)])
+    data = json.loads((tmp_path / "RESULTS.json").read_text())  # the raw data, beside the markdown by default
     text = out.read_text()
-    assert "## Machine" in text and torch.__version__ in text
-    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
-    rows = [[cell.strip() for cell in row] for row in rows]
-    for backend in _available_backends():
-        for label in ("exact Hutchinson", "HGP", "exact diagonal, forward"):
-            timed = [row for row in rows if row[0] == label and row[1] == backend]
-            assert len(timed) == 3, f"{label} [{backend}]: {len(timed)} rows"
-            assert all(float(row[2]) > 0 for row in timed), timed
-    for label in ("generic Hutchinson, 1 probe", "generic Hutchinson, 3 probes", "generic HGP double backward"):
-        timed = [row for row in rows if row[0] == label and row[1] == "reference"]
-        assert len(timed) == 3 and all(float(row[2]) > 0 for row in timed), timed
+    assert "## Machine" in text and torch.__version__ in text and data["machine"]["torch"] == torch.__version__
+    cases = {case["label"]: case["rows"] for case in data["cases"]}
+    assert len(cases) == 3, list(cases)
+    for label, rows in cases.items():
+        by_method = {}
+        for row in rows:
+            by_method.setdefault(row["method"]["label"], []).append(row)
+        for backend in _available_backends():
+            for method in ("exact Hutchinson", "HGP", "exact diagonal, forward"):
+                timed = [row for row in by_method.get(method, []) if row["method"]["backend"] == backend]
+                assert len(timed) == 1, f"{label}: {method} [{backend}]: {timed}"
+        for method in ("generic Hutchinson, 1 probe", "generic Hutchinson, 3 probes", "generic HGP double backward"):
+            assert [row["method"]["backend"] for row in by_method.get(method, [])] == ["reference"], (label, method)
+        for row in rows:
+            assert row["status"] == "ok" and row["times"] and all(t > 0 for t in row["times"]), row
+
+    # The tables are generated from the raw data: every row's median is the one the data gives ...
+    tables = _report_tables(text)
+    assert set(tables) == set(cases)
+    for label, rows in cases.items():
+        assert len(tables[label]) == len(rows)
+        for row in rows:
+            cells = tables[label][(row["method"]["label"], row["method"]["backend"])]
+            median_ms = 1e3 * statistics.median(row["times"])
+            assert _cell_ms(cells[2]) == pytest.approx(median_ms, rel=5e-3, abs=0.5), (cells, row["times"])
+            assert int(cells[4]) == len(row["times"])
+    # ... and the markdown renders again from the data alone, identically.
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "RESULTS.json").write_text((tmp_path / "RESULTS.json").read_text())
+    _run(["benchmarks/report.py", "--from-data", str(again / "RESULTS.json"), "--out", str(again / "RESULTS.md"),
+          "--plot", str(again / "plot.png")])
+    assert (again / "RESULTS.md").read_text() == text
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional, the table is not
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_cell_parsing_is_independent_of_digit_grouping():
+    assert _cell_ms("1,096") == _cell_ms("1096") == 1096.0 and _cell_ms("0.52") == 0.52
+
+
+def test_report_defaults_write_no_tracked_file():
+    """Without --out, report.py writes under benchmarks/out/, which git ignores."""
+    sys.path.insert(0, BENCH)
+    try:
+        import report
+    finally:
+        sys.path.remove(BENCH)
+    args = report.parse_args(["--smoke"])
+    for path in (args.out, args.data, args.plot):
+        assert os.path.dirname(os.path.abspath(path)) == os.path.join(BENCH, "out"), path
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(BENCH, "out", "RESULTS.md")], cwd=ROOT)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0, "benchmarks/out/ is not git-ignored"
+    explicit = report.parse_args(["--out", os.path.join(BENCH, "RESULTS.md")])
+    assert explicit.data == os.path.join(BENCH, "RESULTS.json")
+    assert explicit.plot == os.path.join(BENCH, "time_vs_n.png")
 
 
 def test_device_check_dry_run(tmp_path):
@@ -69,6 +137,20 @@ def test_device_check_dry_run(tmp_path):
     assert "triton" in report and "native" in report, report
     assert (tmp_path / "results-gpu-dry-run.json").exists()
     assert "done in" in result.stdout
+    assert f"hgkernels imported from {os.path.realpath(os.path.join(ROOT, 'hgkernels'))} " in result.stdout
+
+
+def test_device_check_refuses_a_package_from_elsewhere(tmp_path, monkeypatch):
+    """The check must time this checkout: a tree whose hgkernels is not importable fails it."""
+    saved = sys.path[:]
+    try:
+        sys.path.insert(0, BENCH)
+        import device_check
+    finally:
+        sys.path[:] = saved  # importing it puts the root first on sys.path
+    monkeypatch.setattr(device_check, "ROOT", str(tmp_path))
+    with pytest.raises(SystemExit, match="not this checkout"):
+        device_check.check_import()
 
 
 def test_full_hessian_cost_smoke():
