@@ -34,6 +34,7 @@ def _available_backends():
     return available
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_suite_runs_in_smoke_mode():
     # HGK_BENCH_BUDGET: no smoke case may be skipped as an estimated time-out on a slow or busy machine
     result = _run(["-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
@@ -63,6 +64,7 @@ def _report_tables(text: str) -> dict:
     return tables
 
 
+@pytest.mark.slow
 def test_report_writes_data_table_and_plot(tmp_path):
     out, plot = tmp_path / "RESULTS.md", tmp_path / "plot.png"
     # a budget no machine reaches: which rows run must not depend on the machine's speed
@@ -129,6 +131,7 @@ def test_report_defaults_write_no_tracked_file():
     assert explicit.plot == os.path.join(BENCH, "time_vs_n.png")
 
 
+@pytest.mark.slow
 def test_device_check_dry_run(tmp_path):
     """The one-command GPU check (benchmarks/device_check.py) runs its every step on the CPU."""
     result = _run(["benchmarks/device_check.py", "--dry-run", "--out-dir", str(tmp_path)])

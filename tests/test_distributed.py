@@ -15,6 +15,8 @@ import torch
 
 import hgkernels as hk
 
+pytestmark = pytest.mark.slow  # several processes per test
+
 TIMEOUT_S = 60
 N_PER_ENV = (7, 5, 6)  # three environments, unequal sizes
 D_IN, D_FEAT = 5, 4

@@ -18,6 +18,8 @@ import torch
 
 import hgkernels as hk
 
+pytestmark = pytest.mark.slow  # several processes per test
+
 GROUP_TIMEOUT_S = 60
 RAISE_S = 10.0
 DEADLINE_S = 150

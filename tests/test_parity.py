@@ -72,6 +72,7 @@ def test_stochastic_hutchinson_matches_reference_at_same_probes(seed):
         assert_close(a, b, RTOL, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_exact_hutchinson_largest_head(loss, form):
