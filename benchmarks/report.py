@@ -340,9 +340,10 @@ def render_markdown(data: Dict, md_path: str, data_path: str, plot_path: Optiona
         lines.append(f"- BackPACK peer not timed: {data['backpack_reason']}")
     if data["notes"]:
         lines += ["", "Crashed case processes (each crashed case is run once more):"] + [f"- {n}" for n in data["notes"]]
-    lines += ["", "## Headline: closed form vs the generic double-backward path", "",
+    lines += ["", "## Isolated calls: closed form vs the generic double-backward path", "",
               "Speed-up = the baseline's median time ÷ the closed form's median time, forward + backward "
-              "(forward alone in the last column), same run and inputs.", ""]
+              "(forward alone in the last column), same run and inputs: the penalty call alone, not a training step "
+              "(for that, `python benchmarks/training_step.py`).", ""]
     lines += headline_table(all_rows)
     lines += ["", "## Per case", "",
               f"float32, validate=False, median of {repeat} interleaved runs after a warm-up run "
