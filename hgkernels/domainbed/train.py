@@ -22,8 +22,8 @@ TRAIN_MODULE = "domainbed.scripts.train"
 def prepare(prog: str, *modules: str) -> None:
     """Import DomainBed (and ``modules``) and `register`; a missing piece exits with what to install."""
     try:
+        register()  # first: it imports DomainBed's algorithms, so a missing requirement is named here
         require_domainbed(*modules)
-        register()
     except ImportError as err:
         # the message says what to install; a traceback through importlib would only hide it
         raise SystemExit(f"{prog}: {err}") from err
