@@ -163,5 +163,6 @@ def test_doc_shows_the_commands_the_messages_give():
     for line in (hd.PIN_TORCH, hd.torchvision_install_command("2.13.0+cpu"),
                  hd.torchvision_install_command("2.13.0"), "pip install -c torch-pin.txt wilds timm gdown",
                  "python -m hgkernels.domainbed.sweep launch", "python -m domainbed.scripts.collect_results",
-                 "python -m domainbed.scripts.download"):
+                 "python -m domainbed.scripts.download", "download_pacs('./data')",
+                 '--hparams \'{"batch_size": 8}\''):
         assert line in doc, line
