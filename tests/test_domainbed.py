@@ -421,15 +421,21 @@ def test_import_hgkernels_does_not_import_the_subpackage():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_train_entry_point_runs_domainbed_train_with_arguments_unchanged():
-    argv = ["--algorithm", "HGP", "--dataset", "PACS", "--hparams_seed", "4", "--test_envs", "0", "2",
-            "--hparams", json.dumps({"penalty_beta": 0.25})]
+def test_train_entry_point_runs_domainbed_train_with_arguments_unchanged(tmp_path):
+    out_dir = str(tmp_path / "run")
+    argv = ["--algorithm", "HGP", "--dataset", "Debug28", "--hparams_seed", "4", "--test_envs", "0", "2",
+            "--hparams", json.dumps({"penalty_beta": 0.25}), "--steps", "3", "--output_dir", out_dir]
     out = _subprocess(["-m", "hgkernels.domainbed.train", *argv], [ROOT, STUB])
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["argv"] == argv and got["args"]["test_envs"] == [0, 2]
     assert got["algorithm"] == "hgkernels.domainbed.algorithms.HGP"
     assert got["hparams"]["penalty_beta"] == 0.25 and 1e-5 <= got["hparams"]["penalty_alpha"] <= 1e-3
+    # it trained: upstream's records (our update's terms among them) at step 0 and the last step
+    with open(os.path.join(out_dir, "results.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [0, 2] and os.path.exists(os.path.join(out_dir, "done"))
+    assert all(np.isfinite(r["hessian"]) and r["loss"] > 0 for r in records)
 
 
 def test_benchmark_smoke_runs():

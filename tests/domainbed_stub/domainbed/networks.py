@@ -1,4 +1,6 @@
-"""Stand-in for domainbed.networks: a small MLP featurizer for 1-D inputs and the linear classifier."""
+"""Stand-in for domainbed.networks: a small MLP featurizer and the linear classifier."""
+import math
+
 from torch import nn
 
 
@@ -18,9 +20,13 @@ class MLPFeaturizer(nn.Module):
 
 
 def Featurizer(input_shape, hparams):
-    if len(input_shape) != 1:
-        raise NotImplementedError("the stand-in only has an MLP featurizer for 1-D inputs")
-    return MLPFeaturizer(input_shape[0], hparams)
+    if len(input_shape) == 1:
+        return MLPFeaturizer(input_shape[0], hparams)
+    # upstream has CNNs for images; the stand-in flattens them into its MLP
+    mlp = MLPFeaturizer(math.prod(input_shape), hparams)
+    featurizer = nn.Sequential(nn.Flatten(), mlp)
+    featurizer.n_outputs = mlp.n_outputs
+    return featurizer
 
 
 def Classifier(in_features, out_features, is_nonlinear=False):
