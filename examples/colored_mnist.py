@@ -772,6 +772,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="A short run that shows the penalties at work (not the protocol): "
+                                       + TASTE_COMMAND,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", type=parse_methods, default=list(DEFAULT_METHODS),
                    help=f"'all' or a comma list of {','.join(METHODS)}")
@@ -784,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step from which the penalty weight is 91257 (1 before; the IRM script's schedule): "
                         "with --steps at or below it every method trains like ERM; lower it only for short runs")
     p.add_argument("--lr", type=float, default=TrainConfig.lr,
-                   help="Adam's learning rate (default: the IRM script's); a larger one only for short runs")
+                   help="Adam's learning rate, the IRM script's by default; raise it only for short runs")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model, data and penalties")
     p.add_argument("--backend", default="auto", help="hgkernels backend for HGP and Hutchinson")
