@@ -10,7 +10,7 @@ last step is reported, whatever the test curve did before.
 
     python examples/colored_mnist.py                      # default run, ~5 min on 2 CPU cores
     python examples/colored_mnist.py --methods erm,hgp --steps 81 --penalty-anneal-steps 30 --lr 2e-3 \
-        --train-size 2000                                 # a ~30 s taste, not the protocol (TASTE_ARGS)
+        --train-size 2000                                 # a taste, not the protocol (TASTE_ARGS)
     python examples/colored_mnist.py --restarts 5         # mean ± std over restarts
     python examples/colored_mnist.py --methods all        # every method of the table
     python examples/colored_mnist.py --imbalanced         # Table 8: label shift between environments
@@ -130,7 +130,7 @@ DEFAULT_REPLICAS = 6
 # The paper's split of MNIST's 60,000 training images: the first 50,000 train, the last 10,000 test.
 MNIST_TEST_SIZE = 10000
 EVAL_EVERY = 10
-# A short run that shows the penalties at work (~30 s on 2 CPU cores), not the protocol: the default
+# A short run that shows the penalties at work (~20 s on one CPU thread), not the protocol: the default
 # schedule (penalty from step 190 of 501) scaled to 30 of 81 steps at 4x the learning rate, on half
 # the training images.
 TASTE_ARGS = ("--methods", "erm,hgp", "--steps", "81", "--penalty-anneal-steps", "30", "--lr", "2e-3",
