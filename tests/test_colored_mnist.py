@@ -514,6 +514,7 @@ def test_distributed_refuses_methods_without_a_global_form():
 DIST_TIMEOUT_S = 240
 
 
+@pytest.mark.slow  # three processes
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_torchrun_two_ranks_match_one_process(tmp_path):
