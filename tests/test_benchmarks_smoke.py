@@ -188,3 +188,10 @@ def test_native_ab_smoke():
         pytest.skip("the native CPU module is not built")
     result = _run(["benchmarks/native_ab.py", "--smoke"])
     assert "| smoke-ce | exact Hutchinson | forward |" in result.stdout and "| HGP | backward |" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_step_smoke():
+    """The README's speed command, on tiny shapes: it checks ours against the official formulation first."""
+    result = _run(["benchmarks/training_step.py", "--smoke"])
+    assert "| official/ERM |" in result.stdout and "| smoke-ce | HGP |" in result.stdout, result.stdout[-2000:]
