@@ -1,6 +1,8 @@
 """Shared test helpers: random cases and one "assert close, show where not" check."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -78,3 +80,15 @@ def penalty_and_grads(fn, case: Case, dtype=None, alpha: float = 0.7, beta: floa
     pen = fn(logits, features, labels, case.envs, loss=case.loss, bias=case.bias, form=form, **kwargs)
     d_logits, d_features = torch.autograd.grad(alpha * pen.hessian + beta * pen.gradient, (logits, features))
     return pen.hessian.detach(), pen.gradient.detach(), d_logits, d_features
+
+
+def start_ranks(worker, world: int, directory, init_name: str, *args):
+    """Spawn `world` processes running worker(rank, world, init_file, results, *args), the ranks of one
+    gloo group initialised through a file in `directory`; returns (processes, results queue)."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    init_file = os.path.join(str(directory), init_name)
+    procs = [ctx.Process(target=worker, args=(rank, world, init_file, results, *args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    return procs, results

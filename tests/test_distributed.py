@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hgkernels as hk
+from _helpers import start_ranks
 
 pytestmark = pytest.mark.slow  # several processes per test
 
@@ -132,7 +133,7 @@ def _run_rank(case, rank, world, group):
     return [float(pen.hessian), float(pen.gradient), torch.cat([g.flatten() for g in grads]).tolist()]
 
 
-def _worker(rank, world, init_file, cases, results):
+def _worker(rank, world, init_file, results, cases):
     try:
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                              timeout=datetime.timedelta(seconds=TIMEOUT_S))
@@ -150,12 +151,7 @@ def _worker(rank, world, init_file, cases, results):
 
 
 def _spawn(world, cases, tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init_file = os.path.join(str(tmp_path), f"init-{world}-{os.getpid()}")
-    procs = [ctx.Process(target=_worker, args=(r, world, init_file, cases, results)) for r in range(world)]
-    for p in procs:
-        p.start()
+    procs, results = start_ranks(_worker, world, tmp_path, f"init-{world}-{os.getpid()}", cases)
     try:
         gathered = dict(results.get(timeout=TIMEOUT_S * (len(cases) + 2)) for _ in range(world))
     finally:

@@ -7,7 +7,6 @@ the process group's timeout is long (60 s) and each raise must come within RAISE
 failure, and the parent kills workers that outlive DEADLINE_S, so CI never hangs.
 """
 import datetime
-import multiprocessing
 import os
 import queue
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import hgkernels as hk
+from _helpers import start_ranks
 
 pytestmark = pytest.mark.slow  # several processes per test
 
@@ -235,12 +235,7 @@ def _worker(rank, world, init_file, results, names):
 
 def _run_group(world, directory):
     """{case: [(outcome, seconds) per rank, None for a rank that never reported]} for one group."""
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init_file = os.path.join(str(directory), f"init-agreement-{world}")
-    procs = [ctx.Process(target=_worker, args=(r, world, init_file, results, ORDER)) for r in range(world)]
-    for p in procs:
-        p.start()
+    procs, results = start_ranks(_worker, world, directory, f"init-agreement-{world}", ORDER)
     got = {name: [None] * world for name in ORDER}
     crashes = []
     deadline = time.monotonic() + DEADLINE_S
