@@ -6,8 +6,8 @@
 """
 from .api import (HeadParams, Penalty, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp, hgp_penalty,
                   hutchinson_penalty)
-from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss
-from .fused_head import HeadAlignment, linear_head_alignment
+from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss, linear_head_alignment
+from .fused_head import HeadAlignment
 from .fishr import FishrLoss, fishr_penalty
 from .full_hessian import full_hessian_penalty, hessian_distance
 

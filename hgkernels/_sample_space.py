@@ -158,12 +158,12 @@ class _Gram(StateHolder):
         return add_to.addmm_(d_k, self.phi)
 
 
-def _same_env(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
+def same_env_mask(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
     env = problem.segments.env_ids
     return (env.unsqueeze(1) == env.unsqueeze(0)).to(dtype)
 
 
-def _sample_weight(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
+def sample_weights(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
     """(N, 1): 1/N_e of each sample's environment."""
     inv_count = 1.0 / problem.segments.counts_tensor.to(dtype)
     return inv_count[problem.segments.env_ids].unsqueeze(1)
@@ -183,8 +183,8 @@ class _SamplePlan(StateHolder):
         # contiguous copies: the GEMMs then give the same bits whatever the callers' strides
         self.z = problem.features.to(dtype).contiguous()
         self.p = losses.link(problem.loss, problem.logits.to(dtype).contiguous())
-        self.w = _sample_weight(problem, dtype)
-        self.same = _same_env(problem, dtype)
+        self.w = sample_weights(problem, dtype)
+        self.same = same_env_mask(problem, dtype)
         self.gram = _Gram(self.z, problem.bias, self.same, self.num_envs)
         self.wr = self.w * losses.residual(problem.loss, self.p, problem.targets)  # G_e = sum_{i in e} wr_i zh_i^T
 

@@ -34,8 +34,17 @@ REFERENCES = ("pooled", "mean")
 OPTION_CHOICES = {"loss": LOSSES, "env_reduction": ENV_REDUCTIONS, "backend": backends.BACKEND_NAMES, "form": FORMS,
                   "estimator": ESTIMATORS, "reference": REFERENCES}
 
+# Each penalty's options and their defaults, as its signature states them (tests/test_structure.py
+# checks that they agree): what HessianAlignmentLoss accepts and what the fused head path fills in.
+HUTCHINSON_OPTIONS = dict(loss="cross_entropy", bias=True, estimator="exact", num_probes=300, generator=None,
+                          env_reduction="mean", detach_reference=True, backend="auto", num_envs=None, validate=True,
+                          form="auto", process_group=None, ddp_reduction="mean")
+HGP_OPTIONS = dict(loss="cross_entropy", bias=True, reference="pooled", env_reduction="mean", detach_reference=True,
+                   backend="auto", num_envs=None, validate=True, form="auto", process_group=None,
+                   ddp_reduction="mean")
 
-def _check_common(env_reduction: str, detach_reference: bool, backend: str, form: str) -> None:
+
+def check_shared_options(env_reduction: str, detach_reference: bool, backend: str, form: str) -> None:
     check_choice("env_reduction", env_reduction, ENV_REDUCTIONS)
     check_choice("form", form, FORMS)
     if not isinstance(detach_reference, bool):
@@ -64,7 +73,7 @@ def check_targets_grad(labels) -> None:
                          "which differentiates through them")
 
 
-def _traced() -> bool:
+def traced() -> bool:
     """torch.compile tracing, or a torch.func transform (grad, jacrev, ...) around the call."""
     return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
@@ -73,7 +82,7 @@ def _defers_value_checks(backend: str, shard: bool) -> bool:
     """Whether the value scans wait for the penalty's gradient term (_inputs.check_deferred_values):
     in the autograd Functions, which check it, so not for the reference path, a rank's shard (ranks must
     agree on errors before any collective) or a traced call (the composed path)."""
-    return backend != "reference" and not shard and not _traced()
+    return backend != "reference" and not shard and not traced()
 
 
 def composed_backend(impl: Backend) -> Backend:
@@ -128,11 +137,11 @@ def dispatch(problem: HeadProblem, backend: str, process_group, ddp_reduction: s
         return reference()
     impl = backends.select(backend, problem)
     if process_group is not None:
-        if _traced():
+        if traced():
             raise ValueError("process_group under torch.compile or torch.func is not supported: the collectives "
                              "run inside the hand-written backward")
         return function(distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor))
-    if _traced():
+    if traced():
         return composed(composed_backend(impl))
     return function(impl)
 
@@ -196,7 +205,7 @@ def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: tor
     Returns:
         Penalty(hessian, gradient): R_e ||Dg_e - mean Dg||^2 and R_e ||G_e - G_bar||^2.
     """
-    problem, plan, reference_call = _hutchinson_setup(
+    problem, plan, reference_call = hutchinson_setup(
         logits, features, labels, envs, loss=loss, bias=bias, estimator=estimator, num_probes=num_probes,
         generator=generator, env_reduction=env_reduction, detach_reference=detach_reference, backend=backend,
         num_envs=num_envs, validate=validate, form=form, process_group=process_group, ddp_reduction=ddp_reduction)
@@ -217,24 +226,23 @@ def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tens
     Returns:
         Penalty(hessian, gradient): R_e ||H_e G_e - ref||^2 and R_e ||G_e - G_bar||^2.
     """
-    problem, plan, reference_call = _hgp_setup(
+    problem, plan, reference_call = hgp_setup(
         logits, features, labels, envs, loss=loss, bias=bias, reference=reference, env_reduction=env_reduction,
         detach_reference=detach_reference, backend=backend, num_envs=num_envs, validate=validate, form=form,
         process_group=process_group, ddp_reduction=ddp_reduction)
     return run_penalty(problem, backend, plan, reference_call, process_group, ddp_reduction)
 
 
-def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, num_probes, generator, env_reduction,
+def hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, num_probes, generator, env_reduction,
                       detach_reference, backend, num_envs, validate, form, process_group, ddp_reduction):
-    """`hutchinson_penalty`'s checks: (problem, plan, the reference path's call); the options' defaults
-    live in the public signature (hgkernels.fused_head reads them there)."""
+    """`hutchinson_penalty`'s checks: (problem, plan, the reference path's call)."""
     def build(num_envs, shard):
         check_choice("estimator", estimator, ESTIMATORS)
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-        _check_common(env_reduction, detach_reference, backend, form)
+        check_shared_options(env_reduction, detach_reference, backend, form)
         if form == "sample" and estimator != "exact":
             raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
@@ -262,12 +270,12 @@ def _hutchinson_setup(logits, features, labels, envs, *, loss, bias, estimator, 
         estimator=estimator, num_probes=num_probes, generator=generator)
 
 
-def _hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_reduction, detach_reference, backend,
+def hgp_setup(logits, features, labels, envs, *, loss, bias, reference, env_reduction, detach_reference, backend,
                num_envs, validate, form, process_group, ddp_reduction):
-    """`hgp_penalty`'s checks: (problem, plan, the reference path's call), as `_hutchinson_setup`."""
+    """`hgp_penalty`'s checks: (problem, plan, the reference path's call), as `hutchinson_setup`."""
     def build(num_envs, shard):
         check_choice("reference", reference, REFERENCES)
-        _check_common(env_reduction, detach_reference, backend, form)
+        check_shared_options(env_reduction, detach_reference, backend, form)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard, defer_value_checks=_defers_value_checks(backend, shard))
         if backend != "reference":
@@ -345,7 +353,7 @@ class _HeadStatistic(torch.autograd.Function):
         return d_logits.to(logits.dtype), d_features.to(features.dtype), d_vector, None, None, None
 
 
-def _head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
+def head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
                     num_envs: Optional[int], validate: bool, vector=None, process_group=None,
                     ddp_reduction: str = "mean", agreed=(), check_agreed=None) -> HeadParams:
     """``agreed``: a caller's further (name, value) pairs for the ranks' spec (Fishr's reductions), and
@@ -408,27 +416,27 @@ _STAT_DOC = """{what} of each environment's loss with respect to the head (W, b)
 
 def head_gradient(logits, features, labels, envs, *, loss: str = "cross_entropy", bias: bool = True,
                   num_envs: Optional[int] = None, backend: str = "auto", validate: bool = True) -> HeadParams:
-    return _head_statistic("gradient", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+    return head_statistic("gradient", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
                            num_envs=num_envs, validate=validate)
 
 
 def head_hessian_diag(logits, features, labels, envs, *, loss: str = "cross_entropy", bias: bool = True,
                       num_envs: Optional[int] = None, backend: str = "auto", validate: bool = True) -> HeadParams:
-    return _head_statistic("hess_diag", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+    return head_statistic("hess_diag", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
                            num_envs=num_envs, validate=validate)
 
 
 def head_hvp(logits, features, labels, envs, vector: Union[torch.Tensor, Tuple, Sequence], *,
              loss: str = "cross_entropy", bias: bool = True, num_envs: Optional[int] = None,
              backend: str = "auto", validate: bool = True) -> HeadParams:
-    return _head_statistic("hvp", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
+    return head_statistic("hvp", logits, features, labels, envs, loss=loss, bias=bias, backend=backend,
                            num_envs=num_envs, validate=validate, vector=vector)
 
 
 def head_gradient_variance(logits, features, labels, envs, *, loss: str = "cross_entropy", bias: bool = True,
                            num_envs: Optional[int] = None, backend: str = "auto", validate: bool = True,
                            process_group=None, ddp_reduction: str = "mean") -> HeadParams:
-    return _head_statistic("gradient_variance", logits, features, labels, envs, loss=loss, bias=bias,
+    return head_statistic("gradient_variance", logits, features, labels, envs, loss=loss, bias=bias,
                            backend=backend, num_envs=num_envs, validate=validate, process_group=process_group,
                            ddp_reduction=ddp_reduction)
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._inputs import EnvsArg, check_choice
-from .api import _head_statistic
+from .api import head_statistic
 from ._penalty import env_weight
 
 COORDINATE_REDUCTIONS = ("mean", "sum")
@@ -36,7 +36,7 @@ def _flat_variances(logits, features, labels, envs, *, agreed=(), env_reduction:
     """(E, C·Dh) per-environment variances, weight and bias entries together. The reductions (and
     `agreed`) join the ranks' spec with a process group: they decide the penalty each rank returns."""
     agreed = (("env_reduction", env_reduction), ("coordinate_reduction", coordinate_reduction), *agreed)
-    v = _head_statistic("gradient_variance", logits, features, labels, envs, **{**_VARIANCE_DEFAULTS, **kwargs},
+    v = head_statistic("gradient_variance", logits, features, labels, envs, **{**_VARIANCE_DEFAULTS, **kwargs},
                         agreed=agreed, check_agreed=lambda: _check_reductions(env_reduction, coordinate_reduction))
     parts = [v.weight.flatten(1)] + ([v.bias] if v.bias is not None else [])
     return torch.cat(parts, 1)

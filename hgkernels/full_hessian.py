@@ -57,10 +57,10 @@ import torch
 from . import backends, losses
 from ._inputs import EnvsArg, HeadProblem, check_choice, prepare
 from ._penalty import StateHolder, deviation_penalty, env_weight, maybe_detach
-from ._sample_space import _same_env, _sample_weight, scaled_dot
+from ._sample_space import same_env_mask, sample_weights, scaled_dot
 from . import distributed
-from .api import Penalty, _check_common, check_targets_grad, prepared, run_penalty
-from .reference import _functional_loss, _usable, autograd_enabled
+from .api import Penalty, check_shared_options, check_targets_grad, prepared, run_penalty
+from .reference import functional_loss, autograd_usable, autograd_enabled
 
 NORMS = ("fro", "spectral")
 # The spectral norm's Lanczos starting vectors come from this fixed seed, so results are reproducible.
@@ -68,6 +68,9 @@ LANCZOS_SEED = 0
 # The spectral tolerance is raised to this many machine epsilons of the compute dtype: residuals
 # below it are rounding (about 1.9e-6 in float32, 3.6e-15 in float64).
 LANCZOS_TOL_FLOOR_EPS = 16
+# full_hessian_penalty's options and their defaults, as its signature states them (see api.HGP_OPTIONS)
+FULL_HESSIAN_OPTIONS = dict(loss="cross_entropy", bias=True, env_reduction="mean", detach_reference=True,
+                            backend="auto", num_envs=None, validate=True, process_group=None, ddp_reduction="mean")
 
 
 def _logit_hessian_inner(loss: str, p_left: torch.Tensor, p_right: torch.Tensor
@@ -111,8 +114,8 @@ class FullHessianPlan(StateHolder):
         z = problem.features.to(dtype).contiguous()
         p = losses.link(loss, problem.logits.to(dtype).contiguous())
         r = losses.residual(loss, p, problem.targets)
-        w = _sample_weight(problem, dtype)
-        same = _same_env(problem, dtype)
+        w = sample_weights(problem, dtype)
+        same = same_env_mask(problem, dtype)
         # W_ik = w_i w_k ([e(i) = e(k)] - 1/E): exactly zero for one environment
         pair_weight = (w * w.T) * (same - 1.0 / num_envs)
         k = _head_gram(z, z, problem.bias)
@@ -173,7 +176,7 @@ def reference_full_hessian_penalty(problem: HeadProblem, *, env_reduction: str,
     dtype, c, d = problem.compute_dtype, problem.num_classes, problem.num_features
     dh = problem.head_width
     theta = torch.zeros(c * dh, dtype=dtype, device=problem.logits.device)
-    logits, features, targets = (_usable(t) for t in (problem.logits, problem.features, problem.targets))
+    logits, features, targets = (autograd_usable(t) for t in (problem.logits, problem.features, problem.targets))
 
     def env_loss(env: int):
         idx = (problem.segments.env_ids == env).nonzero().squeeze(1)
@@ -184,7 +187,7 @@ def reference_full_hessian_penalty(problem: HeadProblem, *, env_reduction: str,
             out = logits_e + features_e @ head[:, :d].T
             if problem.bias:
                 out = out + head[:, d]
-            return _functional_loss(problem.loss, out, targets_e)
+            return functional_loss(problem.loss, out, targets_e)
         return loss_of
 
     env_losses = [env_loss(e) for e in range(problem.segments.num_envs)]
@@ -237,7 +240,7 @@ def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: t
         and features: backward (hand-written), create_graph, torch.func.grad and jacrev.
     """
     def build(num_envs, shard):
-        _check_common(env_reduction, detach_reference, backend, "auto")
+        check_shared_options(env_reduction, detach_reference, backend, "auto")
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
         if backend != "reference":
@@ -302,7 +305,7 @@ def _frobenius_distances_squared(problem: HeadProblem) -> torch.Tensor:
     b, _ = _logit_hessian_inner(problem.loss, p, p)
     num_groups = problem.segments.num_envs
     weighted_one_hot = torch.nn.functional.one_hot(problem.segments.env_ids, num_groups).to(dtype) \
-        * _sample_weight(problem, dtype)
+        * sample_weights(problem, dtype)
     inner = weighted_one_hot.T @ ((b * k * k) @ weighted_one_hot)
     inner = (inner + inner.T) / 2  # exactly symmetric
     self_inner = inner.diagonal()

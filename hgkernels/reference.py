@@ -20,7 +20,7 @@ from ._penalty import deviation_penalty, env_weight, maybe_detach, rademacher_pr
 DIAG_ROWS_PER_CALL = 1024
 
 
-def _functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if loss == "cross_entropy":
         num_classes = logits.shape[1]
         invalid = (targets < 0) | (targets >= num_classes)
@@ -37,7 +37,7 @@ def _functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> 
     return F.mse_loss(logits, targets)
 
 
-def _usable(t: torch.Tensor) -> torch.Tensor:
+def autograd_usable(t: torch.Tensor) -> torch.Tensor:
     # inference-mode tensors cannot be saved for backward; a clone outside inference mode can
     return t.clone() if t.is_inference() else t
 
@@ -69,10 +69,11 @@ class _PerturbedHead:
         self.env_losses = []
         for e in range(problem.segments.num_envs):
             idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
-            logits = _usable(problem.logits)[idx].to(dtype) + _usable(problem.features)[idx].to(dtype) @ self.params[0].T
+            features = autograd_usable(problem.features)[idx].to(dtype)
+            logits = autograd_usable(problem.logits)[idx].to(dtype) + features @ self.params[0].T
             if problem.bias:
                 logits = logits + self.params[1]
-            self.env_losses.append(_functional_loss(problem.loss, logits, _usable(problem.targets)[idx]))
+            self.env_losses.append(functional_loss(problem.loss, logits, autograd_usable(problem.targets)[idx]))
         self.pooled_loss = sum(self.env_losses) / len(self.env_losses)
 
     def grad(self, loss: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -124,9 +125,9 @@ def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None
 
 def _sample_loss(loss: str, logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One sample's own loss (torch's functional loss on a batch of one). A cross_entropy label outside
-    [0, C) (validate=False) poisons it as `_functional_loss` does, without a data-dependent branch."""
+    [0, C) (validate=False) poisons it as `functional_loss` does, without a data-dependent branch."""
     if loss != "cross_entropy":
-        return _functional_loss(loss, logit.unsqueeze(0), target.unsqueeze(0))
+        return functional_loss(loss, logit.unsqueeze(0), target.unsqueeze(0))
     num_classes = logit.shape[0]
     invalid = (target < 0) | (target >= num_classes)
     poison = torch.where(invalid, float("nan"), 0.0).to(logit.dtype)
@@ -146,8 +147,8 @@ def _per_sample_gradient_variance(problem: HeadProblem) -> torch.Tensor:
         return _sample_loss(problem.loss, logit + dw @ feature + (db if problem.bias else 0), target)
 
     per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0))
-    logits, features = _usable(problem.logits).to(dtype), _usable(problem.features).to(dtype)
-    targets = _usable(problem.targets)
+    logits, features = autograd_usable(problem.logits).to(dtype), autograd_usable(problem.features).to(dtype)
+    targets = autograd_usable(problem.targets)
     out = []
     for e in range(problem.segments.num_envs):
         idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
