@@ -1,9 +1,9 @@
 """Penalty algebra on the small per-environment tensors (docs/design.md §1–2) and the autograd Function.
 
-A *plan* turns backend statistics into the two penalty terms (forward) and turns
-the upstream weights (alpha, beta) into the upstream matrices the backend's
-per-sample backward consumes (Gam, Lam, M). `PenaltyFunction` is the only place
-that knows about autograd; backends only see tensors.
+A *plan* (the contract: `penalties.base.Plan`) turns backend statistics into the two
+penalty terms (forward) and turns the upstream weights (alpha, beta) into the upstream
+matrices the backend's per-sample backward consumes (Gam, Lam, M). `PenaltyFunction`
+is the only place that knows about autograd; backends only see tensors.
 
 A plan's forward is also an ordinary differentiable function of the statistics: with
 statistics that autograd can differentiate (the torch backend, or the native custom op
@@ -19,6 +19,7 @@ import torch
 from ._inputs import HeadProblem, check_deferred_values
 from .backends import Backend
 from .backends.base import HeadTerm, PlanSpec, add_head_term
+from .penalties.base import Plan, WholePlan, put_state, take_state
 
 # Probe batches are sized so that one batch of directions holds about this many elements.
 PROBE_BATCH_ELEMENTS = 1 << 24
@@ -57,73 +58,6 @@ def _generator_for(device: torch.device, generator: Optional[torch.Generator]) -
     return torch.default_generator
 
 
-class StateHolder:
-    """An object whose tensor attributes (and tuples of them) are state a backward needs.
-
-    `PenaltyFunction` moves that state into autograd's saved tensors after the forward, so
-    autograd frees it after backward (unless retain_graph) and checks in-place changes;
-    nested holders (a plan's Gram matrices) are walked too."""
-
-    def state_slots(self) -> List[Tuple["StateHolder", str]]:
-        slots = []
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value
-                                                   and all(isinstance(v, torch.Tensor) for v in value)):
-                slots.append((self, name))
-            elif isinstance(value, StateHolder):
-                slots.extend(value.state_slots())
-        return slots
-
-
-def take_state(holder: StateHolder, slots: Optional[Sequence[Tuple[StateHolder, str]]] = None
-               ) -> Tuple[List[Tuple[StateHolder, str]], List[torch.Tensor]]:
-    """Remove the holder's state: (slots, flat tensors), tuples flattened with their length. `slots`,
-    when known (a backward putting back what the forward took), saves walking the holder again."""
-    slots = holder.state_slots() if slots is None else slots
-    flat: List[torch.Tensor] = []
-    for owner, name in slots:
-        value = getattr(owner, name)
-        flat.extend(value if isinstance(value, tuple) else (value,))
-        setattr(owner, name, len(value) if isinstance(value, tuple) else None)
-    return slots, flat
-
-
-def put_state(slots: Sequence[Tuple[StateHolder, str]], flat: Sequence[torch.Tensor]) -> None:
-    """Inverse of `take_state`, from the tensors autograd saved."""
-    at = 0
-    for owner, name in slots:
-        length = getattr(owner, name)
-        if length is None:
-            setattr(owner, name, flat[at])
-            at += 1
-        else:
-            setattr(owner, name, tuple(flat[at:at + length]))
-            at += length
-
-
-class WholePlan(StateHolder):
-    """A plan a backend may run whole: as one compiled autograd node (`Backend.autograd_plan`, see
-    `penalty_function`) or one call per direction (`Backend.plan_forward`: the native CPU module's C++
-    plans); otherwise its own algebra runs on the backend's two primitives."""
-
-    backend_state: Optional[torch.Tensor] = None  # plan_forward's state, when the backend ran the plan
-
-    def plan_spec(self, problem: HeadProblem) -> PlanSpec:
-        """What a backend needs to run this plan whole (also sets the plan's own options for `forward`)."""
-        raise NotImplementedError
-
-    def run_whole(self, backend: Backend, problem: HeadProblem, spec: PlanSpec):
-        """(hessian, gradient) from the backend's plan_forward, or None."""
-        whole = backend.plan_forward(problem, spec)
-        if whole is None:
-            return None
-        self.spec, (self.backend_state, hessian, gradient) = spec, whole
-        return hessian, gradient
-
-    def backward_whole(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm]):
-        return backend.plan_backward(problem, self.spec, self.backend_state, alpha, beta, head)
-
-
 class ExactDiagPlan(WholePlan):
     """Hutchinson method with the exact head-Hessian diagonal: S_e = Dg_e, S_ref = mean_e Dg_e."""
 
@@ -156,7 +90,7 @@ class ExactDiagPlan(WholePlan):
         return backend.per_sample_backward(problem, grad_up=lam, diag_up=gam, head=head)
 
 
-class StochasticDiagPlan(StateHolder):
+class StochasticDiagPlan(Plan):
     """The official estimator: S_e = (1/K) sum_k v_k ⊙ H_e v_k, S_ref the same on H_bar with its own probes."""
 
     def __init__(self, env_reduction: str, detach_reference: bool, num_probes: int,

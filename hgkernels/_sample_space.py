@@ -26,7 +26,8 @@ import torch
 
 from . import losses
 from ._inputs import HeadProblem
-from ._penalty import ExactDiagPlan, HGPPlan, StateHolder, env_weight
+from ._penalty import ExactDiagPlan, HGPPlan, env_weight
+from .penalties.base import Plan, StateHolder
 from .backends.base import HeadTerm, add_head_term
 
 # Cost model for form="auto", fitted to fwd+bwd times of both forms on the 2-core CPU
@@ -169,7 +170,7 @@ def sample_weights(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
     return inv_count[problem.segments.env_ids].unsqueeze(1)
 
 
-class _SamplePlan(StateHolder):
+class _SamplePlan(Plan):
     """Shared set-up: p, r, per-sample weights and the feature Gram matrix."""
 
     def __init__(self, env_reduction: str, detach_reference: bool):

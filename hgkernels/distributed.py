@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ._inputs import EnvSegments, HeadProblem, short_list
-from ._penalty import StateHolder
+from .penalties.base import Plan
 from .backends.base import Backend, HeadStats, HeadTerm, add_head_term
 
 DDP_REDUCTIONS = ("mean", "sum")
@@ -296,7 +296,7 @@ def _all_gather_rows(local: torch.Tensor, counts: Sequence[int], group) -> torch
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
-class GatheredPlan(StateHolder):
+class GatheredPlan(Plan):
     """A plan over every rank's samples for penalties whose N × N Gram form couples samples across ranks
     (the full Hessian): each rank gathers the batch (logits, features, targets, env ids; about
     N·(C + D) numbers, against E·C·Dh for `GlobalStats`), runs `inner` on it, and its backward keeps this

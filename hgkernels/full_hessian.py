@@ -56,7 +56,8 @@ import torch
 
 from . import backends, losses
 from ._inputs import EnvsArg, HeadProblem, check_choice, prepare
-from ._penalty import StateHolder, deviation_penalty, env_weight, maybe_detach
+from ._penalty import deviation_penalty, env_weight, maybe_detach
+from .penalties.base import Plan
 from ._sample_space import same_env_mask, sample_weights, scaled_dot
 from . import distributed
 from .api import Penalty, check_shared_options, check_targets_grad, prepared, run_penalty
@@ -92,7 +93,7 @@ def _head_gram(z_left: torch.Tensor, z_right: torch.Tensor, bias: bool) -> torch
     return k + 1 if bias else k
 
 
-class FullHessianPlan(StateHolder):
+class FullHessianPlan(Plan):
     """sum_e ||H_e - H_bar||_F^2 and sum_e ||G_e - G_bar||^2 over N × N Gram matrices (module docstring).
 
     The forward is torch ops whatever backend is named (like the sample-form plans); the backward is

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from . import api
 from ._inputs import HeadProblem, all_finite, check_deferred_values
-from ._penalty import differentiable_grads, put_state, replayed_feature_form, take_state
+from ._penalty import differentiable_grads, replayed_feature_form
+from .penalties.base import put_state, take_state
 from .backends import Backend, load, select
 from .backends.base import HeadTerm
 from .losses import link, per_sample_loss, residual

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+import sys
 from typing import Dict, List, Set, Tuple
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hgkernels"
@@ -141,3 +142,17 @@ def test_each_options_table_states_its_functions_signature():
         keywords = {name: p.default for name, p in inspect.signature(function).parameters.items()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY}
         assert list(table.items()) == list(keywords.items()), function.__name__
+
+
+def test_every_plan_follows_the_plan_contract():
+    import hgkernels
+    from hgkernels.penalties.base import Plan
+
+    plans = [obj for module in list(sys.modules.values()) if getattr(module, "__name__", "").startswith("hgkernels")
+             for name, obj in vars(module).items()
+             if isinstance(obj, type) and name.endswith("Plan") and obj.__module__ == module.__name__
+             and obj.__module__ != Plan.__module__ and not name.startswith("_")]  # bases: not plans themselves
+    assert hgkernels.__name__ and len(plans) >= 7
+    assert [p.__name__ for p in plans if not issubclass(p, Plan)] == []
+    for plan in plans:  # the contract's three methods, each written by the plan or a base it names
+        assert all(getattr(plan, m) is not getattr(Plan, m) for m in ("forward", "backward", "feature_form")), plan

@@ -1,0 +1,1 @@
+"""The penalties, one module each, on the plan contract of `penalties.base`."""
