@@ -4,8 +4,10 @@
     pen = hutchinson_penalty(logits, features, labels, envs)
     loss = erm + alpha * pen.hessian + beta * pen.gradient
 """
-from .api import (HeadParams, Penalty, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp, hgp_penalty,
-                  hutchinson_penalty)
+from .head_statistics import HeadParams, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp
+from .penalties._common import Penalty
+from .penalties.hgp import hgp_penalty
+from .penalties.hutchinson import hutchinson_penalty
 from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss, linear_head_alignment
 from .fused_head import HeadAlignment
 from .fishr import FishrLoss, fishr_penalty

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._inputs import EnvsArg, check_choice
-from .api import head_statistic
+from .head_statistics import head_statistic
 from ._penalty import env_weight
 
 COORDINATE_REDUCTIONS = ("mean", "sum")

@@ -60,7 +60,8 @@ from ._penalty import deviation_penalty, env_weight, maybe_detach
 from .penalties.base import Plan
 from ._sample_space import same_env_mask, sample_weights, scaled_dot
 from . import distributed
-from .api import Penalty, check_shared_options, check_targets_grad, prepared, run_penalty
+from ._dispatch import check_targets_grad, prepared
+from .penalties._common import SHARED_CHOICES, Penalty, check_shared_options, run_penalty
 from .reference import functional_loss, autograd_usable, autograd_enabled
 
 NORMS = ("fro", "spectral")
@@ -69,7 +70,9 @@ LANCZOS_SEED = 0
 # The spectral tolerance is raised to this many machine epsilons of the compute dtype: residuals
 # below it are rounding (about 1.9e-6 in float32, 3.6e-15 in float64).
 LANCZOS_TOL_FLOOR_EPS = 16
-# full_hessian_penalty's options and their defaults, as its signature states them (see api.HGP_OPTIONS)
+# full_hessian_penalty's enumerated options (it has no sample/feature choice: it is the Gram form), and all
+# its options with their defaults, as its signature states them (see penalties.hutchinson.OPTIONS)
+CHOICES = {name: values for name, values in SHARED_CHOICES.items() if name != "form"}
 FULL_HESSIAN_OPTIONS = dict(loss="cross_entropy", bias=True, env_reduction="mean", detach_reference=True,
                             backend="auto", num_envs=None, validate=True, process_group=None, ddp_reduction="mean")
 

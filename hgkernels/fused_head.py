@@ -16,13 +16,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import api
 from ._inputs import HeadProblem, all_finite, check_deferred_values
 from ._penalty import differentiable_grads, replayed_feature_form
 from .penalties.base import put_state, take_state
 from .backends import Backend, load, select
 from .backends.base import HeadTerm
 from .losses import link, per_sample_loss, residual
+from .penalties.registry import PENALTIES
 
 
 class HeadAlignment(NamedTuple):
@@ -51,10 +51,6 @@ def erm_logit_grad(problem: HeadProblem) -> torch.Tensor:
     return r * share.unsqueeze(1)
 
 
-# method -> (the penalty's setup, its public function's name, its options table): the methods the fused
-# Function serves
-FUSED_SETUPS = {"hutchinson": (api.hutchinson_setup, "hutchinson_penalty", api.HUTCHINSON_OPTIONS),
-                "hgp": (api.hgp_setup, "hgp_penalty", api.HGP_OPTIONS)}
 
 
 def _with_defaults(function_name: str, defaults: dict, options: dict) -> dict:
@@ -150,14 +146,15 @@ def check_head_tensors(features, weight, bias, options: dict) -> None:
 
 
 def fused_alignment(method: str, features, weight, bias, labels, envs, alpha, beta, options: dict) -> HeadAlignment:
-    """`linear_head_alignment` through `HeadFunction`, for a method of FUSED_SETUPS; `options` hold bias=."""
-    setup, function_name, defaults = FUSED_SETUPS[method]
-    resolved = _with_defaults(function_name, defaults, options)
+    """`linear_head_alignment` through `HeadFunction`, for a penalty whose registry entry has a setup;
+    `options` hold bias=."""
+    entry = PENALTIES[method]
+    resolved = _with_defaults(entry.function.__name__, entry.options, options)
     with torch.no_grad():
         logits = F.linear(features, weight, bias)
     if resolved["validate"] and not all_finite(logits):
         _name_non_finite_input(features, weight, bias)
-    problem, plan, _ = setup(logits, features, labels, envs, **resolved)
+    problem, plan, _ = entry.setup(logits, features, labels, envs, **resolved)
     logits, erm, hessian, gradient = HeadFunction.apply(features, weight, bias, problem,
                                                         select(resolved["backend"], problem), plan)
     return HeadAlignment(erm + alpha * hessian + beta * gradient, erm, hessian, gradient, logits)

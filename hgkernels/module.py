@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import EnvsArg, check_choice, prepare
-from .api import HGP_OPTIONS, HUTCHINSON_OPTIONS, OPTION_CHOICES, hgp_penalty, hutchinson_penalty, traced
-from .full_hessian import FULL_HESSIAN_OPTIONS, full_hessian_penalty
-from .fused_head import FUSED_SETUPS, HeadAlignment, check_head_tensors, env_losses, fused_alignment
+from ._dispatch import traced
+from .fused_head import HeadAlignment, check_head_tensors, env_losses, fused_alignment
+from .penalties.registry import PENALTIES
 
 
 class AlignmentLoss(NamedTuple):
@@ -51,11 +51,6 @@ def _has_forward_hooks(module: torch.nn.Module) -> bool:
                 or hooks._global_forward_pre_hooks)
 
 
-# method -> (its penalty function, that function's options table)
-PENALTY_FUNCTIONS = {"hutchinson": (hutchinson_penalty, HUTCHINSON_OPTIONS), "hgp": (hgp_penalty, HGP_OPTIONS),
-                     "full_hessian": (full_hessian_penalty, FULL_HESSIAN_OPTIONS)}
-
-
 class HessianAlignmentLoss(torch.nn.Module):
     """Training loss of the Hessian-alignment methods for a linear head.
 
@@ -75,16 +70,17 @@ class HessianAlignmentLoss(torch.nn.Module):
 
     def __init__(self, method: str = "hutchinson", alpha: float = 1.0, beta: float = 1.0, **penalty_kwargs):
         super().__init__()
-        check_choice("method", method, tuple(PENALTY_FUNCTIONS))
-        self._penalty_fn, defaults = PENALTY_FUNCTIONS[method]
+        check_choice("method", method, tuple(PENALTIES))
+        entry = PENALTIES[method]
+        self._penalty_fn = entry.function
         # Options are checked here, not at the first forward.
-        accepted = list(defaults)
+        accepted = list(entry.options)
         for name, value in penalty_kwargs.items():
             if name not in accepted:
                 raise TypeError(f"HessianAlignmentLoss(method={method!r}) got an unexpected option {name!r}; "
                                 f"it takes {', '.join(accepted)}")
-            if name in OPTION_CHOICES:
-                check_choice(name, value, OPTION_CHOICES[name])
+            if name in entry.choices:
+                check_choice(name, value, entry.choices[name])
         self.method = method
         self.alpha = alpha
         self.beta = beta
@@ -141,12 +137,12 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path
     (so do hooked heads and Linear subclasses, in `HessianAlignmentLoss`).
     """
-    if method not in ("hutchinson", "hgp", "full_hessian"):
-        raise ValueError(f"method must be one of 'hutchinson', 'hgp', 'full_hessian'; got {method!r}")
+    if method not in PENALTIES:
+        raise ValueError(f"method must be one of {', '.join(map(repr, PENALTIES))}; got {method!r}")
     check_head_tensors(features, weight, bias, options)
     options = dict(options, bias=bias is not None)
     backend = options.get("backend", "auto")
-    if method in FUSED_SETUPS and backend != "reference" and options.get("process_group") is None and not traced():
+    if PENALTIES[method].setup is not None and backend != "reference" and options.get("process_group") is None and not traced():
         return fused_alignment(method, features, weight, bias, labels, envs, alpha, beta, options)
     # the logits-based path: ordinary autograd through F.linear, then HessianAlignmentLoss's logits path
     logits = F.linear(features, weight, bias)

@@ -8,13 +8,13 @@ autograd graph: `.backward()` through them is the double backward being replaced
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._inputs import HeadProblem
-from ._penalty import deviation_penalty, env_weight, maybe_detach, rademacher_probe
+from ._penalty import deviation_penalty, env_weight
 
 # Hessian rows per batched double-backward call when computing the exact diagonal.
 DIAG_ROWS_PER_CALL = 1024
@@ -56,7 +56,7 @@ def autograd_enabled(fn):
     return run
 
 
-class _PerturbedHead:
+class PerturbedHead:
     """L_e(dW, db) = loss(logits_e + features_e dW^T + db) at dW = db = 0."""
 
     def __init__(self, problem: HeadProblem):
@@ -110,7 +110,7 @@ def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None
     """Per-environment G_e, Dg_e, H_e V_e or the per-sample gradients' variance by autograd, (E, C, Dh)."""
     if kind == "gradient_variance":
         return _per_sample_gradient_variance(problem)
-    head = _PerturbedHead(problem)
+    head = PerturbedHead(problem)
     out = []
     for e, env_loss in enumerate(head.env_losses):
         grad = head.grad(env_loss)
@@ -153,46 +153,32 @@ def _per_sample_gradient_variance(problem: HeadProblem) -> torch.Tensor:
     for e in range(problem.segments.num_envs):
         idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
         grad_w, grad_b = per_sample_grad(zero_w, zero_b, logits[idx], features[idx], targets[idx])
-        grads = _PerturbedHead.flat((grad_w, grad_b) if problem.bias else (grad_w,))
+        grads = PerturbedHead.flat((grad_w, grad_b) if problem.bias else (grad_w,))
         centred = grads - grads.mean(0, keepdim=True)
         out.append(centred.square().mean(0))
     return torch.stack(out)
 
 
+class EnvGradients(NamedTuple):
+    """What every reference Hessian term starts from: the perturbed head, each environment's gradient and the
+    pooled loss's (create_graph), the environments' flattened gradients (E, C, Dh) and R_e."""
+
+    head: PerturbedHead
+    env_grads: List[Tuple[torch.Tensor, ...]]
+    pooled_grad: Tuple[torch.Tensor, ...]
+    grads: torch.Tensor
+    weight: float
+
+
 @autograd_enabled
-def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_reference: bool,
-            estimator: str = "exact", num_probes: int = 1, generator: Optional[torch.Generator] = None,
-            reference: str = "pooled") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(hessian term, gradient term) as the official code computes them."""
-    head = _PerturbedHead(problem)
+def penalty(problem: HeadProblem, env_reduction: str, hessian_term) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hessian term, gradient term) as the official code computes them: the gradient term here, the
+    Hessian term by ``hessian_term(EnvGradients)``, each penalty's own (hgkernels.penalties)."""
+    head = PerturbedHead(problem)
     num_envs = len(head.env_losses)
     weight = env_weight(env_reduction, num_envs)
     env_grads = [head.grad(env_loss) for env_loss in head.env_losses]
     pooled_grad = head.grad(head.pooled_loss)
     grads = torch.stack([head.flat(g) for g in env_grads])
     gradient_term = deviation_penalty(grads - head.flat(pooled_grad), weight)
-
-    if method == "hgp":
-        hgps = torch.stack([head.flat(head.hvp(g, g)) for g in env_grads])
-        if reference == "pooled":
-            ref = head.flat(head.hvp(pooled_grad, pooled_grad))
-        else:
-            ref = hgps.mean(0)
-        return deviation_penalty(hgps - maybe_detach(ref, detach_reference), weight), gradient_term
-
-    if estimator == "exact":
-        diags = torch.stack([head.hess_diag(g) for g in env_grads])
-        ref = head.hess_diag(pooled_grad)
-        return deviation_penalty(diags - maybe_detach(ref, detach_reference), weight), gradient_term
-
-    c, dh = grads.shape[1], grads.shape[2]
-    diags = [0.0] * num_envs
-    ref = 0.0
-    for _ in range(num_probes):
-        probe = rademacher_probe(generator, num_envs, c, dh, grads.dtype, grads.device)
-        for e, g in enumerate(env_grads):
-            diags[e] = diags[e] + probe[e] * head.flat(head.hvp(g, head.split(probe[e])))
-        ref = ref + probe[num_envs] * head.flat(head.hvp(pooled_grad, head.split(probe[num_envs])))
-    diag_est = torch.stack(diags) / num_probes
-    ref = ref / num_probes
-    return deviation_penalty(diag_est - maybe_detach(ref, detach_reference), weight), gradient_term
+    return hessian_term(EnvGradients(head, env_grads, pooled_grad, grads, weight)), gradient_term
