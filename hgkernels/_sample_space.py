@@ -16,7 +16,10 @@ batch is small against the number of classes (DomainNet's 345-class head).
 Rounding: a quadratic form does not cancel the way a difference of statistics does, so
 with nearly identical environments the terms come out as rounding × ||X_e||^2 rather
 than rounding^2; they are clamped at zero, which they are mathematically bounded by.
-The backward is written out below (chain rule through the N × N and N × C algebra).
+
+This module holds what the sample-form plans share (`Gram`, `SamplePlan`, the cost model); each plan,
+forward and written-out backward (chain rule through the N × N and N × C algebra), lives in its
+penalty's module (`SampleExactDiagPlan` in penalties/hutchinson.py, `SampleHGPPlan` in penalties/hgp.py).
 """
 from __future__ import annotations
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Mapping, NamedTuple, Optional
 
-from .. import full_hessian
-from . import hgp, hutchinson
+from . import full_hessian, hgp, hutchinson
 
 
 class PenaltyEntry(NamedTuple):
@@ -28,6 +27,5 @@ PENALTIES: Dict[str, PenaltyEntry] = {
                                hutchinson.setup),
     "hgp": PenaltyEntry(hgp.hgp_penalty, hgp.OPTIONS, hgp.CHOICES, hgp.setup),
     # the Gram form has no fused head path: it takes the logits-based one
-    "full_hessian": PenaltyEntry(full_hessian.full_hessian_penalty, full_hessian.FULL_HESSIAN_OPTIONS,
-                                 full_hessian.CHOICES),
+    "full_hessian": PenaltyEntry(full_hessian.full_hessian_penalty, full_hessian.OPTIONS, full_hessian.CHOICES),
 }
