@@ -50,6 +50,7 @@ def takes_sample_form(form: str, problem: HeadProblem, method: str, backend: str
 
 def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
                 ddp_reduction: str = "mean") -> Penalty:
+    """The penalty of `plan` on `problem` by `_dispatch.dispatch`; the composed path runs its feature form."""
     return Penalty(*dispatch(
         problem, backend, process_group, ddp_reduction, reference=reference_call,
         composed=lambda impl: plan.feature_form().forward(impl, problem),

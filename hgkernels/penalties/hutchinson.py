@@ -33,7 +33,6 @@ OPTIONS = dict(loss="cross_entropy", bias=True, estimator="exact", num_probes=30
 PROBE_BATCH_ELEMENTS = 1 << 24
 
 
-
 def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                        loss: str = "cross_entropy", bias: bool = True, estimator: str = "exact",
                        num_probes: int = 300, generator: Optional[torch.Generator] = None,
