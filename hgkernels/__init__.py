@@ -4,12 +4,14 @@
     pen = hutchinson_penalty(logits, features, labels, envs)
     loss = erm + alpha * pen.hessian + beta * pen.gradient
 """
-from .api import (HeadParams, Penalty, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp, hgp_penalty,
-                  hutchinson_penalty)
-from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss
-from .fused_head import HeadAlignment, linear_head_alignment
-from .fishr import FishrLoss, fishr_penalty
-from .full_hessian import full_hessian_penalty, hessian_distance
+from .penalties._common import Penalty
+from .penalties.hutchinson import hutchinson_penalty
+from .penalties.hgp import hgp_penalty
+from .penalties.full_hessian import full_hessian_penalty, hessian_distance
+from .penalties.fishr import FishrLoss, fishr_penalty
+from .head_statistics import HeadParams, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp
+from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss, linear_head_alignment
+from .fused_head import HeadAlignment
 
 __version__ = "0.1.0"
 

@@ -146,7 +146,7 @@ _SIZES_NOT_IDS = ("; a list or tuple is read as per-environment sizes (samples g
                   "per-sample environment ids must be a tensor: torch.as_tensor(envs)")
 
 
-def _listed(ids: Sequence[int], limit: int = 8) -> str:
+def short_list(ids: Sequence[int], limit: int = 8) -> str:
     """A short list for an error message: the first `limit` ids and how many there are."""
     shown = ", ".join(map(str, ids[:limit]))
     return f"[{shown}]" if len(ids) <= limit else f"[{shown}, ...] ({len(ids)} in all)"
@@ -228,13 +228,13 @@ def _segments(envs: EnvsArg, n: int, device: torch.device, num_envs: Optional[in
             counts = torch.bincount(env_ids, minlength=e).tolist()
         empty = [i for i, c in enumerate(counts) if c == 0]
         if empty and not shard:
-            raise ValueError(f"envs: environment(s) {_listed(empty)} of {e} have no samples")
+            raise ValueError(f"envs: environment(s) {short_list(empty)} of {e} have no samples")
         return EnvSegments(env_ids, e, counts, grouped)
     if isinstance(envs, (list, tuple)):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in envs):
             raise TypeError("envs given as a sequence must hold ints (per-environment sizes)")
         if len(envs) == 0 or any(c < 0 or (c == 0 and not shard) for c in envs):
-            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {_listed(list(envs))}"
+            raise ValueError(f"envs sizes must be positive (an environment needs samples); got {short_list(list(envs))}"
                              + _SIZES_NOT_IDS)
         if sum(envs) != n:
             raise ValueError(f"envs sizes sum to {sum(envs)} but logits hold {n} samples" + _SIZES_NOT_IDS)

@@ -16,7 +16,10 @@ batch is small against the number of classes (DomainNet's 345-class head).
 Rounding: a quadratic form does not cancel the way a difference of statistics does, so
 with nearly identical environments the terms come out as rounding × ||X_e||^2 rather
 than rounding^2; they are clamped at zero, which they are mathematically bounded by.
-The backward is written out below (chain rule through the N × N and N × C algebra).
+
+This module holds what the sample-form plans share (`Gram`, `SamplePlan`, the cost model); each plan,
+forward and written-out backward (chain rule through the N × N and N × C algebra), lives in its
+penalty's module (`SampleExactDiagPlan` in penalties/hutchinson.py, `SampleHGPPlan` in penalties/hgp.py).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch
 
 from . import losses
 from ._inputs import HeadProblem
-from ._penalty import ExactDiagPlan, HGPPlan, StateHolder, env_weight
+from ._penalty import env_weight
+from .penalties.base import Plan, StateHolder
 from .backends.base import HeadTerm, add_head_term
 
 # Cost model for form="auto", fitted to fwd+bwd times of both forms on the 2-core CPU
@@ -87,13 +91,13 @@ def scaled_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((x / sx) * (y / sy)).sum() * sx * sy
 
 
-def _rows(loss: str, fn, p: torch.Tensor, *vectors: torch.Tensor) -> torch.Tensor:
+def rowwise(loss: str, fn, p: torch.Tensor, *vectors: torch.Tensor) -> torch.Tensor:
     """A losses.* direction function on one direction per sample: (N, C) vectors against p (N, C)."""
     out = fn(loss, p, *(v.unsqueeze(1) for v in vectors))
     return out.squeeze(1) if out.dim() == 3 else out
 
 
-class _Gram(StateHolder):
+class Gram(StateHolder):
     """K = phi phi^T (+ 1 with a bias column) over all samples and its same-environment part
     Kb = K ⊙ same, stacked so one GEMM gives both (Kb x, K x).
 
@@ -158,18 +162,18 @@ class _Gram(StateHolder):
         return add_to.addmm_(d_k, self.phi)
 
 
-def _same_env(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
+def same_env_mask(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
     env = problem.segments.env_ids
     return (env.unsqueeze(1) == env.unsqueeze(0)).to(dtype)
 
 
-def _sample_weight(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
+def sample_weights(problem: HeadProblem, dtype: torch.dtype) -> torch.Tensor:
     """(N, 1): 1/N_e of each sample's environment."""
     inv_count = 1.0 / problem.segments.counts_tensor.to(dtype)
     return inv_count[problem.segments.env_ids].unsqueeze(1)
 
 
-class _SamplePlan(StateHolder):
+class SamplePlan(Plan):
     """Shared set-up: p, r, per-sample weights and the feature Gram matrix."""
 
     def __init__(self, env_reduction: str, detach_reference: bool):
@@ -183,9 +187,9 @@ class _SamplePlan(StateHolder):
         # contiguous copies: the GEMMs then give the same bits whatever the callers' strides
         self.z = problem.features.to(dtype).contiguous()
         self.p = losses.link(problem.loss, problem.logits.to(dtype).contiguous())
-        self.w = _sample_weight(problem, dtype)
-        self.same = _same_env(problem, dtype)
-        self.gram = _Gram(self.z, problem.bias, self.same, self.num_envs)
+        self.w = sample_weights(problem, dtype)
+        self.same = same_env_mask(problem, dtype)
+        self.gram = Gram(self.z, problem.bias, self.same, self.num_envs)
         self.wr = self.w * losses.residual(problem.loss, self.p, problem.targets)  # G_e = sum_{i in e} wr_i zh_i^T
 
     def _finish(self, problem: HeadProblem, d_p: torch.Tensor, d_wr: torch.Tensor, d_z: Optional[torch.Tensor],
@@ -194,91 +198,3 @@ class _SamplePlan(StateHolder):
         features' gradient through other Gram matrices (None when there are none); plus a fused head."""
         d_p = d_p + losses.residual_slope(problem.loss, problem.num_classes) * (self.w * d_wr)
         return add_head_term(losses.link_vjp(problem.loss, self.p, d_p), self.gram.d_phi(add_to=d_z), head)
-
-
-class SampleExactDiagPlan(_SamplePlan):
-    """Exact Hutchinson: Dg_e = sum_{i in e} (q_i / N_e) (zh_i ⊙ zh_i)^T, Gram of squared features."""
-
-    def feature_form(self, generator_state=None) -> ExactDiagPlan:
-        return ExactDiagPlan(self.env_reduction, self.detach_reference)
-
-    def forward(self, backend, problem: HeadProblem):
-        self._setup(problem)
-        self.gram_sq = _Gram(self.z * self.z, problem.bias, self.same, self.num_envs)
-        self.wq = self.w * losses.curvature(problem.loss, self.p)
-        self.wq_k, self.wr_k = self.gram_sq.apply(self.wq), self.gram.apply(self.wr)
-        hessian = self.weight * self.gram_sq.spread(self.wq, self.wq_k)
-        gradient = self.weight * self.gram.spread(self.wr, self.wr_k)
-        return hessian.clamp(min=0), gradient.clamp(min=0)
-
-    def backward(self, backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
-        self.gram.begin_backward()
-        self.gram_sq.begin_backward()
-        d_wq = self.gram_sq.spread_backward(self.wq, self.wq_k, self.weight * alpha)
-        d_wr = self.gram.spread_backward(self.wr, self.wr_k, self.weight * beta)
-        d_p = losses.curvature_slope(problem.loss, self.p) * (self.w * d_wq)
-        d_z = self.gram_sq.d_phi().mul_(self.z).mul_(2)  # phi = zh ⊙ zh
-        return self._finish(problem, d_p, d_wr, d_z, head)
-
-
-class SampleHGPPlan(_SamplePlan):
-    """HGP: s_i = G_e zh_i = (Kb wr)_i, t_i = A_i s_i, H_e G_e = sum_{i in e} w_i t_i zh_i^T.
-
-    The pooled reference H_bar G_bar = sum_j (w_j / E) u_j zh_j^T with u_j = A_j (K wr)_j / E."""
-
-    def __init__(self, env_reduction: str, detach_reference: bool, reference: str):
-        super().__init__(env_reduction, detach_reference)
-        self.reference = reference
-        self.pooled = reference == "pooled"
-
-    def feature_form(self, generator_state=None) -> HGPPlan:
-        return HGPPlan(self.env_reduction, self.detach_reference, self.reference)
-
-    def forward(self, backend, problem: HeadProblem):
-        self._setup(problem)
-        loss, p, e, gram = problem.loss, self.p, self.num_envs, self.gram
-        self.wr_k = gram.apply(self.wr)
-        self.s = self.wr_k[0]
-        self.a = self.w * _rows(loss, losses.hess_apply, p, self.s)  # H_e G_e coefficients
-        self.a_k = gram.apply(self.a)
-        if self.pooled:
-            self.s_ref = self.wr_k[1] / e  # G_bar zh_i
-            self.b = self.w * _rows(loss, losses.hess_apply, p, self.s_ref) / e  # reference coefficients
-            # sum_e ||X_e - Y||^2 = <a, Kb a> - 2 <a, K b> + E <b, K b>, as one dot (see scaled_dot)
-            self.k_b = gram.k @ self.b
-            hessian = scaled_dot(torch.cat([self.a, e * self.b]), torch.cat([self.a_k[0] - 2 * self.k_b, self.k_b]))
-        else:
-            hessian = gram.spread(self.a, self.a_k)
-        gradient = gram.spread(self.wr, self.wr_k)
-        return (self.weight * hessian).clamp(min=0), (self.weight * gradient).clamp(min=0)
-
-    def backward(self, backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
-        loss, p, e, gram = problem.loss, self.p, self.num_envs, self.gram
-        gram.begin_backward()
-        scale = self.weight * alpha
-        d_wr = gram.spread_backward(self.wr, self.wr_k, self.weight * beta)
-        undetached_pooled = self.pooled and not self.detach_reference
-        if self.pooled:
-            d_a = (2 * scale) * (self.a_k[0] - self.k_b)
-            gram.masked.append((scale * self.a, self.a))
-            cross = ((-2 * scale) * self.a, self.b)  # <a, K b>: the b side is the reference
-            (gram.full if undetached_pooled else gram.rows).append(cross)
-        else:
-            d_a = gram.spread_backward(self.a, self.a_k, scale)
-        d_t = self.w * d_a
-        d_s = _rows(loss, losses.hess_apply, p, d_t)  # A_i is symmetric
-        d_p = _rows(loss, losses.hess_apply_grad_p, p, self.s, d_t)
-        gram.masked.append((d_s, self.wr))
-        if undetached_pooled:
-            d_b = (2 * scale) * (e * self.k_b - self.a_k[1])
-            gram.full.append(((scale * e) * self.b, self.b))
-            d_u = self.w * d_b / e
-            d_s_ref = _rows(loss, losses.hess_apply, p, d_u)
-            d_p = d_p + _rows(loss, losses.hess_apply_grad_p, p, self.s_ref, d_u)
-            gram.full.append((d_s_ref / e, self.wr))
-            c = d_s.shape[1]
-            kb_d, k_d = gram.apply(torch.cat([d_s, d_s_ref], 1))
-            d_wr = d_wr + kb_d[:, :c] + k_d[:, c:] / e
-        else:
-            d_wr = d_wr + gram.kb @ d_s
-        return self._finish(problem, d_p, d_wr, None, head)

@@ -35,8 +35,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ._inputs import EnvSegments, HeadProblem, _listed
-from ._penalty import StateHolder
+from ._inputs import EnvSegments, HeadProblem, short_list
+from .penalties.base import Plan
 from .backends.base import Backend, HeadStats, HeadTerm, add_head_term
 
 DDP_REDUCTIONS = ("mean", "sum")
@@ -240,7 +240,7 @@ class GlobalStats(Backend):
             self.global_counts = flat[-e:].clone()
             empty = (self.global_counts == 0).nonzero().flatten().tolist()
             if empty:  # every rank holds the same counts, so every rank raises
-                raise ValueError(f"envs: environment(s) {_listed(empty)} of {e} have no samples on any rank")
+                raise ValueError(f"envs: environment(s) {short_list(empty)} of {e} have no samples on any rank")
         out, at = [], 0
         for t in local:
             if t is None:
@@ -296,7 +296,7 @@ def _all_gather_rows(local: torch.Tensor, counts: Sequence[int], group) -> torch
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
-class GatheredPlan(StateHolder):
+class GatheredPlan(Plan):
     """A plan over every rank's samples for penalties whose N × N Gram form couples samples across ranks
     (the full Hessian): each rank gathers the batch (logits, features, targets, env ids; about
     N·(C + D) numbers, against E·C·Dh for `GlobalStats`), runs `inner` on it, and its backward keeps this
@@ -320,7 +320,7 @@ class GatheredPlan(StateHolder):
         env_counts = torch.bincount(env_ids, minlength=problem.segments.num_envs).tolist()
         empty = [e for e, c in enumerate(env_counts) if c == 0]
         if empty:  # the gathered ids are the same on every rank, so every rank raises
-            raise ValueError(f"envs: environment(s) {_listed(empty)} of {len(env_counts)} have no samples on any rank")
+            raise ValueError(f"envs: environment(s) {short_list(empty)} of {len(env_counts)} have no samples on any rank")
         segments = EnvSegments(env_ids, len(env_counts), env_counts, grouped=False)
         self.rows = slice(sum(counts[:rank]), sum(counts[:rank + 1]))
         return HeadProblem(logits, features, targets, problem.loss, problem.bias, segments)

@@ -11,18 +11,18 @@ the fresh buffer), so the features' gradient is written once, as in ERM alone.
 """
 from __future__ import annotations
 
-import inspect
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from . import api
-from ._inputs import EnvsArg, HeadProblem, all_finite, check_deferred_values
-from ._penalty import differentiable_grads, put_state, replayed_feature_form, take_state
+from ._inputs import HeadProblem, all_finite, check_deferred_values
+from ._penalty import differentiable_grads, replayed_feature_form
+from .penalties.base import put_state, take_state
 from .backends import Backend, load, select
 from .backends.base import HeadTerm
 from .losses import link, per_sample_loss, residual
+from .penalties.registry import PENALTIES
 
 
 class HeadAlignment(NamedTuple):
@@ -51,22 +51,13 @@ def erm_logit_grad(problem: HeadProblem) -> torch.Tensor:
     return r * share.unsqueeze(1)
 
 
-def keyword_defaults(public_fn) -> dict:
-    """A penalty function's options: its keyword-only parameters and their defaults."""
-    return {name: p.default for name, p in inspect.signature(public_fn).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-# method -> (the penalty's setup, its public function, that function's keyword defaults: read once)
-_SETUPS = {"hutchinson": (api._hutchinson_setup, api.hutchinson_penalty, keyword_defaults(api.hutchinson_penalty)),
-           "hgp": (api._hgp_setup, api.hgp_penalty, keyword_defaults(api.hgp_penalty))}
-
-
-def _with_defaults(public_fn, defaults: dict, options: dict) -> dict:
-    """The penalty function's options: its signature's defaults, overridden by `options`."""
+def _with_defaults(function_name: str, defaults: dict, options: dict) -> dict:
+    """The penalty function's options: its table's defaults, overridden by `options`."""
     unknown = set(options) - set(defaults)
     if unknown:
-        raise TypeError(f"{public_fn.__name__} got unexpected option(s) {', '.join(map(repr, sorted(unknown)))}")
+        raise TypeError(f"{function_name} got unexpected option(s) {', '.join(map(repr, sorted(unknown)))}")
     return {**defaults, **options}
 
 
@@ -119,15 +110,6 @@ class HeadFunction(torch.autograd.Function):
         return d_features.to(features.dtype), d_weight, d_bias, None, None, None
 
 
-def _unfused(method: str, features, weight, bias, labels, envs, alpha, beta, options: dict) -> HeadAlignment:
-    """The logits-based path: ordinary autograd through F.linear, then HessianAlignmentLoss's logits path."""
-    from .module import HessianAlignmentLoss
-
-    logits = F.linear(features, weight, bias)
-    loss_fn = HessianAlignmentLoss(method, alpha, beta, **options)
-    return HeadAlignment(*loss_fn(logits, features, labels, envs), logits)
-
-
 def _name_non_finite_input(features, weight, bias) -> None:
     """Non-finite logits computed here: raise naming the input that holds a NaN/Inf (else it overflowed)."""
     for name, t in (("features", features), ("weight", weight), ("bias", bias)):
@@ -137,24 +119,8 @@ def _name_non_finite_input(features, weight, bias) -> None:
                      "features and weight")
 
 
-def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          labels: torch.Tensor, envs: EnvsArg, *, method: str = "hutchinson", alpha: float = 1.0,
-                          beta: float = 1.0, **options) -> HeadAlignment:
-    """ERM plus an alignment penalty for the linear head ``logits = features @ weight.T + bias``.
-
-    Equal to ``logits = F.linear(features, weight, bias)``, ``env_mean_loss(logits, ...).mean()`` and
-    ``{method}_penalty(logits, features, ...)`` (same values and gradients up to rounding), but computed by
-    one autograd Function whose backward writes the features' gradient once (see this module's
-    docstring): what a training step with the head in hand should call. ``method`` is ``"hutchinson"``,
-    ``"hgp"`` or ``"full_hessian"``; ``options`` are the penalty function's keywords (``bias=`` follows
-    whether ``bias`` is None). The logits are returned too (for accuracy), differentiable as usual.
-
-    The fused Function serves the closed-form backends in eager mode; ``backend="reference"``, a
-    ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path
-    (so do hooked heads and Linear subclasses, in `HessianAlignmentLoss`).
-    """
-    if method not in ("hutchinson", "hgp", "full_hessian"):
-        raise ValueError(f"method must be one of 'hutchinson', 'hgp', 'full_hessian'; got {method!r}")
+def check_head_tensors(features, weight, bias, options: dict) -> None:
+    """`linear_head_alignment`'s checks of the head's tensors (and that no bias= flag comes with them)."""
     for name, t in (("features", features), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -177,18 +143,18 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
         if t.device.type == "meta" or t.device != features.device:
             raise ValueError(f"{name} is on {t.device}; features, weight and bias must share one cpu or cuda device"
                              + (" (meta tensors hold no values)" if t.device.type == "meta" else ""))
-    options = dict(options, bias=bias is not None)
-    backend = options.get("backend", "auto")
-    if (method == "full_hessian" or backend == "reference" or options.get("process_group") is not None
-            or api._traced()):
-        return _unfused(method, features, weight, bias, labels, envs, alpha, beta, options)
-    setup, public_fn, defaults = _SETUPS[method]
-    resolved = _with_defaults(public_fn, defaults, options)
+
+
+def fused_alignment(method: str, features, weight, bias, labels, envs, alpha, beta, options: dict) -> HeadAlignment:
+    """`linear_head_alignment` through `HeadFunction`, for a penalty whose registry entry has a setup;
+    `options` hold bias=."""
+    entry = PENALTIES[method]
+    resolved = _with_defaults(entry.function.__name__, entry.options, options)
     with torch.no_grad():
         logits = F.linear(features, weight, bias)
     if resolved["validate"] and not all_finite(logits):
         _name_non_finite_input(features, weight, bias)
-    problem, plan, _ = setup(logits, features, labels, envs, **resolved)
+    problem, plan, _ = entry.setup(logits, features, labels, envs, **resolved)
     logits, erm, hessian, gradient = HeadFunction.apply(features, weight, bias, problem,
-                                                        select(backend, problem), plan)
+                                                        select(resolved["backend"], problem), plan)
     return HeadAlignment(erm + alpha * hessian + beta * gradient, erm, hessian, gradient, logits)

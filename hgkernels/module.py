@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from ._inputs import EnvsArg, check_choice, prepare
-from .api import OPTION_CHOICES, hgp_penalty, hutchinson_penalty
-from .full_hessian import full_hessian_penalty
-from .fused_head import HeadAlignment, env_losses, keyword_defaults, linear_head_alignment
+from ._dispatch import traced
+from .fused_head import HeadAlignment, check_head_tensors, env_losses, fused_alignment
+from .penalties.registry import PENALTIES
 
 
 class AlignmentLoss(NamedTuple):
@@ -50,9 +51,6 @@ def _has_forward_hooks(module: torch.nn.Module) -> bool:
                 or hooks._global_forward_pre_hooks)
 
 
-PENALTY_FUNCTIONS = {"hutchinson": hutchinson_penalty, "hgp": hgp_penalty, "full_hessian": full_hessian_penalty}
-
-
 class HessianAlignmentLoss(torch.nn.Module):
     """Training loss of the Hessian-alignment methods for a linear head.
 
@@ -72,16 +70,17 @@ class HessianAlignmentLoss(torch.nn.Module):
 
     def __init__(self, method: str = "hutchinson", alpha: float = 1.0, beta: float = 1.0, **penalty_kwargs):
         super().__init__()
-        check_choice("method", method, tuple(PENALTY_FUNCTIONS))
-        self._penalty_fn = PENALTY_FUNCTIONS[method]
+        check_choice("method", method, tuple(PENALTIES))
+        entry = PENALTIES[method]
+        self._penalty_fn = entry.function
         # Options are checked here, not at the first forward.
-        accepted = list(keyword_defaults(self._penalty_fn))
+        accepted = list(entry.options)
         for name, value in penalty_kwargs.items():
             if name not in accepted:
                 raise TypeError(f"HessianAlignmentLoss(method={method!r}) got an unexpected option {name!r}; "
                                 f"it takes {', '.join(accepted)}")
-            if name in OPTION_CHOICES:
-                check_choice(name, value, OPTION_CHOICES[name])
+            if name in entry.choices:
+                check_choice(name, value, entry.choices[name])
         self.method = method
         self.alpha = alpha
         self.beta = beta
@@ -120,3 +119,32 @@ class HessianAlignmentLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, alpha={self.alpha}, beta={self.beta}"
+
+
+def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          labels: torch.Tensor, envs: EnvsArg, *, method: str = "hutchinson", alpha: float = 1.0,
+                          beta: float = 1.0, **options) -> HeadAlignment:
+    """ERM plus an alignment penalty for the linear head ``logits = features @ weight.T + bias``.
+
+    Equal to ``logits = F.linear(features, weight, bias)``, ``env_mean_loss(logits, ...).mean()`` and
+    ``{method}_penalty(logits, features, ...)`` (same values and gradients up to rounding), but computed by
+    one autograd Function whose backward writes the features' gradient once (`hgkernels.fused_head`):
+    what a training step with the head in hand should call. ``method`` is ``"hutchinson"``,
+    ``"hgp"`` or ``"full_hessian"``; ``options`` are the penalty function's keywords (``bias=`` follows
+    whether ``bias`` is None). The logits are returned too (for accuracy), differentiable as usual.
+
+    The fused Function serves the closed-form backends in eager mode; ``backend="reference"``, a
+    ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path
+    (so do hooked heads and Linear subclasses, in `HessianAlignmentLoss`).
+    """
+    if method not in PENALTIES:
+        raise ValueError(f"method must be one of {', '.join(map(repr, PENALTIES))}; got {method!r}")
+    check_head_tensors(features, weight, bias, options)
+    options = dict(options, bias=bias is not None)
+    backend = options.get("backend", "auto")
+    if PENALTIES[method].setup is not None and backend != "reference" and options.get("process_group") is None and not traced():
+        return fused_alignment(method, features, weight, bias, labels, envs, alpha, beta, options)
+    # the logits-based path: ordinary autograd through F.linear, then HessianAlignmentLoss's logits path
+    logits = F.linear(features, weight, bias)
+    loss_fn = HessianAlignmentLoss(method, alpha, beta, **options)
+    return HeadAlignment(*loss_fn(logits, features, labels, envs), logits)

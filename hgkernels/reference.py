@@ -8,19 +8,19 @@ autograd graph: `.backward()` through them is the double backward being replaced
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._inputs import HeadProblem
-from ._penalty import deviation_penalty, env_weight, maybe_detach, rademacher_probe
+from ._penalty import deviation_penalty, env_weight
 
 # Hessian rows per batched double-backward call when computing the exact diagonal.
 DIAG_ROWS_PER_CALL = 1024
 
 
-def _functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if loss == "cross_entropy":
         num_classes = logits.shape[1]
         invalid = (targets < 0) | (targets >= num_classes)
@@ -37,7 +37,7 @@ def _functional_loss(loss: str, logits: torch.Tensor, targets: torch.Tensor) -> 
     return F.mse_loss(logits, targets)
 
 
-def _usable(t: torch.Tensor) -> torch.Tensor:
+def autograd_usable(t: torch.Tensor) -> torch.Tensor:
     # inference-mode tensors cannot be saved for backward; a clone outside inference mode can
     return t.clone() if t.is_inference() else t
 
@@ -56,7 +56,7 @@ def autograd_enabled(fn):
     return run
 
 
-class _PerturbedHead:
+class PerturbedHead:
     """L_e(dW, db) = loss(logits_e + features_e dW^T + db) at dW = db = 0."""
 
     def __init__(self, problem: HeadProblem):
@@ -69,10 +69,11 @@ class _PerturbedHead:
         self.env_losses = []
         for e in range(problem.segments.num_envs):
             idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
-            logits = _usable(problem.logits)[idx].to(dtype) + _usable(problem.features)[idx].to(dtype) @ self.params[0].T
+            features = autograd_usable(problem.features)[idx].to(dtype)
+            logits = autograd_usable(problem.logits)[idx].to(dtype) + features @ self.params[0].T
             if problem.bias:
                 logits = logits + self.params[1]
-            self.env_losses.append(_functional_loss(problem.loss, logits, _usable(problem.targets)[idx]))
+            self.env_losses.append(functional_loss(problem.loss, logits, autograd_usable(problem.targets)[idx]))
         self.pooled_loss = sum(self.env_losses) / len(self.env_losses)
 
     def grad(self, loss: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -109,7 +110,7 @@ def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None
     """Per-environment G_e, Dg_e, H_e V_e or the per-sample gradients' variance by autograd, (E, C, Dh)."""
     if kind == "gradient_variance":
         return _per_sample_gradient_variance(problem)
-    head = _PerturbedHead(problem)
+    head = PerturbedHead(problem)
     out = []
     for e, env_loss in enumerate(head.env_losses):
         grad = head.grad(env_loss)
@@ -124,9 +125,9 @@ def stats(problem: HeadProblem, kind: str, vector: Optional[torch.Tensor] = None
 
 def _sample_loss(loss: str, logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One sample's own loss (torch's functional loss on a batch of one). A cross_entropy label outside
-    [0, C) (validate=False) poisons it as `_functional_loss` does, without a data-dependent branch."""
+    [0, C) (validate=False) poisons it as `functional_loss` does, without a data-dependent branch."""
     if loss != "cross_entropy":
-        return _functional_loss(loss, logit.unsqueeze(0), target.unsqueeze(0))
+        return functional_loss(loss, logit.unsqueeze(0), target.unsqueeze(0))
     num_classes = logit.shape[0]
     invalid = (target < 0) | (target >= num_classes)
     poison = torch.where(invalid, float("nan"), 0.0).to(logit.dtype)
@@ -146,52 +147,38 @@ def _per_sample_gradient_variance(problem: HeadProblem) -> torch.Tensor:
         return _sample_loss(problem.loss, logit + dw @ feature + (db if problem.bias else 0), target)
 
     per_sample_grad = torch.func.vmap(torch.func.grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0))
-    logits, features = _usable(problem.logits).to(dtype), _usable(problem.features).to(dtype)
-    targets = _usable(problem.targets)
+    logits, features = autograd_usable(problem.logits).to(dtype), autograd_usable(problem.features).to(dtype)
+    targets = autograd_usable(problem.targets)
     out = []
     for e in range(problem.segments.num_envs):
         idx = (problem.segments.env_ids == e).nonzero().squeeze(1)
         grad_w, grad_b = per_sample_grad(zero_w, zero_b, logits[idx], features[idx], targets[idx])
-        grads = _PerturbedHead.flat((grad_w, grad_b) if problem.bias else (grad_w,))
+        grads = PerturbedHead.flat((grad_w, grad_b) if problem.bias else (grad_w,))
         centred = grads - grads.mean(0, keepdim=True)
         out.append(centred.square().mean(0))
     return torch.stack(out)
 
 
+class EnvGradients(NamedTuple):
+    """What every reference Hessian term starts from: the perturbed head, each environment's gradient and the
+    pooled loss's (create_graph), the environments' flattened gradients (E, C, Dh) and R_e."""
+
+    head: PerturbedHead
+    env_grads: List[Tuple[torch.Tensor, ...]]
+    pooled_grad: Tuple[torch.Tensor, ...]
+    grads: torch.Tensor
+    weight: float
+
+
 @autograd_enabled
-def penalty(problem: HeadProblem, method: str, *, env_reduction: str, detach_reference: bool,
-            estimator: str = "exact", num_probes: int = 1, generator: Optional[torch.Generator] = None,
-            reference: str = "pooled") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(hessian term, gradient term) as the official code computes them."""
-    head = _PerturbedHead(problem)
+def penalty(problem: HeadProblem, env_reduction: str, hessian_term) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hessian term, gradient term) as the official code computes them: the gradient term here, the
+    Hessian term by ``hessian_term(EnvGradients)``, each penalty's own (hgkernels.penalties)."""
+    head = PerturbedHead(problem)
     num_envs = len(head.env_losses)
     weight = env_weight(env_reduction, num_envs)
     env_grads = [head.grad(env_loss) for env_loss in head.env_losses]
     pooled_grad = head.grad(head.pooled_loss)
     grads = torch.stack([head.flat(g) for g in env_grads])
     gradient_term = deviation_penalty(grads - head.flat(pooled_grad), weight)
-
-    if method == "hgp":
-        hgps = torch.stack([head.flat(head.hvp(g, g)) for g in env_grads])
-        if reference == "pooled":
-            ref = head.flat(head.hvp(pooled_grad, pooled_grad))
-        else:
-            ref = hgps.mean(0)
-        return deviation_penalty(hgps - maybe_detach(ref, detach_reference), weight), gradient_term
-
-    if estimator == "exact":
-        diags = torch.stack([head.hess_diag(g) for g in env_grads])
-        ref = head.hess_diag(pooled_grad)
-        return deviation_penalty(diags - maybe_detach(ref, detach_reference), weight), gradient_term
-
-    c, dh = grads.shape[1], grads.shape[2]
-    diags = [0.0] * num_envs
-    ref = 0.0
-    for _ in range(num_probes):
-        probe = rademacher_probe(generator, num_envs, c, dh, grads.dtype, grads.device)
-        for e, g in enumerate(env_grads):
-            diags[e] = diags[e] + probe[e] * head.flat(head.hvp(g, head.split(probe[e])))
-        ref = ref + probe[num_envs] * head.flat(head.hvp(pooled_grad, head.split(probe[num_envs])))
-    diag_est = torch.stack(diags) / num_probes
-    ref = ref / num_probes
-    return deviation_penalty(diag_est - maybe_detach(ref, detach_reference), weight), gradient_term
+    return hessian_term(EnvGradients(head, env_grads, pooled_grad, grads, weight)), gradient_term

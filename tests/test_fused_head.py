@@ -260,10 +260,10 @@ def test_deferred_check_lets_a_genuine_overflow_through():
 
 
 def test_fused_head_stochastic_estimator_across_probe_batches(monkeypatch):
-    """Probes split into several batches (_penalty.PROBE_BATCH_ELEMENTS): the head's term must see every
+    """Probes split into several batches (penalties.hutchinson.PROBE_BATCH_ELEMENTS): the head's term must see every
     batch's logit gradient (it once saw only the first's: the features' gradient was 17% off)."""
-    from hgkernels import _penalty
-    monkeypatch.setattr(_penalty, "PROBE_BATCH_ELEMENTS", 200)  # a few probes per batch here
+    from hgkernels.penalties import hutchinson
+    monkeypatch.setattr(hutchinson, "PROBE_BATCH_ELEMENTS", 200)  # a few probes per batch here
     problem = _problem(13, "cross_entropy", 4)
     for backend in BACKENDS:
         runs = []

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import hgkernels as hk
-from hgkernels import _sample_space, api
+from hgkernels import _sample_space
+from hgkernels.penalties import _common, hgp, hutchinson
 from hgkernels._inputs import prepare
 from _helpers import assert_close, make_case, penalty_and_grads
 
@@ -23,8 +24,8 @@ def _problem(n, d, c, e, loss="cross_entropy"):
 def test_auto_weighs_the_backend_that_runs_the_feature_form():
     """PACS's HGP: the native kernels' C × Dh form is the faster, the torch backend's is not."""
     problem = _problem(96, 2048, 7, 3)
-    assert api._sample_form("auto", problem, "hgp", "native") is False
-    assert api._sample_form("auto", problem, "hgp", "torch") is True
+    assert _common.takes_sample_form("auto", problem, "hgp", "native") is False
+    assert _common.takes_sample_form("auto", problem, "hgp", "torch") is True
 
 
 def test_auto_skips_resolving_the_backend_only_where_no_backend_takes_the_sample_form():
@@ -53,16 +54,16 @@ def test_auto_skips_resolving_the_backend_only_where_no_backend_takes_the_sample
 ])
 def test_auto_takes_the_cheaper_form(shape, method, sample):
     problem = _problem(*shape)
-    assert api._sample_form("auto", problem, method) is sample
-    assert api._sample_form("feature", problem, method) is False
-    assert api._sample_form("sample", problem, method) is True
+    assert _common.takes_sample_form("auto", problem, method) is sample
+    assert _common.takes_sample_form("feature", problem, method) is False
+    assert _common.takes_sample_form("sample", problem, method) is True
 
 
 def test_one_environment_keeps_the_feature_form_even_when_asked():
     problem = _problem(20, 80, 50, 1)
     assert _sample_space.prefers_sample_space("hgp", 20, 50, 81)  # the cost model alone would pick it
-    assert not api._sample_form("sample", problem, "hgp")
-    assert not api._sample_form("auto", problem, "hgp")
+    assert not _common.takes_sample_form("sample", problem, "hgp")
+    assert not _common.takes_sample_form("auto", problem, "hgp")
 
 
 @pytest.mark.parametrize("fn,kwargs", [
@@ -74,7 +75,7 @@ def test_auto_at_a_wide_head_runs_the_sample_form(monkeypatch, fn, kwargs):
     """form="auto" routes a many-class head to the sample plans, and their result is the feature form's."""
     case = make_case(3, loss="cross_entropy", bias=True, sizes=[9, 14, 5, 11], num_classes=120, num_features=300)
     used = []
-    for plan in (_sample_space.SampleExactDiagPlan, _sample_space.SampleHGPPlan):
+    for plan in (hutchinson.SampleExactDiagPlan, hgp.SampleHGPPlan):
         monkeypatch.setattr(plan, "forward", lambda self, *a, _f=plan.forward: used.append(1) or _f(self, *a))
     auto = penalty_and_grads(fn, case, backend="torch", form="auto", **kwargs)
     assert used, "form='auto' did not take the sample form at C=120, N=39"

@@ -7,7 +7,7 @@ import torch
 import hgkernels as hk
 from hgkernels import backends
 from hgkernels._inputs import prepare
-from hgkernels._penalty import StochasticDiagPlan
+from hgkernels.penalties.hutchinson import StochasticDiagPlan
 from _helpers import make_case
 
 
@@ -98,7 +98,7 @@ def test_many_probes_penalty_approaches_exact_penalty(loss):
 
 def test_probe_batches_do_not_change_the_result(monkeypatch):
     """Probes are drawn one index at a time, so the batch size used internally is invisible."""
-    import hgkernels._penalty as penalty_module
+    import hgkernels.penalties.hutchinson as penalty_module
     case = make_case(8, loss="binary_cross_entropy", bias=True, sizes=[5, 4], num_classes=3, num_features=4)
     run = lambda: hk.hutchinson_penalty(case.logits, case.features, case.labels, case.envs,
                                         loss="binary_cross_entropy", estimator="hutchinson", num_probes=7,

@@ -1,0 +1,94 @@
+"""How every penalty and head statistic call runs, in one place: the checks shared by all (targets without
+gradient), the agreement across ranks with a process group (`prepared`) and the choice between the
+reference path, the composed path (torch.compile, torch.func) and the hand-written autograd Function
+(`dispatch`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import backends, distributed
+from ._inputs import EnvSegments, HeadProblem, check_choice
+from .backends.base import Backend
+
+
+def check_targets_grad(labels) -> None:
+    if isinstance(labels, torch.Tensor) and labels.requires_grad and torch.is_grad_enabled():
+        raise ValueError("labels requires grad (soft targets from a trainable model): the closed-form backends give "
+                         "no gradient with respect to targets; pass labels.detach(), or backend='reference', "
+                         "which differentiates through them")
+
+
+def traced() -> bool:
+    """torch.compile tracing, or a torch.func transform (grad, jacrev, ...) around the call."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def defers_value_checks(backend: str, shard: bool) -> bool:
+    """Whether the value scans wait for the penalty's gradient term (_inputs.check_deferred_values):
+    in the autograd Functions, which check it, so not for the reference path, a rank's shard (ranks must
+    agree on errors before any collective) or a traced call (the composed path)."""
+    return backend != "reference" and not shard and not traced()
+
+
+def composed_backend(impl: Backend) -> Backend:
+    """Statistics autograd can differentiate: the native custom ops while torch.compile traces (their
+    autograd formula is the per-sample backward), else the torch backend's ops."""
+    if impl.name == "native" and torch.compiler.is_compiling():
+        return impl
+    return backends.load("torch")
+
+
+def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Optional[int], validate: bool,
+             config: Sequence[Tuple[str, object]], logits, features):
+    """Run `build(num_envs, shard)` -> (problem, plan), the option checks and `prepare`. With a process
+    group the call first makes its one agreement (`distributed.agree`), whatever `validate` says: every
+    rank checks its own inputs, catching its error, then all ranks exchange that and their spec (`config`,
+    validate, num_envs, ddp_reduction, dtype, C, D) and raise the same ValueError if any rank failed or
+    any field differs; it also gives E when ids come without num_envs."""
+    if process_group is None:
+        check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+        return build(num_envs, False)
+    distributed.check_group(process_group)
+    spec = [*config, ("validate", validate), ("num_envs", num_envs), ("ddp_reduction", ddp_reduction),
+            *distributed.input_spec(logits, features)]
+    built, error, (local_e, fixed) = None, None, (0, False)
+    try:  # any error here joins the agreement, so that no rank is left waiting in a collective
+        local_e, fixed = distributed.local_num_envs(envs, num_envs)
+        check_choice("ddp_reduction", ddp_reduction, distributed.DDP_REDUCTIONS)
+        # ids without num_envs: this rank's E for now, padded to the agreed E below
+        built = build(num_envs if fixed else max(local_e, 1), True)
+    except Exception as err:
+        error = err
+    agreed_e = distributed.agree(process_group, spec, error, (local_e, fixed))
+    problem = built[0]
+    if problem.segments.num_envs != agreed_e:
+        segments = problem.segments
+        counts = list(segments.counts) + [0] * (agreed_e - segments.num_envs)
+        problem = dataclasses.replace(problem, segments=EnvSegments(segments.env_ids, agreed_e, counts,
+                                                                     segments.grouped))
+    return (problem, *built[1:])
+
+
+def dispatch(problem: HeadProblem, backend: str, process_group, ddp_reduction: str, *, reference, composed,
+             function):
+    """The one place for the backend, reference, process-group and tracing rules: `reference()` for
+    backend="reference"; under torch.compile or a torch.func transform, whose tracing cannot enter the
+    hand-written backward, `composed(impl)` with statistics autograd differentiates (same values up to
+    rounding); else `function(impl)`, the autograd Function, impl made global with a process group."""
+    if backend == "reference":
+        if process_group is not None:
+            raise ValueError("backend='reference' has no process_group support: its autograd statistics are "
+                             "this rank's; use a closed-form backend")
+        return reference()
+    impl = backends.select(backend, problem)
+    if process_group is not None:
+        if traced():
+            raise ValueError("process_group under torch.compile or torch.func is not supported: the collectives "
+                             "run inside the hand-written backward")
+        return function(distributed.GlobalStats(impl, process_group, ddp_reduction, problem.segments.counts_tensor))
+    if traced():
+        return composed(composed_backend(impl))
+    return function(impl)

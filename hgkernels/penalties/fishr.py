@@ -1,0 +1,132 @@
+"""Fishr (Rame, Dancette, Cord, ICML 2022) in closed form for a linear head, without BackPACK.
+
+Fishr aligns across environments the variance of the per-sample gradients of the head. For a linear
+head the sample's own gradient is r_i zh_i^T, so each environment's variance is
+
+    v_e = (1/N_e) sum_i (r_i ⊙ r_i)(zh_i ⊙ zh_i)^T - G_e ⊙ G_e          (docs/design.md §5.1)
+
+one reduction of the exact Hessian diagonal's shape with weights r ⊙ r, beside the gradient G_e:
+`hgkernels.head_gradient_variance` computes it on any closed-form backend, with the hand-written
+backward of those two statistics. The penalty is upstream DomainBed's distance between the
+environments' variances and their mean (not detached), averaged over environments and over the head's
+coordinates; `FishrLoss` adds upstream's exponential moving average of the variances, kept in a
+registered buffer so that it survives `state_dict`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._inputs import EnvsArg, check_choice
+from .._penalty import env_weight
+from ..head_statistics import head_statistic
+
+COORDINATE_REDUCTIONS = ("mean", "sum")
+_VARIANCE_DEFAULTS = dict(loss="cross_entropy", bias=True, num_envs=None, backend="auto", validate=True)
+
+
+def _check_reductions(env_reduction: str, coordinate_reduction: str) -> None:
+    check_choice("coordinate_reduction", coordinate_reduction, COORDINATE_REDUCTIONS)
+    check_choice("env_reduction", env_reduction, ("mean", "sum"))
+
+
+def _flat_variances(logits, features, labels, envs, *, agreed=(), env_reduction: str = "mean",
+                    coordinate_reduction: str = "mean", **kwargs) -> torch.Tensor:
+    """(E, C·Dh) per-environment variances, weight and bias entries together. The reductions (and
+    `agreed`) join the ranks' spec with a process group: they decide the penalty each rank returns."""
+    agreed = (("env_reduction", env_reduction), ("coordinate_reduction", coordinate_reduction), *agreed)
+    v = head_statistic("gradient_variance", logits, features, labels, envs, **{**_VARIANCE_DEFAULTS, **kwargs},
+                        agreed=agreed, check_agreed=lambda: _check_reductions(env_reduction, coordinate_reduction))
+    parts = [v.weight.flatten(1)] + ([v.bias] if v.bias is not None else [])
+    return torch.cat(parts, 1)
+
+
+def variance_distance(variances: torch.Tensor, *, env_reduction: str = "mean",
+                      coordinate_reduction: str = "mean") -> torch.Tensor:
+    """R_e sum_e reduce_coordinates((v_e - v_bar)^2) for (E, M) variances, v_bar = mean_e v_e (not detached)."""
+    check_choice("env_reduction", env_reduction, ("mean", "sum"))
+    check_choice("coordinate_reduction", coordinate_reduction, COORDINATE_REDUCTIONS)
+    squared = (variances - variances.mean(0)).square()
+    per_env = squared.mean(1) if coordinate_reduction == "mean" else squared.sum(1)
+    return env_weight(env_reduction, variances.shape[0]) * per_env.sum()
+
+
+def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
+                  loss: str = "cross_entropy", bias: bool = True, env_reduction: str = "mean",
+                  coordinate_reduction: str = "mean", backend: str = "auto", num_envs: Optional[int] = None,
+                  validate: bool = True, process_group=None, ddp_reduction: str = "mean") -> torch.Tensor:
+    """Fishr's penalty for a linear head: the spread of the environments' per-sample gradient variances.
+
+    Arguments as in `hgkernels.hutchinson_penalty` (labels, envs, loss, bias, backend, num_envs, validate,
+    process_group, ddp_reduction), plus ``coordinate_reduction``: ``"mean"`` over the C·Dh head
+    coordinates (upstream DomainBed's Fishr) or ``"sum"`` (the Colored MNIST script's). The variance is
+    the biased one over each environment's samples of each sample's own gradient, as upstream.
+
+    Returns:
+        0-dim tensor R_e sum_e reduce_coordinates((v_e - v_bar)^2), v_bar = mean_e v_e (not detached);
+        exactly 0 with one environment. Differentiable in logits and features (hand-written backward of
+        the statistics, autograd on the small (E, C·Dh) algebra).
+    """
+    variances = _flat_variances(logits, features, labels, envs, env_reduction=env_reduction,
+                                coordinate_reduction=coordinate_reduction, loss=loss, bias=bias, backend=backend,
+                                num_envs=num_envs, validate=validate, process_group=process_group,
+                                ddp_reduction=ddp_reduction)
+    return variance_distance(variances, env_reduction=env_reduction, coordinate_reduction=coordinate_reduction)
+
+
+class FishrLoss(torch.nn.Module):
+    """Fishr's penalty with upstream DomainBed's exponential moving average of the variances.
+
+    Each training-mode call updates, per environment, ``ema_variances = ema * previous + (1 - ema) * v``
+    (previous = 0 before the first update; the gradient flows only through this step's v) and returns the
+    distance between the corrected averages ``ema_variances / (1 - ema)`` (upstream's
+    ``oneminusema_correction``). In eval mode the average is read, not updated. The average and the
+    update count are registered buffers, so they travel with ``state_dict`` (upstream keeps them in a list
+    attribute, which checkpoints lose).
+
+    Args:
+        num_envs, num_classes, num_features: the shapes of the buffer (E, C·Dh).
+        ema: the moving average's weight on the past (upstream's default 0.95).
+        bias: whether the head has a bias. Other keywords go to `fishr_penalty`'s statistics (loss,
+            env_reduction, coordinate_reduction, backend, validate, process_group, ddp_reduction).
+    """
+
+    def __init__(self, num_envs: int, num_classes: int, num_features: int, *, ema: float = 0.95, bias: bool = True,
+                 **penalty_kwargs):
+        super().__init__()
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must lie in [0, 1); got {ema!r}")
+        self.ema = ema
+        self.bias = bias
+        self.env_reduction = penalty_kwargs.pop("env_reduction", "mean")
+        self.coordinate_reduction = penalty_kwargs.pop("coordinate_reduction", "mean")
+        check_choice("env_reduction", self.env_reduction, ("mean", "sum"))
+        check_choice("coordinate_reduction", self.coordinate_reduction, COORDINATE_REDUCTIONS)
+        self.penalty_kwargs = penalty_kwargs
+        self.num_envs = num_envs
+        self.register_buffer("ema_variances", torch.zeros(num_envs, num_classes * (num_features + int(bias))))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                envs: EnvsArg) -> torch.Tensor:
+        # with a process group every rank's average must be the same one
+        agreed = (("FishrLoss ema", self.ema), ("FishrLoss buffer shape", tuple(self.ema_variances.shape)),
+                  ("FishrLoss training", self.training), ("FishrLoss updates", int(self.updates)))
+        variances = _flat_variances(logits, features, labels, envs, agreed=agreed, env_reduction=self.env_reduction,
+                                    coordinate_reduction=self.coordinate_reduction, bias=self.bias,
+                                    num_envs=self.num_envs, **self.penalty_kwargs)
+        if variances.shape != self.ema_variances.shape:
+            raise ValueError(f"the head's variances have shape {tuple(variances.shape)} but FishrLoss was built for "
+                             f"{tuple(self.ema_variances.shape)} (num_envs, num_classes * (num_features + bias))")
+        previous = self.ema_variances.to(variances.dtype) if int(self.updates) > 0 else torch.zeros_like(variances)
+        averaged = self.ema * previous + (1 - self.ema) * variances
+        if self.training:
+            with torch.no_grad():
+                self.ema_variances.copy_(averaged.detach())
+                self.updates += 1
+        return variance_distance(averaged / (1 - self.ema), env_reduction=self.env_reduction,
+                                 coordinate_reduction=self.coordinate_reduction)
+
+    def extra_repr(self) -> str:
+        return f"num_envs={self.num_envs}, ema={self.ema}"
