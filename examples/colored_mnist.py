@@ -41,7 +41,7 @@ Methods (``--methods``):
   weight schedule as the full methods. The two alpha = 0 variants are the same objective (the
   gradient term does not depend on the Hessian statistic), as the paper's identical rows say.
 - ``full_hessian``: ERM + sum_e ||H_e - H_bar||_F^2 over the full (391 x 391) head Hessians + the
-  gradient term, 1:1, by `hgkernels.full_hessian.full_hessian_penalty`. Its Gram-matrix form costs
+  gradient term, 1:1, by `hgkernels.full_hessian_penalty`. Its Gram-matrix form costs
   N^2 memory and time (several N x N matrices: 2.3 GB each in float32 at the 24,000 training
   samples), so the penalty (both terms) is computed on a FIXED random subsample of each training
   environment, ``--hessian-subsample`` samples (default 1,024), drawn once per restart
@@ -62,7 +62,7 @@ test images' natural class mix).
 Hessian distances (``--track-hessian-distance K``): every K steps (and at the last) and for each
 method, the distance between each training environment's head Hessian and the test
 environment's, ||H_e - H_test|| in the Frobenius and the spectral norm
-(`hgkernels.full_hessian.hessian_distance` with ``other=`` the test batch), with the test accuracy
+(`hgkernels.hessian_distance` with ``other=`` the test batch), with the test accuracy
 and loss at that step. The Hessians are those of the fixed subsamples above (``--hessian-subsample``
 per training environment and as many test images). The JSON (``--out``) holds the series and, per
 method, the Pearson correlation of the distance (mean over the training environments) with the
@@ -101,7 +101,7 @@ from torch import nn
 
 import hgkernels
 from hgkernels import hgp_penalty, hutchinson_penalty
-from hgkernels.full_hessian import full_hessian_penalty, hessian_distance
+from hgkernels import full_hessian_penalty, hessian_distance
 
 # The alignment methods: (penalty, weight of the Hessian term alpha, weight of the gradient term beta).
 ALIGNMENT = {

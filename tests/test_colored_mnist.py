@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import hgkernels as hk
-import hgkernels.full_hessian as hk_full
+import hgkernels.penalties.full_hessian as hk_full
 from _helpers import assert_close
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hgkernels as hk
-from hgkernels.fishr import variance_distance
+from hgkernels.penalties.fishr import variance_distance
 from _helpers import assert_close, make_case
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")

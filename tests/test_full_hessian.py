@@ -1,4 +1,4 @@
-"""Full head-Hessian alignment and Hessian distances (hgkernels/full_hessian.py, docs/design.md §5.2).
+"""Full head-Hessian alignment and Hessian distances (hgkernels/penalties/full_hessian.py, docs/design.md §5.2).
 
 The oracle here is independent of the library: each environment's (C·Dh) × (C·Dh) Hessian is built
 explicitly with torch.autograd.functional.hessian of torch's functional loss in the flattened head.
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hgkernels import backends
 from hgkernels._inputs import prepare
-from hgkernels.full_hessian import FullHessianPlan, full_hessian_penalty, hessian_distance
+from hgkernels.penalties.full_hessian import FullHessianPlan, full_hessian_penalty, hessian_distance
 from _helpers import assert_close, make_case
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
