@@ -1,6 +1,11 @@
 import os
 
-import torch
+# On a machine shared with other work, OpenMP threads that spin while they wait for each other take
+# the cores the other thread needs; sleeping waiters halve the suite's time there (and cost a little
+# on an idle machine). Read when torch loads OpenMP, so before the import; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from hypothesis import settings
 
 
