@@ -11,8 +11,7 @@ namespace hgk {
 namespace {
 
 // Scratch memory of one plan call, kept by the calling thread for its next call (up to kKeptBytes).
-// Fresh heap arrays each call made the allocator give memory back to the system and fault it in
-// again (about 30 page faults per PACS call between the penalty's outputs, 0.1 ms on these VMs).
+// Fresh heap arrays each call make the allocator give memory back to the system and fault it in again.
 // Never handed out of the plans: the outputs are the caller's tensors.
 class ScratchArena {
  public:
@@ -87,8 +86,8 @@ void env_mean(const T* x, int64_t stride, int E, int64_t M, T* out) {
 
 // sum_k d[k]^2 with d = x - ref (ref nullptr: zero) rounded to T as the plans keep it, written to dev
 // (nullptr: not kept; may alias x). The squares are summed in double in 16 fixed lanes, vector
-// accumulators that stay in registers (a plain lane array was kept on the stack: a store-to-load
-// chain per add, 16% of a PACS forward).
+// accumulators that stay in registers (a plain lane array is kept on the stack: a store-to-load
+// chain per add).
 template <typename T>
 double squared_deviation(const T* x, const T* ref, int64_t n, T* dev) {
   typedef T Octet __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));
@@ -131,7 +130,7 @@ struct Deviations {
 };
 
 // The jobs' passes in chunks of columns that stay in L1 between the environments, split among threads
-// (serial, they were about a tenth of a PACS HGP call). Each chunk sums its squares in double
+// (serial, they are a visible part of a small head's call). Each chunk sums its squares in double
 // (squared_deviation), then `sum` adds the chunks in order: the same bits for any thread count.
 template <typename T>
 void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch launch) {

@@ -54,7 +54,7 @@ struct EnvRows {
 };
 
 // A per-environment stack of K C direction (or upstream) rows in up to two runs, such as [G_e][G_bar]
-// without a stacked copy (a serial copy of the state was a quarter of a PACS HGP forward). Unused runs
+// without a stacked copy (a serial copy of the state would be a large part of a forward). Unused runs
 // have no rows.
 template <typename T>
 struct RowRuns {
@@ -75,8 +75,8 @@ struct RowRuns {
 // The per-sample backward's matrices (BackwardLayout's order) as the plans hold them: Lam and Gam (C rows;
 // data nullptr: absent), V_k and U_k. Lam, U and Gam come with scales that the backward applies to their
 // dots (before the closed form) and coefficients (after it) rather than to the matrices, so the plans read
-// their state's deviations in place (a scaled copy was a serial pass over the state, 10-25% of a PACS
-// call's node time). Known U dots (KnownDots) are of the unscaled U.
+// their state's deviations in place (a scaled copy would be a serial pass over the state). Known U dots
+// (KnownDots) are of the unscaled U.
 template <typename T>
 struct BackwardMatrices {
   EnvRows<T> lam;
