@@ -8,40 +8,21 @@
 #include <vector>
 
 #include "hgk_plans.h"
+#include "hgk_tuning.h"
 
 namespace hgk {
 namespace {
 
-constexpr int kDotRows = 2;       // samples per dot micro-tile
-constexpr int kDotMats = 4;       // matrix rows per dot micro-tile
-constexpr int kPassRows = 4;      // samples per pass of the one-row backward
-constexpr int kRowBlock = 32;     // sorted samples per task (and per backward pass block)
-constexpr int kMatBlock = 32;     // matrix rows per dots task
-constexpr int kColBlock = 512;    // head columns per reduce task
-constexpr int kCoefBlock = 64;    // coefficient columns per reduce task
-constexpr int kGroupRows = 32;    // samples packed at a time by a reduce task
-constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient columns) ...
-constexpr int kTileCols = 16;     // ... by head columns
-constexpr int kPanelRows = 64;    // matrix rows per expand panel
-constexpr int kDirectRows = 16;   // expansions / reductions with at most this many rows skip the tiles
-constexpr int kDirectBackwardRows = 32;  // ... and per-sample backwards with at most this many matrix rows
 constexpr int kMaxParts = 6;  // a backward's per-environment matrices: Lam, two runs each of V and U, a head
-constexpr int kHeadGradRows = 16;  // rows per partial sum of the fused head's weight gradient (fixed: same bits
-                                   // for any thread count)
-constexpr int kDirectBlockRows = 2048;  // samples per task of the one-pass statistics
-constexpr int kDirectAccBytes = 16 << 10;  // ... whose W × Dh partial sums must stay in L1
 
-// A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
-// a descheduled thread: regions with less work than this many multiply-adds run on one thread.
-constexpr double kMinParallelWork = double(1 << 20);
-
+// Threads for a region of `work` multiply-adds (kMinParallelWork).
 int threads_for(Launch launch, double work) { return work >= kMinParallelWork ? launch.threads : 1; }
 
 // Rows per task for work that is independent per row (dots, the per-sample backward): kRowBlock,
 // or fewer for small batches, so each thread gets a few tasks (whole blocks leave threads unevenly
 // loaded). Per-row results do not depend on the blocking.
 int64_t row_block_for(int64_t num_samples, int threads) {
-  return std::max<int64_t>(kTileRows, std::min<int64_t>(kRowBlock, (num_samples + 4 * threads - 1) / (4 * threads)));
+  return std::max<int64_t>(kTileRows, std::min<int64_t>(kRowBlock, (num_samples + kTasksPerThread * threads - 1) / (kTasksPerThread * threads)));
 }
 
 // Pieces of the sorted rows, piece p being [N p / P, N (p + 1) / P): a multiple of the thread count, so a
@@ -89,16 +70,7 @@ T inv_count(const Segments& s, int e) {
 
 // One SIMD register of T through the GCC/Clang vector extension (the compiler's auto-vectorizer
 // does not keep the accumulator tiles below in registers); loads need only T's alignment.
-// 32-byte vectors, and 64-byte ones (kWideBytes, where the build targets AVX-512) in the kernels that
-// gain from half the instructions: the one-row backward from kWideMinClasses classes and reduce_few.
-// Elsewhere wide vectors lose: short dots' horizontal sums (C = 1), unaligned partial-sum rows
-// (stats_direct) and the GEMM tiles' fewer accumulators.
-#if defined(__AVX512F__)
-constexpr int kWideBytes = 64;
-#else
-constexpr int kWideBytes = 32;
-#endif
-constexpr int kWideMinClasses = 4;
+// 32-byte vectors, and kWideBytes ones where hgk_tuning.h says they gain.
 template <typename T, int Bytes = 32>
 struct Simd {
   typedef T type __attribute__((vector_size(Bytes), aligned(sizeof(T))));
@@ -312,11 +284,10 @@ void expand_rows_tile(const T* const* x, const T (*coef)[2 * Cap], const T* cons
 template <typename T, int R, int Cap, int Bytes>
 void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
                         const T (*coef_sq)[Cap], const T* gam, int C, int D, int64_t Dh, T* const* dx) {
-  constexpr int kWideVecs = 4;  // SIMD vectors of columns per register tile
-  const int lanes = Simd<T, Bytes>::lanes, wide = D - D % (kWideVecs * lanes), full = D - D % lanes;
+  const int lanes = Simd<T, Bytes>::lanes, wide = D - D % (kExpandVecs * lanes), full = D - D % lanes;
   int d = 0;
-  for (; d < wide; d += kWideVecs * lanes)
-    expand_rows_tile<T, R, Cap, kWideVecs, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
+  for (; d < wide; d += kExpandVecs * lanes)
+    expand_rows_tile<T, R, Cap, kExpandVecs, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
   for (; d < full; d += lanes) expand_rows_tile<T, R, Cap, 1, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
   for (int r = 0; r < R; ++r)
     for (d = full; d < D; ++d) {
@@ -662,7 +633,6 @@ void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t
 template <typename T>
 void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int square_begin, int square_end, T* out,
                 Launch launch) {
-  constexpr int kFewRows = 8;
   const int strip = 2 * Simd<T, kWideBytes>::lanes, Dh = h.head_width(), D = h.D;
   const int strips = D / strip, tail_begin = strips * strip;
   const int64_t num_tasks = int64_t(s.num_envs) * (strips + 1);

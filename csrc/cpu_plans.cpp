@@ -6,17 +6,16 @@
 #include <vector>
 
 #include "hgk_plans.h"
+#include "hgk_tuning.h"
 
 namespace hgk {
 namespace {
 
-// Scratch memory of one plan call, kept by the calling thread for its next call (up to kKeptBytes).
+// Scratch memory of one plan call, kept by the calling thread for its next call (up to kScratchKeptBytes).
 // Fresh heap arrays each call make the allocator give memory back to the system and fault it in again.
 // Never handed out of the plans: the outputs are the caller's tensors.
 class ScratchArena {
  public:
-  static constexpr size_t kKeptBytes = size_t(16) << 20;
-
   // bytes of storage (64-byte multiples, so arrays start on cache lines) valid until the scope ends
   char* take(size_t bytes) {
     bytes = (bytes + 63) / 64 * 64;
@@ -49,7 +48,7 @@ class ScratchArena {
     if (!overflow_.empty()) {  // next time, one kept block of what this call took (if not too large)
       overflow_.clear();
       kept_.reset();
-      capacity_ = wanted_ <= kKeptBytes ? wanted_ : 0;
+      capacity_ = wanted_ <= kScratchKeptBytes ? wanted_ : 0;
       if (capacity_) kept_.reset(new char[capacity_]);
     }
     used_ = wanted_ = 0;
@@ -66,10 +65,7 @@ T* scratch(int64_t n) {
   return reinterpret_cast<T*>(ScratchArena::mine().take(sizeof(T) * size_t(std::max<int64_t>(n, 1))));
 }
 
-// Passes over (E, M) blocks of fewer elements than this run on one thread: these memory-bound passes gain
-// from two threads well below the kernels' multiply-add threshold. They go in chunks of kPassChunk columns.
-constexpr int64_t kMinParallelElements = int64_t(1) << 15;
-constexpr int64_t kPassChunk = 1024;
+// Passes over (E, M) blocks run on one thread below kMinParallelElements, in chunks of kPassChunk columns.
 
 // out[k] = (sum_e x[e * stride + k]) / E, summed in environment order (torch's mean(0)); in chunks
 // that stay in L1 between the passes.
