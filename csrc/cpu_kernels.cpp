@@ -846,13 +846,11 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
                          Launch launch) {
   const int C = h.C, KC = layout.K * C;
   const int64_t Dh = h.head_width();
-  const BackwardMatrices<T> mats{{grad_up, C * Dh, C},
-                                 T(1),
-                                 RowRuns<T>::stacked(dirs, KC, Dh),
-                                 RowRuns<T>::stacked(ups, KC, Dh),
-                                 T(1),
-                                 {gam, C * Dh, C},
-                                 T(1)};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam(EnvRows<T>::stacked(grad_up, C, Dh), T(1))
+                                       .with_directions(RowRuns<T>::stacked(dirs, KC, Dh),
+                                                        RowRuns<T>::stacked(ups, KC, Dh), T(1))
+                                       .with_gam(EnvRows<T>::stacked(gam, C, Dh), T(1));
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
 }
 

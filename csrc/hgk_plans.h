@@ -51,6 +51,10 @@ struct EnvRows {
   int64_t env_stride;
   int rows;
   const T* at(int e) const { return data + e * env_stride; }
+  // a contiguous (E, rows, Dh) array
+  static EnvRows stacked(const T* data, int rows, int64_t Dh) { return {data, rows * Dh, rows}; }
+  // one (rows, Dh) block that every environment shares
+  static EnvRows shared(const T* data, int rows) { return {data, 0, rows}; }
 };
 
 // A per-environment stack of K C direction (or upstream) rows in up to two runs, such as [G_e][G_bar]
@@ -60,7 +64,9 @@ template <typename T>
 struct RowRuns {
   EnvRows<T> run[2];
   // one run: a contiguous (E, rows, Dh) array (data nullptr or rows 0: none)
-  static RowRuns stacked(const T* data, int rows, int64_t Dh) { return {{{data, rows * Dh, rows}, {nullptr, 0, 0}}}; }
+  static RowRuns stacked(const T* data, int rows, int64_t Dh) {
+    return {{EnvRows<T>::stacked(data, rows, Dh), {nullptr, 0, 0}}};
+  }
   // fn(run, index of its first row in the stack) for each run with rows
   template <typename Fn>
   void each(Fn&& fn) const {
@@ -85,6 +91,24 @@ struct BackwardMatrices {
   T ups_scale;
   EnvRows<T> gam;
   T gam_scale;
+
+  // No matrices, unit scales; the with_ functions add them.
+  static BackwardMatrices none() { return {{nullptr, 0, 0}, T(1), {}, {}, T(1), {nullptr, 0, 0}, T(1)}; }
+  BackwardMatrices with_lam(EnvRows<T> rows, T scale) const {
+    BackwardMatrices out = *this;
+    out.lam = rows, out.lam_scale = scale;
+    return out;
+  }
+  BackwardMatrices with_directions(const RowRuns<T>& directions, const RowRuns<T>& upstream, T upstream_scale) const {
+    BackwardMatrices out = *this;
+    out.dirs = directions, out.ups = upstream, out.ups_scale = upstream_scale;
+    return out;
+  }
+  BackwardMatrices with_gam(EnvRows<T> rows, T scale) const {
+    BackwardMatrices out = *this;
+    out.gam = rows, out.gam_scale = scale;
+    return out;
+  }
 };
 
 template <typename T>
