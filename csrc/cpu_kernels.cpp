@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "hgk_plans.h"
+#include "hgk_kernels.h"
 #include "hgk_tuning.h"
 
 namespace hgk {
