@@ -7,46 +7,27 @@
 #include <type_traits>
 #include <vector>
 
-#include "hgk_plans.h"
+#include "hgk_kernels.h"
+#include "hgk_tuning.h"
 
 namespace hgk {
 namespace {
 
-constexpr int kDotRows = 2;       // samples per dot micro-tile
-constexpr int kDotMats = 4;       // matrix rows per dot micro-tile
-constexpr int kPassRows = 4;      // samples per pass of the one-row backward
-constexpr int kRowBlock = 32;     // sorted samples per task (and per backward pass block)
-constexpr int kMatBlock = 32;     // matrix rows per dots task
-constexpr int kColBlock = 512;    // head columns per reduce task
-constexpr int kCoefBlock = 64;    // coefficient columns per reduce task
-constexpr int kGroupRows = 32;    // samples packed at a time by a reduce task
-constexpr int kTileRows = 4;      // register tile: rows (samples or coefficient columns) ...
-constexpr int kTileCols = 16;     // ... by head columns
-constexpr int kPanelRows = 64;    // matrix rows per expand panel
-constexpr int kDirectRows = 16;   // expansions / reductions with at most this many rows skip the tiles
-constexpr int kDirectBackwardRows = 32;  // ... and per-sample backwards with at most this many matrix rows
 constexpr int kMaxParts = 6;  // a backward's per-environment matrices: Lam, two runs each of V and U, a head
-constexpr int kHeadGradRows = 16;  // rows per partial sum of the fused head's weight gradient (fixed: same bits
-                                   // for any thread count)
-constexpr int kDirectBlockRows = 2048;  // samples per task of the one-pass statistics
-constexpr int kDirectAccBytes = 16 << 10;  // ... whose W × Dh partial sums must stay in L1
 
-// A parallel region pays a fork and a join, and on a loaded machine may wait a scheduler slice for
-// a descheduled thread: regions with less work than this many multiply-adds run on one thread.
-constexpr double kMinParallelWork = double(1 << 20);
-
+// Threads for a region of `work` multiply-adds (kMinParallelWork).
 int threads_for(Launch launch, double work) { return work >= kMinParallelWork ? launch.threads : 1; }
 
 // Rows per task for work that is independent per row (dots, the per-sample backward): kRowBlock,
-// or fewer for small batches, so each thread gets a few tasks (PACS's 3 × 32 rows in blocks of 32
-// gave one of two threads twice the other's work). Per-row results do not depend on the blocking.
+// or fewer for small batches, so each thread gets a few tasks (whole blocks leave threads unevenly
+// loaded). Per-row results do not depend on the blocking.
 int64_t row_block_for(int64_t num_samples, int threads) {
-  return std::max<int64_t>(kTileRows, std::min<int64_t>(kRowBlock, (num_samples + 4 * threads - 1) / (4 * threads)));
+  return std::max<int64_t>(kTileRows, std::min<int64_t>(kRowBlock, (num_samples + kTasksPerThread * threads - 1) / (kTasksPerThread * threads)));
 }
 
 // Pieces of the sorted rows, piece p being [N p / P, N (p + 1) / P): a multiple of the thread count, so a
-// static schedule gives each thread the same number of rows whatever the environments' sizes (blocks of
-// each environment's rows gave one of two threads 56 of PACS's 96), and of about kRowBlock rows.
+// static schedule gives each thread the same number of rows whatever the environments' sizes (per-environment
+// blocks do not), and of about kRowBlock rows.
 int64_t row_pieces(int64_t num_samples, int threads) {
   const int64_t per_thread = (num_samples / threads + kRowBlock - 1) / kRowBlock;
   return std::max<int64_t>(2, per_thread) * threads;
@@ -89,18 +70,7 @@ T inv_count(const Segments& s, int e) {
 
 // One SIMD register of T through the GCC/Clang vector extension (the compiler's auto-vectorizer
 // does not keep the accumulator tiles below in registers); loads need only T's alignment.
-// 32-byte vectors, and 64-byte ones (kWideBytes, where the build targets AVX-512) in the two kernels
-// where they measured faster: the one-row backward from kWideMinClasses classes and reduce_few
-// (PACS-sized heads: 0.85-0.96 of the time on the CI machines' Zen 4, which runs them as two halves
-// but issues half the instructions). Elsewhere they were slower: short dots' horizontal sums
-// (Colored MNIST's C = 1), unaligned partial-sum rows (stats_direct) and the GEMM tiles' fewer
-// accumulators (OfficeHome, DomainNet: 5-10%).
-#if defined(__AVX512F__)
-constexpr int kWideBytes = 64;
-#else
-constexpr int kWideBytes = 32;
-#endif
-constexpr int kWideMinClasses = 4;
+// 32-byte vectors, and kWideBytes ones where hgk_tuning.h says they gain.
 template <typename T, int Bytes = 32>
 struct Simd {
   typedef T type __attribute__((vector_size(Bytes), aligned(sizeof(T))));
@@ -110,8 +80,7 @@ struct Simd {
 };
 
 // Keeps v in a register: the compiler otherwise folds a vector's load into each multiply-add that
-// uses it (one load per use), and a tile's loads, not its multiply-adds, then bound it (AVX-512 on Zen 4
-// issues one 64-byte load per cycle; PACS backward 0.85 of the time with this). Only on x86-64 and
+// uses it (one load per use), and a tile's loads, not its multiply-adds, then bound it. Only on x86-64 and
 // where V fits one register of the build's widest (without AVX a 32-byte vector is an SSE pair).
 template <typename V>
 void keep_in_register(V& v) {
@@ -163,7 +132,7 @@ void dots_tile(const T* const* x, const T* const* m, int D, T (*out)[kDotMats]) 
 }
 
 // dots_tile for n <= kDotMats matrix rows: one register tile of the width at hand (a tile per row
-// re-read the samples for each of the last few rows, and was most of the time at C = 7).
+// re-reads the samples for each of the last few rows).
 template <typename T, bool Square, int Rows, int Bytes = 32>
 void dots_tile_n(const T* const* x, const T* const* m, int n, int D, T (*out)[kDotMats]) {
   switch (n) {
@@ -200,8 +169,8 @@ void dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t 
 }
 
 // dots_block for the statistics' direction dots and the blocked backward: tiles of kPassRows samples of
-// 64-byte vectors (AVX-512 builds) from kWideMinClasses classes (PACS HGP forward 0.91 of the time,
-// OfficeHome 0.94, against 2-sample tiles of 32-byte vectors), which smaller heads keep.
+// 64-byte vectors (AVX-512 builds) from kWideMinClasses classes; smaller heads keep 2-sample tiles of
+// 32-byte vectors.
 template <typename T, bool Square>
 void wide_dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_t row_end, const T* mats,
                      int mat_begin, int mat_end, T* out, int64_t out_stride) {
@@ -263,7 +232,7 @@ void expand_part(const Head<T>& h, const Part<T>& part, const T* coef_t, int row
 
 // out[r][q] = mats[q] . x[r] over D for q < n and R rows (x squared when Square): register tiles of
 // R rows by up to kDotMats matrix rows (runtime-indexed accumulators would live on the stack, and their
-// loads and stores bounded the per-sample backward). Each dot in finish_dot's order, the blocked path's
+// loads and stores would bound the per-sample backward). Each dot in finish_dot's order, the blocked path's
 // order (the compiler may contract multiply-adds differently in each tile's code, so the last bit of a
 // row can depend on the tile that computed it: see the passes of backward_rows_direct).
 template <typename T, bool Square, int R, int Cap, int Bytes>
@@ -315,11 +284,10 @@ void expand_rows_tile(const T* const* x, const T (*coef)[2 * Cap], const T* cons
 template <typename T, int R, int Cap, int Bytes>
 void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* const* mats, int W,
                         const T (*coef_sq)[Cap], const T* gam, int C, int D, int64_t Dh, T* const* dx) {
-  constexpr int kWideVecs = 4;  // SIMD vectors of columns per register tile
-  const int lanes = Simd<T, Bytes>::lanes, wide = D - D % (kWideVecs * lanes), full = D - D % lanes;
+  const int lanes = Simd<T, Bytes>::lanes, wide = D - D % (kExpandVecs * lanes), full = D - D % lanes;
   int d = 0;
-  for (; d < wide; d += kWideVecs * lanes)
-    expand_rows_tile<T, R, Cap, kWideVecs, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
+  for (; d < wide; d += kExpandVecs * lanes)
+    expand_rows_tile<T, R, Cap, kExpandVecs, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
   for (; d < full; d += lanes) expand_rows_tile<T, R, Cap, 1, Bytes>(x, coef, mats, W, coef_sq, gam, C, Dh, d, dx);
   for (int r = 0; r < R; ++r)
     for (d = full; d < D; ++d) {
@@ -335,7 +303,7 @@ void expand_rows_direct(const T* const* x, const T (*coef)[2 * Cap], const T* co
 
 // The fused head's gradient from a pass of R rows: part[c][:D] += sum_r a[r][first + c] x[r] and, with a bias,
 // part[c][D] += sum_r a[r][first + c], adding the rows in order. One load and store of `part` per pass
-// (per row, those loads and stores bounded it).
+// (per row, those loads and stores would bound it).
 template <typename T, int R, int Cap, int Bytes>
 void head_rows_update(const T (*a)[2 * Cap], int first, const T* const* x, int C, int D, bool bias, int64_t Dh,
                       T* part) {
@@ -486,7 +454,7 @@ void expand_block(const Head<T>& h, const Segments& s, int64_t row_begin, int64_
 }
 
 // m . x over D: lanes of partial sums added in lane order, then the tail (dots_tile's order).
-// One dot at a time: rows_dots over the statistics' one or two directions measured 25% slower.
+// One dot at a time: for the statistics' one or two directions a rows_dots tile costs more than it saves.
 template <typename T>
 T row_dot(const T* x, const T* m, int D) {
   using V = Simd<T>;
@@ -635,7 +603,7 @@ void reduce(const Head<T>& h, const Segments& s, const T* coef, int W, int squar
 
 // A register tile of reduce_few: acc[r][v] += coef_j[r] * x_j (x_j ⊙ x_j when Square) over rows
 // [j0, j1) of one environment, for Rows coefficient columns and one strip of 2 SIMD vectors. The first
-// group of rows starts from zero instead of acc (a memset of acc per task was 8% of a PACS forward);
+// group of rows starts from zero instead of acc (no memset of acc per task);
 // the last stores to the output rows (out, row stride out_stride) instead of acc.
 template <typename T, int Rows, bool Square>
 void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t j0, int64_t j1, int d0,
@@ -656,7 +624,7 @@ void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t
     for (int v = 0; v < 2; ++v) V::store((last ? out + r * out_stride : acc[r]) + v * V::lanes, tile[r][v]);
 }
 
-// `reduce` for few coefficient columns (W <= kDirectRows, e.g. PACS's W = 2C = 14) whose partial sums
+// `reduce` for few coefficient columns (W <= kDirectRows, e.g. W = 2C = 14) whose partial sums
 // outgrow L1: tasks are (environment, strip of 2 SIMD vectors of columns); per kGroupRows rows, tiles of
 // up to kFewRows coefficient columns (never straddling the squared range) read the rows' strips from L1,
 // where the first tile brought them; no packing. Each output element sums its environment's rows in
@@ -665,7 +633,6 @@ void few_tile(const Head<T>& h, const Segments& s, const T* coef, int W, int64_t
 template <typename T>
 void reduce_few(const Head<T>& h, const Segments& s, const T* coef, int W, int square_begin, int square_end, T* out,
                 Launch launch) {
-  constexpr int kFewRows = 8;
   const int strip = 2 * Simd<T, kWideBytes>::lanes, Dh = h.head_width(), D = h.D;
   const int strips = D / strip, tail_begin = strips * strip;
   const int64_t num_tasks = int64_t(s.num_envs) * (strips + 1);
@@ -808,7 +775,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
         for (run_end = i + 1; run_end < rows[t].row_end && s.env_ids[run_end] == e; ++run_end) {
         }
         const int num_parts = env_parts(e, parts);
-        // stack arrays sized for the rows at hand: 32-row arrays slowed the 14-row case by 15%
+        // stack arrays sized for the rows at hand: oversized ones slow the few-row case
         const T* env_gam = env_gam_of(e);
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
@@ -879,13 +846,11 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
                          Launch launch) {
   const int C = h.C, KC = layout.K * C;
   const int64_t Dh = h.head_width();
-  const BackwardMatrices<T> mats{{grad_up, C * Dh, C},
-                                 T(1),
-                                 RowRuns<T>::stacked(dirs, KC, Dh),
-                                 RowRuns<T>::stacked(ups, KC, Dh),
-                                 T(1),
-                                 {gam, C * Dh, C},
-                                 T(1)};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam(EnvRows<T>::stacked(grad_up, C, Dh), T(1))
+                                       .with_directions(RowRuns<T>::stacked(dirs, KC, Dh),
+                                                        RowRuns<T>::stacked(ups, KC, Dh), T(1))
+                                       .with_gam(EnvRows<T>::stacked(gam, C, Dh), T(1));
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
 }
 

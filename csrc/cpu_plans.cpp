@@ -6,18 +6,16 @@
 #include <vector>
 
 #include "hgk_plans.h"
+#include "hgk_tuning.h"
 
 namespace hgk {
 namespace {
 
-// Scratch memory of one plan call, kept by the calling thread for its next call (up to kKeptBytes).
-// Fresh heap arrays each call made the allocator give memory back to the system and fault it in
-// again (about 30 page faults per PACS call between the penalty's outputs, 0.1 ms on these VMs).
+// Scratch memory of one plan call, kept by the calling thread for its next call (up to kScratchKeptBytes).
+// Fresh heap arrays each call make the allocator give memory back to the system and fault it in again.
 // Never handed out of the plans: the outputs are the caller's tensors.
 class ScratchArena {
  public:
-  static constexpr size_t kKeptBytes = size_t(16) << 20;
-
   // bytes of storage (64-byte multiples, so arrays start on cache lines) valid until the scope ends
   char* take(size_t bytes) {
     bytes = (bytes + 63) / 64 * 64;
@@ -50,7 +48,7 @@ class ScratchArena {
     if (!overflow_.empty()) {  // next time, one kept block of what this call took (if not too large)
       overflow_.clear();
       kept_.reset();
-      capacity_ = wanted_ <= kKeptBytes ? wanted_ : 0;
+      capacity_ = wanted_ <= kScratchKeptBytes ? wanted_ : 0;
       if (capacity_) kept_.reset(new char[capacity_]);
     }
     used_ = wanted_ = 0;
@@ -67,10 +65,7 @@ T* scratch(int64_t n) {
   return reinterpret_cast<T*>(ScratchArena::mine().take(sizeof(T) * size_t(std::max<int64_t>(n, 1))));
 }
 
-// Passes over (E, M) blocks of fewer elements than this run on one thread: these memory-bound passes gain
-// from two threads well below the kernels' multiply-add threshold. They go in chunks of kPassChunk columns.
-constexpr int64_t kMinParallelElements = int64_t(1) << 15;
-constexpr int64_t kPassChunk = 1024;
+// Passes over (E, M) blocks run on one thread below kMinParallelElements, in chunks of kPassChunk columns.
 
 // out[k] = (sum_e x[e * stride + k]) / E, summed in environment order (torch's mean(0)); in chunks
 // that stay in L1 between the passes.
@@ -87,8 +82,8 @@ void env_mean(const T* x, int64_t stride, int E, int64_t M, T* out) {
 
 // sum_k d[k]^2 with d = x - ref (ref nullptr: zero) rounded to T as the plans keep it, written to dev
 // (nullptr: not kept; may alias x). The squares are summed in double in 16 fixed lanes, vector
-// accumulators that stay in registers (a plain lane array was kept on the stack: a store-to-load
-// chain per add, 16% of a PACS forward).
+// accumulators that stay in registers (a plain lane array is kept on the stack: a store-to-load
+// chain per add).
 template <typename T>
 double squared_deviation(const T* x, const T* ref, int64_t n, T* dev) {
   typedef T Octet __attribute__((vector_size(8 * sizeof(T)), aligned(sizeof(T))));
@@ -128,10 +123,45 @@ struct Deviations {
   T* dev;
   int64_t dev_stride;
   double sum;
+
+  // The mean over environments of `of` (E blocks, `stride` apart); with for_blocks, deviations from it.
+  static Deviations mean_of(const T* of, int64_t stride) {
+    Deviations job{};
+    job.of = of, job.of_stride = stride;
+    return job;
+  }
+  // A given mean (with for_blocks: deviations from it).
+  static Deviations given_mean(T* mean) {
+    Deviations job{};
+    job.mean = mean;
+    return job;
+  }
+  // x_e - mean(x), written over x: the mean is not kept.
+  static Deviations in_place(T* x, int64_t stride) {
+    return mean_of(x, stride).for_blocks(x, stride).writing(x, stride);
+  }
+  // Keeps the mean in `out`.
+  Deviations keeping_mean(T* out) const {
+    Deviations job = *this;
+    job.mean = out;
+    return job;
+  }
+  // The deviations d_e = x_e - mean of x (E blocks, `stride` apart), their squares summed into `sum`.
+  Deviations for_blocks(const T* blocks, int64_t stride) const {
+    Deviations job = *this;
+    job.x = blocks, job.x_stride = stride;
+    return job;
+  }
+  // Keeps d_e at out + e * stride.
+  Deviations writing(T* out, int64_t stride) const {
+    Deviations job = *this;
+    job.dev = out, job.dev_stride = stride;
+    return job;
+  }
 };
 
 // The jobs' passes in chunks of columns that stay in L1 between the environments, split among threads
-// (serial, they were about a tenth of a PACS HGP call). Each chunk sums its squares in double
+// (serial, they are a visible part of a small head's call). Each chunk sums its squares in double
 // (squared_deviation), then `sum` adds the chunks in order: the same bits for any thread count.
 template <typename T>
 void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch launch) {
@@ -164,8 +194,16 @@ void deviations(Deviations<T>* jobs, int num_jobs, int E, int64_t M, Launch laun
 template <typename T>
 RowRuns<T> env_then_shared(const T* per_env, const T* shared, int C, int64_t Dh) {
   RowRuns<T> runs = RowRuns<T>::stacked(per_env, C, Dh);
-  if (shared) runs.run[1] = {shared, 0, C};
+  if (shared) runs.run[1] = EnvRows<T>::shared(shared, C);
   return runs;
+}
+
+// The statistics the plans take: per environment G_e (and Dg_e with hess_diag), or the K HVPs H_e V_k.
+StatsLayout gradient_stats(int C, bool hess_diag) {
+  return {C, /*K=*/0, /*gradient=*/true, hess_diag, /*square_residual=*/false};
+}
+StatsLayout hvp_stats(int C, int K) {
+  return {C, K, /*gradient=*/false, /*hess_diag=*/false, /*square_residual=*/false};
 }
 
 // Statistics with a work buffer of the layout's size (and, with dots_out, the direction dots kept).
@@ -181,9 +219,9 @@ void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state,
                    Launch launch) {
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
-  stats<T>(h, s, StatsLayout{C, 0, true, true, false}, RowRuns<T>{}, state, launch);  // per env [G_e][Dg_e]
+  stats<T>(h, s, gradient_stats(C, /*hess_diag=*/true), RowRuns<T>{}, state, launch);  // per env [G_e][Dg_e]
   Deviations<T> blocks[2];  // deviations from the mean over environments, in place
-  for (int b = 0; b < 2; ++b) blocks[b] = {state + b * M, 2 * M, state + b * M, 2 * M, nullptr, state + b * M, 2 * M, 0};
+  for (int b = 0; b < 2; ++b) blocks[b] = Deviations<T>::in_place(state + b * M, 2 * M);
   deviations(blocks, 2, E, M, launch);
   *gradient = T(spec.weight * blocks[0].sum);
   *hessian = T(spec.weight * blocks[1].sum);
@@ -199,9 +237,11 @@ bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T*
   // A term whose upstream is zero adds nothing, and its blocks are left out rather than multiplied by zero:
   // their unscaled dots may overflow where that term did (0 * inf would be NaN in the other term's gradient).
   const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
-  const BackwardMatrices<T> mats{{with_gradient ? state : nullptr, 2 * M, C}, lam_scale, {}, {}, T(1),
-                                 {with_hessian ? state + M : nullptr, 2 * M, C}, gam_scale};
-  const BackwardLayout layout{C, 0, with_gradient, with_hessian, false};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam({with_gradient ? state : nullptr, 2 * M, C}, lam_scale)
+                                       .with_gam({with_hessian ? state + M : nullptr, 2 * M, C}, gam_scale);
+  const BackwardLayout layout{C, /*K=*/0, /*gradient=*/with_gradient, /*hess_diag=*/with_hessian,
+                              /*square_residual=*/false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
 }
@@ -212,16 +252,17 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
   const int E = s.num_envs, C = h.C, K = spec.pooled ? 2 : 1;
   const int64_t M = int64_t(C) * h.head_width();
   T *grad = state, *grad_mean = grad + E * M, *hgp_dev = grad_mean + M, *dir_dots = hgp_dev + E * M;
-  stats<T>(h, s, StatsLayout{C, 0, true, false, false}, RowRuns<T>{}, grad, launch);
-  Deviations<T> grad_mean_pass{grad, M, nullptr, 0, grad_mean, nullptr, 0, 0};
+  stats<T>(h, s, gradient_stats(C, /*hess_diag=*/false), RowRuns<T>{}, grad, launch);
+  Deviations<T> grad_mean_pass = Deviations<T>::mean_of(grad, M).keeping_mean(grad_mean);
   deviations(&grad_mean_pass, 1, E, M, launch);
   // directions G_e, then G_bar for the pooled reference H_bar G_bar
   const RowRuns<T> dirs = env_then_shared<T>(grad, K == 2 ? grad_mean : nullptr, C, h.head_width());
   T* hv = scratch<T>(E * K * M);
-  stats<T>(h, s, StatsLayout{C, K, false, false, false}, dirs, hv, launch, dir_dots);
+  stats<T>(h, s, hvp_stats(C, K), dirs, hv, launch, dir_dots);
   // H_e G_e - ref with ref = mean_e H_e G_bar (pooled) or mean_e H_e G_e, and G_e - G_bar
-  Deviations<T> devs[2] = {{hv + (K == 2 ? M : 0), K * M, hv, K * M, nullptr, hgp_dev, M, 0},
-                           {nullptr, 0, grad, M, grad_mean, nullptr, 0, 0}};
+  Deviations<T> devs[2] = {
+      Deviations<T>::mean_of(hv + (K == 2 ? M : 0), K * M).for_blocks(hv, K * M).writing(hgp_dev, M),
+      Deviations<T>::given_mean(grad_mean).for_blocks(grad, M)};
   deviations(devs, 2, E, M, launch);
   *hessian = T(spec.weight * devs[0].sum);
   *gradient = T(spec.weight * devs[1].sum);
@@ -244,7 +285,8 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   T* ref_up = nullptr;
   if (shared && with_hessian) {
     ref_up = scratch<T>(M);
-    Deviations<T> mean_pass{hgp_dev, M, nullptr, 0, ref_up, nullptr, 0, 0};  // sum_e Gam_e / E, negated below
+    // sum_e Gam_e / E, negated below
+    Deviations<T> mean_pass = Deviations<T>::mean_of(hgp_dev, M).keeping_mean(ref_up);
     deviations(&mean_pass, 1, E, M, launch);
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -ref_up[k];
   }
@@ -253,11 +295,11 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
   // dPsi/dV = H_e U: the gradient reaching the directions G_e (and G_bar, shared out by 1/E)
   T* dir_grads = scratch<T>(E * K * M);
   T* up_dots = scratch<T>(s.num_samples * K * C);  // U_k zh_i (unscaled), which the per-sample backward reuses
-  if (with_hessian) stats<T>(h, s, StatsLayout{C, K, false, false, false}, ups, dir_grads, launch, up_dots);
+  if (with_hessian) stats<T>(h, s, hvp_stats(C, K), ups, dir_grads, launch, up_dots);
   T* to_mean = nullptr;
   if (shared && with_hessian) {
     to_mean = scratch<T>(M);
-    Deviations<T> mean_pass{dir_grads + M, 2 * M, nullptr, 0, to_mean, nullptr, 0, 0};
+    Deviations<T> mean_pass = Deviations<T>::mean_of(dir_grads + M, 2 * M).keeping_mean(to_mean);
     deviations(&mean_pass, 1, E, M, launch);
   }
   T* grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
@@ -271,18 +313,16 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
       grad_up[e * M + k] = total;
     }
   }
-  const BackwardLayout layout{C, K, with_gradient || with_hessian, false, false};
+  const BackwardLayout layout{C, K, /*gradient=*/with_gradient || with_hessian, /*hess_diag=*/false,
+                              /*square_residual=*/false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   // The V and U blocks' dots are the forward's G_e zh_i (and G_bar zh_i) and the pass above's U zh_i:
   // only the Lam rows' dots are computed (a third of them).
-  const KnownDots<T> known{dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
-  const BackwardMatrices<T> mats{{grad_up, M, C},
-                                 T(1),
-                                 K ? dirs : RowRuns<T>{},
-                                 K ? ups : RowRuns<T>{},
-                                 gam_scale,
-                                 {nullptr, 0, 0},
-                                 T(1)};
+  const KnownDots<T> known{/*dirs=*/dir_dots, /*dirs_stride=*/int64_t(spec.pooled ? 2 : 1) * C, /*ups=*/up_dots,
+                          /*ups_stride=*/int64_t(K) * C};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam(EnvRows<T>::stacked(grad_up, C, h.head_width()), T(1))
+                                       .with_directions(K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{}, gam_scale);
   return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch,
                                           K ? &known : nullptr);
 }

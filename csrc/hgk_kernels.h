@@ -3,7 +3,8 @@
 // Samples are read through the environment segments (order, offsets); "row j" of a work
 // buffer is the j-th sample in that sorted order, while logits, features and outputs keep
 // the caller's rows. Every sum runs in a fixed order that does not depend on the thread
-// count or launch shape, so results are deterministic.
+// count or launch shape, so results are deterministic. The CPU kernels also export the two in the
+// form the plans of hgk_plans.h call them (head_stats_keeping_dots, per_sample_backward_from_dots).
 #pragma once
 
 #include <cstdint>
@@ -94,6 +95,96 @@ template <typename T>
 bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
                          Launch launch);
+
+// The CPU primitives in the form the plans (hgk_plans.h) call them, defined in cpu_kernels.cpp only: on
+// per-environment matrices where a caller holds them (EnvRows, RowRuns, BackwardMatrices) rather than in
+// stacked arrays, and with the direction dots s_k = V_k zh_i passed between them: head_stats_keeping_dots
+// can also write them (dots_out, (N, K C) in the caller's rows), and per_sample_backward_from_dots can take
+// the dots of its V and U blocks instead of computing them (each of the N caller's rows holds K C values at
+// its row stride; dots of the Lam and Gam rows are computed).
+template <typename T>
+struct KnownDots {
+  const T* dirs;
+  int64_t dirs_stride;
+  const T* ups;
+  int64_t ups_stride;
+};
+
+// Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at
+// data + e * env_stride; env_stride 0 shares one block among all environments (HGP's G_bar).
+template <typename T>
+struct EnvRows {
+  const T* data;
+  int64_t env_stride;
+  int rows;
+  const T* at(int e) const { return data + e * env_stride; }
+  // a contiguous (E, rows, Dh) array
+  static EnvRows stacked(const T* data, int rows, int64_t Dh) { return {data, rows * Dh, rows}; }
+  // one (rows, Dh) block that every environment shares
+  static EnvRows shared(const T* data, int rows) { return {data, 0, rows}; }
+};
+
+// A per-environment stack of K C direction (or upstream) rows in up to two runs, such as [G_e][G_bar]
+// without a stacked copy (a serial copy of the state would be a large part of a forward). Unused runs
+// have no rows.
+template <typename T>
+struct RowRuns {
+  EnvRows<T> run[2];
+  // one run: a contiguous (E, rows, Dh) array (data nullptr or rows 0: none)
+  static RowRuns stacked(const T* data, int rows, int64_t Dh) {
+    return {{EnvRows<T>::stacked(data, rows, Dh), {nullptr, 0, 0}}};
+  }
+  // fn(run, index of its first row in the stack) for each run with rows
+  template <typename Fn>
+  void each(Fn&& fn) const {
+    for (int r = 0, first = 0; r < 2; first += run[r].rows, ++r)
+      if (run[r].rows) fn(run[r], first);
+  }
+  const T* row(int e, int k, int64_t Dh) const {
+    return k < run[0].rows ? run[0].at(e) + k * Dh : run[1].at(e) + (k - run[0].rows) * Dh;
+  }
+};
+
+// The per-sample backward's matrices (BackwardLayout's order) as the plans hold them: Lam and Gam (C rows;
+// data nullptr: absent), V_k and U_k. Lam, U and Gam come with scales that the backward applies to their
+// dots (before the closed form) and coefficients (after it) rather than to the matrices, so the plans read
+// their state's deviations in place (a scaled copy would be a serial pass over the state). Known U dots
+// (KnownDots) are of the unscaled U.
+template <typename T>
+struct BackwardMatrices {
+  EnvRows<T> lam;
+  T lam_scale;
+  RowRuns<T> dirs, ups;
+  T ups_scale;
+  EnvRows<T> gam;
+  T gam_scale;
+
+  // No matrices, unit scales; the with_ functions add them.
+  static BackwardMatrices none() { return {{nullptr, 0, 0}, T(1), {}, {}, T(1), {nullptr, 0, 0}, T(1)}; }
+  BackwardMatrices with_lam(EnvRows<T> rows, T scale) const {
+    BackwardMatrices out = *this;
+    out.lam = rows, out.lam_scale = scale;
+    return out;
+  }
+  BackwardMatrices with_directions(const RowRuns<T>& directions, const RowRuns<T>& upstream, T upstream_scale) const {
+    BackwardMatrices out = *this;
+    out.dirs = directions, out.ups = upstream, out.ups_scale = upstream_scale;
+    return out;
+  }
+  BackwardMatrices with_gam(EnvRows<T> rows, T scale) const {
+    BackwardMatrices out = *this;
+    out.gam = rows, out.gam_scale = scale;
+    return out;
+  }
+};
+
+template <typename T>
+void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
+                             T* out, T* dots_out, Launch launch);
+template <typename T>
+bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout,
+                                   const BackwardMatrices<T>& mats, HeadTerm<T> head, T* work, T* d_logits,
+                                   T* d_features, Launch launch, const KnownDots<T>* known);
 
 // Each device's source defines the two primitives and instantiates them for float and double here,
 // inside namespace hgk, so the signatures are written once.

@@ -4,6 +4,7 @@
 // ops per direction (a small head's time is mostly that host path). Same formulas as the Python
 // plans, which the other backends, the distributed path and torch.compile keep using; the tests
 // compare the two on every shape they draw. Sums run in a fixed order (thread-count independent).
+// Built on the CPU primitives of hgk_kernels.h.
 #pragma once
 
 #include <cstdint>
@@ -28,72 +29,6 @@ struct PlanSpec {
 // HGP: G (E, C, Dh), G_bar (C, Dh), H_e G_e - reference (E, C, Dh), then each sample's direction dots
 // (N, K C), K = 2 with pooled else 1: [G_e zh_i][G_bar zh_i], which the backward reuses.
 int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width);
-
-// The CPU primitives as the plans call them (hgk_kernels.h): on the per-environment matrices where the
-// plans hold them (EnvRows, RowRuns, BackwardMatrices below) rather than in stacked arrays, and with the
-// direction dots s_k = V_k zh_i passed between them: head_stats can also write them (dots_out, (N, K C)
-// in the caller's rows), and per_sample_backward can take the dots of its V and U blocks instead of
-// computing them (each of the N caller's rows holds K C values at its row stride; dots of the Lam and
-// Gam rows are computed).
-template <typename T>
-struct KnownDots {
-  const T* dirs;
-  int64_t dirs_stride;
-  const T* ups;
-  int64_t ups_stride;
-};
-
-// Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at
-// data + e * env_stride; env_stride 0 shares one block among all environments (HGP's G_bar).
-template <typename T>
-struct EnvRows {
-  const T* data;
-  int64_t env_stride;
-  int rows;
-  const T* at(int e) const { return data + e * env_stride; }
-};
-
-// A per-environment stack of K C direction (or upstream) rows in up to two runs, such as [G_e][G_bar]
-// without a stacked copy (a serial copy of the state was a quarter of a PACS HGP forward). Unused runs
-// have no rows.
-template <typename T>
-struct RowRuns {
-  EnvRows<T> run[2];
-  // one run: a contiguous (E, rows, Dh) array (data nullptr or rows 0: none)
-  static RowRuns stacked(const T* data, int rows, int64_t Dh) { return {{{data, rows * Dh, rows}, {nullptr, 0, 0}}}; }
-  // fn(run, index of its first row in the stack) for each run with rows
-  template <typename Fn>
-  void each(Fn&& fn) const {
-    for (int r = 0, first = 0; r < 2; first += run[r].rows, ++r)
-      if (run[r].rows) fn(run[r], first);
-  }
-  const T* row(int e, int k, int64_t Dh) const {
-    return k < run[0].rows ? run[0].at(e) + k * Dh : run[1].at(e) + (k - run[0].rows) * Dh;
-  }
-};
-
-// The per-sample backward's matrices (BackwardLayout's order) as the plans hold them: Lam and Gam (C rows;
-// data nullptr: absent), V_k and U_k. Lam, U and Gam come with scales that the backward applies to their
-// dots (before the closed form) and coefficients (after it) rather than to the matrices, so the plans read
-// their state's deviations in place (a scaled copy was a serial pass over the state, 10-25% of a PACS
-// call's node time). Known U dots (KnownDots) are of the unscaled U.
-template <typename T>
-struct BackwardMatrices {
-  EnvRows<T> lam;
-  T lam_scale;
-  RowRuns<T> dirs, ups;
-  T ups_scale;
-  EnvRows<T> gam;
-  T gam_scale;
-};
-
-template <typename T>
-void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
-                             T* out, T* dots_out, Launch launch);
-template <typename T>
-bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, BackwardLayout layout,
-                                   const BackwardMatrices<T>& mats, HeadTerm<T> head, T* work, T* d_logits,
-                                   T* d_features, Launch launch, const KnownDots<T>* known);
 
 // Writes the state and the two penalty terms (hessian[0], gradient[0]).
 template <typename T>
