@@ -14,8 +14,10 @@ from ._inputs import EnvSegments, HeadProblem, check_choice
 from .backends.base import Backend
 
 
-def check_targets_grad(labels) -> None:
-    if isinstance(labels, torch.Tensor) and labels.requires_grad and torch.is_grad_enabled():
+def check_targets_grad(labels, backend: str) -> None:
+    """Targets that require grad are refused on the closed forms; the reference path differentiates them."""
+    if (backend != "reference" and isinstance(labels, torch.Tensor) and labels.requires_grad
+            and torch.is_grad_enabled()):
         raise ValueError("labels requires grad (soft targets from a trainable model): the closed-form backends give "
                          "no gradient with respect to targets; pass labels.detach(), or backend='reference', "
                          "which differentiates through them")

@@ -91,8 +91,7 @@ def head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias
         check_choice("backend", backend, backends.BACKEND_NAMES)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
-        if backend != "reference":
-            check_targets_grad(labels)
+        check_targets_grad(labels, backend)
         return problem, None if vector is None else _head_vector(vector, problem)
 
     config = [("function", kind), *agreed, ("loss", loss), ("bias", bias), ("backend", backend)]

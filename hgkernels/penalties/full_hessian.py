@@ -246,8 +246,7 @@ def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: t
         check_shared_options(env_reduction, detach_reference, backend, "auto")
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard)
-        if backend != "reference":
-            check_targets_grad(labels)
+        check_targets_grad(labels, backend)
         plan = FullHessianPlan(env_reduction, detach_reference)
         return problem, (plan if not shard else distributed.GatheredPlan(plan, process_group, ddp_reduction))
 

@@ -58,8 +58,7 @@ def setup(logits, features, labels, envs, *, loss, bias, reference, env_reductio
         check_shared_options(env_reduction, detach_reference, backend, form)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard, defer_value_checks=defers_value_checks(backend, shard))
-        if backend != "reference":
-            check_targets_grad(labels)
+        check_targets_grad(labels, backend)
         if not shard and takes_sample_form(form, problem, "hgp", backend):
             return problem, SampleHGPPlan(env_reduction, detach_reference, reference)
         return problem, HGPPlan(env_reduction, detach_reference, reference)

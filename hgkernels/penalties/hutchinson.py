@@ -105,8 +105,7 @@ def setup(logits, features, labels, envs, *, loss, bias, estimator, num_probes, 
             raise ValueError("form='sample' needs estimator='exact': Rademacher probes live in C × Dh space")
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs,
                           validate=validate, shard=shard, defer_value_checks=defers_value_checks(backend, shard))
-        if backend != "reference":
-            check_targets_grad(labels)
+        check_targets_grad(labels, backend)
         if generator is not None and generator.device.type != problem.logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits are on {problem.logits.device}")
         if estimator == "exact" and not shard and takes_sample_form(form, problem, "hutchinson", backend):
