@@ -51,8 +51,6 @@ def erm_logit_grad(problem: HeadProblem) -> torch.Tensor:
     return r * share.unsqueeze(1)
 
 
-
-
 def _with_defaults(function_name: str, defaults: dict, options: dict) -> dict:
     """The penalty function's options: its table's defaults, overridden by `options`."""
     unknown = set(options) - set(defaults)

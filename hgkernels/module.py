@@ -137,12 +137,12 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     ``process_group``, torch.compile / torch.func and ``method="full_hessian"`` take the logits-based path
     (so do hooked heads and Linear subclasses, in `HessianAlignmentLoss`).
     """
-    if method not in PENALTIES:
-        raise ValueError(f"method must be one of {', '.join(map(repr, PENALTIES))}; got {method!r}")
+    check_choice("method", method, tuple(PENALTIES))
     check_head_tensors(features, weight, bias, options)
     options = dict(options, bias=bias is not None)
-    backend = options.get("backend", "auto")
-    if PENALTIES[method].setup is not None and backend != "reference" and options.get("process_group") is None and not traced():
+    fused = (PENALTIES[method].setup is not None and options.get("backend", "auto") != "reference"
+             and options.get("process_group") is None and not traced())
+    if fused:
         return fused_alignment(method, features, weight, bias, labels, envs, alpha, beta, options)
     # the logits-based path: ordinary autograd through F.linear, then HessianAlignmentLoss's logits path
     logits = F.linear(features, weight, bias)
