@@ -20,6 +20,7 @@ from ._inputs import HeadProblem, check_deferred_values
 from .backends import Backend
 from .penalties.base import WholePlan, put_state, take_state
 
+
 def env_weight(env_reduction: str, num_envs: int) -> float:
     """R_e: 'mean' over environments (DomainBed) or 'sum' (Colored MNIST scripts)."""
     return 1.0 / num_envs if env_reduction == "mean" else 1.0
