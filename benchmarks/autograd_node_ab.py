@@ -1,11 +1,11 @@
 """The C++ autograd node against the Python autograd.Function, in one process.
 
-Default CPU calls of `hutchinson_penalty` (exact) and `hgp_penalty` run as csrc/autograd.cpp's node
-(hgkernels._native_autograd); the Python `PenaltyFunction` runs the same C++ plans otherwise. This times
+Default CPU calls of `hutchinson_penalty` (exact) and `hgp_penalty` run as the ``penalty`` operator,
+whose autograd node is C++ (csrc/ops.cpp); the Python `PenaltyFunction` runs the same C++ plans otherwise. This times
 forward + backward (torch.autograd.grad to the leaves, default options) both ways, alternating per
 round, at a tiny head, the PACS head and the Colored MNIST main job's head, and prints each one's
 median µs and the median per-round ratio node ÷ Function (below 1: the node is faster). Same values
-either way: tests/test_trust.py checks them bitwise.
+either way: tests/test_native_ops.py checks them bitwise.
 
     python benchmarks/autograd_node_ab.py
     python benchmarks/autograd_node_ab.py --smoke      # tiny, for CI
@@ -27,11 +27,11 @@ SMOKE = {"tiny": dict(n=12, d=5, c=3, e=3, loss="cross_entropy", rounds=2, reps=
 
 
 def measure(heads) -> list:
-    if native.AUTOGRAD_ERROR is not None:
-        return [f"no autograd node: {native.AUTOGRAD_ERROR}"]
+    if native.NATIVE_ERROR is not None:
+        return [f"no autograd node: {native.NATIVE_ERROR}"]
     with_node = native.NativeBackend.autograd_plan
 
-    def without_node(self, problem, spec, double_backward):
+    def without_node(self, problem, spec):
         return None
 
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32", "",

@@ -57,12 +57,12 @@ def child_env(**extra: str) -> Dict[str, str]:
 
 def build(dry_run: bool) -> None:
     if dry_run:
-        built = glob.glob(os.path.join(ROOT, "hgkernels", "_native_cpu*.so"))
+        built = glob.glob(os.path.join(ROOT, "hgkernels", "_native*.so"))
         if built:
             log(f"build: skipped (dry run; this checkout has {os.path.relpath(built[0], ROOT)})")
             return
         env = child_env(HGK_CUDA="0", HGK_REQUIRE_NATIVE="1")
-        log("build: native CPU modules in place (dry run, none built in this checkout)")
+        log("build: the native module in place, without CUDA (dry run, none built in this checkout)")
     else:
         major, minor = torch.cuda.get_device_capability()
         env = child_env(HGK_CUDA="1", HGK_REQUIRE_NATIVE="1", HGK_CUDA_ARCHS=f"{major}{minor}",

@@ -2,10 +2,9 @@
 
 Forward + backward at the PACS head (N 96, D 2048, C 7, E 3, float32), each row adding one layer:
 
-- ``C++ plans``: the native CPU module's plan_forward + plan_backward on preallocated buffers (kernels
-  and plan algebra only);
-- ``+ autograd node``: `hgkernels._native_autograd.plan_penalty` and `torch.autograd.grad` (fresh
-  outputs, the node, torch's engine);
+- ``C++ plans``: the ``plan_forward`` + ``plan_backward`` operators (kernels, plan algebra and the
+  operator calls);
+- ``+ autograd node``: the ``penalty`` operator and `torch.autograd.grad` (the node, torch's engine);
 - ``+ API, validate=False`` / ``+ API, default``: `hutchinson_penalty` / `hgp_penalty` as users call them;
 - ``generic``: backend="reference" (one Hutchinson probe / the HGP double backward), the baseline of
   the speed-up targets.
@@ -33,8 +32,9 @@ SMOKE = {"tiny": dict(n=12, d=5, c=3, e=3, rounds=2, reps=2)}
 
 
 def measure(heads) -> list:
-    if native.AUTOGRAD_ERROR is not None:
-        return [f"no autograd node: {native.AUTOGRAD_ERROR}"]
+    if native.NATIVE_ERROR is not None:
+        return [f"no autograd node: {native.NATIVE_ERROR}"]
+    ops = torch.ops.hgkernels
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; µs per forward + backward", "",
              "| head | penalty | C++ plans | + autograd node | + API, validate=False | + API, default | generic | "
              "generic ÷ API |", "|---|---|---|---|---|---|---|---|"]
@@ -49,19 +49,15 @@ def measure(heads) -> list:
         segments = problem.segments
         for penalty, fn, method in (("exact Hutchinson", hk.hutchinson_penalty, "exact"), ("HGP", hk.hgp_penalty, "hgp")):
             spec = PlanSpec(method, env_weight("mean", e), method == "hgp", True)
-            call, plan = native._plan_kernels(problem), native._plan_args(spec)
-            state = call.empty(call.module.plan_state_size(plan, call.n, call.num_envs, call.c, call.head_width))
-            hessian, gradient, d_logits, d_features = call.empty(), call.empty(), call.empty(n, c), call.empty(n, head["d"])
+            operands = (logits.detach(), features.detach(), problem.targets, segments.order, segments.offsets,
+                        segments.env_ids, "cross_entropy", True)
 
             def plans():
-                call.module.plan_forward(call.is_double, call.head, call.segments, plan, state.data_ptr(),
-                                         hessian.data_ptr(), gradient.data_ptr(), call.launch)
-                call.module.plan_backward(call.is_double, call.head, call.segments, plan, state.data_ptr(), 1.0, 1.0,
-                                          0, 0, 0, d_logits.data_ptr(), d_features.data_ptr(), call.launch)
+                state = ops.plan_forward(*operands, *spec)[0]
+                ops.plan_backward(*operands, *spec, state, 1.0, 1.0, None, None)
 
             def node():
-                h, g = native._AUTOGRAD.plan_penalty(logits, features, problem.targets, segments.order,
-                                                     segments.offsets, segments.env_ids, 0, True, *plan, None)
+                h, g = ops.penalty(logits, features, *operands[2:], *spec)
                 torch.autograd.grad(h + g, (logits, features))
 
             def api(**kwargs):

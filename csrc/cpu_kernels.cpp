@@ -721,12 +721,16 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
     reduce<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
 }
 
+namespace cpu {
+
 template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch) {
   head_stats_keeping_dots<T>(h, s, layout, RowRuns<T>::stacked(dirs, layout.K * h.C, h.head_width()), work, out,
                              nullptr, launch);
 }
+
+}  // namespace cpu
 
 // One pass over the features: each task takes a block of one environment's rows through
 // dots, the per-sample math and the expansion back to d_features while they are in cache.
@@ -840,6 +844,8 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
   return false;
 }
 
+namespace cpu {
+
 template <typename T>
 bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
                          const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
@@ -856,6 +862,9 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
 
 HGK_INSTANTIATE_PRIMITIVES(float)
 HGK_INSTANTIATE_PRIMITIVES(double)
+
+}  // namespace cpu
+
 #define HGK_INSTANTIATE_KEPT_DOTS(T)                                                                            \
   template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const RowRuns<T>&, T*,  \
                                            T*, T*, Launch);                                                     \

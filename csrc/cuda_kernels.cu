@@ -145,6 +145,8 @@ void dots(const Head<T>& h, const Segments& s, const T* mats, int M, bool square
 
 }  // namespace
 
+namespace cuda {
+
 template <typename T>
 void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
                 Launch launch) {
@@ -197,4 +199,5 @@ bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout lay
 HGK_INSTANTIATE_PRIMITIVES(float)
 HGK_INSTANTIATE_PRIMITIVES(double)
 
+}  // namespace cuda
 }  // namespace hgk

@@ -78,23 +78,34 @@ struct BackwardWork {
         coef_sq(coef + N * layout.width()) {}
 };
 
-// Per-environment statistics: out (E, W, Dh) with W = layout.width() rows per environment,
+// The two primitives, defined once per device in a namespace of its own, hgk::cpu (cpu_kernels.cpp) and
+// hgk::cuda (cuda_kernels.cu), so both link into one module.
+//
+// head_stats: per-environment statistics, out (E, W, Dh) with W = layout.width() rows per environment,
 // out[e] = sum_{j in e} coef_j^T zh_j (zh_j ⊙ zh_j for the hess_diag rows), coef_j the
 // StatsLayout row of sample j. dirs (E, K*C, Dh) holds the HVP directions V_k.
-template <typename T>
-void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,
-                Launch launch);
-
-// Per-sample backward. The per-environment matrices, in BackwardLayout's order, arrive as separate
+//
+// per_sample_backward: the per-environment matrices, in BackwardLayout's order, arrive as separate
 // contiguous arrays (so callers need not concatenate them): grad_up = Lam (E, C, Dh) or nullptr,
 // dirs = V and ups = U (E, K*C, Dh) each (K may be 0), gam = dPsi/dDg (E, C, Dh) or nullptr.
 // Writes d_logits (N, C) and d_features (N, D), contiguous, in the caller's rows. `head` is taken by the
 // CPU kernels only; the CUDA caller passes none (hgkernels/backends/native.py adds it with torch ops).
 // Returns whether head.weight_grad was written.
-template <typename T>
-bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up, const T* dirs,
-                         const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits, T* d_features,
-                         Launch launch);
+#define HGK_DECLARE_PRIMITIVES                                                                                  \
+  template <typename T>                                                                                       \
+  void head_stats(const Head<T>& h, const Segments& s, StatsLayout layout, const T* dirs, T* work, T* out,     \
+                  Launch launch);                                                                             \
+  template <typename T>                                                                                       \
+  bool per_sample_backward(const Head<T>& h, const Segments& s, BackwardLayout layout, const T* grad_up,       \
+                           const T* dirs, const T* ups, const T* gam, HeadTerm<T> head, T* work, T* d_logits,  \
+                           T* d_features, Launch launch);
+namespace cpu {
+HGK_DECLARE_PRIMITIVES
+}
+namespace cuda {
+HGK_DECLARE_PRIMITIVES
+}
+#undef HGK_DECLARE_PRIMITIVES
 
 // The CPU primitives in the form the plans (hgk_plans.h) call them, defined in cpu_kernels.cpp only: on
 // per-environment matrices where a caller holds them (EnvRows, RowRuns, BackwardMatrices) rather than in
@@ -187,7 +198,7 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
                                    T* d_features, Launch launch, const KnownDots<T>* known);
 
 // Each device's source defines the two primitives and instantiates them for float and double here,
-// inside namespace hgk, so the signatures are written once.
+// inside its namespace (hgk::cpu or hgk::cuda), so the signatures are written once.
 #define HGK_INSTANTIATE_PRIMITIVES(T)                                                                          \
   template void head_stats<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, T*, Launch);        \
   template bool per_sample_backward<T>(const Head<T>&, const Segments&, BackwardLayout, const T*, const T*,   \

@@ -36,7 +36,7 @@ def defers_value_checks(backend: str, shard: bool) -> bool:
 
 
 def composed_backend(impl: Backend) -> Backend:
-    """Statistics autograd can differentiate: the native custom ops while torch.compile traces (their
+    """Statistics autograd can differentiate: the native operators while torch.compile traces (their
     autograd formula is the per-sample backward), else the torch backend's ops."""
     if impl.name == "native" and torch.compiler.is_compiling():
         return impl

@@ -42,6 +42,14 @@ class EnvSegments:
         self.grouped = grouped
         self._counts_tensor = self._offsets = self._order = None
 
+    @classmethod
+    def from_layout(cls, env_ids: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> "EnvSegments":
+        """The segments a kernel call was made with (env_ids, order and offsets as `EnvSegments` made them)."""
+        counts = offsets.diff()
+        segments = cls(env_ids, offsets.numel() - 1, counts.tolist(), grouped=False)
+        segments._counts_tensor, segments._offsets, segments._order = counts, offsets, order
+        return segments
+
     @property
     def counts_tensor(self) -> torch.Tensor:
         if self._counts_tensor is None:

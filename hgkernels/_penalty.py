@@ -6,7 +6,7 @@ matrices the backend's per-sample backward consumes (Gam, Lam, M). `PenaltyFunct
 is the only place that knows about autograd; backends only see tensors.
 
 A plan's forward is also an ordinary differentiable function of the statistics: with
-statistics that autograd can differentiate (the torch backend, or the native custom op
+statistics that autograd can differentiate (the torch backend, or the native operators
 under torch.compile) it is the *composed* path, used where the hand-written backward
 cannot serve — torch.compile, torch.func transforms and double backward.
 """
@@ -115,13 +115,7 @@ def penalty_function(problem: HeadProblem, backend: Backend, plan) -> Tuple[torc
     """The penalty's (hessian, gradient) with autograd: the backend's compiled node for a whole plan where
     it has one (`Backend.autograd_plan`: no Python in the backward), else `PenaltyFunction`."""
     if isinstance(plan, WholePlan):
-        template = problem.with_tensors(None, None)  # the node holds no reference to the inputs themselves
-
-        def double_backward(logits, features, targets, alpha, beta):
-            return create_graph_grads(plan.feature_form(), template.with_tensors(logits, features, targets),
-                                      logits, features, alpha, beta)
-
-        node = backend.autograd_plan(problem, plan.plan_spec(problem), double_backward)
+        node = backend.autograd_plan(problem, plan.plan_spec(problem))
         if node is not None:
             check_deferred_values(problem, node[1])
             return node

@@ -184,7 +184,7 @@ def test_host_breakdown_smoke():
 
 
 def test_native_ab_smoke():
-    if importlib.util.find_spec("hgkernels._native_cpu") is None:
+    if importlib.util.find_spec("hgkernels._native") is None:
         pytest.skip("the native CPU module is not built")
     result = _run(["benchmarks/native_ab.py", "--smoke"])
     assert "| smoke-ce | exact Hutchinson | forward |" in result.stdout and "| HGP | backward |" in result.stdout

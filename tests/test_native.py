@@ -1,4 +1,4 @@
-"""The native backend (csrc/, hgkernels._native_cpu / _native_cuda) against the torch backend and
+"""The native backend's kernels (csrc/, hgkernels._native) against the torch backend and
 the generic-autograd reference: float64 to 1e-10 relative on the same randomized matrix as
 test_parity.py, both primitives directly, float32/bfloat16 precision, determinism across runs
 and thread counts, non-contiguous inputs, and backend="auto" choosing native on CPU.
@@ -6,7 +6,6 @@ and thread counts, non-contiguous inputs, and backend="auto" choosing native on 
 Skipped with the import error when the extension is not built, except under CI=true, where
 the build is part of the job and a missing module must fail.
 """
-import importlib
 import os
 import random
 
@@ -24,23 +23,14 @@ LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
 RTOL = 1e-10
 
 
-def _load(module: str):
-    try:
-        return importlib.import_module(module), None
-    except ImportError as err:
-        return None, f"{module} is not built: {err}"
-
-
-_CPU, _CPU_ERROR = _load("hgkernels._native_cpu")
-if _CPU is None:
+if native_backend.NATIVE_ERROR is not None:
     if os.environ.get("CI", "").lower() == "true":
-        raise ImportError(f"CI builds the native extension, but {_CPU_ERROR}")
-    pytest.skip(_CPU_ERROR, allow_module_level=True)
-_CUDA, _CUDA_ERROR = _load("hgkernels._native_cuda")
+        raise ImportError(f"CI builds the native extension, but {native_backend.NATIVE_ERROR}")
+    pytest.skip(native_backend.NATIVE_ERROR, allow_module_level=True)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    _CUDA is None or not torch.cuda.is_available(),
-    reason=_CUDA_ERROR or "no CUDA device: the CUDA kernels compile here but cannot run"))]
+    not native_backend._NATIVE.HAS_CUDA or not torch.cuda.is_available(),
+    reason="no CUDA device: the CUDA kernels compile here but cannot run"))]
 
 
 def _grads(fn, case, backend, device="cpu", dtype=None, **kwargs):
@@ -125,8 +115,8 @@ def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
     ran = []
     node_plan, whole_plan = native_backend.NativeBackend.autograd_plan, native_backend.NativeBackend.plan_forward
 
-    def spy_node(self, problem, spec, double_backward):
-        out = node_plan(self, problem, spec, double_backward)
+    def spy_node(self, problem, spec):
+        out = node_plan(self, problem, spec)
         if out is not None:
             ran.append(("node", spec.method))
         return out
@@ -136,9 +126,8 @@ def test_cpu_plans_run_whole_and_match_the_python_plans(seed, monkeypatch):
                         lambda self, problem, spec: ran.append(("plan", spec.method)) or whole_plan(self, problem, spec))
     first = _grads(fn, case, "native", **opts)
     whole_head = _head_grads("hutchinson" if method == "exact" else method, case, **opts)
-    first_path = "node" if native_backend.AUTOGRAD_ERROR is None else "plan"
-    assert ran == [(first_path, method), ("plan", method)]
-    monkeypatch.setattr(native_backend.NativeBackend, "autograd_plan", lambda self, problem, spec, db: None)
+    assert ran == [("node", method), ("plan", method)]
+    monkeypatch.setattr(native_backend.NativeBackend, "autograd_plan", lambda self, problem, spec: None)
     whole = _grads(fn, case, "native", **opts)
     assert ran[-1] == ("plan", method)
     for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), first, whole):
@@ -357,47 +346,6 @@ def test_auto_leaves_large_cpu_heads_to_torch_but_native_still_runs_them():
     assert backends.select("native", problem).name == "native"
 
 
-def _op_arguments():
-    from hgkernels.backends.native import _operands
-    case = make_case(3, loss="cross_entropy", bias=True, sizes=[4, 1, 6], num_classes=3, num_features=5)
-    problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
-    gen = torch.Generator().manual_seed(0)
-    mats = [torch.randn(3, rows, 6, generator=gen, dtype=torch.float64) for rows in (3, 6, 6, 3)]
-    return _operands(problem, "curvature"), mats
-
-
-def test_custom_ops_pass_opcheck():
-    """Schema, fake (shape-only) implementation and dispatch of the two native custom ops."""
-    from hgkernels.backends.native import native_head_stats, native_per_sample_backward
-    operands, (lam, dirs, ups, gam) = _op_arguments()
-    for flags in ((True, True, dirs), (True, False, None), (False, False, dirs)):
-        torch.library.opcheck(native_head_stats, (*operands, *flags))
-    for upstream in ((lam, dirs, ups, gam), (None, None, None, gam), (lam, None, None, None)):
-        torch.library.opcheck(native_per_sample_backward, (*operands, *upstream))
-
-
-def test_custom_op_compiles_fullgraph():
-    from hgkernels.backends.native import native_head_stats
-    operands, (_, dirs, _, _) = _op_arguments()
-    compiled = torch.compile(native_head_stats, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(*operands, True, True, dirs), native_head_stats(*operands, True, True, dirs))
-
-
-def test_penalty_under_torch_compile_takes_the_custom_ops(monkeypatch):
-    """Traced by torch.compile, the backend calls the custom ops (eager calls skip their dispatch), and
-    autograd differentiates them through their registered formula, the per-sample backward."""
-    from hgkernels.backends import native
-    calls = []
-    for name in ("native_head_stats", "native_per_sample_backward"):
-        op = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
-    case = make_case(21, loss="cross_entropy", bias=True, sizes=[5, 8], num_classes=3, num_features=4)
-    eager = penalty_and_grads(hk.hutchinson_penalty, case, backend="native")
-    assert calls == []
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = penalty_and_grads(hk.hutchinson_penalty, case, backend="native", num_envs=2)
-    assert calls == ["native_head_stats", "native_per_sample_backward"]
-    _compare(traced, eager, 1e-12, "custom ops differentiated by autograd vs the hand-written backward")
 
 
 def test_eager_calls_do_not_import_dynamo():

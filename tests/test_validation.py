@@ -96,7 +96,7 @@ def test_bad_hvp_vector():
 
 def test_unavailable_backend_is_a_clear_error(monkeypatch):
     from hgkernels import backends
-    monkeypatch.setitem(backends._INSTANCES, "native", "ImportError: hgkernels._native_cpu is not built")
+    monkeypatch.setitem(backends._INSTANCES, "native", "ImportError: hgkernels._native is not built")
     with pytest.raises(ValueError, match="backend='native' is not available"):
         call(backend="native")
 

@@ -50,9 +50,9 @@ def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Option
 
 
 class PlanSpec(NamedTuple):
-    """What a backend that runs a whole penalty plan needs (`Backend.plan_forward`): the plan's method
-    ("exact": ExactDiagPlan, "hgp": HGPPlan), R_e, and HGP's reference options (``pooled``: H_bar G_bar
-    with E > 1)."""
+    """What a backend that runs a whole penalty plan needs (`Backend.plan_forward`), in the order the native
+    operators take it: the plan's method (its class's ``method``: "exact" for ExactDiagPlan, "hgp" for
+    HGPPlan), R_e, and HGP's reference options (``pooled``: H_bar G_bar with E > 1)."""
 
     method: str
     weight: float
@@ -116,9 +116,8 @@ class Backend:
         """The plan's backward from `plan_forward`'s state, returning what `per_sample_backward` returns."""
         raise NotImplementedError
 
-    def autograd_plan(self, problem: HeadProblem, spec: PlanSpec, double_backward
-                      ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def autograd_plan(self, problem: HeadProblem, spec: PlanSpec) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """A whole plan as one compiled autograd node: (hessian, gradient) whose backward runs without
-        Python, or None where `_penalty.PenaltyFunction` should run (the default). The node calls
-        ``double_backward(logits, features, targets, alpha, beta)`` for a create_graph=True backward."""
+        Python, or None where `_penalty.PenaltyFunction` should run (the default). For a create_graph=True
+        backward the node differentiates the plan rebuilt from ``spec`` (`penalties.registry.whole_plan`)."""
         return None

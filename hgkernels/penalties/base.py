@@ -104,10 +104,17 @@ class WholePlan(Plan):
     `penalty_function`) or one call per direction (`Backend.plan_forward`: the native CPU module's C++
     plans); otherwise its own algebra runs on the backend's two primitives."""
 
+    method: str  # the plan's name in PlanSpec (and in the native operators)
     backend_state: Optional[torch.Tensor] = None  # plan_forward's state, when the backend ran the plan
 
     def plan_spec(self, problem: HeadProblem) -> PlanSpec:
         """What a backend needs to run this plan whole (also sets the plan's own options for `forward`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec) -> "WholePlan":
+        """A plan with the penalty `spec` describes: what a backend's node differentiates for a
+        create_graph=True backward, holding no plan object (`Backend.autograd_plan`)."""
         raise NotImplementedError
 
     def run_whole(self, backend: Backend, problem: HeadProblem, spec: PlanSpec):

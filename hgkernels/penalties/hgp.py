@@ -75,10 +75,19 @@ def setup(logits, features, labels, envs, *, loss, bias, reference, env_reductio
 class HGPPlan(WholePlan):
     """HGP: S_e = H_e G_e; S_ref = H_bar G_bar (pooled, official) or mean_e H_e G_e."""
 
+    method = "hgp"
+
     def __init__(self, env_reduction: str, detach_reference: bool, reference: str):
         self.env_reduction = env_reduction
         self.detach_reference = detach_reference
         self.reference = reference
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec) -> "HGPPlan":
+        # R_e = 1 is 'sum' (or 'mean' over one environment); not pooled is 'mean' (or one environment,
+        # where the two references coincide): the same penalty either way
+        return cls("sum" if spec.weight == 1.0 else "mean", spec.detach_reference,
+                   "pooled" if spec.pooled else "mean")
 
     def feature_form(self, generator_state=None) -> "HGPPlan":
         return HGPPlan(self.env_reduction, self.detach_reference, self.reference)
@@ -88,7 +97,7 @@ class HGPPlan(WholePlan):
         self.weight = env_weight(self.env_reduction, e)
         # With one environment the pooled and mean references coincide; the mean keeps the penalty exactly 0.
         self.pooled = self.reference == "pooled" and e > 1
-        return PlanSpec("hgp", self.weight, self.pooled, self.detach_reference)
+        return PlanSpec(self.method, self.weight, self.pooled, self.detach_reference)
 
     def forward(self, backend: Backend, problem: HeadProblem):
         whole = self.run_whole(backend, problem, self.plan_spec(problem))

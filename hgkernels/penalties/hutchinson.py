@@ -146,16 +146,23 @@ def _generator_for(device: torch.device, generator: Optional[torch.Generator]) -
 class ExactDiagPlan(WholePlan):
     """Hutchinson method with the exact head-Hessian diagonal: S_e = Dg_e, S_ref = mean_e Dg_e."""
 
+    method = "exact"
+
     def __init__(self, env_reduction: str, detach_reference: bool):
         self.env_reduction = env_reduction
         self.detach_reference = detach_reference
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec) -> "ExactDiagPlan":
+        # R_e = 1 is 'sum', or 'mean' over one environment: the same penalty
+        return cls("sum" if spec.weight == 1.0 else "mean", spec.detach_reference)
 
     def feature_form(self, generator_state=None) -> "ExactDiagPlan":
         return ExactDiagPlan(self.env_reduction, self.detach_reference)
 
     def plan_spec(self, problem: HeadProblem) -> PlanSpec:
         self.weight = env_weight(self.env_reduction, problem.segments.num_envs)
-        return PlanSpec("exact", self.weight, False, self.detach_reference)
+        return PlanSpec(self.method, self.weight, False, self.detach_reference)
 
     def forward(self, backend: Backend, problem: HeadProblem):
         whole = self.run_whole(backend, problem, self.plan_spec(problem))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Mapping, NamedTuple, Optional
 
+from ..backends.base import PlanSpec
 from . import full_hessian, hgp, hutchinson
+from .base import WholePlan
 
 
 class PenaltyEntry(NamedTuple):
@@ -29,3 +31,10 @@ PENALTIES: Dict[str, PenaltyEntry] = {
     # the Gram form has no fused head path: it takes the logits-based one
     "full_hessian": PenaltyEntry(full_hessian.full_hessian_penalty, full_hessian.OPTIONS, full_hessian.CHOICES),
 }
+
+# The plans a backend may run whole (`WholePlan`), by their PlanSpec method.
+WHOLE_PLANS = {plan.method: plan for plan in (hutchinson.ExactDiagPlan, hgp.HGPPlan)}
+
+
+def whole_plan(spec: PlanSpec) -> WholePlan:
+    return WHOLE_PLANS[spec.method].from_spec(spec)

@@ -1,6 +1,8 @@
-"""The compiled autograd node (csrc/autograd.cpp, `hgkernels._native_autograd`): the C++ plans as one
-autograd node, whose backward runs without Python. It must change no value (bitwise the Python autograd
-Function over the same plans) and keep the Function's autograd behaviour."""
+"""The native operators (csrc/ops.cpp, `torch.ops.hgkernels`), the one way into the kernels: their schemas,
+shape functions and autograd rules (opcheck, torch.compile fullgraph), the layouts they refuse, the module's
+refusal of another torch, and the `penalty` operator's autograd node, whose backward runs without Python.
+The node must change no value (bitwise the Python autograd Function over the same plans) and keep the
+Function's autograd behaviour."""
 import os
 import weakref
 
@@ -8,22 +10,25 @@ import pytest
 import torch
 
 import hgkernels as hk
-from _helpers import assert_close
+from hgkernels._inputs import prepare
+from _helpers import assert_close, make_case, penalty_and_grads
 from test_trust import PENALTIES, _case
 
+OPS = torch.ops.hgkernels
+
 def _node_required():
-    """The node is built wherever torch is installed before hgkernels (CI: required)."""
+    """The module is built wherever torch is installed before hgkernels (CI: required)."""
     from hgkernels.backends import native
-    if native.AUTOGRAD_ERROR is not None:
+    if native.NATIVE_ERROR is not None:
         if os.environ.get("CI", "").lower() == "true":
-            raise AssertionError(f"CI builds hgkernels._native_autograd, but {native.AUTOGRAD_ERROR}")
-        pytest.skip(native.AUTOGRAD_ERROR)
+            raise AssertionError(f"CI builds hgkernels._native, but {native.NATIVE_ERROR}")
+        pytest.skip(native.NATIVE_ERROR)
 
 
 def _function_path(monkeypatch):
     """Make the same calls run the Python PenaltyFunction (over the same C++ plans) instead of the node."""
     from hgkernels.backends import native
-    monkeypatch.setattr(native.NativeBackend, "autograd_plan", lambda self, problem, spec, db: None)
+    monkeypatch.setattr(native.NativeBackend, "autograd_plan", lambda self, problem, spec: None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -101,9 +106,9 @@ def test_autograd_node_refuses_forward_mode_ad():
             hk.hutchinson_penalty(dual, case.features, case.labels, case.envs)
 
 
-def test_autograd_node_refuses_another_torch_and_the_function_serves():
-    """The node's module is on the torch C++ ABI: against another torch version than its build's it
-    refuses to load (ImportError at import), and the penalties run through the Python Function."""
+def test_native_module_refuses_another_torch_and_the_torch_backend_serves():
+    """The module is on the torch C++ ABI: against another torch version than its build's it refuses to
+    load (ImportError at import), and the penalties run on the torch backend."""
     _node_required()
     import subprocess
     import sys
@@ -112,7 +117,7 @@ def test_autograd_node_refuses_another_torch_and_the_function_serves():
         "torch.__version__ = '0.0.0-not-the-build'\n"
         "import hgkernels as hk\n"
         "from hgkernels.backends import native\n"
-        "assert 'built against torch' in native.AUTOGRAD_ERROR, native.AUTOGRAD_ERROR\n"
+        "assert 'built against torch' in native.NATIVE_ERROR, native.NATIVE_ERROR\n"
         "lg = torch.randn(9, 3, requires_grad=True); ft = torch.randn(9, 4)\n"
         "pen = hk.hgp_penalty(lg, ft, torch.randint(0, 3, (9,)), [4, 5])\n"
         "assert pen.hessian.grad_fn.name() != 'HessianAlignmentPenaltyBackward'\n"
@@ -166,7 +171,7 @@ def test_autograd_node_reads_negated_and_zero_upstream_gradients():
     assert name == "HessianAlignmentPenaltyBackward"
     import hgkernels.backends.native as native
     original = native.NativeBackend.autograd_plan
-    native.NativeBackend.autograd_plan = lambda self, problem, spec, db: None
+    native.NativeBackend.autograd_plan = lambda self, problem, spec: None
     try:
         name, want = grads()
     finally:
@@ -245,20 +250,108 @@ def test_autograd_node_and_compiled_autograd():
     torch._dynamo.reset()
 
 
-def test_autograd_node_entry_refuses_layouts_it_cannot_read():
-    """The node's entry point reads raw memory: tensors outside its layout (which native.py never passes)
-    raise instead of being misread."""
+def test_operators_refuse_layouts_they_cannot_read():
+    """The operators read raw memory: tensors outside their layout (which native.py never passes) raise
+    instead of being misread, at every entry."""
     _node_required()
-    from hgkernels._inputs import prepare
-    from hgkernels.backends import native
     case = _case(39)
     problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
     seg = problem.segments
     good = [case.logits, case.features, problem.targets, seg.order, seg.offsets, seg.env_ids]
     bad = {1: case.features.t().contiguous().t(), 2: problem.targets.to(torch.int32), 3: seg.order.to(torch.int32),
-           0: case.logits.to(torch.float16)}
-    for k, tensor in bad.items():
-        args = list(good)
-        args[k] = tensor
-        with pytest.raises(RuntimeError, match="layout it reads"):
-            native._AUTOGRAD.plan_penalty(*args, 0, True, 1, 1 / 3, True, True, None)
+           0: case.logits.to(torch.float16), 4: seg.offsets[:1], 5: seg.env_ids[:-1]}
+    plan = ("cross_entropy", True, "hgp", 1 / 3, True, True)
+    entries = {"penalty": lambda *a: OPS.penalty(*a, *plan),
+               "plan_forward": lambda *a: OPS.plan_forward(*a, *plan),
+               "head_stats": lambda *a: OPS.head_stats(*a, "cross_entropy", True, False, True, True, None),
+               "per_sample_backward": lambda *a: OPS.per_sample_backward(*a, "cross_entropy", True, False, None,
+                                                                         None, None, None, None, None)}
+    for name, entry in entries.items():
+        entry(*good)  # the good layout runs
+        for k, tensor in bad.items():
+            args = list(good)
+            args[k] = tensor
+            with pytest.raises(RuntimeError, match="layout the kernels read"):
+                entry(*args)
+    with pytest.raises(RuntimeError, match="loss must be"):
+        OPS.head_stats(*good, "hinge", True, False, True, True, None)
+    with pytest.raises(RuntimeError, match="plan method must be"):
+        OPS.plan_forward(*good, "cross_entropy", True, "fishr", 1.0, False, False)
+    state = OPS.plan_forward(*good, *plan)[0]
+    with pytest.raises(RuntimeError, match="not the one its plan_forward wrote"):
+        OPS.plan_backward(*good, *plan, state[1:], 1.0, 1.0, None, None)
+
+
+def _op_arguments():
+    from hgkernels.backends.native import _operands
+    case = make_case(3, loss="cross_entropy", bias=True, sizes=[4, 1, 6], num_classes=3, num_features=5)
+    problem = prepare(case.logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(3, rows, 6, generator=gen, dtype=torch.float64) for rows in (3, 6, 6, 3)]
+    return _operands(problem), mats
+
+
+def test_primitive_operators_pass_opcheck():
+    """Schema, shape function, autograd rule and dispatch of the two primitives' operators."""
+    _node_required()
+    operands, (lam, dirs, ups, gam) = _op_arguments()
+    for flags in ((True, True, dirs), (True, False, None), (False, False, dirs)):
+        for square_residual in (False, True):
+            torch.library.opcheck(OPS.head_stats.default, (*operands, square_residual, *flags))
+    for upstream in ((lam, dirs, ups, gam), (None, None, None, gam), (lam, None, None, None)):
+        torch.library.opcheck(OPS.per_sample_backward.default, (*operands, False, *upstream, None, None))
+
+
+def test_head_stats_operator_gradient_matches_the_torch_backend():
+    """head_stats' C++ autograd rule (the per-sample backward, and H_e U for the directions) against
+    autograd through the torch backend's statistics, float64."""
+    _node_required()
+    from hgkernels.backends import load
+    operands, (_, dirs, _, _) = _op_arguments()
+    logits, features = (t.detach().requires_grad_() for t in operands[:2])
+    dirs = dirs.requires_grad_()
+    out = OPS.head_stats(logits, features, *operands[2:], False, True, True, dirs)
+    upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    ours = torch.autograd.grad(out, (logits, features, dirs), upstream)
+    case = make_case(3, loss="cross_entropy", bias=True, sizes=[4, 1, 6], num_classes=3, num_features=5)
+    lg, ft, dr = (t.detach().requires_grad_() for t in (case.logits, case.features, dirs))
+    problem = prepare(lg, ft, case.labels, case.envs, loss="cross_entropy", bias=True)
+    stats = load("torch").head_stats(problem, gradient=True, hess_diag=True, hvp_dirs=dr.view(3, 2, 3, 6))
+    theirs_out = torch.cat([stats.grad, stats.hess_diag, stats.hvp.reshape(3, 6, 6)], 1)
+    assert_close(out, theirs_out, 1e-12, "statistics")
+    theirs = torch.autograd.grad(theirs_out, (lg, ft, dr), upstream)
+    for name, a, b in zip(("logits", "features", "directions"), ours, theirs):
+        assert_close(a, b, 1e-10, name)
+
+
+def test_primitive_operator_compiles_fullgraph():
+    _node_required()
+    operands, (_, dirs, _, _) = _op_arguments()
+    compiled = torch.compile(lambda *a: OPS.head_stats(*a), fullgraph=True, backend="aot_eager")
+    args = (*operands, False, True, True, dirs)
+    assert torch.equal(compiled(*args), OPS.head_stats(*args))
+
+
+def test_penalty_under_torch_compile_takes_the_primitive_operators(monkeypatch):
+    """In eager mode a default penalty is one `penalty` operator call; traced by torch.compile, the backend
+    calls the head_stats operator, which autograd differentiates through its C++ rule (the per-sample
+    backward), equal to the hand-written backward."""
+    _node_required()
+    from hgkernels.backends import native
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            op = getattr(OPS, name)
+            return lambda *a: calls.append(name) or op(*a)
+
+    monkeypatch.setattr(native, "_OPS", Recording())
+    case = make_case(21, loss="cross_entropy", bias=True, sizes=[5, 8], num_classes=3, num_features=4)
+    eager = penalty_and_grads(hk.hutchinson_penalty, case, backend="native")
+    assert calls == ["penalty"]
+    calls.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = penalty_and_grads(hk.hutchinson_penalty, case, backend="native", num_envs=2)
+    assert calls == ["head_stats"]
+    for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), traced, eager):
+        assert_close(a, b, 1e-12, f"operators differentiated by autograd vs the hand-written backward: {name}")
