@@ -8,6 +8,8 @@ from typing import List, Optional, Union
 
 import torch
 
+import hgkernels as hk
+
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (0 when both vanish)."""
@@ -92,3 +94,25 @@ def start_ranks(worker, world: int, directory, init_name: str, *args):
     for p in procs:
         p.start()
     return procs, results
+
+
+CLOSED_FORM = ["torch", "native"]
+# (backend, form) pairs that every call can take on CPU
+ALL_PATHS = [("torch", "feature"), ("native", "feature"), ("torch", "sample"), ("reference", "feature"),
+             ("triton", "feature")]
+FORMS = ["feature", "sample"]
+PENALTIES = {"hutchinson": hk.hutchinson_penalty, "hgp": hk.hgp_penalty}
+
+
+def small_case(seed=0, loss="cross_entropy", sizes=(5, 7, 4), c=3, d=4, **kw):
+    """A small case with a bias column, 3 environments of unequal sizes by default."""
+    return make_case(seed, loss=loss, bias=True, sizes=list(sizes), num_classes=c, num_features=d, **kw)
+
+
+def head_inputs(case, dtype=torch.float64):
+    """A head W (leaf) producing the case's logits shape from its features: (W, features leaf)."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(case.logits.shape[1], case.features.shape[1], generator=gen, dtype=dtype, requires_grad=True)
+    feats = case.features.to(dtype).requires_grad_(True)
+    return w, feats
+

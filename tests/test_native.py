@@ -16,7 +16,7 @@ import hgkernels as hk
 from hgkernels import backends
 from hgkernels._inputs import prepare
 from hgkernels.backends import native as native_backend
-from _helpers import assert_close, make_case, penalty_and_grads
+from _helpers import PENALTIES, assert_close, make_case, penalty_and_grads, small_case
 from test_parity import random_config
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
@@ -359,3 +359,21 @@ def test_eager_calls_do_not_import_dynamo():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("method", sorted(PENALTIES))
+def test_native_feature_form_bitwise_across_threads(method):
+    case = small_case(14, sizes=(3000, 2500), c=4, d=40, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            logits, feats = case.leaves()
+            pen = PENALTIES[method](logits, feats, case.labels, case.envs, backend="native", form="feature")
+            grads = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+            runs.append((pen.hessian, pen.gradient, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

@@ -12,7 +12,7 @@ import torch
 import hgkernels as hk
 from hgkernels._inputs import prepare
 from _helpers import assert_close, make_case, penalty_and_grads
-from test_trust import PENALTIES, _case
+from _helpers import PENALTIES, small_case as _case
 
 OPS = torch.ops.hgkernels
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import hgkernels as hk
+from _helpers import ALL_PATHS, CLOSED_FORM, assert_close, small_case
 
 
 def good(n=6, c=3, d=4):
@@ -139,3 +140,77 @@ def test_a_head_that_is_not_an_nn_linear_says_how_to_use_the_logits_path(head):
     with pytest.raises(TypeError, match=rf"only as an nn.Linear .*got {type(head).__name__}.*"
                                         r"criterion\(logits, features, labels, envs\)"):
         criterion(head, args["features"], args["labels"], args["envs"])
+
+
+@pytest.mark.parametrize("backend", CLOSED_FORM)
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "mse"])
+def test_targets_requiring_grad_raise_on_closed_forms(backend, loss):
+    case = small_case(6, loss=loss)
+    targets = case.labels.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="labels requires grad"):
+        hk.hutchinson_penalty(case.logits, case.features, targets, case.envs, loss=loss, backend=backend)
+    # the reference path differentiates through them, and no_grad needs no target gradient
+    pen = hk.hutchinson_penalty(case.logits, case.features, targets, case.envs, loss=loss, backend="reference")
+    assert pen.gradient.requires_grad
+    with torch.no_grad():
+        hk.hutchinson_penalty(case.logits, case.features, targets, case.envs, loss=loss, backend=backend)
+
+
+@pytest.mark.parametrize("big", [2_000_000, 10**9, 2**62])
+def test_large_environment_id_is_a_short_error(big):
+    case = small_case(7)
+    envs = case.envs.clone()
+    envs[0] = big
+    with pytest.raises(ValueError, match="envs") as err:
+        hk.hutchinson_penalty(case.logits, case.features, case.labels, envs)
+    assert len(str(err.value)) < 300
+
+
+def test_many_missing_ids_are_listed_briefly():
+    case = small_case(8, sizes=(30, 30))
+    envs = case.envs * 2  # ids 0 and 2: id 1 is empty
+    with pytest.raises(ValueError, match=r"environment\(s\) \[1\] of 3 have no samples"):
+        hk.hutchinson_penalty(case.logits, case.features, case.labels, envs)
+    envs = case.envs * 25  # ids 0 and 25: 24 empty environments, listed briefly
+    with pytest.raises(ValueError, match=r"\(24 in all\)"):
+        hk.hutchinson_penalty(case.logits, case.features, case.labels, envs, num_envs=26)
+
+
+@pytest.mark.parametrize("backend,form", ALL_PATHS)
+@pytest.mark.parametrize("bad_label", [-1, 3, 1000])
+def test_out_of_range_label_without_validation_gives_nan(backend, form, bad_label):
+    case = small_case(9, dtype=torch.float32)
+    labels = case.labels.clone()
+    labels[4] = bad_label
+    logits, feats = case.leaves()
+    for fn in (hk.hutchinson_penalty, hk.hgp_penalty):
+        pen = fn(logits, feats, labels, case.envs, backend=backend, form=form, validate=False)
+        assert torch.isnan(pen.gradient)
+        d_logits, d_feats = torch.autograd.grad(pen.hessian + pen.gradient, (logits, feats))
+        assert torch.isnan(d_logits).all() and torch.isnan(d_feats).all()
+    # the exact Hessian diagonal does not depend on labels: it stays right
+    good = hk.hutchinson_penalty(case.logits, case.features, case.labels, case.envs, backend="torch")
+    bad = hk.hutchinson_penalty(case.logits, case.features, labels, case.envs, backend=backend, form=form,
+                                validate=False)
+    assert_close(bad.hessian, good.hessian, 1e-5, "label-free Hessian term")
+    with pytest.raises(ValueError, match="labels must lie in"):
+        hk.hutchinson_penalty(case.logits, case.features, labels, case.envs, backend=backend, form=form)
+
+
+@pytest.mark.parametrize("backend,form", ALL_PATHS)
+def test_structural_env_errors_are_raised_even_without_validation(backend, form):
+    case = small_case(10, dtype=torch.float32)
+    for envs, num_envs, match in ((case.envs, 4, "have no samples"), (case.envs + 1, None, r"\[0\] of 4"),
+                                  (case.envs, 2, "num_envs=2"), (case.envs - 1, None, "negative")):
+        with pytest.raises(ValueError, match=match):
+            hk.hgp_penalty(case.logits, case.features, case.labels, envs, num_envs=num_envs, backend=backend,
+                           form=form, validate=False)
+
+
+def test_module_options_are_checked_at_construction():
+    with pytest.raises(TypeError, match="estimator"):
+        hk.HessianAlignmentLoss("hgp", estimator="hutchinson")
+    with pytest.raises(ValueError, match="form"):
+        hk.HessianAlignmentLoss("hutchinson", form="gram")
+    with pytest.raises(TypeError, match="unexpected option 'alpha_weight'"):
+        hk.HessianAlignmentLoss("hutchinson", alpha_weight=1.0)
