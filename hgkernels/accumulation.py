@@ -24,13 +24,15 @@ one micro-batch plus the N × D features (and their gradient). The featurizer ru
 - ``process_group``: every rank accumulates its own micro-batches; the statistics are summed over ranks
   and micro-batches (the penalty's ``process_group``), the ERM term is the global mean_e L_e over all
   ranks' samples, and every rank ends with the global gradient: a featurizer wrapped in
-  ``DistributedDataParallel`` syncs in its last micro-batch's backward (``no_sync`` before it), a plain
+  ``DistributedDataParallel`` syncs in its last micro-batch's backward (``no_sync`` before it), one
+  sharded by FSDP2's ``fully_shard`` likewise (``set_requires_gradient_sync``), a plain
   featurizer's and the head's gradients (the head is read directly, so DDP cannot see it) are
   all-reduced here.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -72,6 +74,11 @@ def _is_ddp(module) -> bool:
     return isinstance(module, torch.nn.parallel.DistributedDataParallel)
 
 
+def _is_fsdp2(module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, getattr(fsdp, "FSDPModule", ()))
+
+
 def accumulated_backward(featurizer: torch.nn.Module, inputs: Sequence, objective: Callable, *,
                          process_group=None):
     """Back-propagate ``objective(features)`` through ``featurizer`` one micro-batch at a time.
@@ -82,8 +89,8 @@ def accumulated_backward(featurizer: torch.nn.Module, inputs: Sequence, objectiv
     uses (the head). Gradients accumulate into ``.grad`` as ``objective(featurizer(cat(inputs))).backward()``
     would, micro-batch statistics aside (BatchNorm). Returns what ``objective`` returned.
 
-    ``process_group``: only how the featurizer's gradient is synchronised (a DDP featurizer syncs in the
-    last micro-batch; a plain one is all-reduced, summed and divided by the world size, as DDP averages);
+    ``process_group``: only how the featurizer's gradient is synchronised (a DDP or FSDP2 featurizer syncs in
+    the last micro-batch; a plain one is all-reduced, summed and divided by the world size, as DDP averages);
     every rank must pass the same number of micro-batches. The objective makes its own collectives.
     """
     if not callable(featurizer):
@@ -115,7 +122,7 @@ def accumulated_backward(featurizer: torch.nn.Module, inputs: Sequence, objectiv
     end_state = _rng_state()
     d_features = features.grad
     params = [p for p in featurizer.parameters() if p.requires_grad]
-    own_sync = process_group is not None and not _is_ddp(featurizer)
+    own_sync = process_group is not None and not (_is_ddp(featurizer) or _is_fsdp2(featurizer))
     before = [None if p.grad is None else p.grad.clone() for p in params] if own_sync else None
     at = 0
     try:
@@ -123,6 +130,8 @@ def accumulated_backward(featurizer: torch.nn.Module, inputs: Sequence, objectiv
             _set_rng_state(states[k])
             last = k == len(inputs) - 1
             sync = featurizer.no_sync() if _is_ddp(featurizer) and not last else contextlib.nullcontext()
+            if _is_fsdp2(featurizer):  # FSDP2: reduce-scatter once, in the last micro-batch's backward
+                featurizer.set_requires_gradient_sync(last)
             with sync, torch.enable_grad():
                 part = featurizer(x)
                 n = part.shape[0]
@@ -131,6 +140,8 @@ def accumulated_backward(featurizer: torch.nn.Module, inputs: Sequence, objectiv
             at += n
     finally:
         _set_rng_state(end_state)
+        if _is_fsdp2(featurizer):
+            featurizer.set_requires_gradient_sync(True)
         with torch.no_grad():
             for b, saved in zip(bn_buffers, bn_saved):
                 b.copy_(saved)

@@ -193,3 +193,67 @@ def test_bad_inputs_name_the_argument():
         hk.accumulated_backward(featurizer, [batches[0][0]], 3)
     with pytest.raises(ValueError, match="inputs"):
         hk.accumulated_backward(featurizer, [], lambda z: z.sum())
+
+
+# ---------------------------------------------------------------- two gloo ranks (slow)
+
+def _rank_micro_batches(rank, world):
+    """This rank's share of the global batch (_micro_batches() concatenated), in two unequal micro-batches."""
+    x = torch.cat([b[0] for b in _micro_batches()])
+    y = torch.cat([b[1] for b in _micro_batches()])
+    ids = torch.cat([b[2] for b in _micro_batches()])
+    mine = torch.arange(x.shape[0])[rank::world]
+    cut = 2 if rank == 0 else len(mine) - 2
+    return [(x[mine[:cut]], y[mine[:cut]], ids[mine[:cut]]), (x[mine[cut:]], y[mine[cut:]], ids[mine[cut:]])]
+
+
+def _rank_worker(rank, world, init_file, results, cases):
+    import datetime
+    import traceback
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=60))
+        group = torch.distributed.group.WORLD
+        out = []
+        for method, wrap in cases:
+            featurizer, head = _models()
+            if wrap == "ddp":
+                featurizer = nn.parallel.DistributedDataParallel(featurizer)
+            elif wrap == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+                fully_shard(featurizer)
+            res = hk.exact_accumulation_step(featurizer, head, _rank_micro_batches(rank, world), method=method,
+                                             alpha=0.7, **({} if method == "fishr" else {"beta": 1.3}),
+                                             num_envs=E, process_group=group)
+            grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for p in [*featurizer.parameters(), *head.parameters()]]
+            out.append([float(res.total), float(res.erm), float(res.hessian),
+                        torch.cat([g.flatten() for g in grads]).tolist()])
+        results.put((rank, out))
+        torch.distributed.destroy_process_group()
+    except Exception:
+        results.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
+    from _helpers import start_ranks
+    cases = [("hgp", "ddp"), ("hutchinson", "plain"), ("full_hessian", "ddp"), ("fishr", "plain"), ("hgp", "fsdp2")]
+    procs, results = start_ranks(_rank_worker, 2, tmp_path, "init-accum", cases)
+    try:
+        got = dict(results.get(timeout=60 * (len(cases) + 2)) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for rank in range(2):
+        assert not isinstance(got[rank], str), got[rank]
+    for k, (method, wrap) in enumerate(cases):
+        total, erm, pen, grads = _full_batch(*_models(), _micro_batches(), method, 0.7, 1.3)
+        for rank in range(2):
+            r_total, r_erm, r_pen, r_grads = got[rank][k]
+            r_grads = torch.tensor(r_grads, dtype=torch.float64)
+            for name, a, b in (("total", r_total, total), ("erm", r_erm, erm), ("penalty", r_pen, pen)):
+                assert abs(a - float(b)) <= 1e-10 * abs(float(b)), f"{method}/{wrap} rank {rank} {name}: {a} vs {float(b)}"
+            assert_close(r_grads, torch.cat([g.flatten() for g in grads]), 1e-10, f"{method}/{wrap} rank {rank} gradients")
