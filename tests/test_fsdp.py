@@ -68,7 +68,7 @@ def _run_rank(case, rank, world, group):
         features = model.featurizer(xs)
         out = criterion(model.head, features, ys, envs)
     out.total.backward()
-    return [float(out.hessian), float(out.gradient), _gathered_grads(model)]
+    return [float(out.hessian.detach()), float(out.gradient.detach()), _gathered_grads(model)]
 
 
 def _worker(rank, world, init_file, results, cases):
@@ -115,7 +115,7 @@ CASES = [
 
 
 def _check(world, tmp_path):
-    errors = {"values": 0.0, "grads": 0.0}
+    errors = {"values": 0.0, "grads": 0.0, "values_abs": 0.0, "grads_abs": 0.0}
     for case, per_rank in zip(CASES, _spawn(world, CASES, tmp_path)):
         assert {status for status, _ in per_rank} == {"ok"}, f"{case}: {per_rank}"
         # test_distributed's one-process run (C = 3 for cross-entropy); BCE here has C = 3 soft targets
@@ -124,14 +124,16 @@ def _check(world, tmp_path):
         for _, (h, g, rank_grads) in per_rank:
             for got, want in ((h, hessian), (g, gradient)):
                 err = abs(got - want) / max(abs(want), 1e-30)
+                errors["values_abs"] = max(errors["values_abs"], abs(got - want))
                 errors["values"] = max(errors["values"], err)
                 assert err <= 1e-10, f"{case}: {got} vs {want}"
             rank_grads = torch.tensor(rank_grads, dtype=torch.float64)
             err = float((rank_grads - grads).abs().max() / grads.abs().max())
+            errors["grads_abs"] = max(errors["grads_abs"], float((rank_grads - grads).abs().max()))
             errors["grads"] = max(errors["grads"], err)
             assert err <= 1e-10, f"{case}: gradient relative error {err:.2e}"
-    print(f"FSDP2, {world} ranks: max relative difference, values {errors['values']:.1e}, "
-          f"gradients {errors['grads']:.1e}")
+    print(f"FSDP2, {world} ranks: max relative difference, values {errors['values']:.1e}, gradients "
+          f"{errors['grads']:.1e}; max absolute, values {errors['values_abs']:.1e}, gradients {errors['grads_abs']:.1e}")
 
 
 def _single_bce(case, world, num_classes):
@@ -147,7 +149,7 @@ def _single_bce(case, world, num_classes):
     erm = torch.stack([_local_erm(logits[p], y[p], ids[p], case["loss"], 3) if p.numel() else logits.sum() * 0
                        for p in parts]).mean()
     (ALPHA * pen.hessian + BETA * pen.gradient + erm).backward()
-    return float(pen.hessian), float(pen.gradient), torch.cat([p.grad.flatten() for p in model.parameters()])
+    return float(pen.hessian.detach()), float(pen.gradient.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):
