@@ -135,7 +135,7 @@ def accumulated_backward(featurizer: torch.nn.Module, inputs: Sequence, objectiv
             with sync, torch.enable_grad():
                 part = featurizer(x)
                 n = part.shape[0]
-                if part.requires_grad:
+                if part.requires_grad and d_features is not None:  # None: the objective ignores the features
                     part.backward(d_features[at:at + n])
             at += n
     finally:
