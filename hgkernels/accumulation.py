@@ -194,14 +194,22 @@ def _micro_batch_parts(micro_batches):
     return inputs, labels, ids, sizes_e
 
 
-def _agree(group, num_micro: int, local_e: int) -> int:
-    """Every rank's number of micro-batches must match (the featurizer's collectives); E is the ranks' max."""
-    packet = torch.tensor([num_micro, local_e], dtype=torch.int64)
+def _agree(group, error: Optional[Exception], num_micro: int, local_e: int) -> int:
+    """Before any other collective: a rank whose micro-batches were rejected (``error``) makes every rank
+    raise; every rank's number of micro-batches must match (the featurizer's collectives pair up by
+    call); E is the ranks' max. One all-gather of 24 bytes per rank."""
+    packet = torch.tensor([int(error is not None), num_micro, local_e], dtype=torch.int64)
     if dist.get_backend(group) == "nccl":
         packet = packet.cuda()
     parts = [torch.empty_like(packet) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packet, group=group)
-    rows = [p.tolist() for p in parts]
+    rows = [p.tolist()[1:] for p in parts]
+    failed = [r for r, p in enumerate(parts) if int(p[0])]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"micro_batches: rank(s) {failed} rejected their micro-batches (their own error says why; "
+                         "every rank raises)")
     if len({r[0] for r in rows}) > 1:
         have = ", ".join(f"rank {r} has {row[0]}" for r, row in enumerate(rows))
         raise ValueError(f"micro_batches: every rank must pass the same number of micro-batches ({have}; every rank "
@@ -257,14 +265,19 @@ def exact_accumulation_step(featurizer: torch.nn.Module, head: torch.nn.Linear, 
     elif beta is None:
         beta = 1.0
     group = options.get("process_group")
-    inputs, labels, ids, sizes_e = _micro_batch_parts(micro_batches)
-    num_envs = options.pop("num_envs", None)
-    if num_envs is None:
-        num_envs = sizes_e if sizes_e is not None else int(max(int(i.max()) for i in ids if i.numel()) + 1)
+    if group is not None and (not dist.is_available() or not dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    num_envs, error, inputs = options.pop("num_envs", None), None, []
+    try:
+        inputs, labels, ids, sizes_e = _micro_batch_parts(micro_batches)
+        if num_envs is None:
+            num_envs = sizes_e if sizes_e is not None else int(max(int(i.max()) for i in ids) + 1)
+    except (ValueError, TypeError) as err:
+        if group is None:
+            raise
+        error = err
     if group is not None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("process_group was given but torch.distributed is not initialized")
-        num_envs = _agree(group, len(inputs), num_envs)
+        num_envs = _agree(group, error, len(inputs), num_envs if isinstance(num_envs, int) else 0)
     labels, env_ids = torch.cat(labels), torch.cat(ids)
     loss = options.get("loss", "cross_entropy")
     has_bias = head.bias is not None

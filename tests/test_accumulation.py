@@ -217,11 +217,15 @@ def _rank_worker(rank, world, init_file, results, cases):
         out = []
         for method, wrap in cases:
             featurizer, head = _models()
-            if wrap == "mismatch":  # rank 1 passes one micro-batch more: every rank raises the same error
+            if wrap in ("mismatch", "rejected"):  # rank 1 passes one micro-batch more, or a bad one: all raise
                 batches = _rank_micro_batches(rank, world)
+                if wrap == "mismatch":
+                    batches = batches + batches[:rank]
+                elif rank == 1:
+                    batches[0] = (batches[0][0], batches[0][1], batches[0][2][:-1])
                 try:
-                    hk.exact_accumulation_step(featurizer, head, batches + batches[:rank], method=method,
-                                               num_envs=E, process_group=group)
+                    hk.exact_accumulation_step(featurizer, head, batches, method=method, num_envs=E,
+                                               process_group=group)
                     out.append("no error")
                 except ValueError as err:
                     out.append(str(err))
@@ -248,7 +252,7 @@ def _rank_worker(rank, world, init_file, results, cases):
 def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
     from _helpers import start_ranks
     cases = [("hgp", "ddp"), ("hutchinson", "plain"), ("full_hessian", "ddp"), ("fishr", "plain"), ("hgp", "fsdp2"),
-             ("hgp", "mismatch")]
+             ("hgp", "mismatch"), ("hgp", "rejected")]
     procs, results = start_ranks(_rank_worker, 2, tmp_path, "init-accum", cases)
     try:
         got = dict(results.get(timeout=60 * (len(cases) + 2)) for _ in range(2))
@@ -259,9 +263,11 @@ def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
                 p.kill()
     for rank in range(2):
         assert not isinstance(got[rank], str), got[rank]
-    messages = [got[rank][-1] for rank in range(2)]
+    messages = [got[rank][-2] for rank in range(2)]
     assert messages[0] == messages[1] and "rank 0 has 2, rank 1 has 3" in messages[0], messages
-    for k, (method, wrap) in enumerate(cases[:-1]):
+    rejected = [got[rank][-1] for rank in range(2)]
+    assert "rank(s) [1] rejected" in rejected[0] and "micro_batches[0]" in rejected[1], rejected
+    for k, (method, wrap) in enumerate(cases[:-2]):
         total, erm, pen, grads = _full_batch(*_models(), _micro_batches(), method, 0.7, 1.3)
         for rank in range(2):
             r_total, r_erm, r_pen, r_grads = got[rank][k]
