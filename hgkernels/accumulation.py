@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ._inputs import check_choice
-from .fused_head import HeadAlignment
+from .fused_head import HeadAlignment, is_dtensor
 from .losses import per_sample_loss
 from .module import env_mean_loss, linear_head_alignment
 from .penalties.fishr import fishr_penalty
@@ -255,6 +255,9 @@ def exact_accumulation_step(featurizer: torch.nn.Module, head: torch.nn.Linear, 
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"head must be the nn.Linear head itself (not wrapped in DDP or another module); "
                         f"got {type(head).__name__}")
+    if is_dtensor(head.weight):
+        raise TypeError("head: its weight is a DTensor (sharded by FSDP2's fully_shard): exact_accumulation_step reads "
+                        "the head's weight directly; keep the head unsharded (shard the featurizer only)")
     for name in ("bias", "ddp_reduction"):
         if name in options:
             raise TypeError(f"exact_accumulation_step sets {name} itself ({'the head decides it' if name == 'bias' else 'gradients come back averaged, as DDP does'}); drop the option")

@@ -217,6 +217,16 @@ def _rank_worker(rank, world, init_file, results, cases):
         out = []
         for method, wrap in cases:
             featurizer, head = _models()
+            if wrap == "fsdp2_head":
+                from torch.distributed.fsdp import fully_shard
+                fully_shard(head)
+                try:
+                    hk.exact_accumulation_step(featurizer, head, _rank_micro_batches(rank, world), method=method,
+                                               num_envs=E, process_group=group)
+                    out.append("no error")
+                except TypeError as err:
+                    out.append(str(err))
+                continue
             if wrap in ("mismatch", "rejected"):  # rank 1 passes one micro-batch more, or a bad one: all raise
                 batches = _rank_micro_batches(rank, world)
                 if wrap == "mismatch":
@@ -252,7 +262,7 @@ def _rank_worker(rank, world, init_file, results, cases):
 def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
     from _helpers import start_ranks
     cases = [("hgp", "ddp"), ("hutchinson", "plain"), ("full_hessian", "ddp"), ("fishr", "plain"), ("hgp", "fsdp2"),
-             ("hgp", "mismatch"), ("hgp", "rejected")]
+             ("hgp", "fsdp2_head"), ("hgp", "mismatch"), ("hgp", "rejected")]
     procs, results = start_ranks(_rank_worker, 2, tmp_path, "init-accum", cases)
     try:
         got = dict(results.get(timeout=60 * (len(cases) + 2)) for _ in range(2))
@@ -267,7 +277,8 @@ def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
     assert messages[0] == messages[1] and "rank 0 has 2, rank 1 has 3" in messages[0], messages
     rejected = [got[rank][-1] for rank in range(2)]
     assert "rank(s) [1] rejected" in rejected[0] and "micro_batches[0]" in rejected[1], rejected
-    for k, (method, wrap) in enumerate(cases[:-2]):
+    assert all("weight is a DTensor" in got[rank][-3] for rank in range(2)), [got[r][-3] for r in range(2)]
+    for k, (method, wrap) in enumerate(cases[:-3]):
         total, erm, pen, grads = _full_batch(*_models(), _micro_batches(), method, 0.7, 1.3)
         for rank in range(2):
             r_total, r_erm, r_pen, r_grads = got[rank][k]
