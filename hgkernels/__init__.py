@@ -12,9 +12,10 @@ from .penalties.fishr import FishrLoss, fishr_penalty
 from .head_statistics import HeadParams, head_gradient, head_gradient_variance, head_hessian_diag, head_hvp
 from .module import AlignmentLoss, HessianAlignmentLoss, env_mean_loss, linear_head_alignment
 from .fused_head import HeadAlignment
+from .accumulation import accumulated_backward, exact_accumulation_step
 
 __version__ = "0.1.0"
 
 __all__ = ["hutchinson_penalty", "hgp_penalty", "full_hessian_penalty", "fishr_penalty", "FishrLoss",
            "hessian_distance", "head_gradient", "head_gradient_variance", "head_hessian_diag", "head_hvp", "Penalty", "HeadParams", "HessianAlignmentLoss", "AlignmentLoss", "HeadAlignment", "linear_head_alignment",
-           "env_mean_loss"]
+           "env_mean_loss", "exact_accumulation_step", "accumulated_backward"]

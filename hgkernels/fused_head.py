@@ -11,6 +11,7 @@ the fresh buffer), so the features' gradient is written once, as in ERM alone.
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -117,6 +118,12 @@ def _name_non_finite_input(features, weight, bias) -> None:
                      "features and weight")
 
 
+def is_dtensor(t) -> bool:
+    """Whether `t` is a torch.distributed DTensor (none exists unless its module was imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def check_head_tensors(features, weight, bias, options: dict) -> None:
     """`linear_head_alignment`'s checks of the head's tensors (and that no bias= flag comes with them)."""
     for name, t in (("features", features), ("weight", weight)):
@@ -126,6 +133,13 @@ def check_head_tensors(features, weight, bias, options: dict) -> None:
         raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
     if "bias" in options:
         raise TypeError("linear_head_alignment takes the head's bias tensor (or None), not the bias= flag")
+    for name, t in (("features", features), ("weight", weight), ("bias", bias)):
+        if is_dtensor(t):
+            raise TypeError(
+                f"{name} is a DTensor (FSDP2's fully_shard keeps parameters sharded outside the module's forward, "
+                "and tensor parallelism shards them too): the fused head reads plain tensors. Shard the head with "
+                "its own fully_shard(head) and pass the module to HessianAlignmentLoss (calling it gathers the "
+                "weight: the logits-based path), or pass head(features) as logits")
     if features.dim() != 2:
         raise ValueError(f"features must have shape (N, D); got {tuple(features.shape)}")
     if weight.dim() != 2 or weight.shape[1] != features.shape[1]:

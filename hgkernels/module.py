@@ -101,7 +101,8 @@ class HessianAlignmentLoss(torch.nn.Module):
             raise ValueError(f"HessianAlignmentLoss(bias={not has_bias}) but the head {'has' if has_bias else 'has no'} "
                              "bias; drop the option (a head decides it)")
         if _has_forward_hooks(head) or type(head).forward is not torch.nn.Linear.forward:
-            # hooks, or a subclass's own forward, must see the head's call: the logits-based path
+            # hooks (FSDP2's fully_shard(head) gathers the sharded weight in one), or a subclass's own
+            # forward, must see the head's call: the logits-based path
             head_logits = head(features)
             return HeadAlignment(*self._with_logits(head_logits, features, labels, envs, dict(options, bias=has_bias)),
                                  head_logits)

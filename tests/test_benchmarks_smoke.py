@@ -195,3 +195,16 @@ def test_training_step_smoke():
     """The README's speed command, on tiny shapes: it checks ours against the official formulation first."""
     result = _run(["benchmarks/training_step.py", "--smoke"])
     assert "| official/ERM |" in result.stdout and "| smoke-ce | HGP |" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.slow  # four processes
+def test_accumulation_benchmark_smoke(tmp_path):
+    out = tmp_path / "accumulation.md"
+    result = _run(["benchmarks/accumulation.py", "--smoke", "--threads", "1", "--out", str(out)])
+    assert out.read_text() in result.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| way") and not line.startswith("| penalty")}
+    assert {"full", "exact", "naive", "hgp", "hutchinson", "full_hessian", "fishr"} <= set(rows)
+    for method in ("hgp", "hutchinson", "full_hessian", "fishr"):
+        naive, exact = rows[method][2].split("/")  # gradient of the whole objective: naive / exact
+        assert float(exact) < 1e-4 < float(naive), (method, rows[method])

@@ -442,3 +442,33 @@ def test_benchmark_smoke_runs():
     out = _subprocess([os.path.join("benchmarks", "domainbed_update.py"), "--smoke"], [ROOT])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| FishrClosedForm" in out.stdout and "| HGP" in out.stdout
+
+
+@pytest.mark.parametrize("name,over", [
+    ("HGP", {}), ("Hutchinson", {"hutchinson_probes": 3}), ("FishrClosedForm", {"penalty_anneal_iters": 1}),
+    ("Hutchinson", {"featurizer_per_env": True}),
+])
+def test_accumulation_steps_give_the_one_pass_update(db, name, over):
+    """accumulation_steps=2 (and 3, with a micro-batch one sample short) updates the network as 1 does."""
+    hp = _hparams(db, name, mlp_dropout=0.0, **over)
+    if name != "FishrClosedForm":
+        hp.update(penalty_alpha=3.0, penalty_beta=2.0)
+    else:
+        hp.update({"lambda": 50.0})
+    batches = [(11, _minibatches(1)), (12, _minibatches(2, sizes=(5, 4, 6)))]
+    one = _build(db, name, dict(hp, accumulation_steps=1))
+    logs_one = _run_ours(one, batches)
+    for steps in (2, 3):
+        acc = _build(db, name, dict(hp, accumulation_steps=steps))
+        logs = _run_ours(acc, batches)
+        _assert_close_logs(logs, logs_one)
+        _assert_close_params(acc.network, one.network)
+    moved = max((a - b).abs().max().item() for a, b in zip(one.network.parameters(),
+                                                           _build(db, name, hp).network.parameters()))
+    assert moved > 1e-6
+
+
+def test_accumulation_steps_is_checked(db):
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="accumulation_steps"):
+            _build(db, "HGP", _hparams(db, "HGP", accumulation_steps=bad))

@@ -44,6 +44,15 @@ pass because it is E times fewer featurizer calls and is exact for DomainBed's M
 (GroupNorm), and for its ResNet with ``freeze_bn``; set True to reproduce the official HGP/Hutchinson
 runs with a BatchNorm featurizer.
 
+``accumulation_steps`` (hparam, default 1): 1 is the one pass above. K > 1 splits each environment's
+minibatch into K parts (``tensor_split``); micro-batch k holds part k of every environment (of one
+environment with ``featurizer_per_env``) and the update back-propagates the same objective on all
+of them exactly, one micro-batch at a time (`hgkernels.accumulated_backward`: the features of all
+micro-batches are kept, the featurizer runs twice per sample, its activations are those of one
+micro-batch). Values and the updated parameters equal K = 1 up to rounding, except for a featurizer
+whose training-mode forward mixes samples (BatchNorm: per-micro-batch statistics) or draws random
+numbers (dropout: masks drawn per micro-batch, replayed exactly in the second pass).
+
 Both penalties run with ``validate=False`` (no per-step scans of the data that would synchronise a
 GPU; the environment structure is still checked, and bad labels fail in the cross-entropy).
 """
@@ -55,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import FishrLoss, linear_head_alignment
+from .. import FishrLoss, accumulated_backward, linear_head_alignment
 from . import require_domainbed
 
 _db_algorithms, networks = require_domainbed("algorithms", "networks")
@@ -82,6 +91,11 @@ class _LinearHeadAlgorithm(Algorithm):
             raise TypeError(f"{name} needs networks.Classifier to be an nn.Linear head; "
                             f"got {type(self.classifier).__name__}")
         self.network = nn.Sequential(self.featurizer, self.classifier)
+        self.accumulation_steps = self.hparams.get("accumulation_steps", 1)
+        if (not isinstance(self.accumulation_steps, int) or isinstance(self.accumulation_steps, bool)
+                or self.accumulation_steps < 1):
+            raise ValueError(f"hparams['accumulation_steps'] must be an int >= 1 (1 = no accumulation); "
+                             f"got {self.accumulation_steps!r}")
         self.register_buffer("update_count", torch.tensor([0]))
         self._init_optimizer()
 
@@ -98,6 +112,28 @@ class _LinearHeadAlgorithm(Algorithm):
         else:
             features = self.featurizer(torch.cat([x for x, _ in minibatches]))
         return features, labels, sizes
+
+    def _micro_batches(self, minibatches) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``accumulation_steps`` featurizer inputs (times E with ``featurizer_per_env``), and the labels
+        and environment ids of their concatenation."""
+        steps, per_env = self.accumulation_steps, self.hparams.get("featurizer_per_env", False)
+        parts = [(x.tensor_split(steps), y.tensor_split(steps)) for x, y in minibatches]
+        inputs, labels, ids = [], [], []
+        for k in range(steps):
+            chunk = [(e, xs[k], ys[k]) for e, (xs, ys) in enumerate(parts) if xs[k].shape[0]]
+            for group in ([[c] for c in chunk] if per_env else [chunk] if chunk else []):
+                inputs.append(torch.cat([x for _, x, _ in group]))
+                labels += [y for _, _, y in group]
+                ids += [torch.full((y.shape[0],), e, dtype=torch.int64, device=y.device) for e, _, y in group]
+        return inputs, torch.cat(labels), torch.cat(ids)
+
+    def _accumulated_step(self, inputs, objective):
+        """One optimizer step on ``objective(features)`` (returning (loss, out)), back-propagated one
+        micro-batch at a time; returns out."""
+        self.optimizer.zero_grad()
+        _, out = accumulated_backward(self.featurizer, inputs, objective)
+        self.optimizer.step()
+        return out
 
     def _features_and_logits(self, minibatches) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
         """Features (N, D), logits (N, C), labels (N,) of the environments in order, and their sizes."""
@@ -130,11 +166,18 @@ class _HessianAlignment(_LinearHeadAlgorithm):
         return {}
 
     def update(self, minibatches, unlabeled=None) -> Dict[str, float]:
-        features, labels, sizes = self._features(minibatches)
-        out = linear_head_alignment(features, self.classifier.weight, self.classifier.bias, labels, sizes,
-                                    method=self.method, alpha=self.penalty_alpha, beta=self.penalty_beta,
-                                    validate=False, **self._penalty_options())
-        self._step(out.total)
+        def objective(features, labels, envs, **extra):
+            out = linear_head_alignment(features, self.classifier.weight, self.classifier.bias, labels, envs,
+                                        method=self.method, alpha=self.penalty_alpha, beta=self.penalty_beta,
+                                        validate=False, **extra, **self._penalty_options())
+            return out.total, out
+
+        if self.accumulation_steps > 1:
+            inputs, labels, ids = self._micro_batches(minibatches)
+            out = self._accumulated_step(inputs, lambda z: objective(z, labels, ids, num_envs=len(minibatches)))
+        else:
+            out = objective(*self._features(minibatches))[1]
+            self._step(out.total)
         self.update_count += 1
         hessian, gradient = out.hessian.item(), out.gradient.item()
         return {"loss": out.total.item(), "nll": out.erm.item(),
@@ -178,16 +221,6 @@ class FishrClosedForm(_LinearHeadAlgorithm):
         if len(minibatches) != self.num_domains:
             raise ValueError(f"FishrClosedForm was built for {self.num_domains} training environments; "
                              f"update got {len(minibatches)} minibatches")
-        features, logits, labels, sizes = self._features_and_logits(minibatches)
-        # upstream updates the moving average on every update, whatever the module's mode
-        was_training = self.fishr.training
-        self.fishr.train(True)
-        try:
-            penalty = self.fishr(logits, features, labels, sizes)
-        finally:
-            self.fishr.train(was_training)
-        nll = F.cross_entropy(logits, labels)
-
         penalty_weight = 0
         if self.update_count >= self.hparams["penalty_anneal_iters"]:
             penalty_weight = self.hparams["lambda"]
@@ -196,6 +229,23 @@ class FishrClosedForm(_LinearHeadAlgorithm):
                 self._init_optimizer()
         self.update_count += 1
 
-        loss = nll + penalty_weight * penalty
-        self._step(loss)
+        def objective(features, logits, labels, envs):
+            # upstream updates the moving average on every update, whatever the module's mode
+            was_training = self.fishr.training
+            self.fishr.train(True)
+            try:
+                penalty = self.fishr(logits, features, labels, envs)
+            finally:
+                self.fishr.train(was_training)
+            nll = F.cross_entropy(logits, labels)
+            loss = nll + penalty_weight * penalty
+            return loss, (loss, nll, penalty)
+
+        if self.accumulation_steps > 1:
+            inputs, labels, ids = self._micro_batches(minibatches)
+            loss, nll, penalty = self._accumulated_step(
+                inputs, lambda z: objective(z, self.classifier(z), labels, ids))
+        else:
+            loss, nll, penalty = objective(*self._features_and_logits(minibatches))[1]
+            self._step(loss)
         return {"loss": loss.item(), "nll": nll.item(), "penalty": penalty.item()}

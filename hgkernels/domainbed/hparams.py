@@ -17,6 +17,9 @@ random value depends only on the seed and the name, exactly as upstream draws it
   environment (the official HGP/Hutchinson code). The two differ only when the featurizer mixes
   samples of a batch, i.e. BatchNorm in training mode (DomainBed's ResNet unless ``freeze_bn``, the
   CIFAR Wide-ResNet); MNIST_CNN (GroupNorm) and the MLP give the same result up to rounding.
+- All three: ``accumulation_steps`` (default 1): K > 1 splits each environment's minibatch into K
+  micro-batches and computes the same update exactly at one micro-batch's activation memory
+  (`hgkernels.accumulated_backward`; see `hgkernels.domainbed.algorithms`).
 """
 from __future__ import annotations
 
@@ -27,24 +30,28 @@ import numpy as np
 HParamSpec = Tuple[str, object, Callable[[np.random.RandomState], object]]
 
 _FEATURIZER_PER_ENV: HParamSpec = ("featurizer_per_env", False, lambda r: False)
+_ACCUMULATION_STEPS: HParamSpec = ("accumulation_steps", 1, lambda r: 1)
 
 HPARAMS: Dict[str, List[HParamSpec]] = {
     "HGP": [
         ("penalty_alpha", 0.0001, lambda r: 10 ** r.uniform(-3, -5)),
         ("penalty_beta", 0.005, lambda r: 10 ** r.uniform(-1, -3)),
         _FEATURIZER_PER_ENV,
+        _ACCUMULATION_STEPS,
     ],
     "Hutchinson": [
         ("penalty_alpha", 0.001, lambda r: 10 ** r.uniform(4, 1)),
         ("penalty_beta", 0.005, lambda r: 10 ** r.uniform(6, 2)),
         ("hutchinson_probes", 0, lambda r: 0),
         _FEATURIZER_PER_ENV,
+        _ACCUMULATION_STEPS,
     ],
     "FishrClosedForm": [
         ("lambda", 1000., lambda r: 10 ** r.uniform(1., 4.)),
         ("penalty_anneal_iters", 1500, lambda r: int(r.uniform(0., 5000.))),
         ("ema", 0.95, lambda r: r.uniform(0.90, 0.99)),
         _FEATURIZER_PER_ENV,
+        _ACCUMULATION_STEPS,
     ],
 }
 
