@@ -76,8 +76,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny head (CI)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", default=None, help="markdown output (default benchmarks/out/imagenet_head.md)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     head = shape_named("smoke-ce" if args.smoke else "imagenet")
     shape = dict(n=head.n, d=head.d, c=head.c, e=head.e)
     if args.worker:
@@ -89,6 +92,8 @@ def main(argv=None) -> int:
         if mode == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
         command = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--repeat", str(args.repeat)]
+        if args.threads is not None:
+            command += ["--threads", str(args.threads)]
         proc = subprocess.run(command + (["--smoke"] if args.smoke else []), stdout=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"the {mode} process failed ({proc.returncode})")
@@ -96,8 +101,8 @@ def main(argv=None) -> int:
             row = json.loads(line)
             results.setdefault(row["name"], {}).update(row)
     per_sample = shape["n"] * shape["c"] * shape["d"] * 4
-    lines = [f"{head.label}, float32, forward + backward, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
-             f"an (N, C, D) float32 intermediate would be {per_sample / 2**20:,.1f} MiB.", "",
+    lines = [f"{head.label}, float32, forward + backward, {torch.get_num_threads()} CPU threads, "
+             f"torch {torch.__version__}; an (N, C, D) float32 intermediate would be {per_sample / 2**20:,.1f} MiB.", "",
              "| penalty | time | peak memory (RSS high-water mark) | peak ÷ N·C·D·4 bytes |", "|---|---|---|---|"]
     for name, row in results.items():
         lines.append(f"| {name} | {row['time'] * 1e3:,.1f} ms | {row['memory'] / 2**20:,.1f} MiB | "

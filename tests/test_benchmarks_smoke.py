@@ -165,8 +165,21 @@ def test_cma_cost_smoke(tmp_path):
     out = tmp_path / "cma_cost.md"
     result = _run(["benchmarks/cma_cost.py", "--smoke", "--out", str(out)])
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 6 |") or line.startswith("| 20 |")]
-    assert len(rows) == 4 and all("est." not in row and "(explicit)" in row for row in rows), result.stdout
+    assert len(rows) == 4 and all("| est." not in row and "(explicit)" in row for row in rows), result.stdout
     assert out.read_text().strip() == result.stdout.strip()
+
+
+def test_imagenet_head_smoke(tmp_path):
+    result = _run(["benchmarks/imagenet_head.py", "--smoke", "--out", str(tmp_path / "imagenet.md")])
+    for name in ("HGP", "Hutchinson (exact)", "full Hessian", "Fishr"):
+        assert f"| {name} |" in result.stdout, result.stdout
+    sys.path.insert(0, BENCH)
+    try:
+        import hgk_bench
+    finally:
+        sys.path.remove(BENCH)
+    assert hgk_bench.shape_named("imagenet") in hgk_bench.SUBSETS["named"]
+    assert (hgk_bench.shape_named("imagenet").c, hgk_bench.shape_named("imagenet").d) == (1000, 2048)
 
 
 def test_cma_cost_helpers_compute_cmas_objective():
