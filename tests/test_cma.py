@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_domainbed import STUB, _subprocess, db  # noqa: F401  (the stand-in DomainBed fixture)
+from test_domainbed import db  # noqa: F401  (the stand-in DomainBed fixture)
 
 D_IN, E = 6, 3
 

@@ -28,12 +28,22 @@ NAMES = ("HGP", "Hutchinson", "FishrClosedForm")
 D_IN, C, E, N_E = 6, 3, 3, 5
 
 
+def _forget_our_algorithms():
+    """Drop hgkernels.domainbed.algorithms, bound to the `domainbed` it was imported with, so that the
+    next import binds to the current one (another test module, e.g. test_cma.py, uses this fixture too)."""
+    sys.modules.pop("hgkernels.domainbed.algorithms", None)
+    package = sys.modules.get("hgkernels.domainbed")
+    if package is not None and "algorithms" in vars(package):
+        delattr(package, "algorithms")
+
+
 @pytest.fixture(scope="module")
 def db():
     """The stand-in `domainbed` on sys.path, hgkernels' algorithms registered; removed afterwards."""
     saved = {k: v for k, v in sys.modules.items() if k == "domainbed" or k.startswith("domainbed.")}
     for k in saved:
         del sys.modules[k]
+    _forget_our_algorithms()
     sys.path.insert(0, STUB)
     try:
         import hgkernels.domainbed as hd
@@ -44,6 +54,7 @@ def db():
         sys.path.remove(STUB)
         for k in [k for k in sys.modules if k == "domainbed" or k.startswith("domainbed.")]:
             del sys.modules[k]
+        _forget_our_algorithms()
         sys.modules.update(saved)
 
 
