@@ -158,8 +158,8 @@ def _call(fn, x, logits, labels, sizes):
     fn(xg, lg, labels, sizes).backward()
 
 
-def _worker(mode: str, cases: List[dict], repeat: int) -> None:
-    """Measure the cases (time or memory) and print one JSON line per case."""
+def _worker(mode: str, cases: List[dict], repeat: int, emit=lambda row: print(json.dumps(row), flush=True)) -> None:
+    """Measure the cases (time or memory) and emit one row per case (default: a JSON line on stdout)."""
     torch.manual_seed(0)
     for case in cases:
         x, logits, labels, sizes = _inputs(case["d"], case["c"], case["e"], case["n_e"])
@@ -182,11 +182,18 @@ def _worker(mode: str, cases: List[dict], repeat: int) -> None:
                 times.append(time.perf_counter() - start)
             out = statistics.median(times)
         progress(f"{label}: done")
-        print(json.dumps({**case, mode: out}), flush=True)
+        emit({**case, mode: out})
 
 
-def _run_workers(cases: List[dict], repeat: int, threads) -> Dict[tuple, dict]:
+def _run_workers(cases: List[dict], repeat: int, threads, in_process: bool = False) -> Dict[tuple, dict]:
+    """Both measurements, each in a fresh process (``in_process``: here, for the smoke run, whose
+    memory figures then include reused heap and mean little)."""
     results: Dict[tuple, dict] = {}
+    if in_process:
+        for mode in ("time", "memory"):
+            _worker(mode, cases, repeat, lambda row, mode=mode: results.setdefault(
+                (row["form"], row["d"], row["c"]), {}).update({mode: row[mode]}))
+        return results
     for mode in ("time", "memory"):
         env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
         if mode == "memory":
@@ -214,7 +221,8 @@ def _fmt_time(t: float) -> str:
     return f"{t * 1e3:,.1f} ms" if t < 1 else f"{t:,.1f} s"
 
 
-def build_table(grid: dict, repeat: int, max_gb: float, max_seconds: float, flops: float, threads=None) -> List[str]:
+def build_table(grid: dict, repeat: int, max_gb: float, max_seconds: float, flops: float, threads=None,
+                in_process: bool = False) -> List[str]:
     e, n_e = grid["e"], grid["n_e"]
     plan, runnable = {}, []
     rows = [(d, c) for d in grid["d"] for c in grid["c"]] + list(grid["extra"])
@@ -228,7 +236,7 @@ def build_table(grid: dict, repeat: int, max_gb: float, max_seconds: float, flop
                 plan[form, d, c] = (run, est_bytes, est_time)
                 if run:
                     runnable.append(dict(form=form, d=d, c=c, e=e, n_e=n_e, warmup=est_time < 5))
-    measured = _run_workers(runnable, repeat, threads)
+    measured = _run_workers(runnable, repeat, threads, in_process)
     lines = [f"N = {n_e} samples x {e} environments, float32, forward + backward of Hessian + gradient term. "
              f"CMA's forms are not run beyond {max_gb:g} GB or {max_seconds:g} s: est. = estimated, the memory "
              f"from the model in cma_cost.py, the time a lower bound (its multiply-adds at the measured GEMM rate; "
@@ -283,7 +291,8 @@ def main(argv=None) -> int:
     progress("measuring the GEMM rate")
     flops = measure_ceilings(torch.device("cpu"), quick=args.smoke).sgemm_flops
     grid = SMOKE if args.smoke else GRID
-    lines = build_table(grid, 1 if args.smoke else args.repeat, args.max_gb, args.max_seconds, flops, args.threads)
+    lines = build_table(grid, 1 if args.smoke else args.repeat, args.max_gb, args.max_seconds, flops, args.threads,
+                        in_process=args.smoke)
     lines.append("")
     lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured float32 GEMM "
                  f"{flops / 1e9:.0f} GFLOP/s (for the estimates); peak memory: RSS high-water mark (VmHWM).")
