@@ -57,6 +57,8 @@ SUBSETS: Dict[str, List[Shape]] = {
         Shape("vlcs", n=96, d=2048, c=5, e=3),
         _OFFICEHOME,
         Shape("domainnet", n=160, d=2048, c=345, e=5),
+        # an ImageNet-size head (ResNet-50 features, 1000 classes), 4 environments of 32
+        Shape("imagenet", n=128, d=2048, c=1000, e=4),
     ],
     # Sweeps vary one size of the OfficeHome head at a time.
     "sweep-n": [replace(_OFFICEHOME, name=f"sweep-n{n}", n=n) for n in (24, 96, 384, 1536, 3072)],

@@ -161,6 +161,50 @@ def test_full_hessian_cost_smoke():
     assert "| tiny (N=24" in result.stdout and "ms" in result.stdout
 
 
+def test_cma_cost_smoke(tmp_path):
+    out = tmp_path / "cma_cost.md"
+    result = _run(["benchmarks/cma_cost.py", "--smoke", "--out", str(out)])
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 6 |") or line.startswith("| 20 |")]
+    assert len(rows) == 4 and all("| est." not in row and "(explicit)" in row for row in rows), result.stdout
+    assert out.read_text().strip() == result.stdout.strip()
+
+
+def test_imagenet_head_smoke(tmp_path):
+    result = _run(["benchmarks/imagenet_head.py", "--smoke", "--out", str(tmp_path / "imagenet.md")])
+    for name in ("HGP", "Hutchinson (exact)", "full Hessian", "Fishr"):
+        assert f"| {name} |" in result.stdout, result.stdout
+    sys.path.insert(0, BENCH)
+    try:
+        import hgk_bench
+    finally:
+        sys.path.remove(BENCH)
+    assert hgk_bench.shape_named("imagenet") in hgk_bench.SUBSETS["named"]
+    assert (hgk_bench.shape_named("imagenet").c, hgk_bench.shape_named("imagenet").d) == (1000, 2048)
+
+
+def test_cma_cost_helpers_compute_cmas_objective():
+    """The benchmark's re-implementations of CMA's two forms give full_hessian_penalty / C^2 (float64)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import cma_cost
+    finally:
+        sys.path.remove(BENCH)
+    x, logits, labels, sizes = cma_cost._inputs(5, 4, 3, 6)
+    x, logits = x.double(), logits.double() * 3
+    sizes = [4, 6, 8]
+    ours = cma_cost.ours(x, logits, labels, sizes)
+    for form in ("explicit", "pairwise"):
+        torch.testing.assert_close(cma_cost.cma(form)(x, logits, labels, sizes), ours, rtol=1e-10, atol=0)
+    # the gradient term alone, against per-environment autograd gradients of the bias-free head / C
+    w = torch.zeros(4, 6, dtype=torch.float64, requires_grad=True)
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(lg + xe @ w.T, y), w)[0] / 4
+             for xe, lg, y in zip(x.split(sizes), logits.split(sizes), labels.split(sizes))]
+    mean = torch.stack(grads).mean(0)
+    expected = sum((g - mean).pow(2).sum() for g in grads) / 3
+    torch.testing.assert_close(cma_cost.cma_gradient_term(x, logits, labels, sizes), expected, rtol=1e-12, atol=0)
+    assert cma_cost.explicit_bytes(2048, 65, 4, 32) > 4 * 2**30 > cma_cost.explicit_bytes(384, 7, 4, 32)
+
+
 def test_shuffled_ids_smoke():
     result = _run(["benchmarks/shuffled_ids.py", "--smoke"])
     assert "| tiny (N=60" in result.stdout and "×" in result.stdout

@@ -28,12 +28,22 @@ NAMES = ("HGP", "Hutchinson", "FishrClosedForm")
 D_IN, C, E, N_E = 6, 3, 3, 5
 
 
+def _forget_our_algorithms():
+    """Drop hgkernels.domainbed.algorithms, bound to the `domainbed` it was imported with, so that the
+    next import binds to the current one (another test module, e.g. test_cma.py, uses this fixture too)."""
+    sys.modules.pop("hgkernels.domainbed.algorithms", None)
+    package = sys.modules.get("hgkernels.domainbed")
+    if package is not None and "algorithms" in vars(package):
+        delattr(package, "algorithms")
+
+
 @pytest.fixture(scope="module")
 def db():
     """The stand-in `domainbed` on sys.path, hgkernels' algorithms registered; removed afterwards."""
     saved = {k: v for k, v in sys.modules.items() if k == "domainbed" or k.startswith("domainbed.")}
     for k in saved:
         del sys.modules[k]
+    _forget_our_algorithms()
     sys.path.insert(0, STUB)
     try:
         import hgkernels.domainbed as hd
@@ -44,6 +54,7 @@ def db():
         sys.path.remove(STUB)
         for k in [k for k in sys.modules if k == "domainbed" or k.startswith("domainbed.")]:
             del sys.modules[k]
+        _forget_our_algorithms()
         sys.modules.update(saved)
 
 
@@ -421,21 +432,31 @@ def test_import_hgkernels_does_not_import_the_subpackage():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_train_entry_point_runs_domainbed_train_with_arguments_unchanged(tmp_path):
+TRAIN_CASES = [  # algorithm, --hparams, (the overridden key, the drawn key and its range), a logged term, test envs
+    ("HGP", {"penalty_beta": 0.25}, ("penalty_beta", "penalty_alpha", 1e-5, 1e-3), "hessian", ["0", "2"]),
+    ("CMA", {"hess_beta": 0.25, "penalty_anneal_iters": 1}, ("hess_beta", "grad_alpha", 10, 1e4), "hess_pen", ["0"]),
+]
+
+
+@pytest.mark.parametrize("name,over,keys,term,test_envs", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_train_entry_point_runs_domainbed_train_with_arguments_unchanged(tmp_path, name, over, keys, term, test_envs):
     out_dir = str(tmp_path / "run")
-    argv = ["--algorithm", "HGP", "--dataset", "Debug28", "--hparams_seed", "4", "--test_envs", "0", "2",
-            "--hparams", json.dumps({"penalty_beta": 0.25}), "--steps", "3", "--output_dir", out_dir]
+    argv = ["--algorithm", name, "--dataset", "Debug28", "--hparams_seed", "4", "--test_envs", *test_envs,
+            "--hparams", json.dumps(over), "--steps", "3", "--output_dir", out_dir]
     out = _subprocess(["-m", "hgkernels.domainbed.train", *argv], [ROOT, STUB])
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["argv"] == argv and got["args"]["test_envs"] == [0, 2]
-    assert got["algorithm"] == "hgkernels.domainbed.algorithms.HGP"
-    assert got["hparams"]["penalty_beta"] == 0.25 and 1e-5 <= got["hparams"]["penalty_alpha"] <= 1e-3
+    assert got["argv"] == argv and got["args"]["test_envs"] == [int(e) for e in test_envs]
+    assert got["algorithm"] == f"hgkernels.domainbed.algorithms.{name}"
+    fixed, drawn, lo, hi = keys
+    assert got["hparams"][fixed] == over[fixed] and lo <= got["hparams"][drawn] <= hi
     # it trained: upstream's records (our update's terms among them) at step 0 and the last step
     with open(os.path.join(out_dir, "results.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [0, 2] and os.path.exists(os.path.join(out_dir, "done"))
-    assert all(np.isfinite(r["hessian"]) and r["loss"] > 0 for r in records)
+    assert all(np.isfinite(r[term]) and r["loss"] > 0 for r in records)
+    if len(test_envs) == 1:  # two training environments: the penalty is on at the last step
+        assert records[-1][term] > 0
 
 
 def test_benchmark_smoke_runs():
@@ -472,3 +493,10 @@ def test_accumulation_steps_is_checked(db):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="accumulation_steps"):
             _build(db, "HGP", _hparams(db, "HGP", accumulation_steps=bad))
+
+
+def test_cma_refuses_accumulation_steps(db):
+    """CMA's update is one pass (as the fork's): accumulation_steps other than 1 is an error, not ignored."""
+    with pytest.raises(ValueError, match="CMA takes no hparams\\['accumulation_steps'\\]"):
+        _build(db, "CMA", _hparams(db, "CMA", accumulation_steps=2))
+    _build(db, "CMA", _hparams(db, "CMA", accumulation_steps=1))

@@ -1,4 +1,4 @@
-"""DomainBed algorithms built on hgkernels: ``HGP``, ``Hutchinson`` and ``FishrClosedForm``.
+"""DomainBed algorithms built on hgkernels: ``HGP``, ``Hutchinson``, ``FishrClosedForm`` and ``CMA``.
 
 DomainBed (https://github.com/facebookresearch/DomainBed) is not on PyPI and ``import hgkernels``
 never needs it. This subpackage imports it only when an algorithm class or `register` is used. The
@@ -28,11 +28,14 @@ import importlib
 from typing import Tuple
 
 #: the algorithms this subpackage adds to DomainBed
-ALGORITHMS: Tuple[str, ...] = ("HGP", "Hutchinson", "FishrClosedForm")
+ALGORITHMS: Tuple[str, ...] = ("HGP", "Hutchinson", "FishrClosedForm", "CMA")
 
 #: the facebookresearch/DomainBed commit whose interfaces (Algorithm, networks, hparams_registry,
 #: scripts/train.py, lib/misc.MovingAverage, Fishr) these classes were matched against
 DOMAINBED_COMMIT = "b93c22a1cfc3b2428398272c1a116c8de1f4139e"
+
+#: the CMA authors' DomainBed fork (chenyuen0103/DomainBed) whose ``CMA`` class `algorithms.CMA` reproduces
+CMA_FORK_COMMIT = "898b6b2d96143c60a321e602462b7319e748ae2f"
 
 #: the official HGP/Hutchinson code (huawei-noah/Federated-Learning, HessianAlignment/domainbed/) read
 OFFICIAL_FORK_COMMIT = "89965534740d34afd8080674d809902eb29cbca0"
@@ -138,7 +141,7 @@ def require_domainbed(*modules: str):
 
 
 def register() -> None:
-    """Add HGP, Hutchinson and FishrClosedForm to DomainBed's registries (idempotent).
+    """Add HGP, Hutchinson, FishrClosedForm and CMA to DomainBed's registries (idempotent).
 
     - ``domainbed.algorithms``: the classes become module attributes (so
       ``algorithms.get_algorithm_class(name)`` finds them) and their names are appended to

@@ -1,4 +1,5 @@
-"""DomainBed algorithm classes whose penalties are computed in closed form by hgkernels.
+"""DomainBed algorithm classes whose penalties are computed in closed form by hgkernels: HGP,
+Hutchinson, FishrClosedForm, and CMA (its own docstring: a bias-free head on [1, features]).
 
 Interface (DomainBed's ``domainbed.algorithms.Algorithm``): ``Cls(input_shape, num_classes,
 num_domains, hparams)``, ``update(minibatches, unlabeled=None)`` with minibatches a list of (x, y), one
@@ -64,13 +65,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import FishrLoss, accumulated_backward, linear_head_alignment
+from .. import FishrLoss, accumulated_backward, full_hessian_penalty, linear_head_alignment
 from . import require_domainbed
 
 _db_algorithms, networks = require_domainbed("algorithms", "networks")
 Algorithm = _db_algorithms.Algorithm
 
-__all__ = ["HGP", "Hutchinson", "FishrClosedForm"]
+__all__ = ["HGP", "Hutchinson", "FishrClosedForm", "CMA"]
 
 
 class _LinearHeadAlgorithm(Algorithm):
@@ -85,8 +86,7 @@ class _LinearHeadAlgorithm(Algorithm):
         self.num_domains = num_domains
         self.num_classes = num_classes
         self.featurizer = networks.Featurizer(input_shape, self.hparams)
-        self.classifier = networks.Classifier(self.featurizer.n_outputs, num_classes,
-                                              self.hparams["nonlinear_classifier"])
+        self.classifier = self._make_classifier(self.featurizer.n_outputs, num_classes)
         if not isinstance(self.classifier, nn.Linear):
             raise TypeError(f"{name} needs networks.Classifier to be an nn.Linear head; "
                             f"got {type(self.classifier).__name__}")
@@ -98,6 +98,9 @@ class _LinearHeadAlgorithm(Algorithm):
                              f"got {self.accumulation_steps!r}")
         self.register_buffer("update_count", torch.tensor([0]))
         self._init_optimizer()
+
+    def _make_classifier(self, num_features: int, num_classes: int) -> nn.Module:
+        return networks.Classifier(num_features, num_classes, self.hparams["nonlinear_classifier"])
 
     def _init_optimizer(self) -> None:
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.hparams["lr"],
@@ -249,3 +252,146 @@ class FishrClosedForm(_LinearHeadAlgorithm):
             loss, nll, penalty = objective(*self._features_and_logits(minibatches))[1]
             self._step(loss)
         return {"loss": loss.item(), "nll": nll.item(), "penalty": penalty.item()}
+
+
+def _with_ones(features: torch.Tensor) -> torch.Tensor:
+    """CMA's head input: a column of ones (its bias) before the features."""
+    return torch.cat([features.new_ones(features.shape[0], 1), features], 1)
+
+
+def moment_differences(features: torch.Tensor, sizes: List[int]) -> Tuple[float, float]:
+    """CMA's logged diagnostics: over all pairs of environments, the mean Euclidean distance between
+    their feature means and the mean Frobenius distance between their feature covariances (unbiased,
+    in float64 as NumPy's ``np.cov``; zero for an environment of one sample). (0, 0) for one environment."""
+    means, covs = [], []
+    for f in features.detach().split(sizes):
+        means.append(f.mean(0))
+        f64 = f.double()
+        covs.append(torch.cov(f64.T) if f.shape[0] > 1 else f64.new_zeros(f.shape[1], f.shape[1]))
+    mean_diffs, cov_diffs = [], []
+    for i in range(len(sizes)):
+        for j in range(i + 1, len(sizes)):
+            mean_diffs.append(torch.linalg.vector_norm(means[i] - means[j]).item())
+            cov_diffs.append(torch.linalg.matrix_norm(covs[i] - covs[j]).item())
+    if not mean_diffs:
+        return 0.0, 0.0
+    return sum(mean_diffs) / len(mean_diffs), sum(cov_diffs) / len(cov_diffs)
+
+
+class CMA(_LinearHeadAlgorithm):
+    """CMA, closed-form moment alignment (Chen et al., UAI 2025), exactly, at the cost of the Gram form.
+
+    Reproduces the ``CMA`` class of the authors' DomainBed fork (github.com/chenyuen0103/DomainBed,
+    ``domainbed/algorithms.py``, commit `hgkernels.domainbed.CMA_FORK_COMMIT`). The head is a bias-free
+    ``nn.Linear(D + 1, C)`` on the features with a column of ones prepended (``predict(x) =
+    classifier([1, featurizer(x)])``). With H_e, G_e the Hessian and gradient of environment e's mean
+    cross-entropy in the head's (C, D + 1) weight:
+
+        loss = CE(all logits) + grad_alpha * gradient + hess_beta * hessian  [+ l1_weight * sum |[1, z]|]
+        gradient = (1/E) sum_e ||G_e - mean_f G_f||^2 / C^2,   hessian = (1/E) sum_e ||H_e - mean_f H_f||_F^2 / C^2
+
+    (CMA scales its G_e and H_e by 1/C; nothing is detached). The fork forms each H_e, (C·(D+1))^2
+    entries, below 70 classes, and from 70 on loops over pairs of environments with an O(B^2·D^2)
+    einsum; here both terms are `hgkernels.full_hessian_penalty` (``bias=False``, ``detach_reference=
+    False``) divided by C^2: 2N^2·D + 7N^2·C multiply-adds, four N x N matrices. The L1 term is added
+    only when C >= ``l1_min_classes`` (as the fork, from the first update, before the anneal too); its
+    sum includes the ones column (a constant N * l1_weight in the loss). The fork also drops all-zero
+    feature columns when C >= 70: they contribute exact zeros to every term and to every gradient, so
+    it changes nothing and is not done here.
+
+    Anneal (as the fork): both weights are 0 for the first ``penalty_anneal_iters`` updates (the terms
+    are then not computed and reported as 0), then ``grad_alpha`` and ``hess_beta``; at the switch
+    (when ``penalty_anneal_iters`` != 0) Adam is re-created.
+
+    Options for the fork's quirks (hparams; the defaults reproduce it):
+
+    - ``featurizer_passes`` 3: the fork runs the featurizer three times per update (the logits, the
+      diagnostics, the penalty's features); 1 runs it once. They differ only with dropout (other masks)
+      or BatchNorm (running statistics updated three times). The diagnostics' pass runs without a graph.
+    - ``moment_diagnostics`` True: report ``first_moment_diff`` and ``second_moment_diff``
+      (`moment_differences` of the features) as the fork logs them; False reports 0 and skips the D x D
+      covariances.
+    - ``l1_weight`` 1e-5 and ``l1_min_classes`` 70: the fork's fixed L1 weight and threshold.
+
+    Minibatches are (x, y) pairs (upstream DomainBed) or the fork's (x, y, env) triples; environment e is
+    the e-th minibatch. The initial parameters equal the fork's for the same torch seed (the fork builds,
+    and discards, a biased classifier first; so does this class). Returned: ``loss``, ``erm_loss``,
+    ``grad_pen``, ``hess_pen`` (unweighted, 0 while annealed off or when their weight is 0, as the fork),
+    ``l1_reg`` (unweighted by the threshold, as the fork), ``first_moment_diff``, ``second_moment_diff``.
+    """
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        passes = int(hparams.get("featurizer_passes", 3))
+        if passes not in (1, 3):
+            raise ValueError(f"hparams['featurizer_passes'] must be 3 (as CMA) or 1; got {passes}")
+        for key in ("grad_alpha", "hess_beta", "l1_weight"):
+            if key in hparams and not hparams[key] >= 0:
+                raise ValueError(f"hparams[{key!r}] must be >= 0; got {hparams[key]}")
+        if hparams.get("accumulation_steps", 1) != 1:
+            raise ValueError("CMA takes no hparams['accumulation_steps'] (its update is one pass, as the fork's); "
+                             f"got {hparams['accumulation_steps']!r}")
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.grad_alpha = hparams["grad_alpha"]
+        self.hess_beta = hparams["hess_beta"]
+        self.penalty_anneal_iters = hparams["penalty_anneal_iters"]
+        self.featurizer_passes = passes
+        self.moment_diagnostics = bool(hparams.get("moment_diagnostics", True))
+        self.l1_weight = float(hparams.get("l1_weight", 1e-5))
+        self.l1_min_classes = int(hparams.get("l1_min_classes", 70))
+
+    def _make_classifier(self, num_features: int, num_classes: int) -> nn.Module:
+        # the fork's CMA subclasses ERM, which builds a biased classifier before CMA replaces it: built
+        # and discarded here too, so that the same torch seed gives the fork's initial head
+        networks.Classifier(num_features, num_classes, self.hparams["nonlinear_classifier"])
+        return nn.Linear(num_features + 1, num_classes, bias=False)
+
+    def predict(self, x):
+        return self.classifier(_with_ones(self.featurizer(x)))
+
+    def update(self, minibatches, unlabeled=None) -> Dict[str, float]:
+        for mb in minibatches:
+            if not isinstance(mb, (tuple, list)) or len(mb) not in (2, 3):
+                raise ValueError("CMA.update takes a list of (x, y) or (x, y, env) minibatches, one per "
+                                 f"training environment; got an element of type {type(mb).__name__}")
+        all_x = torch.cat([mb[0] for mb in minibatches])
+        labels = torch.cat([mb[1] for mb in minibatches])
+        sizes = [int(mb[0].shape[0]) for mb in minibatches]
+
+        first = self.featurizer(all_x)
+        logits = self.classifier(_with_ones(first))
+        if self.featurizer_passes == 3:
+            with torch.no_grad():
+                second = self.featurizer(all_x)
+        else:
+            second = first
+        mean_diff, cov_diff = moment_differences(second, sizes) if self.moment_diagnostics else (0.0, 0.0)
+
+        alpha = beta = 0
+        if self.update_count >= self.penalty_anneal_iters:
+            alpha, beta = self.grad_alpha, self.hess_beta
+            if self.update_count == self.penalty_anneal_iters != 0:
+                self._init_optimizer()  # as the fork (and IRM, VREx): a fresh Adam at the switch
+
+        x = _with_ones(self.featurizer(all_x) if self.featurizer_passes == 3 else first)
+        erm = F.cross_entropy(logits, labels)
+        l1 = x.abs().sum() * self.l1_weight
+        loss = erm
+        grad_pen = hess_pen = 0.0
+        if alpha != 0 or beta != 0:
+            pen = full_hessian_penalty(logits, x, labels, sizes, bias=False, detach_reference=False,
+                                       validate=False)
+            scale = 1.0 / self.num_classes ** 2
+            if alpha != 0:
+                loss = loss + alpha * (pen.gradient * scale)
+                grad_pen = pen.gradient.detach() * scale
+            if beta != 0:
+                loss = loss + beta * (pen.hessian * scale)
+                hess_pen = pen.hessian.detach() * scale
+        if self.num_classes >= self.l1_min_classes:
+            loss = loss + l1
+        self._step(loss)
+        self.update_count += 1
+        value = lambda t: t.item() if isinstance(t, torch.Tensor) else float(t)  # noqa: E731
+        return {"loss": loss.item(), "erm_loss": erm.item(), "grad_pen": value(grad_pen),
+                "hess_pen": value(hess_pen), "l1_reg": l1.item(),
+                "first_moment_diff": mean_diff, "second_moment_diff": cov_diff}

@@ -12,7 +12,16 @@ random value depends only on the seed and the name, exactly as upstream draws it
 - Hutchinson: ``hutchinson_probes``: 0 (default) = the exact Hessian diagonal (the estimator's
   expectation); K > 0 = the official Rademacher estimator with K probes (the official code: 300).
 - FishrClosedForm: upstream DomainBed's Fishr hparams ``lambda``, ``penalty_anneal_iters``, ``ema``.
-- All three: ``featurizer_per_env`` (default False): one featurizer pass over the concatenated
+- CMA (Chen et al., UAI 2025; its DomainBed fork chenyuen0103/DomainBed, ``hparams_registry.py``):
+  ``grad_alpha`` (gradient term) 5000 and ``hess_beta`` (Hessian term) 1000, both 10^U(1, 4); on
+  datasets whose DomainBed featurizer is a ResNet (all but `SMALL_IMAGES`) both the defaults and the
+  random values are divided by (2048/384) and (2048/384)^2, as the fork does for ``model_type ==
+  "ResNet"`` (its features are 2048 wide instead of ViT-S's 384). ``penalty_anneal_iters`` 0, random
+  from {500, 1500, 2500, 3500, 4500}: the fork draws it from NumPy's global generator (not
+  reproducible from the seed); here from the seeded ``RandomState`` like every other entry. The
+  options that reproduce the fork's quirks (``featurizer_passes``, ``moment_diagnostics``,
+  ``l1_weight``, ``l1_min_classes``) have the fork's behaviour as default and random value.
+- HGP, Hutchinson, FishrClosedForm: ``featurizer_per_env`` (default False): one featurizer pass over the concatenated
   minibatches (upstream ERM's and Fishr's behaviour, and the fastest) instead of one pass per
   environment (the official HGP/Hutchinson code). The two differ only when the featurizer mixes
   samples of a batch, i.e. BatchNorm in training mode (DomainBed's ResNet unless ``freeze_bn``, the
@@ -23,7 +32,7 @@ random value depends only on the seed and the name, exactly as upstream draws it
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,6 +40,12 @@ HParamSpec = Tuple[str, object, Callable[[np.random.RandomState], object]]
 
 _FEATURIZER_PER_ENV: HParamSpec = ("featurizer_per_env", False, lambda r: False)
 _ACCUMULATION_STEPS: HParamSpec = ("accumulation_steps", 1, lambda r: 1)
+
+#: DomainBed's datasets of small images (MNIST CNN / MLP featurizers); the others get a ResNet
+SMALL_IMAGES = ("Debug28", "RotatedMNIST", "ColoredMNIST")
+
+#: CMA's divisors of its weights for a ResNet featurizer (2048 features instead of ViT-S's 384)
+CMA_RESNET_DIVISORS = {"grad_alpha": 2048 / 384, "hess_beta": (2048 / 384) ** 2}
 
 HPARAMS: Dict[str, List[HParamSpec]] = {
     "HGP": [
@@ -53,14 +68,31 @@ HPARAMS: Dict[str, List[HParamSpec]] = {
         _FEATURIZER_PER_ENV,
         _ACCUMULATION_STEPS,
     ],
+    "CMA": [
+        ("grad_alpha", 5000, lambda r: 10 ** r.uniform(1, 4)),
+        ("hess_beta", 1000, lambda r: 10 ** r.uniform(1, 4)),
+        ("penalty_anneal_iters", 0, lambda r: int(r.choice([500, 1500, 2500, 3500, 4500]))),
+        ("featurizer_passes", 3, lambda r: 3),
+        ("moment_diagnostics", True, lambda r: True),
+        ("l1_weight", 1e-5, lambda r: 1e-5),
+        ("l1_min_classes", 70, lambda r: 70),
+    ],
 }
 
 
-def algorithm_hparams(algorithm: str, random_seed: int, seed_hash: Callable[..., int]) -> Dict[str, tuple]:
-    """``{name: (default, random value)}`` of the algorithm's own hparams ({} for other algorithms)."""
+def algorithm_hparams(algorithm: str, random_seed: int, seed_hash: Callable[..., int],
+                      dataset: Optional[str] = None) -> Dict[str, tuple]:
+    """``{name: (default, random value)}`` of the algorithm's own hparams ({} for other algorithms).
+
+    ``dataset`` matters for CMA only: outside `SMALL_IMAGES` (None counts as small) its weights are
+    divided by `CMA_RESNET_DIVISORS`."""
     out = {}
     for name, default, random_fn in HPARAMS.get(algorithm, ()):
-        out[name] = (default, random_fn(np.random.RandomState(seed_hash(random_seed, name))))
+        value = random_fn(np.random.RandomState(seed_hash(random_seed, name)))
+        if algorithm == "CMA" and name in CMA_RESNET_DIVISORS and dataset is not None \
+                and dataset not in SMALL_IMAGES:
+            default, value = default / CMA_RESNET_DIVISORS[name], value / CMA_RESNET_DIVISORS[name]
+        out[name] = (default, value)
     return out
 
 
@@ -80,7 +112,7 @@ def wrap_hparams_registry(registry) -> None:
 
     def _hparams(algorithm, dataset, random_seed):
         hparams = original(algorithm, dataset, random_seed)
-        hparams.update(algorithm_hparams(algorithm, random_seed, misc.seed_hash))
+        hparams.update(algorithm_hparams(algorithm, random_seed, misc.seed_hash, dataset))
         return hparams
 
     _hparams.__doc__ = original.__doc__

@@ -1,6 +1,6 @@
 """``python -m hgkernels.domainbed.train ARGS``: DomainBed's ``domainbed.scripts.train`` with hgkernels' algorithms.
 
-Registers HGP, Hutchinson and FishrClosedForm (`hgkernels.domainbed.register`) and runs DomainBed's
+Registers HGP, Hutchinson, FishrClosedForm and CMA (`hgkernels.domainbed.register`) and runs DomainBed's
 training script as ``__main__`` with the command line passed through unchanged, e.g.::
 
     python -m hgkernels.domainbed.train --data_dir ./data --dataset PACS --algorithm HGP --test_envs 0
