@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-import hgkernels.domainbed as hd
+from hgkernels.domainbed import requirements
 from hgkernels.domainbed import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,8 +118,8 @@ def test_missing_torchvision_says_what_to_install(tmp_path, entry):
     out = _run(["-m", f"hgkernels.domainbed.{entry}", "--dataset", "Debug28"], [ROOT, fake])
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith(f"hgkernels.domainbed.{entry}: DomainBed needs torchvision"), out.stderr
-    assert hd.PIN_TORCH in out.stderr
-    assert hd.torchvision_install_command(torch.__version__) in out.stderr
+    assert requirements.PIN_TORCH in out.stderr
+    assert requirements.torchvision_install_command(torch.__version__) in out.stderr
     assert "pip install -c torch-pin.txt wilds timm gdown" in out.stderr and "docs/domainbed.md" in out.stderr
 
 
@@ -136,7 +136,7 @@ def test_torchvision_of_another_build_says_to_replace_it(tmp_path):
     out = _run(["-m", "hgkernels.domainbed.train"], [ROOT, fake])
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "does not load with torch" in out.stderr and "pip uninstall -y torchvision" in out.stderr
-    assert hd.torchvision_install_command(torch.__version__) in out.stderr
+    assert requirements.torchvision_install_command(torch.__version__) in out.stderr
 
 
 def test_other_import_errors_are_not_rewritten(tmp_path):
@@ -154,14 +154,14 @@ def test_other_import_errors_are_not_rewritten(tmp_path):
     ("1.13.1+cpu", "pip install torchvision -c torch-pin.txt --index-url https://download.pytorch.org/whl/cpu"),
 ])
 def test_torchvision_install_command(torch_version, command):
-    assert hd.torchvision_install_command(torch_version) == command
+    assert requirements.torchvision_install_command(torch_version) == command
 
 
 def test_doc_shows_the_commands_the_messages_give():
     with open(DOC) as f:
         doc = f.read()
-    for line in (hd.PIN_TORCH, hd.torchvision_install_command("2.13.0+cpu"),
-                 hd.torchvision_install_command("2.13.0"), "pip install -c torch-pin.txt wilds timm gdown",
+    for line in (requirements.PIN_TORCH, requirements.torchvision_install_command("2.13.0+cpu"),
+                 requirements.torchvision_install_command("2.13.0"), "pip install -c torch-pin.txt wilds timm gdown",
                  "python -m hgkernels.domainbed.sweep launch", "python -m domainbed.scripts.collect_results",
                  "python -m domainbed.scripts.download", "download_pacs('./data')",
                  '--hparams \'{"batch_size": 8}\''):

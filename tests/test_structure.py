@@ -117,15 +117,9 @@ def test_the_graph_is_read():
     assert "hgkernels.losses" in graph["hgkernels.backends.torch_backend"]
 
 
-# hgkernels.domainbed's __init__ imports its algorithms and hparams inside functions (DomainBed is
-# optional) and they import its `require_domainbed` back; that subpackage has other owners, so its one
-# cycle is listed here and the test fails when it changes (fixed, or grown).
-KNOWN_CYCLES = [["hgkernels.domainbed", "hgkernels.domainbed.algorithms", "hgkernels.domainbed.hparams"]]
-
-
 def test_no_import_cycles():
     graph, _ = _graph()
-    assert _cycles(graph) == KNOWN_CYCLES
+    assert _cycles(graph) == []
 
 
 def test_no_module_takes_another_modules_private_names():

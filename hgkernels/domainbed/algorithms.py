@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import FishrLoss, accumulated_backward, full_hessian_penalty, linear_head_alignment
-from . import require_domainbed
+from .requirements import require_domainbed
 
 _db_algorithms, networks = require_domainbed("algorithms", "networks")
 Algorithm = _db_algorithms.Algorithm

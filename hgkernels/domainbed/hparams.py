@@ -107,7 +107,7 @@ def wrap_hparams_registry(registry) -> None:
     original = registry._hparams
     if getattr(original, "_hgkernels_original", None) is not None:
         return
-    from . import require_domainbed
+    from .requirements import require_domainbed
     (misc,) = require_domainbed("lib.misc")
 
     def _hparams(algorithm, dataset, random_seed):

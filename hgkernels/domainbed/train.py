@@ -14,7 +14,8 @@ import runpy
 import sys
 from typing import Optional, Sequence
 
-from . import register, require_domainbed
+from . import register
+from .requirements import require_domainbed
 
 TRAIN_MODULE = "domainbed.scripts.train"
 
