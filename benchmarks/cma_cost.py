@@ -46,7 +46,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import hgkernels as hk  # noqa: E402
-from hgk_bench import measure_ceilings, peak_memory, progress  # noqa: E402
+from hgk_bench import measure_ceilings, peak_memory, progress, write_table  # noqa: E402
 
 FLOAT = 4
 CHUNK = 16  # the fork's mini_batch_size in hessian_pen_mem
@@ -296,12 +296,7 @@ def main(argv=None) -> int:
     lines.append("")
     lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured float32 GEMM "
                  f"{flops / 1e9:.0f} GFLOP/s (for the estimates); peak memory: RSS high-water mark (VmHWM).")
-    text = "\n".join(lines)
-    print(text)
-    out = args.out or os.path.join(HERE, "out", "cma_cost.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text + "\n")
+    out = write_table("\n".join(lines), args.out, "cma_cost.md")
     progress(f"written to {out}")
     return 0
 

@@ -77,6 +77,16 @@ SUBSET_ALIASES = {"sweeps": ["sweep-n", "sweep-c", "sweep-d", "sweep-e"],
                   "all": ["named", "sweep-n", "sweep-c", "sweep-d", "sweep-e", "stress"]}
 
 
+def write_table(text: str, out: Optional[str], default_name: str) -> str:
+    """Print a script's table and write it to ``out``, or to benchmarks/out/<default_name> (git-ignored)."""
+    print(text)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    return out
+
+
 def shapes_for(subsets: List[str]) -> List[Shape]:
     """Shapes of the named subsets (aliases expanded, order kept); a shape equal in every size
     and option to an earlier one (the sweeps pass through OfficeHome) is run once, under its first name."""

@@ -27,7 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import hgkernels as hk  # noqa: E402
-from hgk_bench import peak_memory, progress, shape_named  # noqa: E402
+from hgk_bench import peak_memory, progress, shape_named, write_table  # noqa: E402
 
 MMAP_THRESHOLD = "131072"
 PENALTIES = {
@@ -110,12 +110,7 @@ def main(argv=None) -> int:
     for name, row in results.items():
         lines.append(f"| {name} | {row['time'] * 1e3:,.1f} ms | {row['memory'] / 2**20:,.1f} MiB | "
                      f"{row['memory'] / per_sample:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    out = args.out or os.path.join(HERE, "out", "imagenet_head.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text + "\n")
+    write_table("\n".join(lines), args.out, "imagenet_head.md")
     return 0
 
 

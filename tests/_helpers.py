@@ -96,6 +96,41 @@ def start_ranks(worker, world: int, directory, init_name: str, *args):
     return procs, results
 
 
+def _cases_worker(rank, world, init_file, results, run_rank, cases, timeout_s):
+    import datetime
+    import traceback
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+        group = torch.distributed.group.WORLD
+        out = []
+        for case in cases:
+            try:
+                out.append(("ok", run_rank(case, rank, world, group)))
+            except Exception as err:  # reported to the parent as text
+                out.append(("error", f"{type(err).__name__}: {err}"))
+        results.put((rank, out))
+        torch.distributed.destroy_process_group()
+    except Exception:
+        results.put((rank, [("crash", traceback.format_exc())]))
+
+
+def run_cases_on_ranks(run_rank, world: int, cases, directory, name: str, timeout_s: float = 60):
+    """Every case's ``run_rank(case, rank, world, group)`` on `world` gloo ranks (one group for all cases):
+    per case, each rank's ("ok", result) or ("error", text); ranks still alive after the results (or
+    after the timeout) are killed, so a hung collective fails the test instead of hanging it."""
+    procs, results = start_ranks(_cases_worker, world, directory, f"init-{name}-{world}-{os.getpid()}", run_rank,
+                                 cases, timeout_s)
+    try:
+        gathered = dict(results.get(timeout=timeout_s * (len(cases) + 2)) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    return [[gathered[r][i] for r in range(world)] for i in range(len(cases))]
+
+
 CLOSED_FORM = ["torch", "native"]
 # (backend, form) pairs that every call can take on CPU
 ALL_PATHS = [("torch", "feature"), ("native", "feature"), ("torch", "sample"), ("reference", "feature"),
@@ -116,3 +151,18 @@ def head_inputs(case, dtype=torch.float64):
     feats = case.features.to(dtype).requires_grad_(True)
     return w, feats
 
+
+def run_updates(algorithm, batches):
+    """A DomainBed algorithm's logs over (seed, minibatches) batches, torch seeded before each update."""
+    logs = []
+    for seed, mb in batches:
+        torch.manual_seed(seed)
+        logs.append(algorithm.update(mb))
+    return logs
+
+
+def assert_close_params(net_a, net_b, rtol=1e-10):
+    """Each parameter of net_a within rtol of net_b's, relative to net_b's largest entry."""
+    for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+        assert err <= rtol * scale, f"{name}: max |diff| {err:.3e} vs max |param| {scale:.3e}"

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import assert_close_params, run_updates
 from test_domainbed import db  # noqa: F401  (the stand-in DomainBed fixture)
 
 D_IN, E = 6, 3
@@ -113,20 +114,6 @@ def run_oracle(alg0, hp, batches):
     return net, logs
 
 
-def run_ours(alg, batches):
-    logs = []
-    for seed, mb in batches:
-        torch.manual_seed(seed)
-        logs.append(alg.update(mb))
-    return logs
-
-
-def assert_close_params(net_a, net_b, rtol=1e-10):
-    for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
-        err, scale = (a - b).abs().max().item(), b.abs().max().item()
-        assert err <= rtol * scale, f"{name}: max |diff| {err:.3e} vs max |param| {scale:.3e}"
-
-
 # ---------------------------------------------------------------- tests
 
 def test_explicit_hessian_is_the_head_hessian_over_c():
@@ -180,7 +167,7 @@ def test_update_matches_hand_written_cma(db, num_classes, over, sizes, zero):  #
     # the penalty mattered: ERM's two steps land elsewhere
     erm = copy.deepcopy(start)
     erm.grad_alpha = erm.hess_beta = 0.0
-    run_ours(erm, batches)
+    run_updates(erm, batches)
     moved = max((a - b).abs().max().item() for a, b in zip(erm.network.parameters(), net.parameters()))
     assert moved > 1e-6
 
@@ -238,7 +225,7 @@ def test_featurizer_passes_matter_only_with_dropout(db):  # noqa: F811
     for dropout in (0.0, 0.3):
         for passes in (1, 3):
             alg = _build(db, _hparams(db, featurizer_passes=passes, mlp_dropout=dropout), 3)
-            losses[dropout, passes] = run_ours(alg, [(0, _minibatches(3, 3))])[0]["loss"]
+            losses[dropout, passes] = run_updates(alg, [(0, _minibatches(3, 3))])[0]["loss"]
     assert losses[0.0, 1] == pytest.approx(losses[0.0, 3], rel=1e-12)
     assert abs(losses[0.3, 1] - losses[0.3, 3]) > 1e-6
 

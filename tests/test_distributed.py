@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hgkernels as hk
-from _helpers import start_ranks
+from _helpers import run_cases_on_ranks
 
 pytestmark = pytest.mark.slow  # several processes per test
 
@@ -133,33 +133,8 @@ def _run_rank(case, rank, world, group):
     return [float(pen.hessian), float(pen.gradient), torch.cat([g.flatten() for g in grads]).tolist()]
 
 
-def _worker(rank, world, init_file, results, cases):
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        group = torch.distributed.group.WORLD
-        out = []
-        for case in cases:
-            try:
-                out.append(("ok", _run_rank(case, rank, world, group)))
-            except Exception as err:  # reported to the parent as text
-                out.append(("error", f"{type(err).__name__}: {err}"))
-        results.put((rank, out))
-        torch.distributed.destroy_process_group()
-    except Exception:
-        results.put((rank, [("crash", traceback.format_exc())]))
-
-
 def _spawn(world, cases, tmp_path):
-    procs, results = start_ranks(_worker, world, tmp_path, f"init-{world}-{os.getpid()}", cases)
-    try:
-        gathered = dict(results.get(timeout=TIMEOUT_S * (len(cases) + 2)) for _ in range(world))
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    return [[gathered[r][i] for r in range(world)] for i in range(len(cases))]
+    return run_cases_on_ranks(_run_rank, world, cases, tmp_path, "ddp", TIMEOUT_S)
 
 
 def _single_process(case, world):

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import autograd
 from torch.func import functional_call, grad, vmap
 
+from _helpers import assert_close_params, run_updates
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUB = os.path.join(ROOT, "tests", "domainbed_stub")
 NAMES = ("HGP", "Hutchinson", "FishrClosedForm")
@@ -208,21 +210,6 @@ def _run_oracle(name, alg0, hp, batches):
     return net, logs
 
 
-def _run_ours(alg, batches):
-    logs = []
-    for seed, mb in batches:
-        torch.manual_seed(seed)
-        logs.append(alg.update(mb))
-    return logs
-
-
-def _assert_close_params(net_a, net_b, rtol=1e-10):
-    for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
-        err = (a - b).abs().max().item()
-        scale = b.abs().max().item()
-        assert err <= rtol * scale, f"{name}: max |diff| {err:.3e} vs max |param| {scale:.3e}"
-
-
 def _assert_close_logs(ours, theirs, rtol=1e-10):
     for mine, ref in zip(ours, theirs):
         assert all(isinstance(v, float) for v in mine.values()), mine
@@ -252,15 +239,15 @@ def test_update_matches_hand_written_objective(db, name, over):
     start = copy.deepcopy(alg)
     batches = [(11, _minibatches(1)), (12, _minibatches(2))]
     net, ref_logs = _run_oracle(name, start, hp, batches)
-    logs = _run_ours(alg, batches)
+    logs = run_updates(alg, batches)
     _assert_close_logs(logs, ref_logs)
-    _assert_close_params(alg.network, net)
+    assert_close_params(alg.network, net)
     # the penalty mattered: ERM's two steps land elsewhere
     erm_hp = dict(hp, penalty_alpha=0.0, penalty_beta=0.0, **{"lambda": 0.0})
     erm = copy.deepcopy(start)
     erm.hparams, erm.penalty_alpha, erm.penalty_beta = erm_hp, 0.0, 0.0
     erm._init_optimizer()
-    _run_ours(erm, batches)
+    run_updates(erm, batches)
     moved = max((a - b).abs().max().item() for a, b in zip(erm.network.parameters(), net.parameters()))
     assert moved > 1e-6
     expected = {"loss", "nll", "penalty"} | ({"hessian", "gradient"} if name != "FishrClosedForm" else set())
@@ -273,7 +260,7 @@ def test_featurizer_passes_differ_only_with_batchnorm(db):
     for bn in (False, True):
         for per_env in (False, True):
             alg = _build(db, "HGP", _hparams(db, "HGP", featurizer_per_env=per_env, stub_batchnorm=bn))
-            outs[bn, per_env] = _run_ours(alg, batches)[0]["loss"]
+            outs[bn, per_env] = run_updates(alg, batches)[0]["loss"]
     assert outs[False, False] == pytest.approx(outs[False, True], rel=1e-12)
     assert abs(outs[True, False] - outs[True, True]) > 1e-6
 
@@ -315,14 +302,14 @@ def test_fishr_anneal_switch_resets_adam(db):
     assert int(alg.update_count) == 4
     net, ref_logs = _run_oracle("FishrClosedForm", start, hp, batches)
     _assert_close_logs(logs, ref_logs)
-    _assert_close_params(alg.network, net)
+    assert_close_params(alg.network, net)
 
 
 def test_hgp_and_hutchinson_do_not_anneal(db):
     for name in ("HGP", "Hutchinson"):
         alg = _build(db, name, _hparams(db, name))
         opt = alg.optimizer
-        log = _run_ours(alg, [(0, _minibatches(9))])[0]
+        log = run_updates(alg, [(0, _minibatches(9))])[0]
         assert log["penalty"] > 0 and log["loss"] == pytest.approx(log["nll"] + log["penalty"], rel=1e-12)
         assert alg.optimizer is opt and int(alg.update_count) == 1
 
@@ -330,7 +317,7 @@ def test_hgp_and_hutchinson_do_not_anneal(db):
 def test_fishr_moving_average_survives_state_dict(db):
     hp = _hparams(db, "FishrClosedForm", penalty_anneal_iters=3)
     alg = _build(db, "FishrClosedForm", hp)
-    _run_ours(alg, [(0, _minibatches(20)), (1, _minibatches(21))])
+    run_updates(alg, [(0, _minibatches(20)), (1, _minibatches(21))])
     buf = io.BytesIO()
     torch.save(alg.state_dict(), buf)
     assert any("ema" in k for k in alg.state_dict()) and "update_count" in alg.state_dict()
@@ -353,7 +340,7 @@ def test_fishr_moving_average_survives_state_dict(db):
 def test_fishr_average_updates_in_eval_mode_too(db):
     alg = _build(db, "FishrClosedForm", _hparams(db, "FishrClosedForm"))
     alg.eval()
-    _run_ours(alg, [(0, _minibatches(30))])
+    run_updates(alg, [(0, _minibatches(30))])
     assert int(alg.fishr.updates) == 1 and not alg.fishr.training
 
 
@@ -478,12 +465,12 @@ def test_accumulation_steps_give_the_one_pass_update(db, name, over):
         hp.update({"lambda": 50.0})
     batches = [(11, _minibatches(1)), (12, _minibatches(2, sizes=(5, 4, 6)))]
     one = _build(db, name, dict(hp, accumulation_steps=1))
-    logs_one = _run_ours(one, batches)
+    logs_one = run_updates(one, batches)
     for steps in (2, 3):
         acc = _build(db, name, dict(hp, accumulation_steps=steps))
-        logs = _run_ours(acc, batches)
+        logs = run_updates(acc, batches)
         _assert_close_logs(logs, logs_one)
-        _assert_close_params(acc.network, one.network)
+        assert_close_params(acc.network, one.network)
     moved = max((a - b).abs().max().item() for a, b in zip(one.network.parameters(),
                                                            _build(db, name, hp).network.parameters()))
     assert moved > 1e-6

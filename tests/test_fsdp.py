@@ -6,15 +6,12 @@ calling the head gathers its weight); the fused function given a sharded (DTenso
 The harness is tests/test_distributed.py's: spawned workers, a timeout on every collective, the parent
 kills workers that outlive theirs, so a failure never hangs.
 """
-import datetime
-import os
-import traceback
 
 import pytest
 import torch
 
 import hgkernels as hk
-from _helpers import start_ranks
+from _helpers import run_cases_on_ranks
 from test_distributed import _case, _data, _local_inputs, _model, _shards, _single_process
 
 pytestmark = pytest.mark.slow  # several processes per test
@@ -71,33 +68,8 @@ def _run_rank(case, rank, world, group):
     return [float(out.hessian.detach()), float(out.gradient.detach()), _gathered_grads(model)]
 
 
-def _worker(rank, world, init_file, results, cases):
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        group = torch.distributed.group.WORLD
-        out = []
-        for case in cases:
-            try:
-                out.append(("ok", _run_rank(case, rank, world, group)))
-            except Exception as err:  # reported to the parent as text
-                out.append(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-        results.put((rank, out))
-        torch.distributed.destroy_process_group()
-    except Exception:
-        results.put((rank, [("crash", traceback.format_exc())]))
-
-
 def _spawn(world, cases, tmp_path):
-    procs, results = start_ranks(_worker, world, tmp_path, f"init-fsdp-{world}-{os.getpid()}", cases)
-    try:
-        gathered = dict(results.get(timeout=TIMEOUT_S * (len(cases) + 2)) for _ in range(world))
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    return [[gathered[r][i] for r in range(world)] for i in range(len(cases))]
+    return run_cases_on_ranks(_run_rank, world, cases, tmp_path, "fsdp", TIMEOUT_S)
 
 
 def _fsdp_case(path, **kw):
