@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .._inputs import EnvsArg, check_choice
+from .._inputs import EnvsArg, autocast_off, check_choice
 from .._penalty import env_weight
 from ..head_statistics import head_statistic
 
@@ -52,6 +52,7 @@ def variance_distance(variances: torch.Tensor, *, env_reduction: str = "mean",
     return env_weight(env_reduction, variances.shape[0]) * per_env.sum()
 
 
+@autocast_off
 def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                   loss: str = "cross_entropy", bias: bool = True, env_reduction: str = "mean",
                   coordinate_reduction: str = "mean", backend: str = "auto", num_envs: Optional[int] = None,
@@ -108,6 +109,7 @@ class FishrLoss(torch.nn.Module):
         self.register_buffer("ema_variances", torch.zeros(num_envs, num_classes * (num_features + int(bias))))
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
 
+    @autocast_off
     def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                 envs: EnvsArg) -> torch.Tensor:
         # with a process group every rank's average must be the same one
