@@ -177,7 +177,7 @@ def backpack_reason() -> Optional[str]:
 def auto_takes_sample_form(penalty: str, shape: Shape, backend: str) -> bool:
     """Whether form="auto" computes `penalty` ("hutchinson", "hgp") in the sample form at this shape
     on `backend` (never with one environment; hgkernels.penalties._common.takes_sample_form)."""
-    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1, backend)
+    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1, backend, shape.e)
 
 
 def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List[Method]:
