@@ -6,6 +6,8 @@ import torch
 
 import hgkernels as hk
 from hgkernels import backends
+from hgkernels._inputs import prepare
+from hgkernels.penalties import fishr as fishr_module
 from _helpers import assert_close
 
 E, C, D = 256, 3, 4
@@ -73,3 +75,33 @@ def test_256_environments_of_2_to_8_samples_equal_the_reference(name, form, back
     names = (["penalty"] if len(got) == 3 else ["hessian term", "gradient term"]) + ["d logits", "d features"]
     for what, a, b in zip(names, got, _reference(name)):
         assert_close(a, b, rtol, f"{name} {form} {backend}: {what}")
+
+
+@pytest.mark.parametrize("as_sizes", [False, True], ids=["shuffled ids", "size list"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
+                                     for b in CLOSED_FORM_BACKENDS])
+def test_fishr_in_chunks_of_environments_equals_the_reference(monkeypatch, backend, as_sizes):
+    """Beyond CHUNK_ENTRIES variance entries fishr_penalty walks the environments in chunks (here of
+    4 environments, 60 entries), never holding the (E, C·Dh) variances."""
+    if backend == "triton" and as_sizes:
+        pytest.skip("the Triton interpreter is slow; the ids layout covers it")
+    monkeypatch.setattr(fishr_module, "CHUNK_ENTRIES", 4 * C * (D + 1))
+    logits, features, labels, ids, sizes = _case()
+    assert fishr_module.envs_per_chunk(prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)) == 4
+    dtype, rtol = (torch.float32, 1e-5) if backend == "triton" else (torch.float64, RTOL)
+    got = _run("fishr", None, backend, as_sizes, dtype)
+    for what, a, b in zip(("penalty", "d logits", "d features"), got, _reference("fishr")):
+        assert_close(a, b, rtol, f"chunked fishr {backend}: {what}")
+
+
+def test_fishr_in_chunks_double_backward_matches_the_reference(monkeypatch):
+    monkeypatch.setattr(fishr_module, "CHUNK_ENTRIES", 4 * C * (D + 1))
+    logits, features, labels, ids, _ = _case()
+    results = []
+    for backend in ("native" if "native" in CLOSED_FORM_BACKENDS else "torch", "reference"):
+        lg, ft = logits.clone().requires_grad_(True), features.clone().requires_grad_(True)
+        d_lg, d_ft = torch.autograd.grad(hk.fishr_penalty(lg, ft, labels, ids, backend=backend), (lg, ft),
+                                         create_graph=True)
+        results.append(torch.autograd.grad((d_lg.square().sum() + d_ft.square().sum()), (lg, ft)))
+    for what, a, b in zip(("d logits", "d features"), *results):
+        assert_close(a, b, RTOL, f"second order: {what}")
