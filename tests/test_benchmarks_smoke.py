@@ -195,3 +195,10 @@ def test_training_step_smoke():
     """The README's speed command, on tiny shapes: it checks ours against the official formulation first."""
     result = _run(["benchmarks/training_step.py", "--smoke"])
     assert "| official/ERM |" in result.stdout and "| smoke-ce | HGP |" in result.stdout, result.stdout[-2000:]
+
+
+def test_many_envs_smoke(tmp_path):
+    out = tmp_path / "many_envs.md"
+    result = _run(["benchmarks/many_envs.py", "--smoke", "--out", str(out)])
+    assert "| tiny (N=64, D=5, C=3) | HGP, sample form |" in result.stdout and "E=16 ÷ E=2" in result.stdout
+    assert out.read_text().strip() == result.stdout.strip()
