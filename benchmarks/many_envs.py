@@ -35,6 +35,7 @@ SMOKE_ENVS = (2, 16)
 METHODS = {  # name -> (call, form)
     "exact Hutchinson, feature form": (hk.hutchinson_penalty, "feature"),
     "exact Hutchinson, sample form": (hk.hutchinson_penalty, "sample"),
+    "exact Hutchinson, auto form": (hk.hutchinson_penalty, "auto"),
     "HGP, feature form": (hk.hgp_penalty, "feature"),
     "HGP, sample form": (hk.hgp_penalty, "sample"),
     "HGP, auto form": (hk.hgp_penalty, "auto"),
