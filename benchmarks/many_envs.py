@@ -2,7 +2,8 @@
 
 Forward + backward of each penalty (exact Hutchinson and HGP in both forms, full Hessian, Fishr;
 backend="auto", float32, validate=False, environments as a size list) at the PACS head (C 7) and the
-DomainNet head (C 345), D 2048, N 1024: the median time of a few calls, and the peak memory one call
+DomainNet head (C 345), D 2048, N 1024: the median time over rounds that interleave the E = 4 and
+E = 256 calls (after a warm-up round; a shared machine's load drifts), and the peak memory one call
 adds (resident-set high-water mark, measured in a second process with MALLOC_MMAP_THRESHOLD_ fixed so
 freed tensors leave the resident set, as benchmarks/report.py does), and E = 256 ÷ E = 4 for both.
 
@@ -18,12 +19,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 import hgkernels as hk
-from hgk_bench import available_memory_bytes, case, peak_memory, progress  # benchmarks/ is first on sys.path
+from hgk_bench import available_memory_bytes, case, interleaved_times, peak_memory, progress  # benchmarks/ is first on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "out", "many_envs.md")
@@ -83,22 +83,18 @@ def measure_part(part: str, heads: dict, envs, repeat: int) -> dict:
     results = {}
     for head_name, head in heads.items():
         for method in METHODS:
-            for e in envs:
-                key = f"{head_name}|{method}|{e}"
-                step = step_fn(method, head, e)
-                with case(f"{part}: {head_name} {method}, E={e}"):
+            steps = {e: step_fn(method, head, e) for e in envs}
+            if part == "time":  # the E's calls interleaved, round by round: a shared machine's load drifts
+                with case(f"time: {head_name} {method}, E={', '.join(map(str, envs))} interleaved"):
+                    times = interleaved_times(steps, repeat)
+                results.update({f"{head_name}|{method}|{e}": statistics.median(times[e]) for e in envs})
+                continue
+            for e, step in steps.items():
+                with case(f"memory: {head_name} {method}, E={e}"):
                     step()  # warm-up
-                    if part == "time":
-                        times = []
-                        for _ in range(repeat):
-                            start = time.perf_counter()
-                            step()
-                            times.append(time.perf_counter() - start)
-                        results[key] = statistics.median(times)
-                    else:
-                        with peak_memory(torch.device("cpu")) as peak:
-                            step()
-                        results[key] = peak["bytes"]
+                    with peak_memory(torch.device("cpu")) as peak:
+                        step()
+                results[f"{head_name}|{method}|{e}"] = peak["bytes"]
     return results
 
 
@@ -130,7 +126,7 @@ def table(heads: dict, envs, times: dict, memory: dict) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny and quick, for CI")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls per case (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per case (median)")
     parser.add_argument("--out", default=None, help=f"the table's file (default {os.path.relpath(DEFAULT_OUT)})")
     parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads (default all)")
     parser.add_argument("--part", choices=("time", "memory"), help=argparse.SUPPRESS)  # a child process's part
