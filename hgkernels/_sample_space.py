@@ -49,15 +49,16 @@ from .backends.base import HeadTerm, add_head_term
 # 660 µs against 315 µs for the native C × Dh form at N 12, C 3, D 5, so tiny heads keep the latter.
 # The C × Dh form also holds and walks the E per-environment statistics (allocating, zeroing and
 # several passes over a few (E, C, Dh) matrices), which the sample form's cost does not depend on:
-# cheap while they stay in cache, FEATURE_ENV_COST per entry beyond STATS_IN_CACHE entries (16 MB in
-# float32). Fitted to benchmarks/many_envs.py (N 1024, D 2048, native, 2 threads): E = 256 against
-# E = 4 added about 10 s to the exact penalty's 1 s at DomainNet's C 345 (181 M entries, about 360
-# units each) and 15 ms to its 56 ms at PACS's C 7 (3.7 M entries, in cache); 64 sends DomainNet's
-# many environments to the sample form (1 s, as at E = 4) and keeps PACS's C × Dh form (71 ms against
-# the sample form's 790 ms).
+# negligible while they are small, FEATURE_ENV_COST per entry beyond SMALL_STATS entries (1 MB in
+# float32). Fitted to benchmarks/many_envs.py (N 1024, D 2048, native, 2 threads; both forms run at
+# about 1e11 of these units per second there): E = 256 against E = 4 added 3.5 s to the exact
+# penalty's 65 ms at DomainNet's C 345 (181 M entries, 19 ns each) and 3.5 ms (exact) to 17 ms (HGP)
+# to its 3 to 6 ms at PACS's C 7 (3.7 M entries, 1 to 5 ns). 512 units (5 ns) sends DomainNet's many
+# environments to the sample form (96 ms, E = 4's C × Dh form taking 65 ms) and keeps PACS's C × Dh
+# form (7 to 22 ms against the sample form's 42 to 75 ms).
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
-FEATURE_ENV_COST = 64
-STATS_IN_CACHE = 1 << 22
+FEATURE_ENV_COST = 512
+SMALL_STATS = 1 << 18
 FEATURE_SLOWDOWN = {"torch": 2.0, "compiled": 1.5}
 FEATURE_OVERHEAD = 10_000_000
 TINY_HEAD = 1 << 16
@@ -78,7 +79,7 @@ def prefers_sample_space(method: str, n: int, c: int, dh: int, backend: str = "t
         return False
     slowdown = FEATURE_SLOWDOWN["torch" if backend == "torch" else "compiled"]
     feature = (slowdown * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
-               + FEATURE_ENV_COST * max(0, num_envs * c * dh - STATS_IN_CACHE))
+               + FEATURE_ENV_COST * max(0, num_envs * c * dh - SMALL_STATS))
     sample = SAMPLE_GRAM_COST[method] * n * n * dh + SAMPLE_QUAD_COST[method] * n * n * c
     return sample < feature
 
