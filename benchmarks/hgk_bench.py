@@ -66,6 +66,10 @@ SUBSETS: Dict[str, List[Shape]] = {
     "sweep-d": [replace(_OFFICEHOME, name=f"sweep-d{d}", d=d) for d in (128, 512, 2048, 8192)],
     "sweep-e": [replace(_OFFICEHOME, name=f"sweep-e{e}", n=32 * e, e=e) for e in (2, 3, 5, 8)],
     "stress": [Shape("stress", n=256, d=4096, c=32768, e=4)],
+    # Hundreds of environments of 4 samples against 4 environments, same N (benchmarks/many_envs.py
+    # adds environments of 2 to 8 samples, both forms explicitly, Fishr and the full Hessian).
+    "many-envs": [Shape(f"{name}-n1024-e{e}", n=1024, d=2048, c=c, e=e)
+                  for name, c in (("pacs", 7), ("domainnet", 345)) for e in (4, 256)],
     # Tiny shapes for the CI smoke run: both loss kinds, few probes, two N for the plot.
     "smoke": [
         Shape("smoke-ce", n=24, d=6, c=3, e=3, official_probes=3),
@@ -74,7 +78,7 @@ SUBSETS: Dict[str, List[Shape]] = {
     ],
 }
 SUBSET_ALIASES = {"sweeps": ["sweep-n", "sweep-c", "sweep-d", "sweep-e"],
-                  "all": ["named", "sweep-n", "sweep-c", "sweep-d", "sweep-e", "stress"]}
+                  "all": ["named", "sweep-n", "sweep-c", "sweep-d", "sweep-e", "stress"]}  # many-envs: by name
 
 
 def write_table(text: str, out: Optional[str], default_name: str) -> str:
@@ -189,7 +193,7 @@ def backpack_reason() -> Optional[str]:
 def auto_takes_sample_form(penalty: str, shape: Shape, backend: str) -> bool:
     """Whether form="auto" computes `penalty` ("hutchinson", "hgp") in the sample form at this shape
     on `backend` (never with one environment; hgkernels.penalties._common.takes_sample_form)."""
-    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1, backend)
+    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1, backend, shape.e)
 
 
 def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List[Method]:

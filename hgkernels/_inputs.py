@@ -5,6 +5,8 @@ message; backends assume validated inputs (they check only what they themselves 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -82,7 +84,8 @@ class EnvSegments:
 class HeadProblem:
     """Validated inputs of one call, in the layout backends consume.
 
-    logits (N, C) and features (N, D) keep the caller's dtype (any strides);
+    logits (N, C) and features (N, D) keep the caller's dtype (any strides), or both become float32 where
+    the caller mixed float16/bfloat16 with float32 (autocast's output; `mixed_dtype`);
     ``compute_dtype`` is float32 for float16/bfloat16 inputs, else their own.
     ``targets``: int64 (N,) class ids for cross_entropy, else (N, C) floats.
     """
@@ -123,6 +126,44 @@ class HeadProblem:
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# Dtypes that may be mixed in one call (what torch.autocast makes of float32 tensors): computed in float32.
+MIXABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def mixed_dtype(named: dict) -> Optional[torch.dtype]:
+    """None when the named floating tensors (None entries skipped) share one dtype; float32 when they mix
+    float16, bfloat16 and float32 (autocast's logits beside float32 features, or the reverse): the call
+    computes in float32, as it does for half inputs. Any other mix (float64 with another dtype) is the
+    caller's own choice of dtypes and raises a TypeError naming the arguments."""
+    present = {name: t.dtype for name, t in named.items() if t is not None}
+    if len(set(present.values())) <= 1:
+        return None
+    if all(d in MIXABLE_DTYPES for d in present.values()):
+        return torch.float32
+    (first, first_dtype), *rest = present.items()
+    other, other_dtype = next((n, d) for n, d in rest if d != first_dtype)
+    raise TypeError(f"{other} dtype {other_dtype} must match {first} dtype {first_dtype} (float16, bfloat16 and "
+                    "float32 may be mixed, as torch.autocast makes them, and are computed in float32; float64 "
+                    "must not be mixed with another dtype)")
+
+
+def autocast_off(fn):
+    """`fn` run with torch.autocast disabled (cpu and cuda): inside autocast the library computes in the
+    dtype its inputs' rules give (float32 for half inputs), never in autocast's lower precision; the
+    inputs are whatever autocast made (`mixed_dtype`). Outside autocast it costs two flag reads."""
+    @functools.wraps(fn)
+    def without_autocast(*args, **kwargs):
+        enabled = [device for device in AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
+        if not enabled:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in enabled:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+    return without_autocast
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -345,8 +386,9 @@ def prepare(logits, features, labels, envs, *, loss: str, bias: bool, num_envs: 
                          "(under torch.compile, fake tensors are traced as usual)")
     if not _in_compiled_trace():  # dynamo traces neither functorch's queries nor vmap
         _check_not_vmapped(logits=logits, features=features, labels=labels, envs=envs)
-    if features.dtype != logits.dtype:
-        raise TypeError(f"features dtype {features.dtype} must match logits dtype {logits.dtype}")
+    common = mixed_dtype({"logits": logits, "features": features})
+    if common is not None:  # differentiable casts: autograd returns each gradient in its input's dtype
+        logits, features = logits.to(common), features.to(common)
     # Deferred (validate and defer_value_checks): the scans wait for the gradient term, which any value they
     # reject makes non-finite (check_deferred_values). The logits and label range only with cross_entropy:
     # a sigmoid saturates at an infinite logit.

@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from ._inputs import HeadProblem, check_deferred_values
+from ._inputs import HeadProblem, autocast_off, check_deferred_values
 from .backends import Backend
 from .penalties.base import WholePlan, put_state, take_state
 
@@ -94,6 +94,7 @@ class PenaltyFunction(torch.autograd.Function):
         return hessian, gradient
 
     @staticmethod
+    @autocast_off
     def backward(ctx, alpha, beta):
         logits, features, targets, _env_ids, *state = ctx.saved_tensors
         problem = ctx.problem.with_tensors(logits, features, targets)

@@ -47,7 +47,18 @@ from .backends.base import HeadTerm, add_head_term
 # 1.5 for the others (native, triton). Below TINY_HEAD = N·C·Dh the arithmetic is
 # negligible and the host path decides: the sample form's many small N × N and N × C ops took
 # 660 µs against 315 µs for the native C × Dh form at N 12, C 3, D 5, so tiny heads keep the latter.
+# The C × Dh form also holds and walks the E per-environment statistics (allocating, zeroing and
+# several passes over a few (E, C, Dh) matrices), which the sample form's cost does not depend on:
+# negligible while they are small, FEATURE_ENV_COST per entry beyond SMALL_STATS entries (1 MB in
+# float32). Fitted to benchmarks/many_envs.py (N 1024, D 2048, native, 2 threads; both forms run at
+# about 1e11 of these units per second there): E = 256 against E = 4 added 3.5 s to the exact
+# penalty's 65 ms at DomainNet's C 345 (181 M entries, 19 ns each) and 3.5 ms (exact) to 17 ms (HGP)
+# to its 3 to 6 ms at PACS's C 7 (3.7 M entries, 1 to 5 ns). 512 units (5 ns) sends DomainNet's many
+# environments to the sample form (96 ms, E = 4's C × Dh form taking 65 ms) and keeps PACS's C × Dh
+# form (7 to 22 ms against the sample form's 42 to 75 ms).
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
+FEATURE_ENV_COST = 512
+SMALL_STATS = 1 << 18
 FEATURE_SLOWDOWN = {"torch": 2.0, "compiled": 1.5}
 FEATURE_OVERHEAD = 10_000_000
 TINY_HEAD = 1 << 16
@@ -60,21 +71,23 @@ def tiny_head(n: int, c: int, dh: int) -> bool:
     return n * c * dh < TINY_HEAD
 
 
-def prefers_sample_space(method: str, n: int, c: int, dh: int, backend: str = "torch") -> bool:
+def prefers_sample_space(method: str, n: int, c: int, dh: int, backend: str = "torch", num_envs: int = 1) -> bool:
     """True when the sample form should be faster for `method` ("hutchinson", "hgp") on N samples,
-    C classes and head width Dh, the C × Dh form running on `backend` (the cost model above)."""
+    C classes, head width Dh and `num_envs` environments, the C × Dh form running on `backend` (the
+    cost model above)."""
     if tiny_head(n, c, dh):
         return False
     slowdown = FEATURE_SLOWDOWN["torch" if backend == "torch" else "compiled"]
-    feature = slowdown * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
+    feature = (slowdown * FEATURE_COST[method] * n * c * dh + FEATURE_OVERHEAD
+               + FEATURE_ENV_COST * max(0, num_envs * c * dh - SMALL_STATS))
     sample = SAMPLE_GRAM_COST[method] * n * n * dh + SAMPLE_QUAD_COST[method] * n * n * c
     return sample < feature
 
 
-def sample_space_possible(method: str, n: int, c: int, dh: int) -> bool:
+def sample_space_possible(method: str, n: int, c: int, dh: int, num_envs: int = 1) -> bool:
     """Whether the sample form could be faster on some backend: against the slowest C × Dh form."""
     slowest = max(FEATURE_SLOWDOWN, key=FEATURE_SLOWDOWN.get)
-    return prefers_sample_space(method, n, c, dh, slowest)
+    return prefers_sample_space(method, n, c, dh, slowest, num_envs)
 
 
 def _power_of_two_above(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._inputs import HeadProblem, all_finite, check_deferred_values
+from ._inputs import MIXABLE_DTYPES, HeadProblem, all_finite, autocast_off, check_deferred_values, mixed_dtype
 from ._penalty import differentiable_grads, replayed_feature_form
 from .penalties.base import put_state, take_state
 from .backends import Backend, load, select
@@ -76,6 +76,7 @@ class HeadFunction(torch.autograd.Function):
         return logits, erm, hessian, gradient
 
     @staticmethod
+    @autocast_off
     def backward(ctx, d_logits, d_erm, alpha, beta):
         features, weight, bias, logits, targets, _env_ids, *state = ctx.saved_tensors
         problem = ctx.problem.with_tensors(logits, features, targets)
@@ -150,23 +151,43 @@ def check_head_tensors(features, weight, bias, options: dict) -> None:
     for name, t in (("features", features), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if not t.dtype.is_floating_point or t.dtype != features.dtype:
-            raise TypeError(f"{name} must be a floating tensor of the features' dtype {features.dtype}; got {t.dtype}")
+        mixable = t.dtype in MIXABLE_DTYPES and features.dtype in MIXABLE_DTYPES  # computed in float32
+        if not t.dtype.is_floating_point or (t.dtype != features.dtype and not mixable):
+            raise TypeError(f"{name} must be a floating tensor of the features' dtype {features.dtype}; got {t.dtype} "
+                            "(float16, bfloat16 and float32 may be mixed, as torch.autocast makes them)")
         if t.device.type == "meta" or t.device != features.device:
             raise ValueError(f"{name} is on {t.device}; features, weight and bias must share one cpu or cuda device"
                              + (" (meta tensors hold no values)" if t.device.type == "meta" else ""))
 
 
+def head_inputs(features, weight, bias):
+    """(features, weight, bias) in one dtype: float32 where they mix float16/bfloat16 with float32
+    (differentiable casts, so each gradient comes back in its input's dtype)."""
+    common = mixed_dtype({"features": features, "weight": weight, "bias": bias})
+    if common is None:
+        return features, weight, bias
+    return features.to(common), weight.to(common), None if bias is None else bias.to(common)
+
+
 def fused_alignment(method: str, features, weight, bias, labels, envs, alpha, beta, options: dict) -> HeadAlignment:
     """`linear_head_alignment` through `HeadFunction`, for a penalty whose registry entry has a setup;
-    `options` hold bias=."""
+    `options` hold bias=. The logits are F.linear's under the caller's torch.autocast, as `head(features)`
+    computes them (lower precision there); all that follows runs without autocast, in float32 for half
+    logits, and the logits come back in the dtype autocast gave them."""
     entry = PENALTIES[method]
     resolved = _with_defaults(entry.function.__name__, entry.options, options)
     with torch.no_grad():
         logits = F.linear(features, weight, bias)
+    return _fused_penalty(entry, features, weight, bias, logits, labels, envs, alpha, beta, resolved)
+
+
+@autocast_off
+def _fused_penalty(entry, features, weight, bias, logits, labels, envs, alpha, beta, resolved) -> HeadAlignment:
     if resolved["validate"] and not all_finite(logits):
         _name_non_finite_input(features, weight, bias)
     problem, plan, _ = entry.setup(logits, features, labels, envs, **resolved)
+    logits_dtype = logits.dtype
     logits, erm, hessian, gradient = HeadFunction.apply(features, weight, bias, problem,
                                                         select(resolved["backend"], problem), plan)
+    logits = logits.to(logits_dtype)  # prepare up-casts autocast's half logits beside float32 features
     return HeadAlignment(erm + alpha * hessian + beta * gradient, erm, hessian, gradient, logits)

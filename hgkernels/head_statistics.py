@@ -8,7 +8,7 @@ import torch
 
 from . import backends, reference as reference_path
 from ._dispatch import check_targets_grad, dispatch, prepared
-from ._inputs import HeadProblem, check_choice, prepare
+from ._inputs import HeadProblem, autocast_off, check_choice, prepare
 from ._penalty import differentiable_grads
 from .backends.base import Backend
 
@@ -50,6 +50,7 @@ class _HeadStatistic(torch.autograd.Function):
         return value
 
     @staticmethod
+    @autocast_off
     def backward(ctx, upstream):
         logits, features, vector, targets, _env_ids, grad = ctx.saved_tensors
         problem, backend = ctx.problem.with_tensors(logits, features, targets), ctx.backend
@@ -80,6 +81,7 @@ class _HeadStatistic(torch.autograd.Function):
         return d_logits.to(logits.dtype), d_features.to(features.dtype), d_vector, None, None, None
 
 
+@autocast_off
 def head_statistic(kind: str, logits, features, labels, envs, *, loss: str, bias: bool, backend: str,
                     num_envs: Optional[int], validate: bool, vector=None, process_group=None,
                     ddp_reduction: str = "mean", agreed=(), check_agreed=None) -> HeadParams:

@@ -6,9 +6,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._inputs import EnvsArg, check_choice, prepare
+from ._inputs import EnvsArg, autocast_off, check_choice, prepare
 from ._dispatch import traced
-from .fused_head import HeadAlignment, check_head_tensors, env_losses, fused_alignment
+from .fused_head import HeadAlignment, check_head_tensors, env_losses, fused_alignment, head_inputs
 from .penalties.registry import PENALTIES
 
 
@@ -21,6 +21,7 @@ class AlignmentLoss(NamedTuple):
     gradient: torch.Tensor
 
 
+@autocast_off
 def env_mean_loss(logits, labels, envs, *, loss: str = "cross_entropy", num_envs: Optional[int] = None,
                   validate: bool = True) -> torch.Tensor:
     """(E,) per-environment losses L_e, each torch's functional loss with mean reduction."""
@@ -109,6 +110,7 @@ class HessianAlignmentLoss(torch.nn.Module):
         return linear_head_alignment(features, head.weight, head.bias, labels, envs, method=self.method,
                                      alpha=self.alpha, beta=self.beta, **options)
 
+    @autocast_off
     def _with_logits(self, logits, features, labels, envs, options) -> AlignmentLoss:
         pen = self._penalty_fn(logits, features, labels, envs, **options)
         loss, num_envs = options.get("loss", "cross_entropy"), options.get("num_envs")
@@ -140,6 +142,7 @@ def linear_head_alignment(features: torch.Tensor, weight: torch.Tensor, bias: Op
     """
     check_choice("method", method, tuple(PENALTIES))
     check_head_tensors(features, weight, bias, options)
+    features, weight, bias = head_inputs(features, weight, bias)
     options = dict(options, bias=bias is not None)
     fused = (PENALTIES[method].setup is not None and options.get("backend", "auto") != "reference"
              and options.get("process_group") is None and not traced())

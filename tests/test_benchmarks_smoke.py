@@ -252,3 +252,10 @@ def test_accumulation_benchmark_smoke(tmp_path):
     for method in ("hgp", "hutchinson", "full_hessian", "fishr"):
         naive, exact = rows[method][2].split("/")  # gradient of the whole objective: naive / exact
         assert float(exact) < 1e-4 < float(naive), (method, rows[method])
+
+
+def test_many_envs_smoke(tmp_path):
+    out = tmp_path / "many_envs.md"
+    result = _run(["benchmarks/many_envs.py", "--smoke", "--out", str(out)])
+    assert "| tiny (N=64, D=5, C=3) | HGP, sample form |" in result.stdout and "E=16 ÷ E=2" in result.stdout
+    assert out.read_text().strip() == result.stdout.strip()

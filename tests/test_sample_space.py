@@ -59,6 +59,17 @@ def test_auto_takes_the_cheaper_form(shape, method, sample):
     assert _common.takes_sample_form("sample", problem, method) is True
 
 
+@pytest.mark.parametrize("shape,method,sample", [
+    ((1024, 2048, 345, 4), "hutchinson", False),      # DomainNet head, N 1024: the C × Dh form (65 ms, sample 96)
+    ((1024, 2048, 345, 256), "hutchinson", True),     # 256 environments: (E, C, Dh) statistics of 724 MB each, 3.5 s
+    ((1024, 2048, 7, 256), "hgp", False),             # PACS: the C × Dh form stays the faster (22 ms, sample 42)
+    ((1024, 2048, 7, 256), "hutchinson", False),
+])
+def test_auto_weighs_the_number_of_environments(shape, method, sample):
+    """The C × Dh form's (E, C, Dh) statistics cost with E (benchmarks/many_envs.py), the sample form's do not."""
+    assert _common.takes_sample_form("auto", _problem(*shape), method, "native") is sample
+
+
 def test_one_environment_keeps_the_feature_form_even_when_asked():
     problem = _problem(20, 80, 50, 1)
     assert _sample_space.prefers_sample_space("hgp", 20, 50, 81)  # the cost model alone would pick it

@@ -42,10 +42,12 @@ def takes_sample_form(form: str, problem: HeadProblem, method: str, backend: str
         return False
     if form == "sample":
         return True
-    if not sample_space_possible(method, problem.logits.shape[0], problem.num_classes, problem.head_width):
+    shape = (method, problem.logits.shape[0], problem.num_classes, problem.head_width)
+    num_envs = problem.segments.num_envs
+    if not sample_space_possible(*shape, num_envs):
         return False  # (before resolving the backend, which costs a few checks)
     resolved = "torch" if backend == "reference" else backends.select(backend, problem).name
-    return prefers_sample_space(method, problem.logits.shape[0], problem.num_classes, problem.head_width, resolved)
+    return prefers_sample_space(*shape, resolved, num_envs)
 
 
 def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,

@@ -14,12 +14,15 @@ registered buffer so that it survives `state_dict`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
-from .._inputs import EnvsArg, check_choice
-from .._penalty import env_weight
+from .. import backends
+from .._dispatch import check_targets_grad, traced
+from .._inputs import EnvSegments, EnvsArg, HeadProblem, autocast_off, check_choice, prepare
+from .._penalty import differentiable_grads, env_weight
+from ..backends import Backend
 from ..head_statistics import head_statistic
 
 COORDINATE_REDUCTIONS = ("mean", "sum")
@@ -52,6 +55,7 @@ def variance_distance(variances: torch.Tensor, *, env_reduction: str = "mean",
     return env_weight(env_reduction, variances.shape[0]) * per_env.sum()
 
 
+@autocast_off
 def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                   loss: str = "cross_entropy", bias: bool = True, env_reduction: str = "mean",
                   coordinate_reduction: str = "mean", backend: str = "auto", num_envs: Optional[int] = None,
@@ -68,11 +72,109 @@ def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Te
         exactly 0 with one environment. Differentiable in logits and features (hand-written backward of
         the statistics, autograd on the small (E, C·Dh) algebra).
     """
+    if process_group is None and backend != "reference" and not traced():
+        _check_reductions(env_reduction, coordinate_reduction)
+        check_choice("backend", backend, backends.BACKEND_NAMES)
+        problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
+        check_targets_grad(labels, backend)
+        chunk = envs_per_chunk(problem)
+        if chunk is not None:
+            scale = (env_weight(env_reduction, problem.segments.num_envs)
+                     / (problem.num_classes * problem.head_width if coordinate_reduction == "mean" else 1))
+            return _ChunkedFishr.apply(problem.logits, problem.features, problem,
+                                       backends.select(backend, problem), chunk, scale)
     variances = _flat_variances(logits, features, labels, envs, env_reduction=env_reduction,
                                 coordinate_reduction=coordinate_reduction, loss=loss, bias=bias, backend=backend,
                                 num_envs=num_envs, validate=validate, process_group=process_group,
                                 ddp_reduction=ddp_reduction)
     return variance_distance(variances, env_reduction=env_reduction, coordinate_reduction=coordinate_reduction)
+
+
+# The (E, C·Dh) variances are held whole while they are small; beyond CHUNK_ENTRIES entries `fishr_penalty`
+# walks the environments in chunks of at most that many entries (4 MB in float32; one environment at
+# least), so that its memory does not grow with E (hundreds of environments: benchmarks/many_envs.py).
+CHUNK_ENTRIES = 1 << 20
+
+
+def envs_per_chunk(problem: HeadProblem) -> Optional[int]:
+    """Environments per chunk of `_ChunkedFishr`, or None where the variances fit in one."""
+    counts = problem.segments.counts
+    width = problem.num_classes * problem.head_width
+    if counts is None or problem.segments.num_envs * width <= CHUNK_ENTRIES:
+        return None
+    return max(1, CHUNK_ENTRIES // width)
+
+
+def _env_chunks(problem: HeadProblem, chunk: int) -> Iterator[Tuple[HeadProblem, torch.Tensor]]:
+    """(the problem of environments [e0, e0 + chunk), the rows of its samples) for each chunk."""
+    seg = problem.segments
+    offsets = [0]
+    for count in seg.counts:
+        offsets.append(offsets[-1] + count)
+    for e0 in range(0, seg.num_envs, chunk):
+        e1 = min(e0 + chunk, seg.num_envs)
+        rows = seg.order[offsets[e0]:offsets[e1]]
+        if seg.grouped:  # rows a..b: views
+            pick = lambda t: t[offsets[e0]:offsets[e1]]  # noqa: E731
+        else:
+            pick = lambda t: t.index_select(0, rows)  # noqa: E731
+        sub = EnvSegments(pick(seg.env_ids) - e0, e1 - e0, seg.counts[e0:e1], grouped=True)
+        yield HeadProblem(pick(problem.logits), pick(problem.features), pick(problem.targets), problem.loss,
+                          problem.bias, sub), rows
+
+
+def _chunk_variances(backend: Backend, problem: HeadProblem):
+    """(v_e, G_e) of a chunk's environments, (E', C, Dh) each (docs/design.md §5.1)."""
+    stats = backend.head_stats(problem, gradient=True, hess_diag=True, diag_weight="residual_squared")
+    return stats.hess_diag - stats.grad.square(), stats.grad
+
+
+class _ChunkedFishr(torch.autograd.Function):
+    """`fishr_penalty` without the (E, C·Dh) variances: scale · sum_e ||v_e - v_bar||^2 = scale · (sum_e
+    ||v_e||^2 - ||sum_e v_e||^2 / E), accumulated over chunks of environments. The backward recomputes
+    each chunk's variances: dPsi/dv_e = 2 scale (v_e - v_bar) (v_bar's own share vanishes, the deviations
+    summing to zero), through the statistics' per-sample backward. Rounding: like the sample form's, the
+    difference cancels, so nearly identical environments give rounding × ||v||^2 (clamped at zero)."""
+
+    @staticmethod
+    def forward(ctx, logits, features, problem: HeadProblem, backend: Backend, chunk: int, scale: float):
+        problem = problem.with_tensors(logits, features)
+        total, squares = None, 0.0
+        for sub, _ in _env_chunks(problem, chunk):
+            v, _ = _chunk_variances(backend, sub)
+            total = v.sum(0) if total is None else total.add_(v.sum(0))
+            squares = squares + v.square().sum()
+        num_envs = problem.segments.num_envs
+        value = (scale * (squares - total.square().sum() / num_envs)).clamp(min=0)
+        ctx.save_for_backward(logits, features, problem.targets, problem.segments.env_ids, total)
+        ctx.problem, ctx.backend, ctx.chunk, ctx.scale = problem.with_tensors(None, None), backend, chunk, scale
+        return value
+
+    @staticmethod
+    @autocast_off
+    def backward(ctx, upstream):
+        logits, features, targets, _env_ids, total = ctx.saved_tensors
+        problem = ctx.problem.with_tensors(logits, features, targets)
+        scale, num_envs = ctx.scale, problem.segments.num_envs
+        if torch.is_grad_enabled():  # create_graph=True (_penalty.DOUBLE_BACKWARD_NOTE): the whole variances
+            torch_backend = backends.load("torch")
+
+            def penalty(lg, ft):
+                v, _ = _chunk_variances(torch_backend, problem.with_tensors(lg, ft))
+                return scale * (v - v.mean(0)).square().sum()
+            return (*differentiable_grads(penalty, (logits, features), upstream), None, None, None, None)
+        dtype = problem.compute_dtype
+        d_logits = logits.new_empty(logits.shape, dtype=dtype)
+        d_features = features.new_empty(features.shape, dtype=dtype)
+        mean = total / num_envs
+        for sub, rows in _env_chunks(problem, ctx.chunk):
+            v, grad = _chunk_variances(ctx.backend, sub)
+            d_v = (2 * scale * upstream) * (v - mean)
+            d_lg, d_ft = ctx.backend.per_sample_backward(sub, grad_up=-2 * d_v * grad, diag_up=d_v,
+                                                         diag_weight="residual_squared")
+            d_logits.index_copy_(0, rows, d_lg.to(dtype))
+            d_features.index_copy_(0, rows, d_ft.to(dtype))
+        return d_logits.to(logits.dtype), d_features.to(features.dtype), None, None, None, None
 
 
 class FishrLoss(torch.nn.Module):
@@ -108,6 +210,7 @@ class FishrLoss(torch.nn.Module):
         self.register_buffer("ema_variances", torch.zeros(num_envs, num_classes * (num_features + int(bias))))
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
 
+    @autocast_off
     def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                 envs: EnvsArg) -> torch.Tensor:
         # with a process group every rank's average must be the same one

@@ -56,7 +56,7 @@ import torch
 
 from .. import backends, distributed, losses
 from .._dispatch import check_targets_grad, prepared
-from .._inputs import EnvsArg, HeadProblem, check_choice, prepare
+from .._inputs import EnvsArg, HeadProblem, autocast_off, check_choice, mixed_dtype, prepare
 from .._penalty import deviation_penalty, env_weight, maybe_detach
 from .._sample_space import same_env_mask, sample_weights, scaled_dot
 from ..reference import autograd_enabled, autograd_usable, functional_loss
@@ -211,6 +211,7 @@ def reference_full_hessian_penalty(problem: HeadProblem, *, env_reduction: str,
     return hessian_term, gradient_term
 
 
+@autocast_off
 def full_hessian_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                          loss: str = "cross_entropy", bias: bool = True, env_reduction: str = "mean",
                          detach_reference: bool = True, backend: str = "auto", num_envs: Optional[int] = None,
@@ -276,8 +277,8 @@ def _with_other(problem: HeadProblem, other, loss: str, bias: bool, validate: bo
         raise TypeError("other must be a (logits, features, labels) tuple of a held-out batch, or None")
     other_logits, other_features, other_labels = other
     for name, t, mine in (("logits", other_logits, problem.logits), ("features", other_features, problem.features)):
-        if isinstance(t, torch.Tensor) and t.dtype != mine.dtype:
-            raise TypeError(f"other {name} dtype {t.dtype} must match {name} dtype {mine.dtype}")
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:  # mixed half/float32: float32 (concatenated)
+            mixed_dtype({name: mine, f"other {name}": t})
         if isinstance(t, torch.Tensor) and t.device != mine.device:
             raise ValueError(f"other {name} is on {t.device} but {name} are on {mine.device}")
     n_other = other_logits.shape[0] if isinstance(other_logits, torch.Tensor) and other_logits.dim() > 0 else 0
@@ -418,6 +419,7 @@ def _spectral_distances(problem: HeadProblem, pairs: Sequence[Tuple[int, int]], 
                                            problem.logits.device, tol, max_iter)
 
 
+@autocast_off
 def hessian_distance(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                      norm: str = "fro", loss: str = "cross_entropy", bias: bool = True,
                      num_envs: Optional[int] = None, validate: bool = True, other=None, tol: float = 1e-6,

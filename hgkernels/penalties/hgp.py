@@ -13,7 +13,7 @@ import torch
 
 from .. import losses, reference as reference_path
 from .._dispatch import check_targets_grad, defers_value_checks, prepared
-from .._inputs import EnvsArg, HeadProblem, check_choice, prepare
+from .._inputs import EnvsArg, HeadProblem, autocast_off, check_choice, prepare
 from .._penalty import deviation_penalty, env_weight, maybe_detach
 from .._sample_space import SamplePlan, rowwise, scaled_dot
 from ..backends import Backend
@@ -29,6 +29,7 @@ OPTIONS = dict(loss="cross_entropy", bias=True, reference="pooled", env_reductio
                backend="auto", num_envs=None, validate=True, form="auto", process_group=None, ddp_reduction="mean")
 
 
+@autocast_off
 def hgp_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                 loss: str = "cross_entropy", bias: bool = True, reference: str = "pooled",
                 env_reduction: str = "mean", detach_reference: bool = True, backend: str = "auto",

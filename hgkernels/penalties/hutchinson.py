@@ -13,7 +13,7 @@ import torch
 
 from .. import distributed, losses, reference as reference_path
 from .._dispatch import check_targets_grad, defers_value_checks, prepared
-from .._inputs import EnvsArg, HeadProblem, check_choice, prepare
+from .._inputs import EnvsArg, HeadProblem, autocast_off, check_choice, prepare
 from .._penalty import deviation_penalty, env_weight, maybe_detach
 from .._sample_space import Gram, SamplePlan
 from ..backends import Backend
@@ -33,6 +33,7 @@ OPTIONS = dict(loss="cross_entropy", bias=True, estimator="exact", num_probes=30
 PROBE_BATCH_ELEMENTS = 1 << 24
 
 
+@autocast_off
 def hutchinson_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, envs: EnvsArg, *,
                        loss: str = "cross_entropy", bias: bool = True, estimator: str = "exact",
                        num_probes: int = 300, generator: Optional[torch.Generator] = None,
