@@ -56,20 +56,23 @@ def _run(name, form, backend, as_sizes, dtype=torch.float64):
     return [t.detach() for t in terms] + [d_logits, d_features]
 
 
+# (backend, as_sizes): every closed-form backend on shuffled ids and a size list; the Triton interpreter
+# (25-80 s a case, slow-marked) on the ids layout only
+LAYOUTS = [pytest.param(b, as_sizes, id=f"{b}-{'size list' if as_sizes else 'shuffled ids'}",
+                        marks=[pytest.mark.slow] if b == "triton" else [])
+           for b in CLOSED_FORM_BACKENDS for as_sizes in (False, True) if not (b == "triton" and as_sizes)]
+
+
 def _reference(name):
     if name not in _REFERENCE:
         _REFERENCE[name] = _run(name, None, "reference", False)
     return _REFERENCE[name]
 
 
-@pytest.mark.parametrize("as_sizes", [False, True], ids=["shuffled ids", "size list"])
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
-                                     for b in CLOSED_FORM_BACKENDS])  # the interpreter: 25-80 s a case
+@pytest.mark.parametrize("backend,as_sizes", LAYOUTS)
 @pytest.mark.parametrize("name,form", CASES, ids=[f"{n}-{f or 'only form'}" for n, f in CASES])
 def test_256_environments_of_2_to_8_samples_equal_the_reference(name, form, backend, as_sizes):
     """float64 to 1e-9; the Triton kernels (float32 only) to 1e-5, on the ids layout."""
-    if backend == "triton" and as_sizes:
-        pytest.skip("the Triton interpreter is slow; the ids layout covers it")
     dtype, rtol = (torch.float32, 1e-5) if backend == "triton" else (torch.float64, RTOL)
     got = _run(name, form, backend, as_sizes, dtype)
     names = (["penalty"] if len(got) == 3 else ["hessian term", "gradient term"]) + ["d logits", "d features"]
@@ -77,14 +80,10 @@ def test_256_environments_of_2_to_8_samples_equal_the_reference(name, form, back
         assert_close(a, b, rtol, f"{name} {form} {backend}: {what}")
 
 
-@pytest.mark.parametrize("as_sizes", [False, True], ids=["shuffled ids", "size list"])
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.slow] if b == "triton" else [])
-                                     for b in CLOSED_FORM_BACKENDS])
+@pytest.mark.parametrize("backend,as_sizes", LAYOUTS)
 def test_fishr_in_chunks_of_environments_equals_the_reference(monkeypatch, backend, as_sizes):
     """Beyond CHUNK_ENTRIES variance entries fishr_penalty walks the environments in chunks (here of
     4 environments, 60 entries), never holding the (E, C·Dh) variances."""
-    if backend == "triton" and as_sizes:
-        pytest.skip("the Triton interpreter is slow; the ids layout covers it")
     monkeypatch.setattr(fishr_module, "CHUNK_ENTRIES", 4 * C * (D + 1))
     logits, features, labels, ids, sizes = _case()
     assert fishr_module.envs_per_chunk(prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)) == 4
