@@ -50,12 +50,8 @@ from .backends.base import HeadTerm, add_head_term
 # The C × Dh form also holds and walks the E per-environment statistics (allocating, zeroing and
 # several passes over a few (E, C, Dh) matrices), which the sample form's cost does not depend on:
 # negligible while they are small, FEATURE_ENV_COST per entry beyond SMALL_STATS entries (1 MB in
-# float32). Fitted to benchmarks/many_envs.py (N 1024, D 2048, native, 2 threads; both forms run at
-# about 1e11 of these units per second there): E = 256 against E = 4 added 3.5 s to the exact
-# penalty's 65 ms at DomainNet's C 345 (181 M entries, 19 ns each) and 3.5 ms (exact) to 17 ms (HGP)
-# to its 3 to 6 ms at PACS's C 7 (3.7 M entries, 1 to 5 ns). 512 units (5 ns) sends DomainNet's many
-# environments to the sample form (96 ms, E = 4's C × Dh form taking 65 ms) and keeps PACS's C × Dh
-# form (7 to 22 ms against the sample form's 42 to 75 ms).
+# float32). Fitted to benchmarks/many_envs.py (its table is in docs/performance.md): DomainNet's head
+# with 256 environments takes the sample form, PACS's keeps the C × Dh form, still the faster there.
 FEATURE_COST = {"hutchinson": 6, "hgp": 13}
 FEATURE_ENV_COST = 512
 SMALL_STATS = 1 << 18
