@@ -355,3 +355,20 @@ def test_penalty_under_torch_compile_takes_the_primitive_operators(monkeypatch):
     assert calls == ["head_stats"]
     for name, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), traced, eager):
         assert_close(a, b, 1e-12, f"operators differentiated by autograd vs the hand-written backward: {name}")
+
+
+def test_operators_without_an_autograd_rule_raise_when_differentiated():
+    """plan_forward, plan_backward and per_sample_backward run inside hand-written backwards; autograd
+    through them raises rather than returning a zero gradient."""
+    _node_required()
+    from hgkernels.backends.native import _operands
+    case = _case(41)
+    logits = case.logits.clone().requires_grad_(True)
+    problem = prepare(logits, case.features, case.labels, case.envs, loss="cross_entropy", bias=True)
+    _, hessian, _ = OPS.plan_forward(*_operands(problem), "hgp", 1 / 3, True, True)
+    with pytest.raises(RuntimeError, match="derivative for hgkernels::plan_forward is not implemented"):
+        hessian.backward()
+    d_logits, _, _ = OPS.per_sample_backward(*_operands(problem), False, None, None, None,
+                                             torch.ones(3, 3, 5, dtype=logits.dtype), None, None)
+    with pytest.raises(RuntimeError, match="derivative for hgkernels::per_sample_backward is not implemented"):
+        d_logits.sum().backward()
