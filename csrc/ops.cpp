@@ -285,6 +285,20 @@ TensorPair penalty(const at::Tensor& logits, const at::Tensor& features, const a
 // ---------------------------------------------------------------------------------------------------
 // Autograd rules.
 
+// The dispatcher's handles of the primitives' operators, for the calls below autograd and inside the
+// backward formula (dispatched by device).
+const auto& head_stats_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("hgkernels::head_stats", "").typed<decltype(
+      head_stats<CpuKernels>)>();
+  return op;
+}
+const auto& per_sample_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hgkernels::per_sample_backward", "")
+                             .typed<decltype(per_sample_backward<CpuKernels>)>();
+  return op;
+}
+
 // head_stats is differentiable in logits, features and dirs: the per-sample backward with the upstream
 // rows [dG][dDg][d(H V_k)], and dV_k = H_e (upstream of H V_k), since H_e is symmetric.
 struct HeadStatsFunction : torch::autograd::Function<HeadStatsFunction> {
@@ -301,10 +315,8 @@ struct HeadStatsFunction : torch::autograd::Function<HeadStatsFunction> {
     ctx->saved_data["gradient"] = gradient;
     ctx->saved_data["hess_diag"] = hess_diag;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("hgkernels::head_stats", "").typed<decltype(
-        head_stats<CpuKernels>)>();
-    return op.call(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual, gradient,
-                   hess_diag, dirs);
+    return head_stats_op().call(logits, features, targets, order, offsets, env_ids, loss, bias, square_residual,
+                                gradient, hess_diag, dirs);
   }
 
   static variable_list backward(torch::autograd::AutogradContext* ctx, variable_list upstream_list) {
@@ -322,18 +334,13 @@ struct HeadStatsFunction : torch::autograd::Function<HeadStatsFunction> {
     };
     const OptionalTensor grad_up = rows(gradient, 0, C), diag_up = rows(hess_diag, diag_begin, hvp_begin);
     const OptionalTensor ups = rows(dirs.has_value(), hvp_begin, upstream.size(1));
-    static auto backward_op = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("hgkernels::per_sample_backward", "")
-                                  .typed<decltype(per_sample_backward<CpuKernels>)>();
     auto [d_logits, d_features, unused] =
-        backward_op.call(logits, saved[1], saved[2], saved[3], saved[4], saved[5], loss, bias, square_residual,
-                         grad_up, dirs, ups, diag_up, std::nullopt, std::nullopt);
+        per_sample_backward_op().call(logits, saved[1], saved[2], saved[3], saved[4], saved[5], loss, bias,
+                                      square_residual, grad_up, dirs, ups, diag_up, std::nullopt, std::nullopt);
     at::Tensor d_dirs;
     if (dirs.has_value() && ctx->needs_input_grad(6)) {  // dirs: the seventh tensor input
-      static auto stats_op = c10::Dispatcher::singleton().findSchemaOrThrow("hgkernels::head_stats", "").typed<decltype(
-          head_stats<CpuKernels>)>();
-      d_dirs = stats_op.call(logits, saved[1], saved[2], saved[3], saved[4], saved[5], loss, bias, square_residual,
-                             false, false, ups);
+      d_dirs = head_stats_op().call(logits, saved[1], saved[2], saved[3], saved[4], saved[5], loss, bias,
+                                    square_residual, false, false, ups);
     }
     return {d_logits, d_features, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), d_dirs};
