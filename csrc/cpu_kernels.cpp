@@ -354,14 +354,15 @@ void with_rows(int rows, Fn&& fn) {
   }
 }
 
-// The whole backward of the caller's rows [row_begin, row_end), all of one environment, for few matrix
+// The whole backward of the caller's rows [row_begin, row_end) (order given: of the sorted rows, whose caller's
+// rows order holds), all of one environment, for few matrix
 // rows: kPassRows samples at a time (the matrices, read from L2 for every row, are loaded once per pass),
 // their dots, closed form and d_features while the feature rows are in L1. A head term adds its C
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T, int Cap, int Bytes>
-void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_begin, int64_t row_end, T w,
-                          const Part<T>* parts, int num_parts, const BackwardMatrices<T>& scales, const T* gam,
-                          HeadTerm<T> head, T* head_partials, T* d_logits, T* d_features,
+void backward_rows_direct(const Head<T>& h, BackwardLayout layout, const int64_t* order, int64_t row_begin,
+                          int64_t row_end, T w, const Part<T>* parts, int num_parts, const BackwardMatrices<T>& scales,
+                          const T* gam, HeadTerm<T> head, T* head_partials, T* d_logits, T* d_features,
                           const KnownDots<T>* known) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
   const int dot_rows = known ? layout.dirs_begin() : W;  // the V and U blocks' dots are known
@@ -381,7 +382,11 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     rows = std::min<int64_t>(kPassRows - i0 % kPassRows, row_end - i0);
     const T* x[kPassRows];
     T* dx[kPassRows];
-    for (int r = 0; r < rows; ++r) x[r] = h.features + (i0 + r) * h.features_row_stride, dx[r] = d_features + (i0 + r) * D;
+    int64_t row[kPassRows];  // the caller's rows
+    for (int r = 0; r < rows; ++r) {
+      row[r] = order ? order[i0 + r] : i0 + r;
+      x[r] = h.features + row[r] * h.features_row_stride, dx[r] = d_features + row[r] * D;
+    }
     auto dots_of = [&](auto num_rows) {
       rows_dots<T, false, decltype(num_rows)::value, Cap, Bytes>(x, mats, dot_rows, D, dots);
       if (gam) rows_dots<T, true, decltype(num_rows)::value, Cap, Bytes>(x, gam_rows, C, D, dots_sq);
@@ -391,7 +396,7 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, int64_t row_b
     };
     with_rows(rows, dots_of);
     for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
+      const int64_t i = row[r];
       if (h.bias) {  // zh_D = 1 (and its square); known dots include it
         for (int m = 0; m < dot_rows; ++m) dots[r][m] += mats[m][D];
         for (int c = 0; gam && c < C; ++c) dots_sq[r][c] += gam_rows[c][D];
@@ -482,7 +487,7 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
   // When every environment's partial sums fit in L1 together, blocks walk the rows in the caller's
   // order and each row adds into its environment's partial: memory order whatever the ids' order
   // (shuffled ids read rows at random through `order` otherwise). Else blocks follow each environment.
-  const bool natural = size_t(s.num_envs) * W * Dh * sizeof(T) <= size_t(kDirectAccBytes);
+  const bool natural = s.env_ids && size_t(s.num_envs) * W * Dh * sizeof(T) <= size_t(kDirectAccBytes);
   const std::vector<Task> blocks = natural ? natural_blocks(s, kDirectBlockRows) : env_blocks(s, kDirectBlockRows);
   const int block_envs = natural ? s.num_envs : 1;
   std::vector<T> partial(blocks.size() * size_t(block_envs) * W * Dh);
@@ -763,27 +768,28 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
     // Few matrix rows: one sample at a time, in the caller's row order (memory order whatever the
     // ids' order); each row takes its environment's matrices. Rows are independent: no sums, except
     // the fused head's weight gradient, summed per fixed kHeadGradRows rows (tasks then hold whole
-    // such groups) and then over the groups in order.
-    const bool head_grad = head.weight && head.weight_grad;
+    // such groups) and then over the groups in order. Segments without ids (a plan's run of environments)
+    // are read in their sorted order, and leave the head's gradient to the caller.
+    const bool natural = s.env_ids != nullptr, head_grad = natural && head.weight && head.weight_grad;
     // Blocks hold whole passes (whole kHeadGradRows groups with a head gradient): see backward_rows_direct.
     const int64_t align = head_grad ? kHeadGradRows : kPassRows;
     const int64_t row_block = (row_block_for(N, threads) + align - 1) / align * align;
-    const std::vector<Task> rows = natural_blocks(s, row_block);
+    const std::vector<Task> rows = natural ? natural_blocks(s, row_block) : env_blocks(s, row_block);
     std::vector<T> head_partials(head_grad ? size_t((N + kHeadGradRows - 1) / kHeadGradRows) * C * Dh : 0, T(0));
     T* partials = head_grad ? head_partials.data() : nullptr;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < int64_t(rows.size()); ++t) {
       Part<T> parts[kMaxParts];
       for (int64_t i = rows[t].row_begin, run_end; i < rows[t].row_end; i = run_end) {
-        const int e = int(s.env_ids[i]);  // a run of consecutive rows of environment e
-        for (run_end = i + 1; run_end < rows[t].row_end && s.env_ids[run_end] == e; ++run_end) {
+        const int e = natural ? int(s.env_ids[i]) : rows[t].env;  // a run of consecutive rows of environment e
+        for (run_end = i + 1; run_end < rows[t].row_end && (!natural || s.env_ids[run_end] == e); ++run_end) {
         }
         const int num_parts = env_parts(e, parts);
         // stack arrays sized for the rows at hand: oversized ones slow the few-row case
         const T* env_gam = env_gam_of(e);
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
-              h, layout, i, run_end, inv_count<T>(s, e), parts, num_parts, mats, env_gam,
+              h, layout, natural ? nullptr : s.order, i, run_end, inv_count<T>(s, e), parts, num_parts, mats, env_gam,
               head, partials, d_logits, d_features, known);
         };
         using Few = std::integral_constant<int, kDirectRows>;

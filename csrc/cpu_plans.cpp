@@ -268,6 +268,25 @@ void hgp_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T
   *gradient = T(spec.weight * devs[1].sum);
 }
 
+// HGP's upstream of G_e: Lam = lam_scale (G_e - G_bar) plus the directions' gradient gam_scale (H_e U_e [+ to_mean]),
+// dir_grads (E, K C, Dh) [H_e U_e]... (nullptr: no Hessian term), to_mean the shared direction's part (or nullptr).
+template <typename T>
+void hgp_grad_up(const T* grad, const T* grad_mean, T lam_scale, const T* dir_grads, int K, const T* to_mean,
+                 T gam_scale, int E, int64_t M, T* grad_up, Launch launch) {
+  const bool with_gradient = lam_scale != T(0);
+  const int64_t chunks = (M + kPassChunk - 1) / kPassChunk;
+#pragma omp parallel for schedule(static) num_threads(int64_t(E) * M >= kMinParallelElements ? launch.threads : 1)
+  for (int64_t t = 0; t < E * chunks; ++t) {
+    const int e = int(t / chunks);
+    for (int64_t k = t % chunks * kPassChunk, end = std::min(k + kPassChunk, M); k < end; ++k) {
+      T total = with_gradient ? T(lam_scale * T(grad[e * M + k] - grad_mean[k])) : T(0);
+      if (dir_grads)
+        total += gam_scale * (to_mean ? T(dir_grads[e * K * M + k] + to_mean[k]) : dir_grads[e * K * M + k]);
+      grad_up[e * M + k] = total;
+    }
+  }
+}
+
 template <typename T>
 bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
                   HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
@@ -302,17 +321,9 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
     Deviations<T> mean_pass = Deviations<T>::mean_of(dir_grads + M, 2 * M).keeping_mean(to_mean);
     deviations(&mean_pass, 1, E, M, launch);
   }
-  T* grad_up = scratch<T>(E * M);  // Lam = 2 R_e beta (G_e - G_bar), plus the directions' gradients
-  const int64_t chunks = (M + kPassChunk - 1) / kPassChunk;
-#pragma omp parallel for schedule(static) num_threads(int64_t(E) * M >= kMinParallelElements ? launch.threads : 1)
-  for (int64_t t = 0; t < E * chunks; ++t) {
-    const int e = int(t / chunks);
-    for (int64_t k = t % chunks * kPassChunk, end = std::min(k + kPassChunk, M); k < end; ++k) {
-      T total = with_gradient ? T(lam_scale * T(grad[e * M + k] - grad_mean[k])) : T(0);
-      if (with_hessian) total += gam_scale * (shared ? T(dir_grads[e * K * M + k] + to_mean[k]) : dir_grads[e * K * M + k]);
-      grad_up[e * M + k] = total;
-    }
-  }
+  T* grad_up = scratch<T>(E * M);
+  hgp_grad_up<T>(grad, grad_mean, lam_scale, with_hessian ? dir_grads : nullptr, K, to_mean, gam_scale, E, M, grad_up,
+                 launch);
   const BackwardLayout layout{C, K, /*gradient=*/with_gradient || with_hessian, /*hess_diag=*/false,
                               /*square_residual=*/false};
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
@@ -327,31 +338,307 @@ bool hgp_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* s
                                           K ? &known : nullptr);
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Many environments (hgk_tuning.h): the plans in runs of environments, keeping no per-environment state.
+
+bool in_runs(int num_envs, int64_t M) { return int64_t(num_envs) * M > kPlanStateElements; }
+
+// A run of environments [begin, end) as segments of their own: its sorted rows, without ids (hgk_kernels.h).
+struct EnvRun {
+  int begin, end;
+  std::vector<int64_t> offsets;  // rebased to the run's first sorted row
+  Segments seg;
+};
+
+// Consecutive runs of about kEnvRunElements statistics entries (at least one environment each).
+std::vector<EnvRun> env_runs_of(const Segments& s, int64_t M) {
+  const int per_run = int(std::max<int64_t>(1, kEnvRunElements / M));
+  std::vector<EnvRun> runs;
+  for (int b = 0; b < s.num_envs; b += per_run) {
+    EnvRun run{b, std::min(b + per_run, s.num_envs), {}, {}};
+    for (int e = run.begin; e <= run.end; ++e) run.offsets.push_back(s.offsets[e] - s.offsets[b]);
+    runs.push_back(std::move(run));
+  }
+  for (EnvRun& run : runs)
+    run.seg = {s.order + s.offsets[run.begin], run.offsets.data(), run.offsets.back(), run.end - run.begin, nullptr};
+  return runs;
+}
+
+// What the runs' buffers must hold: the most environments and the most samples of one run.
+struct RunSizes {
+  int envs = 0;
+  int64_t samples = 0;
+  explicit RunSizes(const std::vector<EnvRun>& runs) {
+    for (const EnvRun& run : runs)
+      envs = std::max(envs, run.seg.num_envs), samples = std::max(samples, run.seg.num_samples);
+  }
+};
+
+// Adds E blocks of M entries (`stride` apart) into sum (double, environments in order) and returns their squares'
+// total; in column chunks split among threads, added in chunk order: the same bits for any thread count.
+template <typename T>
+double add_blocks(const T* blocks, int64_t stride, int E, int64_t M, double* sum, Launch launch) {
+  const int64_t chunks = (M + kPassChunk - 1) / kPassChunk;
+  std::vector<double> partial(chunks);
+#pragma omp parallel for schedule(static) num_threads(int64_t(E) * M >= kMinParallelElements ? launch.threads : 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t k0 = c * kPassChunk, n = std::min(kPassChunk, M - k0);
+    double total = 0;
+    for (int e = 0; e < E; ++e) {
+      const T* x = blocks + e * stride + k0;
+      total += squared_deviation<T>(x, nullptr, n, nullptr);
+      for (int64_t k = 0; k < n; ++k) sum[k0 + k] += double(x[k]);
+    }
+    partial[c] = total;
+  }
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+// sum_e ||x_e - ref||^2 = squares - 2 <sum, ref> + E ||ref||^2 from squares = sum_e ||x_e||^2 and sum = sum_e x_e, in
+// double. It cancels where the environments nearly agree: below kExpandedMinShare of the squares the plans
+// recompute it as a sum of squared deviations instead (it is then a small part of a term that rounding of the
+// statistics themselves already bounds).
+constexpr double kExpandedMinShare = 1.0 / 16;
+double expanded_deviation(double squares, const double* sum, const double* ref, int E, int64_t M) {
+  double cross = 0, ref_squares = 0;
+  for (int64_t k = 0; k < M; ++k) cross += sum[k] * ref[k], ref_squares += ref[k] * ref[k];
+  return squares - 2 * cross + E * ref_squares;
+}
+
+template <typename T>
+void mean_into(const double* sum, int E, int64_t M, double* mean, T* mean_out) {
+  for (int64_t k = 0; k < M; ++k) mean[k] = sum[k] / E, mean_out[k] = T(mean[k]);
+}
+
+double* zeros(int64_t n) {
+  double* out = scratch<double>(n);
+  std::fill(out, out + n, 0.0);
+  return out;
+}
+
+// sum_e ||x_e - mean||^2 over the runs' blocks that `form` writes ((E_r, stride) apart, M entries at `at`).
+template <typename T, typename Form>
+double deviation_over_runs(const std::vector<EnvRun>& runs, Form&& form, const T* at, int64_t stride,
+                           const T* mean, int64_t M, Launch launch) {
+  double total = 0;
+  for (const EnvRun& run : runs) {
+    form(run);
+    Deviations<T> job = Deviations<T>::given_mean(const_cast<T*>(mean)).for_blocks(at, stride);
+    deviations(&job, 1, run.seg.num_envs, M, launch);
+    total += job.sum;
+  }
+  return total;
+}
+
+// exact, forward: state [G_bar][mean Dg]; one pass over the runs (squares and sums), a second one only where a term
+// cancels.
+template <typename T>
+void exact_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                        Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  const std::vector<EnvRun> runs = env_runs_of(s, M);
+  T* block = scratch<T>(RunSizes(runs).envs * 2 * M);  // per environment [G_e][Dg_e]
+  auto form = [&](const EnvRun& run) { stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch); };
+  double* sum = zeros(2 * M);
+  double* mean = scratch<double>(2 * M);
+  double squares[2] = {0, 0}, terms[2];
+  for (const EnvRun& run : runs) {
+    form(run);
+    for (int b = 0; b < 2; ++b)
+      squares[b] += add_blocks<T>(block + b * M, 2 * M, run.seg.num_envs, M, sum + b * M, launch);
+  }
+  mean_into(sum, E, 2 * M, mean, state);
+  for (int b = 0; b < 2; ++b) {
+    terms[b] = expanded_deviation(squares[b], sum + b * M, mean + b * M, E, M);
+    if (terms[b] < kExpandedMinShare * squares[b])
+      terms[b] = deviation_over_runs<T>(runs, form, block + b * M, 2 * M, state + b * M, M, launch);
+  }
+  *gradient = T(spec.weight * terms[0]);
+  *hessian = T(spec.weight * terms[1]);
+}
+
+// exact, backward: each run's [G_e - G_bar][Dg_e - mean Dg] formed again, then its rows' backward.
+template <typename T>
+bool exact_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
+                         double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  const int C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  const std::vector<EnvRun> runs = env_runs_of(s, M);
+  const RunSizes most(runs);
+  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);  // as in exact_backward
+  const BackwardLayout layout{C, /*K=*/0, with_gradient, with_hessian, /*square_residual=*/false};
+  T* block = scratch<T>(most.envs * 2 * M);
+  T* work = scratch<T>(most.samples * backward_work_per_sample(layout));
+  head.weight_grad = nullptr;  // (runs leave the head's gradient to the caller)
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam({with_gradient ? block : nullptr, 2 * M, C}, lam_scale)
+                                       .with_gam({with_hessian ? block + M : nullptr, 2 * M, C}, gam_scale);
+  for (const EnvRun& run : runs) {
+    stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch);
+    Deviations<T> devs[2];
+    for (int b = 0; b < 2; ++b)
+      devs[b] = Deviations<T>::given_mean(const_cast<T*>(state + b * M))
+                    .for_blocks(block + b * M, 2 * M)
+                    .writing(block + b * M, 2 * M);
+    deviations(devs, 2, run.seg.num_envs, M, launch);
+    per_sample_backward_from_dots<T>(h, run.seg, layout, mats, head, work, d_logits, d_features, launch, nullptr);
+  }
+  return false;
+}
+
+// HGP's state in runs: [G_bar][S_ref][mean_e S_e] then the direction dots as hgp_forward keeps them.
+template <typename T>
+struct HGPRunState {
+  T *grad_mean, *ref, *hgp_mean, *dir_dots;
+  HGPRunState(T* state, int64_t M)
+      : grad_mean(state), ref(state + M), hgp_mean(state + 2 * M), dir_dots(state + 3 * M) {}
+};
+
+// HGP, forward: with the pooled reference a first pass forms G_bar (the directions need it); then one pass forms
+// G_e, S_e = H_e G_e (and H_e G_bar) with their squares and sums.
+template <typename T>
+void hgp_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                      Launch launch) {
+  const int E = s.num_envs, C = h.C, K = spec.pooled ? 2 : 1;
+  const int64_t M = int64_t(C) * h.head_width();
+  const HGPRunState<T> st(state, M);
+  const std::vector<EnvRun> runs = env_runs_of(s, M);
+  const int most_envs = RunSizes(runs).envs;
+  T* grad = scratch<T>(most_envs * M);
+  T* hv = scratch<T>(most_envs * K * M);
+  double *grad_sum = zeros(M), *hgp_sum = zeros(M), *ref_sum = zeros(M), *grad_mean = scratch<double>(M),
+         *ref = scratch<double>(M);
+  double grad_squares = 0, hgp_squares = 0;
+  auto form_grad = [&](const EnvRun& run) {
+    stats<T>(h, run.seg, gradient_stats(C, false), RowRuns<T>{}, grad, launch);
+  };
+  if (spec.pooled) {
+    for (const EnvRun& run : runs)
+      form_grad(run), grad_squares += add_blocks<T>(grad, M, run.seg.num_envs, M, grad_sum, launch);
+    mean_into(grad_sum, E, M, grad_mean, st.grad_mean);
+  }
+  for (const EnvRun& run : runs) {
+    form_grad(run);
+    if (!spec.pooled) grad_squares += add_blocks<T>(grad, M, run.seg.num_envs, M, grad_sum, launch);
+    const RowRuns<T> dirs = env_then_shared<T>(grad, spec.pooled ? st.grad_mean : nullptr, C, h.head_width());
+    stats<T>(h, run.seg, hvp_stats(C, K), dirs, hv, launch, st.dir_dots);
+    hgp_squares += add_blocks<T>(hv, K * M, run.seg.num_envs, M, hgp_sum, launch);
+    if (spec.pooled) add_blocks<T>(hv + M, K * M, run.seg.num_envs, M, ref_sum, launch);
+  }
+  if (!spec.pooled) mean_into(grad_sum, E, M, grad_mean, st.grad_mean);
+  mean_into(spec.pooled ? ref_sum : hgp_sum, E, M, ref, st.ref);
+  double* hgp_mean = ref_sum;  // (free now)
+  mean_into(hgp_sum, E, M, hgp_mean, st.hgp_mean);
+  double grad_term = expanded_deviation(grad_squares, grad_sum, grad_mean, E, M);
+  double hgp_term = expanded_deviation(hgp_squares, hgp_sum, ref, E, M);
+  if (grad_term < kExpandedMinShare * grad_squares)
+    grad_term = deviation_over_runs<T>(runs, form_grad, grad, M, st.grad_mean, M, launch);
+  if (hgp_term < kExpandedMinShare * hgp_squares) {
+    auto form_hgp = [&](const EnvRun& run) {
+      form_grad(run);
+      stats<T>(h, run.seg, hvp_stats(C, 1), RowRuns<T>::stacked(grad, C, h.head_width()), hv, launch);
+    };
+    hgp_term = deviation_over_runs<T>(runs, form_hgp, hv, M, st.ref, M, launch);
+  }
+  *hessian = T(spec.weight * hgp_term);
+  *gradient = T(spec.weight * grad_term);
+}
+
+// HGP, backward: each run's G_e and S_e - S_ref formed again, H_e of the upstream U, then its rows' backward (as
+// hgp_backward). An undetached pooled reference's upstream -mean_e Gam_e is -(mean_e S_e - S_ref), and H_e of it is
+// averaged over the environments in a first pass.
+template <typename T>
+bool hgp_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
+                       double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width(), Dh = h.head_width();
+  const HGPRunState<T> st(const_cast<T*>(state), M);
+  const bool shared = spec.pooled && !spec.detach_reference;
+  const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
+  const int K = with_hessian ? (shared ? 2 : 1) : 0;
+  const std::vector<EnvRun> runs = env_runs_of(s, M);
+  const RunSizes most(runs);
+  T* grad = scratch<T>(most.envs * M);
+  T* hgp_dev = scratch<T>(most.envs * M);
+  T* dir_grads = scratch<T>(most.envs * std::max(K, 1) * M);
+  T* grad_up = scratch<T>(most.envs * M);
+  T* up_dots = scratch<T>(s.num_samples * std::max(K, 1) * C);
+  T *ref_up = nullptr, *to_mean = nullptr;
+  if (shared && with_hessian) {
+    ref_up = scratch<T>(M), to_mean = scratch<T>(M);
+    for (int64_t k = 0; k < M; ++k) ref_up[k] = -T(st.hgp_mean[k] - st.ref[k]);
+    double* sum = zeros(M);
+    for (const EnvRun& run : runs) {
+      stats<T>(h, run.seg, hvp_stats(C, 1), RowRuns<T>{{EnvRows<T>::shared(ref_up, C), {nullptr, 0, 0}}}, dir_grads,
+               launch);
+      add_blocks<T>(dir_grads, M, run.seg.num_envs, M, sum, launch);
+    }
+    double* mean = scratch<double>(M);
+    mean_into(sum, E, M, mean, to_mean);
+  }
+  const BackwardLayout layout{C, K, /*gradient=*/with_gradient || with_hessian, /*hess_diag=*/false,
+                              /*square_residual=*/false};
+  T* work = scratch<T>(most.samples * backward_work_per_sample(layout));
+  head.weight_grad = nullptr;  // (runs leave the head's gradient to the caller)
+  const RowRuns<T> dirs = env_then_shared<T>(grad, shared ? st.grad_mean : nullptr, C, Dh);
+  const RowRuns<T> ups = env_then_shared<T>(hgp_dev, ref_up, C, Dh);
+  const KnownDots<T> known{st.dir_dots, int64_t(spec.pooled ? 2 : 1) * C, up_dots, int64_t(K) * C};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam(EnvRows<T>::stacked(grad_up, C, Dh), T(1))
+                                       .with_directions(K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{}, gam_scale);
+  for (const EnvRun& run : runs) {
+    const int E_r = run.seg.num_envs;
+    stats<T>(h, run.seg, gradient_stats(C, false), RowRuns<T>{}, grad, launch);
+    if (with_hessian) {
+      stats<T>(h, run.seg, hvp_stats(C, 1), RowRuns<T>::stacked(grad, C, Dh), hgp_dev, launch);
+      Deviations<T> dev = Deviations<T>::given_mean(st.ref).for_blocks(hgp_dev, M).writing(hgp_dev, M);
+      deviations(&dev, 1, E_r, M, launch);
+      stats<T>(h, run.seg, hvp_stats(C, K), ups, dir_grads, launch, up_dots);
+    }
+    hgp_grad_up<T>(grad, st.grad_mean, lam_scale, with_hessian ? dir_grads : nullptr, K, to_mean, gam_scale, E_r, M,
+                   grad_up, launch);
+    per_sample_backward_from_dots<T>(h, run.seg, layout, mats, head, work, d_logits, d_features, launch,
+                                     K ? &known : nullptr);
+  }
+  return false;
+}
+
 }  // namespace
 
 int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width) {
-  const int64_t M = int64_t(C) * head_width;
+  const int64_t M = int64_t(C) * head_width, dir_dots = int64_t(num_samples) * (spec.pooled ? 2 : 1) * C;
+  if (in_runs(num_envs, M)) return spec.method == EXACT_DIAG ? 2 * M : 3 * M + dir_dots;
   if (spec.method == EXACT_DIAG) return 2 * num_envs * M;
-  return (2 * num_envs + 1) * M + int64_t(num_samples) * (spec.pooled ? 2 : 1) * C;
+  return (2 * num_envs + 1) * M + dir_dots;
 }
 
 template <typename T>
 void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
                   Launch launch) {
   ScratchArena::Scope scope;
+  const bool runs = in_runs(s.num_envs, int64_t(h.C) * h.head_width());
   if (spec.method == EXACT_DIAG)
-    exact_forward<T>(h, s, spec, state, hessian, gradient, launch);
+    (runs ? exact_forward_runs<T> : exact_forward<T>)(h, s, spec, state, hessian, gradient, launch);
   else
-    hgp_forward<T>(h, s, spec, state, hessian, gradient, launch);
+    (runs ? hgp_forward_runs<T> : hgp_forward<T>)(h, s, spec, state, hessian, gradient, launch);
 }
 
 template <typename T>
 bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
                    HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
   ScratchArena::Scope scope;
+  const bool runs = in_runs(s.num_envs, int64_t(h.C) * h.head_width());
   if (spec.method == EXACT_DIAG)
-    return exact_backward<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
-  return hgp_backward<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
+    return (runs ? exact_backward_runs<T> : exact_backward<T>)(h, s, spec, state, alpha, beta, head, d_logits,
+                                                               d_features, launch);
+  return (runs ? hgp_backward_runs<T> : hgp_backward<T>)(h, s, spec, state, alpha, beta, head, d_logits, d_features,
+                                                         launch);
 }
 
 #define HGK_INSTANTIATE_PLANS(T)                                                                                \

@@ -33,7 +33,8 @@ struct Segments {
   const int64_t* offsets;  // (E + 1,) first sorted position of each environment
   int64_t num_samples;
   int num_envs;
-  const int64_t* env_ids;  // (N,) environment of each sample, in the caller's row order
+  const int64_t* env_ids;  // (N,) environment of each sample, in the caller's row order; nullptr (CPU kernels):
+                           // the samples are those `order` lists (a run of a plan's environments), read in it
 };
 
 struct Launch {

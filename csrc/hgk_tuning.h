@@ -55,6 +55,12 @@ constexpr int kWideBytes = 32;
 #endif
 constexpr int kWideMinClasses = 4;
 
+// Many environments. A plan whose per-environment statistics (E x C x Dh entries) exceed kPlanStateElements keeps
+// none of them: it walks the environments in runs of about kEnvRunElements entries, and its backward forms each
+// run's statistics again: memory and cache residency vs. the repeated statistics (summation grouping).
+constexpr int64_t kPlanStateElements = int64_t(1) << 18;
+constexpr int64_t kEnvRunElements = int64_t(1) << 18;
+
 // Scratch memory a thread keeps between plan calls: memory held vs. allocations (and page faults).
 constexpr size_t kScratchKeptBytes = size_t(16) << 20;
 

@@ -32,6 +32,7 @@
 
 #include "hgk_kernels.h"
 #include "hgk_plans.h"
+#include "hgk_tuning.h"
 
 namespace {
 
@@ -534,6 +535,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     throw py::import_error("hgkernels._native was built against torch " HGK_TORCH_VERSION " but torch " + installed +
                            " is installed; reinstall hgkernels to rebuild it");
   m.attr("TORCH_VERSION") = HGK_TORCH_VERSION;
+  // (E x C x Dh above which the CPU plans walk the environments in runs: the tests size their cases by it)
+  m.attr("PLAN_STATE_ELEMENTS") = hgk::kPlanStateElements;
   m.attr("HAS_CUDA") =
 #ifdef HGK_CUDA
       true;

@@ -104,3 +104,132 @@ def test_fishr_in_chunks_double_backward_matches_the_reference(monkeypatch):
         results.append(torch.autograd.grad((d_lg.square().sum() + d_ft.square().sum()), (lg, ft)))
     for what, a, b in zip(("d logits", "d features"), *results):
         assert_close(a, b, RTOL, f"second order: {what}")
+
+
+# --- The CPU plans in runs of environments (csrc/cpu_plans.cpp): beyond the native module's
+# PLAN_STATE_ELEMENTS per-environment entries (E x C x Dh) they keep no per-environment statistics.
+
+NATIVE_ERROR = backends.unavailable_reason("native")
+needs_native = pytest.mark.skipif(NATIVE_ERROR is not None, reason=f"native kernels: {NATIVE_ERROR}")
+RUNS_E, RUNS_C, RUNS_D = 160, 5, 511
+RUNS_PENALTIES = {
+    "hutchinson": (hk.hutchinson_penalty, {}),
+    "hutchinson, sum over environments": (hk.hutchinson_penalty, dict(env_reduction="sum")),
+    "hgp": (hk.hgp_penalty, {}),
+    "hgp, undetached pooled reference": (hk.hgp_penalty, dict(detach_reference=False)),
+    "hgp, mean reference": (hk.hgp_penalty, dict(reference="mean")),
+    "hgp, undetached mean reference": (hk.hgp_penalty, dict(reference="mean", detach_reference=False)),
+}
+
+
+def _runs_case(jitter=None):
+    """RUNS_E environments of 1 to 8 samples, ids shuffled, beyond the plans' state limit (two runs). With
+    `jitter`, every environment holds copies of the same samples plus jitter times noise: nearly equal
+    statistics (four samples each), whose deviations the expanded sums cannot resolve."""
+    from hgkernels.backends.native import _NATIVE
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 9, (RUNS_E,), generator=gen).tolist() if jitter is None else [4] * RUNS_E
+    n = sum(sizes)
+    ids = torch.repeat_interleave(torch.arange(RUNS_E), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
+    assert RUNS_E * RUNS_C * (RUNS_D + 1) > _NATIVE.PLAN_STATE_ELEMENTS
+    if jitter is None:
+        logits = 1.5 * torch.randn(n, RUNS_C, generator=gen, dtype=torch.float64)
+        features = torch.randn(n, RUNS_D, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, RUNS_C, (n,), generator=gen)
+        return logits, features, labels, ids
+    rank = torch.zeros(n, dtype=torch.long)  # each sample's place in its environment: the same sample everywhere
+    for e in range(RUNS_E):
+        members = (ids == e).nonzero().flatten()
+        rank[members] = torch.arange(len(members))
+    base_logits = 1.5 * torch.randn(8, RUNS_C, generator=gen, dtype=torch.float64)
+    base_features = torch.randn(8, RUNS_D, generator=gen, dtype=torch.float64)
+    base_labels = torch.randint(0, RUNS_C, (8,), generator=gen)
+    logits = base_logits[rank] + jitter * torch.randn(n, RUNS_C, generator=gen, dtype=torch.float64)
+    features = base_features[rank] + jitter * torch.randn(n, RUNS_D, generator=gen, dtype=torch.float64)
+    return logits, features, base_labels[rank], ids
+
+
+def _runs_terms_and_grads(name, case, backend, weights=(0.7, 1.3), dtype=torch.float64, **options):
+    fn, kwargs = RUNS_PENALTIES[name]
+    logits, features, labels, ids = case
+    logits, features = (t.to(dtype).requires_grad_(True) for t in (logits, features))
+    terms = fn(logits, features, labels, ids, backend=backend, **kwargs, **options)
+    grads = torch.autograd.grad(weights[0] * terms[0] + weights[1] * terms[1], (logits, features))
+    return [t.detach().double() for t in (*terms, *grads)]
+
+
+@needs_native
+@pytest.mark.parametrize("weights", [(0.7, 1.3), (0.0, 1.0), (1.0, 0.0)],
+                         ids=["both terms", "gradient term", "hessian term"])
+@pytest.mark.parametrize("name", RUNS_PENALTIES)
+def test_native_plans_in_runs_of_environments_equal_the_python_plans(name, weights):
+    """float64 to 1e-9 against the torch backend's feature form (which the tests above hold to the
+    reference; the reference itself takes a minute at this head), each term alone and both (a term whose
+    upstream is zero is left out)."""
+    case = _runs_case()
+    got = _runs_terms_and_grads(name, case, "native", weights, form="feature")
+    expected = _runs_terms_and_grads(name, case, "torch", weights, form="feature")
+    for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
+        assert_close(a, b, RTOL, f"{name} in runs: {what}")
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["hutchinson", "hgp", "hgp, mean reference"])
+def test_native_plans_in_runs_resolve_nearly_equal_environments(name):
+    """Environments that agree to 1e-7: the terms are 1e-12 to 1e-14 of the statistics' squares, where
+    the expanded sums would be rounding alone; the plans recompute them as squared deviations (float64,
+    1e-6, against the torch backend's feature form, which forms the deviations themselves)."""
+    case = _runs_case(jitter=1e-7)
+    got = _runs_terms_and_grads(name, case, "native", form="feature")
+    expected = _runs_terms_and_grads(name, case, "torch", form="feature")
+    assert 0 < expected[0] < 1e-8 and 0 < expected[1] < 1e-8
+    for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
+        assert_close(a, b, 1e-6, f"{name}, nearly equal environments: {what}")
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["hutchinson", "hgp, undetached pooled reference"])
+def test_native_plans_in_runs_float32_and_bitwise_across_thread_counts(name):
+    """float32 against float64 (1e-5); the same bits with 1 and 2 threads (the runs do not follow them)."""
+    case, threads = _runs_case(), torch.get_num_threads()
+    expected = _runs_terms_and_grads(name, case, "torch", form="feature")
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_runs_terms_and_grads(name, case, "native", dtype=torch.float32, form="feature"))
+    finally:
+        torch.set_num_threads(threads)
+    for what, a, b, c in zip(("hessian term", "gradient term", "d logits", "d features"), *results, expected):
+        assert torch.equal(a, b), f"{name} in runs, 1 vs 2 threads: {what}"
+        assert_close(a, c, 1e-5, f"{name} in runs, float32: {what}")
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["exact", "hgp"])
+def test_native_plans_in_runs_keep_no_per_environment_state(method):
+    """What a forward leaves for its backward: the means (and HGP's direction dots), not E x C x Dh."""
+    from hgkernels.backends.native import _OPS, _operands
+    logits, features, labels, ids = _runs_case()
+    problem = prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)
+    state = _OPS.plan_forward(*_operands(problem), method, 1 / RUNS_E, True, True)[0]
+    head = RUNS_C * (RUNS_D + 1)
+    assert state.numel() == (2 * head if method == "exact" else 3 * head + 2 * len(ids) * RUNS_C)
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["hutchinson", "hgp"])
+def test_fused_head_in_runs_of_environments_equals_the_python_plans(method):
+    """HessianAlignmentLoss on a linear head (the runs leave the head's gradient to torch ops): values and
+    the featurizer output's and head's gradients, float64 to 1e-9."""
+    logits, features, labels, ids = _runs_case()
+    head = torch.nn.Linear(RUNS_D, RUNS_C).double()
+    results = []
+    for backend in ("native", "torch"):
+        head.zero_grad(set_to_none=True)
+        z = features.clone().requires_grad_(True)
+        out = hk.HessianAlignmentLoss(method, alpha=0.7, beta=1.3, backend=backend, form="feature")(head, z, labels, ids)
+        out.total.backward()
+        results.append((out.total.detach(), z.grad, head.weight.grad, head.bias.grad))
+    for what, a, b in zip(("total", "d features", "d weight", "d bias"), *results):
+        assert_close(a, b, RTOL, f"fused head {method} in runs: {what}")
