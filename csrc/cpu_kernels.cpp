@@ -328,10 +328,14 @@ void head_rows_update(const T (*a)[2 * Cap], int first, const T* const* x, int C
 
 // A row's V and U blocks of dots (BackwardLayout order) from known dots of the caller's row i.
 template <typename T>
-void copy_known_dots(const KnownDots<T>& known, int64_t i, BackwardLayout layout, T* row) {
-  const int KC = layout.K * layout.C;
-  std::copy(known.dirs + i * known.dirs_stride, known.dirs + i * known.dirs_stride + KC, row + layout.dirs_begin());
-  std::copy(known.ups + i * known.ups_stride, known.ups + i * known.ups_stride + KC, row + layout.ups_begin());
+void copy_known_dots(const KnownDots<T>& known, int64_t i, BackwardLayout layout, T* row, T* gam_row) {
+  const int C = layout.C, KC = layout.K * C;
+  if (KC) {
+    std::copy(known.dirs + i * known.dirs_stride, known.dirs + i * known.dirs_stride + KC, row + layout.dirs_begin());
+    std::copy(known.ups + i * known.ups_stride, known.ups + i * known.ups_stride + KC, row + layout.ups_begin());
+  }
+  for (int c = 0; known.lam_add && layout.gradient && c < C; ++c) row[c] += known.lam_add[i * C + c];
+  for (int c = 0; known.gam_add && gam_row && c < C; ++c) gam_row[c] += known.gam_add[i * C + c];
 }
 
 // BackwardMatrices' scales on one row's Lam and U entries (row, BackwardLayout's order) and its Gam entries
@@ -401,7 +405,7 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, const int64_t
         for (int m = 0; m < dot_rows; ++m) dots[r][m] += mats[m][D];
         for (int c = 0; gam && c < C; ++c) dots_sq[r][c] += gam_rows[c][D];
       }
-      if (known) copy_known_dots(*known, i, layout, dots[r]);
+      if (known) copy_known_dots(*known, i, layout, dots[r], gam ? dots_sq[r] : nullptr);
       T* da = d_logits + i * C;
       scale_upstream(layout, scales, dots[r], gam ? dots_sq[r] : nullptr);
       backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
@@ -719,7 +723,14 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
         if (dots_out) std::copy(dirs_dots + j * KC, dirs_dots + (j + 1) * KC, dots_out + i * KC);
       }
     });
-  const int diag_begin = layout.diag_begin(), diag_end = layout.hess_diag ? diag_begin + C : diag_begin;
+  reduce_coefficients<T>(h, s, layout, coef, out, launch);
+}
+
+template <typename T>
+void reduce_coefficients(const Head<T>& h, const Segments& s, StatsLayout layout, const T* coef, T* out,
+                         Launch launch) {
+  const int W = layout.width(), diag_begin = layout.diag_begin();
+  const int diag_end = layout.hess_diag ? diag_begin + layout.C : diag_begin;
   if (W <= kDirectRows)
     reduce_few<T>(h, s, coef, W, diag_begin, diag_end, out, launch);
   else
@@ -829,9 +840,9 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
         if (!known || parts[p].first_coef < layout.dirs_begin())
           wide_dots_block<T, false>(h, s, block.row_begin, block.row_end, parts[p].mats, 0, parts[p].rows,
                                     dots + parts[p].first_coef, W);
-      for (int64_t j = block.row_begin; known && j < block.row_end; ++j)
-        copy_known_dots(*known, s.order[j], layout, dots + j * W);
       if (gam) wide_dots_block<T, true>(h, s, block.row_begin, block.row_end, env_gam, 0, C, dots_sq, C);
+      for (int64_t j = block.row_begin; known && j < block.row_end; ++j)
+        copy_known_dots(*known, s.order[j], layout, dots + j * W, gam ? dots_sq + j * C : nullptr);
       for (int64_t j = block.row_begin; j < block.row_end; ++j) {
         const int64_t i = s.order[j];
         scale_upstream(layout, mats, dots + j * W, gam ? dots_sq + j * C : nullptr);
@@ -872,6 +883,7 @@ HGK_INSTANTIATE_PRIMITIVES(double)
 }  // namespace cpu
 
 #define HGK_INSTANTIATE_KEPT_DOTS(T)                                                                            \
+  template void reduce_coefficients<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, Launch);       \
   template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const RowRuns<T>&, T*,  \
                                            T*, T*, Launch);                                                     \
   template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout,                \

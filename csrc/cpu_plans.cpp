@@ -609,6 +609,210 @@ bool hgp_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const
   return false;
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// The exact plan for many small environments: within-environment pairs of samples. With the statistics'
+// coefficient rows a_i = w_i r_i and b_i = w_i q_i, G_e = sum_{i in e} a_i zh_i^T, so
+// ||G_e||^2 = sum_{i,j in e} (a_i . a_j) K_ij with K_ij = zh_i . zh_j (Dg_e: b and Q_ij = (zh_i ⊙ zh_i) . (zh_j ⊙ zh_j)),
+// and the means G_bar, mean Dg are one reduction over all samples (coefficients / E). Backward,
+// Lam_e zh_i = lam (sum_j a_j K_ij - G_bar zh_i) and Lam_e^T a_i = sum_j (a_i . a_j) zh_j - G_bar^T a_i: the
+// per-sample backward with G_bar as a matrix every environment shares, plus the pairs' dots (KnownDots::lam_add)
+// and their expansion. No environment's C x Dh statistics are formed.
+
+// In runs, and sum_e n_e^2 <= N C: the pairs' Dh-long dots cost less than forming each environment's statistics.
+bool exact_by_pairs(const Segments& s, int C, int64_t M) {
+  if (!in_runs(s.num_envs, M)) return false;
+  int64_t pairs = 0;
+  for (int e = 0; e < s.num_envs; ++e) pairs += (s.offsets[e + 1] - s.offsets[e]) * (s.offsets[e + 1] - s.offsets[e]);
+  return pairs <= s.num_samples * C;
+}
+
+int threads_over(const Segments& s, int64_t D, Launch launch) {
+  return s.num_samples * D >= kMinParallelElements ? launch.threads : 1;
+}
+
+// Each sorted row's coefficients [a_j][b_j] (N, 2C), scaled by `scale`.
+template <typename T>
+void pair_coefficients(const Head<T>& h, const Segments& s, T scale, T* coef, Launch launch) {
+  const int C = h.C;
+  const StatsLayout layout = gradient_stats(C, true);
+#pragma omp parallel num_threads(threads_over(s, C, launch))
+  {
+    std::vector<T> p(C);
+#pragma omp for schedule(static)
+    for (int e = 0; e < s.num_envs; ++e) {
+      const T w = scale / T(s.offsets[e + 1] - s.offsets[e]);
+      for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
+        const int64_t i = s.order[j];
+        stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
+                     nullptr, p.data(), coef + j * 2 * C);
+      }
+    }
+  }
+}
+
+// K = zh_i . zh_j and Q = (zh_i ⊙ zh_i) . (zh_j ⊙ zh_j) over the feature columns, in fixed SIMD lanes (two
+// accumulators each, so the adds do not wait on one another).
+template <typename T>
+void pair_dots(const T* x, const T* y, int D, T& k, T& q) {
+  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
+  constexpr int lanes = kWideBytes / sizeof(T);
+  Vec k_acc[2] = {}, q_acc[2] = {};
+  int d = 0;
+  for (; d + 2 * lanes <= D; d += 2 * lanes)
+    for (int a = 0; a < 2; ++a) {
+      const Vec xy = *reinterpret_cast<const Vec*>(x + d + a * lanes) * *reinterpret_cast<const Vec*>(y + d + a * lanes);
+      k_acc[a] += xy, q_acc[a] += xy * xy;
+    }
+  const Vec k_sum = k_acc[0] + k_acc[1], q_sum = q_acc[0] + q_acc[1];
+  k = q = T(0);
+  for (int l = 0; l < lanes; ++l) k += k_sum[l], q += q_sum[l];
+  for (; d < D; ++d) k += x[d] * y[d], q += x[d] * y[d] * x[d] * y[d];
+}
+
+template <typename T>
+T dot_c(const T* a, const T* b, int C) {
+  T total = T(0);
+  for (int c = 0; c < C; ++c) total += a[c] * b[c];
+  return total;
+}
+
+// fn(i, j, K_ij, Q_ij) for every ordered pair of sorted rows of environment e (the bias column included), each
+// unordered pair's dots formed once into `kq` (scratch of the calling thread).
+template <typename T, typename Fn>
+void env_pairs(const Head<T>& h, const Segments& s, int e, std::vector<T>& kq, Fn&& fn) {
+  const T one = h.bias ? T(1) : T(0);
+  const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
+  kq.resize(size_t(2 * n * n));
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = a; b < n; ++b) {
+      T k, q;
+      pair_dots<T>(h.features + s.order[first + a] * h.features_row_stride,
+                   h.features + s.order[first + b] * h.features_row_stride, h.D, k, q);
+      kq[2 * (a * n + b)] = kq[2 * (b * n + a)] = k + one;
+      kq[2 * (a * n + b) + 1] = kq[2 * (b * n + a) + 1] = q + one;
+    }
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = 0; b < n; ++b) fn(first + a, first + b, kq[2 * (a * n + b)], kq[2 * (a * n + b) + 1]);
+}
+
+template <typename T>
+void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                         Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  T* coef = scratch<T>(s.num_samples * 2 * C);
+  pair_coefficients<T>(h, s, T(1) / T(E), coef, launch);  // the means' coefficients
+  const int64_t all[2] = {0, s.num_samples};
+  const Segments pooled{s.order, all, s.num_samples, 1, nullptr};
+  reduce_coefficients<T>(h, pooled, gradient_stats(C, true), coef, state, launch);  // [G_bar][mean Dg]
+  pair_coefficients<T>(h, s, T(1), coef, launch);
+  std::vector<double> env_squares(2 * size_t(E));
+#pragma omp parallel num_threads(threads_over(s, h.D, launch))
+  {
+    std::vector<T> kq;
+#pragma omp for schedule(dynamic, 16)
+  for (int e = 0; e < E; ++e) {
+    double squares[2] = {0, 0};
+    env_pairs<T>(h, s, e, kq, [&](int64_t i, int64_t j, T k, T q) {
+      squares[0] += double(dot_c(coef + i * 2 * C, coef + j * 2 * C, C)) * k;
+      squares[1] += double(dot_c(coef + i * 2 * C + C, coef + j * 2 * C + C, C)) * q;
+    });
+    env_squares[2 * e] = squares[0], env_squares[2 * e + 1] = squares[1];
+  }
+  }
+  double terms[2];
+  for (int b = 0; b < 2; ++b) {
+    double squares = 0, mean_squares = 0;
+    for (int e = 0; e < E; ++e) squares += env_squares[2 * e + b];
+    for (int64_t k = 0; k < M; ++k) mean_squares += double(state[b * M + k]) * state[b * M + k];
+    terms[b] = squares - E * mean_squares;
+    if (terms[b] < kExpandedMinShare * squares) {  // nearly equal environments: their statistics, in runs
+      const std::vector<EnvRun> runs = env_runs_of(s, M);
+      T* block = scratch<T>(RunSizes(runs).envs * 2 * M);
+      auto form = [&](const EnvRun& run) { stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch); };
+      terms[b] = deviation_over_runs<T>(runs, form, block + b * M, 2 * M, state + b * M, M, launch);
+    }
+  }
+  *gradient = T(spec.weight * terms[0]);
+  *hessian = T(spec.weight * terms[1]);
+}
+
+template <typename T>
+bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
+                          double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  const int E = s.num_envs, C = h.C, D = h.D;
+  const int64_t M = int64_t(C) * h.head_width();
+  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);  // as in exact_backward
+  T* coef = scratch<T>(s.num_samples * 2 * C);
+  pair_coefficients<T>(h, s, T(1), coef, launch);
+  // the pairs' dots, negated (the shared means' upstream scales are negated below): -sum_j a_j K_ij, -sum_j b_j Q_ij
+  T* lam_add = scratch<T>(s.num_samples * C);
+  T* gam_add = scratch<T>(s.num_samples * C);
+#pragma omp parallel num_threads(threads_over(s, D, launch))
+  {
+    std::vector<T> kq;
+#pragma omp for schedule(dynamic, 16)
+  for (int e = 0; e < E; ++e) {
+    for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j)
+      std::fill(lam_add + s.order[j] * C, lam_add + (s.order[j] + 1) * C, T(0)),
+          std::fill(gam_add + s.order[j] * C, gam_add + (s.order[j] + 1) * C, T(0));
+    env_pairs<T>(h, s, e, kq, [&](int64_t i, int64_t j, T k, T q) {
+      T *lam = lam_add + s.order[i] * C, *gam = gam_add + s.order[i] * C;
+      for (int c = 0; c < C; ++c) lam[c] -= coef[j * 2 * C + c] * k, gam[c] -= coef[j * 2 * C + C + c] * q;
+    });
+  }
+  }
+  const BackwardLayout layout{C, /*K=*/0, with_gradient, with_hessian, /*square_residual=*/false};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam(EnvRows<T>::shared(with_gradient ? state : nullptr, C), -lam_scale)
+                                       .with_gam(EnvRows<T>::shared(with_hessian ? state + M : nullptr, C), -gam_scale);
+  const KnownDots<T> known{nullptr, 0, nullptr, 0, lam_add, gam_add};
+  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  const bool head_written =
+      per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
+  // the pairs' expansion: lam sum_j (a_i . a_j) zh_j + 2 gam zh_i ⊙ sum_j (b_i . b_j) (zh_j ⊙ zh_j), a strip of
+  // columns at a time with its sums in registers
+  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
+  constexpr int lanes = kWideBytes / sizeof(T), strip = 4 * lanes;
+#pragma omp parallel num_threads(threads_over(s, D, launch))
+  {
+    std::vector<T> g, b;  // the row's pair coefficients
+#pragma omp for schedule(dynamic, 16)
+    for (int e = 0; e < E; ++e)
+      for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
+        T* dx = d_features + s.order[i] * D;
+        const T* x = h.features + s.order[i] * h.features_row_stride;
+        g.clear(), b.clear();
+        for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
+          g.push_back(with_gradient ? lam_scale * dot_c(coef + i * 2 * C, coef + j * 2 * C, C) : T(0));
+          b.push_back(with_hessian ? T(2) * gam_scale * dot_c(coef + i * 2 * C + C, coef + j * 2 * C + C, C) : T(0));
+        }
+        auto row = [&](int64_t j) { return h.features + s.order[s.offsets[e] + j] * h.features_row_stride; };
+        int d = 0;
+        for (; d + strip <= D; d += strip) {
+          Vec sum[4] = {}, sum_sq[4] = {};
+          for (size_t j = 0; j < g.size(); ++j)
+            for (int v = 0; v < 4; ++v) {
+              const Vec y = *reinterpret_cast<const Vec*>(row(j) + d + v * lanes);
+              sum[v] += g[j] * y, sum_sq[v] += b[j] * y * y;
+            }
+          for (int v = 0; v < 4; ++v) {
+            Vec* out = reinterpret_cast<Vec*>(dx + d + v * lanes);
+            *out += sum[v] + *reinterpret_cast<const Vec*>(x + d + v * lanes) * sum_sq[v];
+          }
+        }
+        for (; d < D; ++d) {
+          T sum = T(0), sum_sq = T(0);
+          for (size_t j = 0; j < g.size(); ++j) sum += g[j] * row(j)[d], sum_sq += b[j] * row(j)[d] * row(j)[d];
+          dx[d] += sum + x[d] * sum_sq;
+        }
+      }
+  }
+  return head_written;
+}
+
 }  // namespace
 
 int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width) {
@@ -622,8 +826,11 @@ template <typename T>
 void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
                   Launch launch) {
   ScratchArena::Scope scope;
-  const bool runs = in_runs(s.num_envs, int64_t(h.C) * h.head_width());
-  if (spec.method == EXACT_DIAG)
+  const int64_t M = int64_t(h.C) * h.head_width();
+  const bool runs = in_runs(s.num_envs, M);
+  if (spec.method == EXACT_DIAG && exact_by_pairs(s, h.C, M))
+    exact_forward_pairs<T>(h, s, spec, state, hessian, gradient, launch);
+  else if (spec.method == EXACT_DIAG)
     (runs ? exact_forward_runs<T> : exact_forward<T>)(h, s, spec, state, hessian, gradient, launch);
   else
     (runs ? hgp_forward_runs<T> : hgp_forward<T>)(h, s, spec, state, hessian, gradient, launch);
@@ -633,7 +840,10 @@ template <typename T>
 bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
                    HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
   ScratchArena::Scope scope;
-  const bool runs = in_runs(s.num_envs, int64_t(h.C) * h.head_width());
+  const int64_t M = int64_t(h.C) * h.head_width();
+  const bool runs = in_runs(s.num_envs, M);
+  if (spec.method == EXACT_DIAG && exact_by_pairs(s, h.C, M))
+    return exact_backward_pairs<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
   if (spec.method == EXACT_DIAG)
     return (runs ? exact_backward_runs<T> : exact_backward<T>)(h, s, spec, state, alpha, beta, head, d_logits,
                                                                d_features, launch);

@@ -114,12 +114,16 @@ HGK_DECLARE_PRIMITIVES
 // can also write them (dots_out, (N, K C) in the caller's rows), and per_sample_backward_from_dots can take
 // the dots of its V and U blocks instead of computing them (each of the N caller's rows holds K C values at
 // its row stride; dots of the Lam and Gam rows are computed).
+// lam_add and gam_add (N, C), caller's rows, or nullptr: added to the computed Lam and Gam dots before the
+// closed form (the pair plan's within-environment part, hgk_plans.h).
 template <typename T>
 struct KnownDots {
   const T* dirs;
   int64_t dirs_stride;
   const T* ups;
   int64_t ups_stride;
+  const T* lam_add;
+  const T* gam_add;
 };
 
 // Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at
@@ -190,6 +194,11 @@ struct BackwardMatrices {
   }
 };
 
+// The statistics' reduction alone: out[e] = sum_{j in e} coef_j^T zh_j (zh_j ⊙ zh_j in the hess_diag rows), coef
+// (N, layout.width()) in sorted rows (head_stats_keeping_dots forms them from the closed form).
+template <typename T>
+void reduce_coefficients(const Head<T>& h, const Segments& s, StatsLayout layout, const T* coef, T* out,
+                         Launch launch);
 template <typename T>
 void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
                              T* out, T* dots_out, Launch launch);
