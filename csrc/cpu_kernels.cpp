@@ -727,6 +727,16 @@ void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout la
 }
 
 template <typename T>
+void matrix_dots(const Head<T>& h, const Segments& s, const T* mats, int rows, T* out, Launch launch) {
+  const int64_t N = s.num_samples;
+  const int threads = threads_for(launch, double(N) * rows * h.head_width());
+  const int64_t pieces = row_pieces(N, threads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t piece = 0; piece < pieces; ++piece)
+    wide_dots_block<T, false>(h, s, N * piece / pieces, N * (piece + 1) / pieces, mats, 0, rows, out, rows);
+}
+
+template <typename T>
 void reduce_coefficients(const Head<T>& h, const Segments& s, StatsLayout layout, const T* coef, T* out,
                          Launch launch) {
   const int W = layout.width(), diag_begin = layout.diag_begin();
@@ -884,6 +894,7 @@ HGK_INSTANTIATE_PRIMITIVES(double)
 
 #define HGK_INSTANTIATE_KEPT_DOTS(T)                                                                            \
   template void reduce_coefficients<T>(const Head<T>&, const Segments&, StatsLayout, const T*, T*, Launch);       \
+  template void matrix_dots<T>(const Head<T>&, const Segments&, const T*, int, T*, Launch);                       \
   template void head_stats_keeping_dots<T>(const Head<T>&, const Segments&, StatsLayout, const RowRuns<T>&, T*,  \
                                            T*, T*, Launch);                                                     \
   template bool per_sample_backward_from_dots<T>(const Head<T>&, const Segments&, BackwardLayout,                \

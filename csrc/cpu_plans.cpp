@@ -419,14 +419,37 @@ double* zeros(int64_t n) {
   return out;
 }
 
-// sum_e ||x_e - mean||^2 over the runs' blocks that `form` writes ((E_r, stride) apart, M entries at `at`).
-template <typename T, typename Form>
-double deviation_over_runs(const std::vector<EnvRun>& runs, Form&& form, const T* at, int64_t stride,
-                           const T* mean, int64_t M, Launch launch) {
+// Where the expanded sums cancel: the exact plan's term `which` (0: gradient, 1: Hessian diagonal) as squared
+// deviations sum_e ||x_e - mean||^2, forming the statistics again in runs.
+template <typename T>
+double exact_deviation_in_runs(const Head<T>& h, const Segments& s, int which, const T* mean, Launch launch) {
+  const int64_t M = int64_t(h.C) * h.head_width();
+  const std::vector<EnvRun> runs = env_runs_of(s, M);
+  T* block = scratch<T>(RunSizes(runs).envs * 2 * M);
   double total = 0;
   for (const EnvRun& run : runs) {
-    form(run);
-    Deviations<T> job = Deviations<T>::given_mean(const_cast<T*>(mean)).for_blocks(at, stride);
+    stats<T>(h, run.seg, gradient_stats(h.C, true), RowRuns<T>{}, block, launch);
+    Deviations<T> job = Deviations<T>::given_mean(const_cast<T*>(mean)).for_blocks(block + which * M, 2 * M);
+    deviations(&job, 1, run.seg.num_envs, M, launch);
+    total += job.sum;
+  }
+  return total;
+}
+
+// The same for HGP: sum_e ||G_e - mean||^2 (hgp false) or sum_e ||H_e G_e - mean||^2 (hgp true).
+template <typename T>
+double hgp_deviation_in_runs(const Head<T>& h, const Segments& s, bool hgp, const T* mean, Launch launch) {
+  const int C = h.C;
+  const int64_t M = int64_t(C) * h.head_width();
+  const std::vector<EnvRun> runs = env_runs_of(s, M);
+  const int most_envs = RunSizes(runs).envs;
+  T* grad = scratch<T>(most_envs * M);
+  T* hv = hgp ? scratch<T>(most_envs * M) : nullptr;
+  double total = 0;
+  for (const EnvRun& run : runs) {
+    stats<T>(h, run.seg, gradient_stats(C, false), RowRuns<T>{}, grad, launch);
+    if (hgp) stats<T>(h, run.seg, hvp_stats(C, 1), RowRuns<T>::stacked(grad, C, h.head_width()), hv, launch);
+    Deviations<T> job = Deviations<T>::given_mean(const_cast<T*>(mean)).for_blocks(hgp ? hv : grad, M);
     deviations(&job, 1, run.seg.num_envs, M, launch);
     total += job.sum;
   }
@@ -442,12 +465,11 @@ void exact_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* s
   const int64_t M = int64_t(C) * h.head_width();
   const std::vector<EnvRun> runs = env_runs_of(s, M);
   T* block = scratch<T>(RunSizes(runs).envs * 2 * M);  // per environment [G_e][Dg_e]
-  auto form = [&](const EnvRun& run) { stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch); };
   double* sum = zeros(2 * M);
   double* mean = scratch<double>(2 * M);
   double squares[2] = {0, 0}, terms[2];
   for (const EnvRun& run : runs) {
-    form(run);
+    stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch);
     for (int b = 0; b < 2; ++b)
       squares[b] += add_blocks<T>(block + b * M, 2 * M, run.seg.num_envs, M, sum + b * M, launch);
   }
@@ -455,7 +477,7 @@ void exact_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* s
   for (int b = 0; b < 2; ++b) {
     terms[b] = expanded_deviation(squares[b], sum + b * M, mean + b * M, E, M);
     if (terms[b] < kExpandedMinShare * squares[b])
-      terms[b] = deviation_over_runs<T>(runs, form, block + b * M, 2 * M, state + b * M, M, launch);
+      terms[b] = exact_deviation_in_runs<T>(h, s, b, state + b * M, launch);
   }
   *gradient = T(spec.weight * terms[0]);
   *hessian = T(spec.weight * terms[1]);
@@ -491,13 +513,25 @@ bool exact_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, con
   return false;
 }
 
-// HGP's state in runs: [G_bar][S_ref][mean_e S_e] then the direction dots as hgp_forward keeps them.
+// HGP's state beyond the state limit: [G_bar][S_ref][mean_e S_e] then, in runs, the direction dots as hgp_forward
+// keeps them; over pairs, S_ref zh_j in sorted rows (N, C) there instead (mean_e S_e unused).
 template <typename T>
 struct HGPRunState {
   T *grad_mean, *ref, *hgp_mean, *dir_dots;
   HGPRunState(T* state, int64_t M)
       : grad_mean(state), ref(state + M), hgp_mean(state + 2 * M), dir_dots(state + 3 * M) {}
 };
+
+// HGP's two terms from their expanded sums, each recomputed as squared deviations in runs where it cancels.
+template <typename T>
+void hgp_terms(const Head<T>& h, const Segments& s, PlanSpec spec, const HGPRunState<T>& st, double grad_term,
+               double grad_squares, double hgp_term, double hgp_squares, T* hessian, T* gradient, Launch launch) {
+  if (grad_term < kExpandedMinShare * grad_squares)
+    grad_term = hgp_deviation_in_runs<T>(h, s, false, st.grad_mean, launch);
+  if (hgp_term < kExpandedMinShare * hgp_squares) hgp_term = hgp_deviation_in_runs<T>(h, s, true, st.ref, launch);
+  *hessian = T(spec.weight * hgp_term);
+  *gradient = T(spec.weight * grad_term);
+}
 
 // HGP, forward: with the pooled reference a first pass forms G_bar (the directions need it); then one pass forms
 // G_e, S_e = H_e G_e (and H_e G_bar) with their squares and sums.
@@ -536,17 +570,7 @@ void hgp_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* sta
   mean_into(hgp_sum, E, M, hgp_mean, st.hgp_mean);
   double grad_term = expanded_deviation(grad_squares, grad_sum, grad_mean, E, M);
   double hgp_term = expanded_deviation(hgp_squares, hgp_sum, ref, E, M);
-  if (grad_term < kExpandedMinShare * grad_squares)
-    grad_term = deviation_over_runs<T>(runs, form_grad, grad, M, st.grad_mean, M, launch);
-  if (hgp_term < kExpandedMinShare * hgp_squares) {
-    auto form_hgp = [&](const EnvRun& run) {
-      form_grad(run);
-      stats<T>(h, run.seg, hvp_stats(C, 1), RowRuns<T>::stacked(grad, C, h.head_width()), hv, launch);
-    };
-    hgp_term = deviation_over_runs<T>(runs, form_hgp, hv, M, st.ref, M, launch);
-  }
-  *hessian = T(spec.weight * hgp_term);
-  *gradient = T(spec.weight * grad_term);
+  hgp_terms<T>(h, s, spec, st, grad_term, grad_squares, hgp_term, hgp_squares, hessian, gradient, launch);
 }
 
 // HGP, backward: each run's G_e and S_e - S_ref formed again, H_e of the upstream U, then its rows' backward (as
@@ -611,16 +635,19 @@ bool hgp_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const
 
 
 // ---------------------------------------------------------------------------------------------------
-// The exact plan for many small environments: within-environment pairs of samples. With the statistics'
-// coefficient rows a_i = w_i r_i and b_i = w_i q_i, G_e = sum_{i in e} a_i zh_i^T, so
-// ||G_e||^2 = sum_{i,j in e} (a_i . a_j) K_ij with K_ij = zh_i . zh_j (Dg_e: b and Q_ij = (zh_i ⊙ zh_i) . (zh_j ⊙ zh_j)),
-// and the means G_bar, mean Dg are one reduction over all samples (coefficients / E). Backward,
-// Lam_e zh_i = lam (sum_j a_j K_ij - G_bar zh_i) and Lam_e^T a_i = sum_j (a_i . a_j) zh_j - G_bar^T a_i: the
-// per-sample backward with G_bar as a matrix every environment shares, plus the pairs' dots (KnownDots::lam_add)
-// and their expansion. No environment's C x Dh statistics are formed.
+// Many small environments: within-environment pairs of samples. Every statistic is a sum over an environment's
+// samples of a coefficient row times zh_i^T, X_e = sum_{i in e} x_i zh_i^T, so ||X_e||^2 = sum_{i,j in e}
+// (x_i . x_j) K_ij with K_ij = zh_i . zh_j (Q_ij = (zh_i ⊙ zh_i) . (zh_j ⊙ zh_j) for Dg), X_e zh_i = sum_j x_j K_ij
+// and X_e^T c = sum_j (x_j . c) zh_j; the means over environments are one reduction over all samples (the
+// coefficients / E). The backward is the per-sample backward with the means as matrices every environment
+// shares, plus the pairs' dots (KnownDots) and expansion. No environment's C x Dh statistics are formed.
+//   exact: a_i = w_i r_i (G_e) and b_i = w_i q_i (Dg_e).
+//   HGP: g_i = G_e zh_i and t_i = w_i A_i g_i (S_e = H_e G_e); S_ref is one reduction (mean: t_i / E; pooled:
+//   w_i A_i (G_bar zh_i) / E). An undetached pooled reference takes runs.
 
-// In runs, and sum_e n_e^2 <= N C: the pairs' Dh-long dots cost less than forming each environment's statistics.
-bool exact_by_pairs(const Segments& s, int C, int64_t M) {
+// Beyond the state limit, with sum_e n_e^2 <= N C: the pairs' Dh-long dots cost less than forming each
+// environment's statistics.
+bool by_pairs(const Segments& s, int C, int64_t M) {
   if (!in_runs(s.num_envs, M)) return false;
   int64_t pairs = 0;
   for (int e = 0; e < s.num_envs; ++e) pairs += (s.offsets[e + 1] - s.offsets[e]) * (s.offsets[e + 1] - s.offsets[e]);
@@ -631,11 +658,18 @@ int threads_over(const Segments& s, int64_t D, Launch launch) {
   return s.num_samples * D >= kMinParallelElements ? launch.threads : 1;
 }
 
-// Each sorted row's coefficients [a_j][b_j] (N, 2C), scaled by `scale`.
+// All samples as one environment, for the means' reductions.
+struct Pooled {
+  int64_t offsets[2];
+  Segments seg;
+  explicit Pooled(const Segments& s) : offsets{0, s.num_samples}, seg{s.order, offsets, s.num_samples, 1, nullptr} {}
+};
+
+// Each sorted row's statistics coefficients (layout, weight scale / n_e) and, with p_rows, its link p (N, C).
 template <typename T>
-void pair_coefficients(const Head<T>& h, const Segments& s, T scale, T* coef, Launch launch) {
-  const int C = h.C;
-  const StatsLayout layout = gradient_stats(C, true);
+void coefficient_rows(const Head<T>& h, const Segments& s, StatsLayout layout, T scale, T* coef, T* p_rows,
+                      Launch launch) {
+  const int C = h.C, W = layout.width();
 #pragma omp parallel num_threads(threads_over(s, C, launch))
   {
     std::vector<T> p(C);
@@ -645,7 +679,7 @@ void pair_coefficients(const Head<T>& h, const Segments& s, T scale, T* coef, La
       for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
         const int64_t i = s.order[j];
         stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
-                     nullptr, p.data(), coef + j * 2 * C);
+                     nullptr, p_rows ? p_rows + j * C : p.data(), coef + j * W);
       }
     }
   }
@@ -661,7 +695,8 @@ void pair_dots(const T* x, const T* y, int D, T& k, T& q) {
   int d = 0;
   for (; d + 2 * lanes <= D; d += 2 * lanes)
     for (int a = 0; a < 2; ++a) {
-      const Vec xy = *reinterpret_cast<const Vec*>(x + d + a * lanes) * *reinterpret_cast<const Vec*>(y + d + a * lanes);
+      const Vec xy =
+          *reinterpret_cast<const Vec*>(x + d + a * lanes) * *reinterpret_cast<const Vec*>(y + d + a * lanes);
       k_acc[a] += xy, q_acc[a] += xy * xy;
     }
   const Vec k_sum = k_acc[0] + k_acc[1], q_sum = q_acc[0] + q_acc[1];
@@ -677,10 +712,10 @@ T dot_c(const T* a, const T* b, int C) {
   return total;
 }
 
-// fn(i, j, K_ij, Q_ij) for every ordered pair of sorted rows of environment e (the bias column included), each
-// unordered pair's dots formed once into `kq` (scratch of the calling thread).
-template <typename T, typename Fn>
-void env_pairs(const Head<T>& h, const Segments& s, int e, std::vector<T>& kq, Fn&& fn) {
+// Environment e's pairs: kq[2 (a n + b)] = K and kq[2 (a n + b) + 1] = Q of its a-th and b-th sorted rows (the
+// bias column included), each unordered pair formed once. Returns n.
+template <typename T>
+int64_t pair_gram(const Head<T>& h, const Segments& s, int e, std::vector<T>& kq) {
   const T one = h.bias ? T(1) : T(0);
   const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
   kq.resize(size_t(2 * n * n));
@@ -692,8 +727,55 @@ void env_pairs(const Head<T>& h, const Segments& s, int e, std::vector<T>& kq, F
       kq[2 * (a * n + b)] = kq[2 * (b * n + a)] = k + one;
       kq[2 * (a * n + b) + 1] = kq[2 * (b * n + a) + 1] = q + one;
     }
-  for (int64_t a = 0; a < n; ++a)
-    for (int64_t b = 0; b < n; ++b) fn(first + a, first + b, kq[2 * (a * n + b)], kq[2 * (a * n + b) + 1]);
+  return n;
+}
+
+// d_features of each sorted row i += sum_{j in e} lin(i, j) zh_j [+ zh_i ⊙ sum_j sq(i, j) (zh_j ⊙ zh_j)] with
+// coef(i, j, lin, sq); a strip of columns at a time, its sums in registers.
+template <typename T, bool Squares, typename Coef>
+void expand_pairs(const Head<T>& h, const Segments& s, T* d_features, Coef&& coef, Launch launch) {
+  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
+  constexpr int lanes = kWideBytes / sizeof(T), strip = 4 * lanes;
+  const int D = h.D;
+#pragma omp parallel num_threads(threads_over(s, D, launch))
+  {
+    std::vector<T> lin, sq;  // the row's pair coefficients
+#pragma omp for schedule(dynamic, 16)
+    for (int e = 0; e < s.num_envs; ++e)
+      for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
+        T* dx = d_features + s.order[i] * D;
+        const T* x = h.features + s.order[i] * h.features_row_stride;
+        lin.assign(size_t(s.offsets[e + 1] - s.offsets[e]), T(0)), sq.assign(lin.size(), T(0));
+        for (size_t j = 0; j < lin.size(); ++j) coef(i, s.offsets[e] + int64_t(j), lin[j], sq[j]);
+        auto row = [&](size_t j) { return h.features + s.order[s.offsets[e] + int64_t(j)] * h.features_row_stride; };
+        int d = 0;
+        for (; d + strip <= D; d += strip) {
+          Vec sum[4] = {}, sum_sq[4] = {};
+          for (size_t j = 0; j < lin.size(); ++j)
+            for (int v = 0; v < 4; ++v) {
+              const Vec y = *reinterpret_cast<const Vec*>(row(j) + d + v * lanes);
+              sum[v] += lin[j] * y;
+              if (Squares) sum_sq[v] += sq[j] * y * y;
+            }
+          for (int v = 0; v < 4; ++v) {
+            Vec* out = reinterpret_cast<Vec*>(dx + d + v * lanes);
+            *out += Squares ? sum[v] + *reinterpret_cast<const Vec*>(x + d + v * lanes) * sum_sq[v] : sum[v];
+          }
+        }
+        for (; d < D; ++d) {
+          T sum = T(0), sum_sq = T(0);
+          for (size_t j = 0; j < lin.size(); ++j) sum += lin[j] * row(j)[d], sum_sq += sq[j] * row(j)[d] * row(j)[d];
+          dx[d] += Squares ? sum + x[d] * sum_sq : sum;
+        }
+      }
+  }
+}
+
+template <typename T>
+double squared_norm(const T* x, int64_t n) {
+  double total = 0;
+  for (int64_t k = 0; k < n; ++k) total += double(x[k]) * double(x[k]);
+  return total;
 }
 
 template <typename T>
@@ -701,68 +783,67 @@ void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* 
                          Launch launch) {
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
+  const StatsLayout layout = gradient_stats(C, true);
   T* coef = scratch<T>(s.num_samples * 2 * C);
-  pair_coefficients<T>(h, s, T(1) / T(E), coef, launch);  // the means' coefficients
-  const int64_t all[2] = {0, s.num_samples};
-  const Segments pooled{s.order, all, s.num_samples, 1, nullptr};
-  reduce_coefficients<T>(h, pooled, gradient_stats(C, true), coef, state, launch);  // [G_bar][mean Dg]
-  pair_coefficients<T>(h, s, T(1), coef, launch);
+  coefficient_rows<T>(h, s, layout, T(1) / T(E), coef, nullptr, launch);  // the means'
+  reduce_coefficients<T>(h, Pooled(s).seg, layout, coef, state, launch);  // [G_bar][mean Dg]
+  coefficient_rows<T>(h, s, layout, T(1), coef, nullptr, launch);
   std::vector<double> env_squares(2 * size_t(E));
 #pragma omp parallel num_threads(threads_over(s, h.D, launch))
   {
     std::vector<T> kq;
 #pragma omp for schedule(dynamic, 16)
-  for (int e = 0; e < E; ++e) {
-    double squares[2] = {0, 0};
-    env_pairs<T>(h, s, e, kq, [&](int64_t i, int64_t j, T k, T q) {
-      squares[0] += double(dot_c(coef + i * 2 * C, coef + j * 2 * C, C)) * k;
-      squares[1] += double(dot_c(coef + i * 2 * C + C, coef + j * 2 * C + C, C)) * q;
-    });
-    env_squares[2 * e] = squares[0], env_squares[2 * e + 1] = squares[1];
-  }
+    for (int e = 0; e < E; ++e) {
+      const int64_t n = pair_gram<T>(h, s, e, kq), first = s.offsets[e];
+      double squares[2] = {0, 0};
+      for (int64_t a = 0; a < n; ++a)
+        for (int64_t b = 0; b < n; ++b)
+          for (int x = 0; x < 2; ++x)
+            squares[x] += double(dot_c(coef + (first + a) * 2 * C + x * C, coef + (first + b) * 2 * C + x * C, C)) *
+                          kq[2 * (a * n + b) + x];
+      env_squares[2 * e] = squares[0], env_squares[2 * e + 1] = squares[1];
+    }
   }
   double terms[2];
-  for (int b = 0; b < 2; ++b) {
-    double squares = 0, mean_squares = 0;
-    for (int e = 0; e < E; ++e) squares += env_squares[2 * e + b];
-    for (int64_t k = 0; k < M; ++k) mean_squares += double(state[b * M + k]) * state[b * M + k];
-    terms[b] = squares - E * mean_squares;
-    if (terms[b] < kExpandedMinShare * squares) {  // nearly equal environments: their statistics, in runs
-      const std::vector<EnvRun> runs = env_runs_of(s, M);
-      T* block = scratch<T>(RunSizes(runs).envs * 2 * M);
-      auto form = [&](const EnvRun& run) { stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch); };
-      terms[b] = deviation_over_runs<T>(runs, form, block + b * M, 2 * M, state + b * M, M, launch);
-    }
+  for (int x = 0; x < 2; ++x) {
+    double squares = 0;
+    for (int e = 0; e < E; ++e) squares += env_squares[2 * e + x];
+    terms[x] = squares - E * squared_norm(state + x * M, M);
+    if (terms[x] < kExpandedMinShare * squares) terms[x] = exact_deviation_in_runs<T>(h, s, x, state + x * M, launch);
   }
   *gradient = T(spec.weight * terms[0]);
   *hessian = T(spec.weight * terms[1]);
 }
 
+// exact, backward: Lam_e zh_i = lam (sum_j a_j K_ij - G_bar zh_i), Lam_e^T (lam a_i) = lam (sum_j (a_i . a_j) zh_j
+// - G_bar^T a_i), and Gam likewise with b, Q and 2 gam zh_i ⊙.
 template <typename T>
 bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
                           double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
-  const int E = s.num_envs, C = h.C, D = h.D;
+  const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
   const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);  // as in exact_backward
   T* coef = scratch<T>(s.num_samples * 2 * C);
-  pair_coefficients<T>(h, s, T(1), coef, launch);
-  // the pairs' dots, negated (the shared means' upstream scales are negated below): -sum_j a_j K_ij, -sum_j b_j Q_ij
+  coefficient_rows<T>(h, s, gradient_stats(C, true), T(1), coef, nullptr, launch);
+  // the pairs' dots, negated (the shared means' scales are negated below): -sum_j a_j K_ij, -sum_j b_j Q_ij
   T* lam_add = scratch<T>(s.num_samples * C);
   T* gam_add = scratch<T>(s.num_samples * C);
-#pragma omp parallel num_threads(threads_over(s, D, launch))
+#pragma omp parallel num_threads(threads_over(s, h.D, launch))
   {
     std::vector<T> kq;
 #pragma omp for schedule(dynamic, 16)
-  for (int e = 0; e < E; ++e) {
-    for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j)
-      std::fill(lam_add + s.order[j] * C, lam_add + (s.order[j] + 1) * C, T(0)),
-          std::fill(gam_add + s.order[j] * C, gam_add + (s.order[j] + 1) * C, T(0));
-    env_pairs<T>(h, s, e, kq, [&](int64_t i, int64_t j, T k, T q) {
-      T *lam = lam_add + s.order[i] * C, *gam = gam_add + s.order[i] * C;
-      for (int c = 0; c < C; ++c) lam[c] -= coef[j * 2 * C + c] * k, gam[c] -= coef[j * 2 * C + C + c] * q;
-    });
-  }
+    for (int e = 0; e < E; ++e) {
+      const int64_t n = pair_gram<T>(h, s, e, kq), first = s.offsets[e];
+      for (int64_t a = 0; a < n; ++a) {
+        T *lam = lam_add + s.order[first + a] * C, *gam = gam_add + s.order[first + a] * C;
+        std::fill(lam, lam + C, T(0)), std::fill(gam, gam + C, T(0));
+        for (int64_t b = 0; b < n; ++b)
+          for (int c = 0; c < C; ++c)
+            lam[c] -= coef[(first + b) * 2 * C + c] * kq[2 * (a * n + b)],
+                gam[c] -= coef[(first + b) * 2 * C + C + c] * kq[2 * (a * n + b) + 1];
+      }
+    }
   }
   const BackwardLayout layout{C, /*K=*/0, with_gradient, with_hessian, /*square_residual=*/false};
   const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
@@ -772,45 +853,153 @@ bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, co
   T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
   const bool head_written =
       per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
-  // the pairs' expansion: lam sum_j (a_i . a_j) zh_j + 2 gam zh_i ⊙ sum_j (b_i . b_j) (zh_j ⊙ zh_j), a strip of
-  // columns at a time with its sums in registers
-  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
-  constexpr int lanes = kWideBytes / sizeof(T), strip = 4 * lanes;
-#pragma omp parallel num_threads(threads_over(s, D, launch))
-  {
-    std::vector<T> g, b;  // the row's pair coefficients
-#pragma omp for schedule(dynamic, 16)
-    for (int e = 0; e < E; ++e)
-      for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
-        T* dx = d_features + s.order[i] * D;
-        const T* x = h.features + s.order[i] * h.features_row_stride;
-        g.clear(), b.clear();
-        for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
-          g.push_back(with_gradient ? lam_scale * dot_c(coef + i * 2 * C, coef + j * 2 * C, C) : T(0));
-          b.push_back(with_hessian ? T(2) * gam_scale * dot_c(coef + i * 2 * C + C, coef + j * 2 * C + C, C) : T(0));
-        }
-        auto row = [&](int64_t j) { return h.features + s.order[s.offsets[e] + j] * h.features_row_stride; };
-        int d = 0;
-        for (; d + strip <= D; d += strip) {
-          Vec sum[4] = {}, sum_sq[4] = {};
-          for (size_t j = 0; j < g.size(); ++j)
-            for (int v = 0; v < 4; ++v) {
-              const Vec y = *reinterpret_cast<const Vec*>(row(j) + d + v * lanes);
-              sum[v] += g[j] * y, sum_sq[v] += b[j] * y * y;
-            }
-          for (int v = 0; v < 4; ++v) {
-            Vec* out = reinterpret_cast<Vec*>(dx + d + v * lanes);
-            *out += sum[v] + *reinterpret_cast<const Vec*>(x + d + v * lanes) * sum_sq[v];
-          }
-        }
-        for (; d < D; ++d) {
-          T sum = T(0), sum_sq = T(0);
-          for (size_t j = 0; j < g.size(); ++j) sum += g[j] * row(j)[d], sum_sq += b[j] * row(j)[d] * row(j)[d];
-          dx[d] += sum + x[d] * sum_sq;
-        }
-      }
-  }
+  expand_pairs<T, true>(h, s, d_features, [&](int64_t i, int64_t j, T& lin, T& sq) {
+    lin = with_gradient ? lam_scale * dot_c(coef + i * 2 * C, coef + j * 2 * C, C) : T(0);
+    sq = with_hessian ? T(2) * gam_scale * dot_c(coef + i * 2 * C + C, coef + j * 2 * C + C, C) : T(0);
+  }, launch);
   return head_written;
+}
+
+// HGP's rows over pairs: g_i = sum_j a_j K_ij and t_i = w_i A_i g_i (sorted rows), with each environment's
+// sum_{i,j} (a_i . a_j) K_ij and sum_{i,j} (t_i . t_j) K_ij when squares is given; then fn(e, n, kq) while the
+// environment's pairs are at hand.
+template <typename T, typename Fn>
+void hgp_pair_rows(const Head<T>& h, const Segments& s, const T* a, const T* p, T* g, T* t, double* squares,
+                   Launch launch, Fn&& fn) {
+  const int C = h.C;
+#pragma omp parallel num_threads(threads_over(s, h.D, launch))
+  {
+    std::vector<T> kq;
+#pragma omp for schedule(dynamic, 16)
+    for (int e = 0; e < s.num_envs; ++e) {
+      const int64_t n = pair_gram<T>(h, s, e, kq), first = s.offsets[e];
+      const T w = T(1) / T(n);
+      double grad_squares = 0, hgp_squares = 0;
+      for (int64_t x = first; x < first + n; ++x) {
+        T* gx = g + x * C;
+        std::fill(gx, gx + C, T(0));
+        for (int64_t y = first; y < first + n; ++y) {
+          const T k = kq[2 * ((x - first) * n + (y - first))];
+          for (int c = 0; c < C; ++c) gx[c] += a[y * C + c] * k;
+          grad_squares += double(dot_c(a + x * C, a + y * C, C)) * k;
+        }
+        hess_apply<T>(h.loss, p + x * C, gx, C, w, t + x * C);
+      }
+      for (int64_t x = first; squares && x < first + n; ++x)
+        for (int64_t y = first; y < first + n; ++y)
+          hgp_squares += double(dot_c(t + x * C, t + y * C, C)) * kq[2 * ((x - first) * n + (y - first))];
+      if (squares) squares[2 * e] = grad_squares, squares[2 * e + 1] = hgp_squares;
+      fn(e, n, kq);
+    }
+  }
+}
+
+template <typename T>
+void hgp_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                       Launch launch) {
+  const int E = s.num_envs, C = h.C;
+  const int64_t M = int64_t(C) * h.head_width(), N = s.num_samples;
+  const HGPRunState<T> st(state, M);
+  T *a = scratch<T>(N * C), *p = scratch<T>(N * C), *g = scratch<T>(N * C), *t = scratch<T>(N * C),
+    *u = scratch<T>(N * C);
+  const StatsLayout rows_layout = gradient_stats(C, false);  // (C coefficient columns, no squares)
+  const Pooled pooled(s);
+  coefficient_rows<T>(h, s, rows_layout, T(1), a, p, launch);
+  for (int64_t k = 0; k < N * C; ++k) u[k] = a[k] / T(E);
+  reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.grad_mean, launch);
+  std::vector<double> env_squares(2 * size_t(E));
+  hgp_pair_rows<T>(h, s, a, p, g, t, env_squares.data(), launch, [](int, int64_t, const std::vector<T>&) {});
+  if (spec.pooled) {  // S_ref = sum_i w_i A_i (G_bar zh_i) zh_i^T / E
+    matrix_dots<T>(h, s, st.grad_mean, C, u, launch);
+    std::vector<T> bar_dots(C);
+    for (int e = 0; e < E; ++e) {
+      const T w = T(1) / (T(E) * T(s.offsets[e + 1] - s.offsets[e]));
+      for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
+        std::copy(u + j * C, u + (j + 1) * C, bar_dots.begin());
+        hess_apply<T>(h.loss, p + j * C, bar_dots.data(), C, w, u + j * C);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < N * C; ++k) u[k] = t[k] / T(E);
+  }
+  reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.ref, launch);
+  T* ref_dots = st.dir_dots;  // S_ref zh_j, sorted rows: the forward's cross term and the backward's U dots
+  matrix_dots<T>(h, s, st.ref, C, ref_dots, launch);
+  double grad_squares = 0, hgp_squares = 0, cross = 0;
+  for (int e = 0; e < E; ++e) grad_squares += env_squares[2 * e], hgp_squares += env_squares[2 * e + 1];
+  for (int64_t j = 0; j < N; ++j) cross += double(dot_c(t + j * C, ref_dots + j * C, C));
+  double grad_term = grad_squares - E * squared_norm(st.grad_mean, M);
+  double hgp_term = hgp_squares - 2 * cross + E * squared_norm(st.ref, M);
+  hgp_terms<T>(h, s, spec, st, grad_term, grad_squares, hgp_term, hgp_squares, hessian, gradient, launch);
+}
+
+// HGP, backward, as hgp_backward with U_e = S_e - S_ref: the per-sample backward's Lam is the shared -lam G_bar
+// plus the pairs' sum_j l_j K_ij, l_j = lam a_j + gam w_j A_j (U_e zh_j) (the upstream of G_e, H_e U_e included);
+// its V and U dots are g_i and U_e zh_i = sum_j t_j K_ij - S_ref zh_i; its expansion covers the shared parts
+// (V = 0, U = -S_ref), and the pairs add sum_j [(l_j . a_i) + (a_j . sig_i) + gam (t_j . t_i)] zh_j with
+// sig_i = A_i (w_i gam U_e zh_i), the closed form's V coefficient.
+template <typename T>
+bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
+                        double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  const int C = h.C;
+  const int64_t M = int64_t(C) * h.head_width(), N = s.num_samples;
+  const HGPRunState<T> st(const_cast<T*>(state), M);
+  const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
+  const int K = with_hessian ? 1 : 0;
+  T *a = scratch<T>(N * C), *p = scratch<T>(N * C), *g = scratch<T>(N * C), *t = scratch<T>(N * C);
+  T *ell = scratch<T>(N * C), *sig = scratch<T>(N * C);  // sorted rows
+  T *g_dots = scratch<T>(N * C), *u_dots = scratch<T>(N * C), *lam_add = scratch<T>(N * C);  // caller's rows
+  coefficient_rows<T>(h, s, gradient_stats(C, false), T(1), a, p, launch);
+  hgp_pair_rows<T>(h, s, a, p, g, t, nullptr, launch, [&](int e, int64_t n, const std::vector<T>& kq) {
+    const int64_t first = s.offsets[e];
+    const T w = T(1) / T(n);
+    std::vector<T> tau(C);
+    for (int64_t x = first; x < first + n; ++x) {
+      const int64_t i = s.order[x];
+      T* du = u_dots + i * C;  // U_e zh_i, unscaled
+      for (int c = 0; c < C; ++c) du[c] = -st.dir_dots[x * C + c];
+      for (int64_t y = first; y < first + n; ++y)
+        for (int c = 0; c < C; ++c) du[c] += t[y * C + c] * kq[2 * ((x - first) * n + (y - first))];
+      std::copy(g + x * C, g + (x + 1) * C, g_dots + i * C);
+      T* l = ell + x * C;
+      hess_apply<T>(h.loss, p + x * C, du, C, w * gam_scale, l);  // gam w A (U zh)
+      for (int c = 0; c < C; ++c) l[c] += lam_scale * a[x * C + c];
+      for (int c = 0; c < C; ++c) tau[c] = w * gam_scale * du[c];
+      hess_apply<T>(h.loss, p + x * C, tau.data(), C, T(1), sig + x * C);
+    }
+    for (int64_t x = first; x < first + n; ++x) {
+      T* add = lam_add + s.order[x] * C;
+      std::fill(add, add + C, T(0));
+      for (int64_t y = first; y < first + n; ++y)
+        for (int c = 0; c < C; ++c) add[c] += ell[y * C + c] * kq[2 * ((x - first) * n + (y - first))];
+    }
+  });
+  T *lam_shared = scratch<T>(M), *zeros = scratch<T>(M), *neg_ref = scratch<T>(M);
+  for (int64_t k = 0; k < M; ++k)
+    lam_shared[k] = -lam_scale * st.grad_mean[k], zeros[k] = T(0), neg_ref[k] = -st.ref[k];
+  const BackwardLayout layout{C, K, /*gradient=*/with_gradient || with_hessian, /*hess_diag=*/false,
+                              /*square_residual=*/false};
+  const RowRuns<T> dirs{{EnvRows<T>::shared(zeros, C), {nullptr, 0, 0}}};
+  const RowRuns<T> ups{{EnvRows<T>::shared(neg_ref, C), {nullptr, 0, 0}}};
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
+                                       .with_lam(EnvRows<T>::shared(lam_shared, C), T(1))
+                                       .with_directions(K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{}, gam_scale);
+  const KnownDots<T> known{g_dots, C, u_dots, C, lam_add, nullptr};
+  T* work = scratch<T>(N * backward_work_per_sample(layout));
+  const bool head_written =
+      per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
+  expand_pairs<T, false>(h, s, d_features, [&](int64_t i, int64_t j, T& lin, T&) {
+    lin = dot_c(ell + j * C, a + i * C, C) + (with_hessian ? dot_c(a + j * C, sig + i * C, C) +
+                                                                 gam_scale * dot_c(t + j * C, t + i * C, C)
+                                                           : T(0));
+  }, launch);
+  return head_written;
+}
+
+// Which plans take pairs: the exact one, and HGP's but for an undetached pooled reference.
+bool pairs(PlanSpec spec, const Segments& s, int C, int64_t M) {
+  return (spec.method == EXACT_DIAG || !(spec.pooled && !spec.detach_reference)) && by_pairs(s, C, M);
 }
 
 }  // namespace
@@ -828,12 +1017,12 @@ void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, 
   ScratchArena::Scope scope;
   const int64_t M = int64_t(h.C) * h.head_width();
   const bool runs = in_runs(s.num_envs, M);
-  if (spec.method == EXACT_DIAG && exact_by_pairs(s, h.C, M))
-    exact_forward_pairs<T>(h, s, spec, state, hessian, gradient, launch);
-  else if (spec.method == EXACT_DIAG)
-    (runs ? exact_forward_runs<T> : exact_forward<T>)(h, s, spec, state, hessian, gradient, launch);
+  if (spec.method == EXACT_DIAG)
+    (pairs(spec, s, h.C, M) ? exact_forward_pairs<T> : runs ? exact_forward_runs<T> : exact_forward<T>)(
+        h, s, spec, state, hessian, gradient, launch);
   else
-    (runs ? hgp_forward_runs<T> : hgp_forward<T>)(h, s, spec, state, hessian, gradient, launch);
+    (pairs(spec, s, h.C, M) ? hgp_forward_pairs<T> : runs ? hgp_forward_runs<T> : hgp_forward<T>)(
+        h, s, spec, state, hessian, gradient, launch);
 }
 
 template <typename T>
@@ -842,13 +1031,11 @@ bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* 
   ScratchArena::Scope scope;
   const int64_t M = int64_t(h.C) * h.head_width();
   const bool runs = in_runs(s.num_envs, M);
-  if (spec.method == EXACT_DIAG && exact_by_pairs(s, h.C, M))
-    return exact_backward_pairs<T>(h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
   if (spec.method == EXACT_DIAG)
-    return (runs ? exact_backward_runs<T> : exact_backward<T>)(h, s, spec, state, alpha, beta, head, d_logits,
-                                                               d_features, launch);
-  return (runs ? hgp_backward_runs<T> : hgp_backward<T>)(h, s, spec, state, alpha, beta, head, d_logits, d_features,
-                                                         launch);
+    return (pairs(spec, s, h.C, M) ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
+        h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
+  return (pairs(spec, s, h.C, M) ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
+      h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
 }
 
 #define HGK_INSTANTIATE_PLANS(T)                                                                                \

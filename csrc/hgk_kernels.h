@@ -199,6 +199,9 @@ struct BackwardMatrices {
 template <typename T>
 void reduce_coefficients(const Head<T>& h, const Segments& s, StatsLayout layout, const T* coef, T* out,
                          Launch launch);
+// out (N, rows) in sorted rows: a (rows, Dh) matrix applied to every zh_j (the bias column included).
+template <typename T>
+void matrix_dots(const Head<T>& h, const Segments& s, const T* mats, int rows, T* out, Launch launch);
 template <typename T>
 void head_stats_keeping_dots(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRuns<T>& dirs, T* work,
                              T* out, T* dots_out, Launch launch);

@@ -107,8 +107,9 @@ def test_fishr_in_chunks_double_backward_matches_the_reference(monkeypatch):
 
 
 # --- The CPU plans beyond the native module's PLAN_STATE_ELEMENTS per-environment entries (E x C x Dh): they
-# keep no per-environment statistics. HGP walks the environments in runs; the exact plan takes pairs of samples
-# within each environment where sum_e n_e^2 <= N C (small environments), else runs too.
+# keep no per-environment statistics. Where sum_e n_e^2 <= N C (small environments) they take pairs of samples
+# within each environment (HGP with an undetached pooled reference excepted), else they walk the environments
+# in runs.
 
 NATIVE_ERROR = backends.unavailable_reason("native")
 needs_native = pytest.mark.skipif(NATIVE_ERROR is not None, reason=f"native kernels: {NATIVE_ERROR}")
@@ -168,9 +169,8 @@ def _runs_terms_and_grads(name, case, backend, weights=(0.7, 1.3), dtype=torch.f
     return [t.detach().double() for t in (*terms, *grads)]
 
 
-# every penalty on the runs shape; the exact plan's on the pairs shape too
-RUNS_CASES = [(name, "runs") for name in RUNS_PENALTIES] + [(name, "pairs") for name in RUNS_PENALTIES
-                                                             if name.startswith("hutchinson")]
+# every penalty on both shapes (an undetached pooled reference takes runs on either)
+RUNS_CASES = [(name, shape) for shape in SHAPES for name in RUNS_PENALTIES]
 
 
 @needs_native
@@ -189,8 +189,8 @@ def test_native_plans_beyond_the_state_limit_equal_the_python_plans(name, shape,
 
 
 @needs_native
-@pytest.mark.parametrize("name,shape", [("hutchinson", "runs"), ("hutchinson", "pairs"), ("hgp", "runs"),
-                                        ("hgp, mean reference", "runs")])
+@pytest.mark.parametrize("name,shape", [(name, shape) for shape in SHAPES
+                                        for name in ("hutchinson", "hgp", "hgp, mean reference")])
 def test_native_plans_beyond_the_state_limit_resolve_nearly_equal_environments(name, shape):
     """Environments that agree to 1e-7: the terms are under 1e-6 where the statistics' squares are of order
     one, so the expanded sums would be rounding alone; the plans recompute them as squared deviations (float64,
@@ -204,7 +204,7 @@ def test_native_plans_beyond_the_state_limit_resolve_nearly_equal_environments(n
 
 
 @needs_native
-@pytest.mark.parametrize("name,shape", [("hutchinson", "runs"), ("hutchinson", "pairs"),
+@pytest.mark.parametrize("name,shape", [("hutchinson", "runs"), ("hutchinson", "pairs"), ("hgp", "pairs"),
                                         ("hgp, undetached pooled reference", "runs")])
 def test_native_plans_beyond_the_state_limit_float32_and_bitwise_across_thread_counts(name, shape):
     """float32 against float64 (1e-5); the same bits with 1 and 2 threads (neither runs nor pairs follow them)."""
@@ -223,7 +223,7 @@ def test_native_plans_beyond_the_state_limit_float32_and_bitwise_across_thread_c
 
 
 @needs_native
-@pytest.mark.parametrize("method,shape", [("exact", "runs"), ("exact", "pairs"), ("hgp", "runs")])
+@pytest.mark.parametrize("method,shape", [(method, shape) for shape in SHAPES for method in ("exact", "hgp")])
 def test_native_plans_beyond_the_state_limit_keep_no_per_environment_state(method, shape):
     """What a forward leaves for its backward: the means (and HGP's direction dots), not E x C x Dh."""
     from hgkernels.backends.native import _OPS, _operands
@@ -236,7 +236,7 @@ def test_native_plans_beyond_the_state_limit_keep_no_per_environment_state(metho
 
 
 @needs_native
-@pytest.mark.parametrize("method,shape", [("hutchinson", "runs"), ("hutchinson", "pairs"), ("hgp", "runs")])
+@pytest.mark.parametrize("method,shape", [(method, shape) for shape in SHAPES for method in ("hutchinson", "hgp")])
 def test_fused_head_beyond_the_state_limit_equals_the_python_plans(method, shape):
     """HessianAlignmentLoss on a linear head (runs leave the head's gradient to torch ops, pairs form it in the
     kernel): values and the featurizer output's and head's gradients, float64 to 1e-9."""
@@ -247,8 +247,28 @@ def test_fused_head_beyond_the_state_limit_equals_the_python_plans(method, shape
     for backend in ("native", "torch"):
         head.zero_grad(set_to_none=True)
         z = features.clone().requires_grad_(True)
-        out = hk.HessianAlignmentLoss(method, alpha=0.7, beta=1.3, backend=backend, form="feature")(head, z, labels, ids)
+        loss_fn = hk.HessianAlignmentLoss(method, alpha=0.7, beta=1.3, backend=backend, form="feature")
+        out = loss_fn(head, z, labels, ids)
         out.total.backward()
         results.append((out.total.detach(), z.grad, head.weight.grad, head.bias.grad))
     for what, a, b in zip(("total", "d features", "d weight", "d bias"), *results):
         assert_close(a, b, RTOL, f"fused head {method} in {shape}: {what}")
+
+
+@needs_native
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "mse"])
+@pytest.mark.parametrize("name,shape", [(name, shape) for shape in SHAPES
+                                        for name in ("hutchinson", "hgp", "hgp, mean reference")])
+def test_native_plans_beyond_the_state_limit_other_losses_and_no_bias(name, shape, loss):
+    """The other losses (soft and hard float targets), and a head without bias: float64 to 1e-9."""
+    logits, features, _, ids = _runs_case(shape)
+    gen = torch.Generator().manual_seed(7)
+    targets = (torch.rand(logits.shape, generator=gen, dtype=torch.float64) if loss == "binary_cross_entropy"
+               else torch.randn(logits.shape, generator=gen, dtype=torch.float64))
+    targets[::2] = targets[::2].round()
+    case = (logits, features, targets, ids)
+    for bias in (True, False):
+        got = _runs_terms_and_grads(name, case, "native", form="feature", loss=loss, bias=bias)
+        expected = _runs_terms_and_grads(name, case, "torch", form="feature", loss=loss, bias=bias)
+        for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
+            assert_close(a, b, RTOL, f"{name} in {shape}, {loss}, bias={bias}: {what}")
