@@ -713,12 +713,11 @@ T dot_c(const T* a, const T* b, int C) {
 }
 
 // Environment e's pairs: kq[2 (a n + b)] = K and kq[2 (a n + b) + 1] = Q of its a-th and b-th sorted rows (the
-// bias column included), each unordered pair formed once. Returns n.
+// bias column included), each unordered pair formed once; kq holds 2 n^2 entries.
 template <typename T>
-int64_t pair_gram(const Head<T>& h, const Segments& s, int e, std::vector<T>& kq) {
+void pair_gram(const Head<T>& h, const Segments& s, int e, T* kq) {
   const T one = h.bias ? T(1) : T(0);
   const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
-  kq.resize(size_t(2 * n * n));
   for (int64_t a = 0; a < n; ++a)
     for (int64_t b = a; b < n; ++b) {
       T k, q;
@@ -727,47 +726,68 @@ int64_t pair_gram(const Head<T>& h, const Segments& s, int e, std::vector<T>& kq
       kq[2 * (a * n + b)] = kq[2 * (b * n + a)] = k + one;
       kq[2 * (a * n + b) + 1] = kq[2 * (b * n + a) + 1] = q + one;
     }
-  return n;
+}
+
+// Where each environment's 2 n_e^2 pair entries start in an array of all of them (E + 1 offsets).
+std::vector<int64_t> pair_offsets(const Segments& s) {
+  std::vector<int64_t> out(s.num_envs + 1, 0);
+  for (int e = 0; e < s.num_envs; ++e) {
+    const int64_t n = s.offsets[e + 1] - s.offsets[e];
+    out[e + 1] = out[e] + 2 * n * n;
+  }
+  return out;
 }
 
 // d_features of each sorted row i += sum_{j in e} lin(i, j) zh_j [+ zh_i ⊙ sum_j sq(i, j) (zh_j ⊙ zh_j)] with
-// coef(i, j, lin, sq); a strip of columns at a time, its sums in registers.
+// coef(i, j, lin, sq); two rows at a time by a strip of columns, their sums in registers, so each zh_j strip is
+// loaded once for both.
 template <typename T, bool Squares, typename Coef>
 void expand_pairs(const Head<T>& h, const Segments& s, T* d_features, Coef&& coef, Launch launch) {
   typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
-  constexpr int lanes = kWideBytes / sizeof(T), strip = 4 * lanes;
+  constexpr int lanes = kWideBytes / sizeof(T), vecs = 4, strip = vecs * lanes;
   const int D = h.D;
 #pragma omp parallel num_threads(threads_over(s, D, launch))
   {
-    std::vector<T> lin, sq;  // the row's pair coefficients
+    std::vector<T> lin, sq;  // (2, n) pair coefficients of the rows at hand
 #pragma omp for schedule(dynamic, 16)
-    for (int e = 0; e < s.num_envs; ++e)
-      for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
-        T* dx = d_features + s.order[i] * D;
-        const T* x = h.features + s.order[i] * h.features_row_stride;
-        lin.assign(size_t(s.offsets[e + 1] - s.offsets[e]), T(0)), sq.assign(lin.size(), T(0));
-        for (size_t j = 0; j < lin.size(); ++j) coef(i, s.offsets[e] + int64_t(j), lin[j], sq[j]);
-        auto row = [&](size_t j) { return h.features + s.order[s.offsets[e] + int64_t(j)] * h.features_row_stride; };
+    for (int e = 0; e < s.num_envs; ++e) {
+      const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
+      auto row = [&](int64_t j) { return h.features + s.order[first + j] * h.features_row_stride; };
+      auto rows = [&](auto count, int64_t i0) {
+        constexpr int R = decltype(count)::value;
+        lin.assign(size_t(R * n), T(0)), sq.assign(size_t(R * n), T(0));
+        for (int r = 0; r < R; ++r)
+          for (int64_t j = 0; j < n; ++j) coef(first + i0 + r, first + j, lin[r * n + j], sq[r * n + j]);
         int d = 0;
         for (; d + strip <= D; d += strip) {
-          Vec sum[4] = {}, sum_sq[4] = {};
-          for (size_t j = 0; j < lin.size(); ++j)
-            for (int v = 0; v < 4; ++v) {
-              const Vec y = *reinterpret_cast<const Vec*>(row(j) + d + v * lanes);
-              sum[v] += lin[j] * y;
-              if (Squares) sum_sq[v] += sq[j] * y * y;
+          Vec sum[R][vecs] = {}, sum_sq[R][vecs] = {};
+          for (int64_t j = 0; j < n; ++j)
+            for (int v = 0; v < vecs; ++v) {
+              const Vec y = *reinterpret_cast<const Vec*>(row(j) + d + v * lanes), y2 = y * y;
+              for (int r = 0; r < R; ++r) {
+                sum[r][v] += lin[r * n + j] * y;
+                if (Squares) sum_sq[r][v] += sq[r * n + j] * y2;
+              }
             }
-          for (int v = 0; v < 4; ++v) {
-            Vec* out = reinterpret_cast<Vec*>(dx + d + v * lanes);
-            *out += Squares ? sum[v] + *reinterpret_cast<const Vec*>(x + d + v * lanes) * sum_sq[v] : sum[v];
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < vecs; ++v) {
+              Vec* out = reinterpret_cast<Vec*>(d_features + s.order[first + i0 + r] * D + d + v * lanes);
+              *out += Squares ? sum[r][v] + *reinterpret_cast<const Vec*>(row(i0 + r) + d + v * lanes) * sum_sq[r][v]
+                              : sum[r][v];
+            }
+        }
+        for (; d < D; ++d)
+          for (int r = 0; r < R; ++r) {
+            T sum = T(0), sum_sq = T(0);
+            for (int64_t j = 0; j < n; ++j)
+              sum += lin[r * n + j] * row(j)[d], sum_sq += sq[r * n + j] * row(j)[d] * row(j)[d];
+            d_features[s.order[first + i0 + r] * D + d] += Squares ? sum + row(i0 + r)[d] * sum_sq : sum;
           }
-        }
-        for (; d < D; ++d) {
-          T sum = T(0), sum_sq = T(0);
-          for (size_t j = 0; j < lin.size(); ++j) sum += lin[j] * row(j)[d], sum_sq += sq[j] * row(j)[d] * row(j)[d];
-          dx[d] += Squares ? sum + x[d] * sum_sq : sum;
-        }
-      }
+      };
+      int64_t i = 0;
+      for (; i + 2 <= n; i += 2) rows(std::integral_constant<int, 2>{}, i);
+      if (i < n) rows(std::integral_constant<int, 1>{}, i);
+    }
   }
 }
 
@@ -789,12 +809,12 @@ void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* 
   reduce_coefficients<T>(h, Pooled(s).seg, layout, coef, state, launch);  // [G_bar][mean Dg]
   coefficient_rows<T>(h, s, layout, T(1), coef, nullptr, launch);
   std::vector<double> env_squares(2 * size_t(E));
-#pragma omp parallel num_threads(threads_over(s, h.D, launch))
-  {
-    std::vector<T> kq;
-#pragma omp for schedule(dynamic, 16)
+  const std::vector<int64_t> at = pair_offsets(s);
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads_over(s, h.D, launch))
     for (int e = 0; e < E; ++e) {
-      const int64_t n = pair_gram<T>(h, s, e, kq), first = s.offsets[e];
+      T* kq = state + 2 * M + at[e];  // kept for the backward
+      pair_gram<T>(h, s, e, kq);
+      const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
       double squares[2] = {0, 0};
       for (int64_t a = 0; a < n; ++a)
         for (int64_t b = 0; b < n; ++b)
@@ -803,7 +823,6 @@ void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* 
                           kq[2 * (a * n + b) + x];
       env_squares[2 * e] = squares[0], env_squares[2 * e + 1] = squares[1];
     }
-  }
   double terms[2];
   for (int x = 0; x < 2; ++x) {
     double squares = 0;
@@ -829,12 +848,11 @@ bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, co
   // the pairs' dots, negated (the shared means' scales are negated below): -sum_j a_j K_ij, -sum_j b_j Q_ij
   T* lam_add = scratch<T>(s.num_samples * C);
   T* gam_add = scratch<T>(s.num_samples * C);
-#pragma omp parallel num_threads(threads_over(s, h.D, launch))
-  {
-    std::vector<T> kq;
-#pragma omp for schedule(dynamic, 16)
+  const std::vector<int64_t> at = pair_offsets(s);
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads_over(s, h.D, launch))
     for (int e = 0; e < E; ++e) {
-      const int64_t n = pair_gram<T>(h, s, e, kq), first = s.offsets[e];
+      const T* kq = state + 2 * M + at[e];  // the forward's pairs
+      const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
       for (int64_t a = 0; a < n; ++a) {
         T *lam = lam_add + s.order[first + a] * C, *gam = gam_add + s.order[first + a] * C;
         std::fill(lam, lam + C, T(0)), std::fill(gam, gam + C, T(0));
@@ -844,7 +862,6 @@ bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, co
                 gam[c] -= coef[(first + b) * 2 * C + C + c] * kq[2 * (a * n + b) + 1];
       }
     }
-  }
   const BackwardLayout layout{C, /*K=*/0, with_gradient, with_hessian, /*square_residual=*/false};
   const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
                                        .with_lam(EnvRows<T>::shared(with_gradient ? state : nullptr, C), -lam_scale)
@@ -872,7 +889,9 @@ void hgp_pair_rows(const Head<T>& h, const Segments& s, const T* a, const T* p, 
     std::vector<T> kq;
 #pragma omp for schedule(dynamic, 16)
     for (int e = 0; e < s.num_envs; ++e) {
-      const int64_t n = pair_gram<T>(h, s, e, kq), first = s.offsets[e];
+      const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
+      kq.resize(size_t(2 * n * n));
+      pair_gram<T>(h, s, e, kq.data());
       const T w = T(1) / T(n);
       double grad_squares = 0, hgp_squares = 0;
       for (int64_t x = first; x < first + n; ++x) {
@@ -1004,11 +1023,12 @@ bool pairs(PlanSpec spec, const Segments& s, int C, int64_t M) {
 
 }  // namespace
 
-int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width) {
-  const int64_t M = int64_t(C) * head_width, dir_dots = int64_t(num_samples) * (spec.pooled ? 2 : 1) * C;
-  if (in_runs(num_envs, M)) return spec.method == EXACT_DIAG ? 2 * M : 3 * M + dir_dots;
-  if (spec.method == EXACT_DIAG) return 2 * num_envs * M;
-  return (2 * num_envs + 1) * M + dir_dots;
+int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width) {
+  const int64_t M = int64_t(C) * head_width, dir_dots = s.num_samples * (spec.pooled ? 2 : 1) * C;
+  if (spec.method == EXACT_DIAG && pairs(spec, s, C, M)) return 2 * M + pair_offsets(s).back();
+  if (in_runs(s.num_envs, M)) return spec.method == EXACT_DIAG ? 2 * M : 3 * M + dir_dots;
+  if (spec.method == EXACT_DIAG) return 2 * s.num_envs * M;
+  return (2 * s.num_envs + 1) * M + dir_dots;
 }
 
 template <typename T>

@@ -29,9 +29,10 @@ struct PlanSpec {
 // HGP: G (E, C, Dh), G_bar (C, Dh), H_e G_e - reference (E, C, Dh), then each sample's direction dots
 // (N, K C), K = 2 with pooled else 1: [G_e zh_i][G_bar zh_i], which the backward reuses.
 // Beyond kPlanStateElements per-environment entries (E x C x Dh, hgk_tuning.h) the plans keep none of them
-// (they take pairs of samples within small environments, else runs of environments): exact [G_bar][mean Dg];
-// HGP [G_bar][S_ref][mean_e S_e] and N K C entries (cpu_plans.cpp).
-int64_t plan_state_size(PlanSpec spec, int num_samples, int num_envs, int C, int head_width);
+// (they take pairs of samples within small environments, else runs of environments): exact [G_bar][mean Dg]
+// (and, over pairs, each environment's n_e x n_e pair dots K and Q); HGP [G_bar][S_ref][mean_e S_e] and N K C
+// entries (cpu_plans.cpp).
+int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width);
 
 // Writes the state and the two penalty terms (hessian[0], gradient[0]).
 template <typename T>

@@ -235,8 +235,7 @@ TensorTriple plan_forward(const at::Tensor& logits, const at::Tensor& features, 
   const Problem p(logits, features, targets, order, offsets, env_ids, loss, bias);
   TORCH_CHECK(logits.is_cpu(), "hgkernels: the penalty plans run on CPU tensors");
   const hgk::PlanSpec spec = plan_spec(method, weight, pooled, detach_reference);
-  at::Tensor state = p.empty({hgk::plan_state_size(spec, int(p.num_samples()), p.num_envs(), p.num_classes(),
-                                                   p.head_width())});
+  at::Tensor state = p.empty({hgk::plan_state_size(spec, p.segments(), p.num_classes(), p.head_width())});
   at::Tensor hessian = p.empty({}), gradient = p.empty({});
   with_type(logits, [&](auto tag) {
     using T = decltype(tag);
@@ -257,8 +256,7 @@ TensorTriple plan_backward(const at::Tensor& logits, const at::Tensor& features,
   TORCH_CHECK(logits.is_cpu(), "hgkernels: the penalty plans run on CPU tensors");
   const hgk::PlanSpec spec = plan_spec(method, weight, pooled, detach_reference);
   TORCH_CHECK(state.is_contiguous() && state.scalar_type() == logits.scalar_type() &&
-                  state.numel() == hgk::plan_state_size(spec, int(p.num_samples()), p.num_envs(),
-                                                        p.num_classes(), p.head_width()),
+                  state.numel() == hgk::plan_state_size(spec, p.segments(), p.num_classes(), p.head_width()),
               "hgkernels: plan_backward's state is not the one its plan_forward wrote");
   at::Tensor d_logits = p.empty({p.num_samples(), p.num_classes()});
   at::Tensor d_features = p.empty({p.num_samples(), features.size(1)});

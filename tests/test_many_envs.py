@@ -225,14 +225,17 @@ def test_native_plans_beyond_the_state_limit_float32_and_bitwise_across_thread_c
 @needs_native
 @pytest.mark.parametrize("method,shape", [(method, shape) for shape in SHAPES for method in ("exact", "hgp")])
 def test_native_plans_beyond_the_state_limit_keep_no_per_environment_state(method, shape):
-    """What a forward leaves for its backward: the means (and HGP's direction dots), not E x C x Dh."""
+    """What a forward leaves for its backward: the means (and per-sample or per-pair dots), not E x C x Dh."""
     from hgkernels.backends.native import _OPS, _operands
     logits, features, labels, ids = _runs_case(shape)
     problem = prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)
     state = _OPS.plan_forward(*_operands(problem), method, 1 / RUNS_E, True, True)[0]
     c, d, _ = SHAPES[shape]
     head = c * (d + 1)
-    assert state.numel() == (2 * head if method == "exact" else 3 * head + 2 * len(ids) * c)
+    pair_dots = 2 * int((torch.bincount(ids) ** 2).sum())  # K and Q of each environment's pairs
+    expected = {("exact", "runs"): 2 * head, ("exact", "pairs"): 2 * head + pair_dots}
+    assert state.numel() == expected.get((method, shape), 3 * head + 2 * len(ids) * c)
+    assert state.numel() < RUNS_E * head / 4
 
 
 @needs_native
