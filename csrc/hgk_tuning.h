@@ -56,8 +56,9 @@ constexpr int kWideBytes = 32;
 constexpr int kWideMinClasses = 4;
 
 // Many environments. A plan whose per-environment statistics (E x C x Dh entries) exceed kPlanStateElements keeps
-// none of them: it walks the environments in runs of about kEnvRunElements entries, and its backward forms each
-// run's statistics again: memory and cache residency vs. the repeated statistics (summation grouping).
+// none of them: it takes pairs of samples within small environments (cpu_plans.cpp), else walks the environments
+// in runs of about kEnvRunElements entries, its backward forming each run's statistics again: memory and cache
+// residency vs. the repeated statistics (summation grouping).
 constexpr int64_t kPlanStateElements = int64_t(1) << 18;
 constexpr int64_t kEnvRunElements = int64_t(1) << 18;
 
