@@ -21,7 +21,8 @@ import torch
 
 from hgkernels import backends, head_hessian_diag, hgp_penalty, hutchinson_penalty
 from hgkernels._inputs import prepare
-from hgkernels._sample_space import SAMPLE_GRAM_COST, SAMPLE_QUAD_COST, prefers_sample_space
+from hgkernels._sample_space import SAMPLE_GRAM_COST, SAMPLE_QUAD_COST
+from hgkernels.penalties._common import takes_sample_form
 
 FLOAT_BYTES = 4  # float32, the training dtype every case uses
 
@@ -190,19 +191,21 @@ def backpack_reason() -> Optional[str]:
     return None
 
 
-def auto_takes_sample_form(penalty: str, shape: Shape, backend: str) -> bool:
-    """Whether form="auto" computes `penalty` ("hutchinson", "hgp") in the sample form at this shape
-    on `backend` (never with one environment; hgkernels.penalties._common.takes_sample_form)."""
-    return shape.e > 1 and prefers_sample_space(penalty, shape.n, shape.c, shape.d + 1, backend, shape.e)
+def auto_takes_sample_form(penalty: str, inputs: Inputs, shape: Shape, backend: str) -> bool:
+    """Whether form="auto" computes `penalty` ("hutchinson", "hgp") in the sample form on these inputs on
+    `backend`: the library's own choice (hgkernels.penalties._common.takes_sample_form)."""
+    problem = prepare(inputs.logits, inputs.features, inputs.labels, inputs.envs, loss=shape.loss, bias=True,
+                      validate=False)
+    return takes_sample_form("auto", problem, penalty, backend)
 
 
-def methods_for(shape: Shape, available: List[str], with_backpack: bool) -> List[Method]:
+def methods_for(shape: Shape, inputs: Inputs, available: List[str], with_backpack: bool) -> List[Method]:
     methods = []
     labels = {"hutchinson": "exact Hutchinson", "hgp": "HGP"}
     for name in available:
         for penalty, label in labels.items():
             methods.append(Method(penalty, name, "closed", label))
-            if auto_takes_sample_form(penalty, shape, name):
+            if auto_takes_sample_form(penalty, inputs, shape, name):
                 methods.append(Method(penalty, name, "feature", f"{label}, C × Dh form"))
     methods += [
         Method("hutchinson", "reference", "unit", "generic Hutchinson, 1 probe", probes=1),

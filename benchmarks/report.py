@@ -94,7 +94,7 @@ def run_case(shape: hb.Shape, device: torch.device, repeat: int, budget: float) 
     """Time every method on one shape: (rows, {backend not timed: why})."""
     inputs = hb.make_inputs(shape, device)
     available, skipped = hb.closed_form_backends(shape, inputs)
-    methods = hb.methods_for(shape, available, with_backpack=hb.backpack_reason() is None)
+    methods = hb.methods_for(shape, inputs, available, with_backpack=hb.backpack_reason() is None)
     rows = [Row(shape, m) for m in methods]
     steps = {id(row): hb.make_step(row.method, shape, inputs) for row in rows}
     memory_limit = hb.available_memory_bytes(device) // 2

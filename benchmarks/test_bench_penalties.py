@@ -73,7 +73,7 @@ def run_benchmark(benchmark, method: hb.Method, shape: hb.Shape, estimate: float
 def test_closed_form(benchmark, shape, penalty, backend, kind):
     """form="auto", and the C × Dh form where auto takes the sample form (the backend's own kernels)."""
     closed_form_backend(shape, backend)
-    if kind == "feature" and not hb.auto_takes_sample_form(penalty, shape, backend):
+    if kind == "feature" and not hb.auto_takes_sample_form(penalty, inputs_for(shape), shape, backend):
         pytest.skip("form='auto' already takes the C × Dh form here")
     benchmark.group = f"{shape.name} fwd+bwd"
     label = "exact Hutchinson" if penalty == "hutchinson" else "HGP"

@@ -59,15 +59,31 @@ def test_auto_takes_the_cheaper_form(shape, method, sample):
     assert _common.takes_sample_form("sample", problem, method) is True
 
 
-@pytest.mark.parametrize("shape,method,sample", [
-    ((1024, 2048, 345, 4), "hutchinson", False),      # DomainNet head, N 1024: the C × Dh form (65 ms, sample 96)
-    ((1024, 2048, 345, 256), "hutchinson", True),     # 256 environments: (E, C, Dh) statistics of 724 MB each, 3.5 s
-    ((1024, 2048, 7, 256), "hgp", False),             # PACS: the C × Dh form stays the faster (22 ms, sample 42)
-    ((1024, 2048, 7, 256), "hutchinson", False),
+@pytest.mark.parametrize("shape,method,backend,sample", [
+    # DomainNet head (auto runs the torch backend there), N 1024: the C × Dh form (65 ms, sample 96); with 256
+    # environments its (E, C, Dh) statistics are 724 MB each and take 3.5 s
+    ((1024, 2048, 345, 4), "hutchinson", "torch", False),
+    ((1024, 2048, 345, 256), "hutchinson", "torch", True),
+    # PACS (native): the C × Dh form stays the faster (4.6 ms, sample 41)
+    ((1024, 2048, 7, 256), "hgp", "native", False),
+    ((1024, 2048, 7, 256), "hutchinson", "native", False),
 ])
-def test_auto_weighs_the_number_of_environments(shape, method, sample):
+def test_auto_weighs_the_number_of_environments(shape, method, backend, sample):
     """The C × Dh form's (E, C, Dh) statistics cost with E (benchmarks/many_envs.py), the sample form's do not."""
-    assert _common.takes_sample_form("auto", _problem(*shape), method, "native") is sample
+    assert _common.takes_sample_form("auto", _problem(*shape), method, backend) is sample
+
+
+@pytest.mark.skipif(hk.backends.unavailable_reason("native") is not None, reason="the native CPU plans")
+@pytest.mark.parametrize("method", ["hutchinson", "hgp"])
+def test_auto_weighs_no_environment_statistics_where_the_native_plans_take_pairs(method):
+    """64 environments of 2 at a PACS-sized head (N 128): the native CPU plans take pairs of samples and form
+    no per-environment statistics (0.5-0.8 ms against 1.7-3.1 ms for the sample form), so auto keeps their
+    C × Dh form; the torch backend's C × Dh form holds (E, C, Dh) statistics, and auto leaves it."""
+    problem = _problem(128, 2048, 7, 64)
+    native, torch_backend = hk.backends.select("native", problem), hk.backends.select("torch", problem)
+    assert not native.forms_env_statistics(problem) and torch_backend.forms_env_statistics(problem)
+    assert _common.takes_sample_form("auto", problem, method, "native") is False
+    assert _common.takes_sample_form("auto", problem, method, "torch") is True
 
 
 def test_one_environment_keeps_the_feature_form_even_when_asked():

@@ -116,6 +116,11 @@ class Backend:
         """The plan's backward from `plan_forward`'s state, returning what `per_sample_backward` returns."""
         raise NotImplementedError
 
+    def forms_env_statistics(self, problem: HeadProblem) -> bool:
+        """Whether the C × Dh form on this backend forms each environment's statistics for `problem` (what
+        form="auto" weighs against the sample form); False where its whole plans never do."""
+        return True
+
     def autograd_plan(self, problem: HeadProblem, spec: PlanSpec) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """A whole plan as one compiled autograd node: (hessian, gradient) whose backward runs without
         Python, or None where `_penalty.PenaltyFunction` should run (the default). For a create_graph=True

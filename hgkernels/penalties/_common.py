@@ -46,8 +46,10 @@ def takes_sample_form(form: str, problem: HeadProblem, method: str, backend: str
     num_envs = problem.segments.num_envs
     if not sample_space_possible(*shape, num_envs):
         return False  # (before resolving the backend, which costs a few checks)
-    resolved = "torch" if backend == "reference" else backends.select(backend, problem).name
-    return prefers_sample_space(*shape, resolved, num_envs)
+    impl = None if backend == "reference" else backends.select(backend, problem)
+    if impl is not None and not impl.forms_env_statistics(problem):
+        num_envs = 1  # its C × Dh form then forms the pooled statistics only
+    return prefers_sample_space(*shape, "torch" if impl is None else impl.name, num_envs)
 
 
 def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, process_group=None,
