@@ -48,8 +48,9 @@ from .backends.base import HeadTerm, add_head_term
 # negligible and the host path decides: the sample form's many small N × N and N × C ops took
 # 660 µs against 315 µs for the native C × Dh form at N 12, C 3, D 5, so tiny heads keep the latter.
 # The C × Dh form also forms and walks the E per-environment statistics (the torch and Triton plans hold a
-# few (E, C, Dh) matrices; the native plans hold none beyond 2^18 entries but form them twice), which the
-# sample form's cost does not depend on:
+# few (E, C, Dh) matrices; the native CPU plans in runs hold none but form them twice, and over pairs form
+# none: `Backend.forms_env_statistics`, and the caller then passes num_envs 1), which the sample form's cost
+# does not depend on:
 # negligible while they are small, FEATURE_ENV_COST per entry beyond SMALL_STATS entries (1 MB in
 # float32). Fitted to benchmarks/many_envs.py (its table is in docs/performance.md): DomainNet's head
 # with 256 environments takes the sample form, PACS's keeps the C × Dh form, still the faster there.
