@@ -359,15 +359,16 @@ void with_rows(int rows, Fn&& fn) {
 }
 
 // The whole backward of the caller's rows [row_begin, row_end) (order given: of the sorted rows, whose caller's
-// rows order holds), all of one environment, for few matrix
+// rows order holds), all of one environment (weight w; with row_envs, rows of any environments whose matrices
+// are all shared, each weighted by its own environment), for few matrix
 // rows: kPassRows samples at a time (the matrices, read from L2 for every row, are loaded once per pass),
 // their dots, closed form and d_features while the feature rows are in L1. A head term adds its C
 // weight rows to the expansion, with the row's (total) d_logits as their coefficients.
 template <typename T, int Cap, int Bytes>
 void backward_rows_direct(const Head<T>& h, BackwardLayout layout, const int64_t* order, int64_t row_begin,
-                          int64_t row_end, T w, const Part<T>* parts, int num_parts, const BackwardMatrices<T>& scales,
-                          const T* gam, HeadTerm<T> head, T* head_partials, T* d_logits, T* d_features,
-                          const KnownDots<T>* known) {
+                          int64_t row_end, T w, const Segments* row_envs, const Part<T>* parts, int num_parts,
+                          const BackwardMatrices<T>& scales, const T* gam, HeadTerm<T> head, T* head_partials,
+                          T* d_logits, T* d_features, const KnownDots<T>* known) {
   const int C = h.C, D = h.D, W = layout.width(), expand_rows = W + (head.weight ? C : 0);
   const int dot_rows = known ? layout.dirs_begin() : W;  // the V and U blocks' dots are known
   const int64_t Dh = h.head_width();
@@ -408,7 +409,8 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, const int64_t
       if (known) copy_known_dots(*known, i, layout, dots[r], gam ? dots_sq[r] : nullptr);
       T* da = d_logits + i * C;
       scale_upstream(layout, scales, dots[r], gam ? dots_sq[r] : nullptr);
-      backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
+      const T row_w = row_envs ? inv_count<T>(*row_envs, int(row_envs->env_ids[i])) : w;
+      backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), row_w,
                       dots[r], dots_sq[r], p, dp, coef[r], coef_sq[r], da, 1);
       scale_upstream(layout, scales, coef[r], gam ? coef_sq[r] : nullptr);
       for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
@@ -792,6 +794,13 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
     // such groups) and then over the groups in order. Segments without ids (a plan's run of environments)
     // are read in their sorted order, and leave the head's gradient to the caller.
     const bool natural = s.env_ids != nullptr, head_grad = natural && head.weight && head.weight_grad;
+    // Matrices that every environment shares (the plans over pairs): passes need not end where an environment
+    // does, which would leave them a row or two long (the matrices are read once per pass).
+    bool shared = !layout.gradient || mats.lam.env_stride == 0;
+    shared = shared && (!gam || mats.gam.env_stride == 0);
+    for (const RowRuns<T>* runs : {&mats.dirs, &mats.ups})
+      runs->each([&](const EnvRows<T>& run, int) { shared = shared && run.env_stride == 0; });
+    const bool across_envs = natural && shared;
     // Blocks hold whole passes (whole kHeadGradRows groups with a head gradient): see backward_rows_direct.
     const int64_t align = head_grad ? kHeadGradRows : kPassRows;
     const int64_t row_block = (row_block_for(N, threads) + align - 1) / align * align;
@@ -803,15 +812,16 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
       Part<T> parts[kMaxParts];
       for (int64_t i = rows[t].row_begin, run_end; i < rows[t].row_end; i = run_end) {
         const int e = natural ? int(s.env_ids[i]) : rows[t].env;  // a run of consecutive rows of environment e
-        for (run_end = i + 1; run_end < rows[t].row_end && (!natural || s.env_ids[run_end] == e); ++run_end) {
+        for (run_end = i + 1; run_end < rows[t].row_end && (!natural || across_envs || s.env_ids[run_end] == e);
+             ++run_end) {
         }
         const int num_parts = env_parts(e, parts);
         // stack arrays sized for the rows at hand: oversized ones slow the few-row case
         const T* env_gam = env_gam_of(e);
         auto rows_direct = [&](auto cap, auto bytes) {
           backward_rows_direct<T, decltype(cap)::value, decltype(bytes)::value>(
-              h, layout, natural ? nullptr : s.order, i, run_end, inv_count<T>(s, e), parts, num_parts, mats, env_gam,
-              head, partials, d_logits, d_features, known);
+              h, layout, natural ? nullptr : s.order, i, run_end, inv_count<T>(s, e), across_envs ? &s : nullptr, parts,
+              num_parts, mats, env_gam, head, partials, d_logits, d_features, known);
         };
         using Few = std::integral_constant<int, kDirectRows>;
         using Many = std::integral_constant<int, kDirectBackwardRows>;
