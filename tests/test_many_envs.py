@@ -1,6 +1,10 @@
 """Hundreds of environments of a few samples each: every penalty, in both forms, on every closed-form
-backend, equals float64 autograd (`backend="reference"`, 1e-9), shuffled ids and size lists alike.
-Time and memory at the PACS and DomainNet heads: benchmarks/many_envs.py."""
+backend, equals float64 autograd (`backend="reference"`, 1e-9), shuffled ids and size lists alike; and the
+native CPU plans beyond their per-environment state limit (over pairs of samples, or in runs of
+environments) equal the torch backend's feature form. Time and memory at the PACS and DomainNet heads:
+benchmarks/many_envs.py."""
+import random
+
 import pytest
 import torch
 
@@ -275,3 +279,36 @@ def test_native_plans_beyond_the_state_limit_other_losses_and_no_bias(name, shap
         expected = _runs_terms_and_grads(name, case, "torch", form="feature", loss=loss, bias=bias)
         for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
             assert_close(a, b, RTOL, f"{name} in {shape}, {loss}, bias={bias}: {what}")
+
+
+def _sweep_configs(count=16):
+    """Seeded random calls beyond the state limit: head, environment sizes, loss, bias and penalty option set."""
+    from hgkernels.backends.native import _NATIVE
+    rng, configs = random.Random(1), []
+    for seed in range(count):
+        c, d = rng.choice([2, 3, 9, 17]), rng.choice([63, 255, 1023])
+        num_envs = max(2, _NATIVE.PLAN_STATE_ELEMENTS // (c * (d + 1)) + rng.randint(1, 60))
+        configs.append((seed, c, d, num_envs, rng.choice([1, 2, 4, 8, 16]),
+                        rng.choice(["cross_entropy", "binary_cross_entropy", "mse"]), rng.random() < 0.7,
+                        rng.choice(sorted(RUNS_PENALTIES))))
+    return configs
+
+
+@needs_native
+@pytest.mark.parametrize("seed,c,d,num_envs,largest,loss,bias,name", _sweep_configs() if NATIVE_ERROR is None else [])
+def test_native_plans_beyond_the_state_limit_random_calls(seed, c, d, num_envs, largest, loss, bias, name):
+    """Random heads (C 2-17, D 63-1023), environments of 1 to 1-16 samples (pairs or runs as their sizes say),
+    every loss, bias or not, every option set: float64 to 1e-9 against the torch backend's feature form."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, largest + 1, (num_envs,), generator=gen).tolist()
+    n = sum(sizes)
+    ids = torch.repeat_interleave(torch.arange(num_envs), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
+    logits = 2 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    features = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    labels = (torch.randint(0, c, (n,), generator=gen) if loss == "cross_entropy"
+              else torch.rand(n, c, generator=gen, dtype=torch.float64))
+    case = (logits, features, labels, ids)
+    got = _runs_terms_and_grads(name, case, "native", (0.3, 1.7), form="feature", loss=loss, bias=bias)
+    expected = _runs_terms_and_grads(name, case, "torch", (0.3, 1.7), form="feature", loss=loss, bias=bias)
+    for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
+        assert_close(a, b, RTOL, f"seed {seed} ({name}, C {c}, D {d}, E {num_envs}, {loss}, bias={bias}): {what}")
