@@ -643,7 +643,7 @@ bool hgp_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const
 // shares, plus the pairs' dots (KnownDots) and expansion. No environment's C x Dh statistics are formed.
 //   exact: a_i = w_i r_i (G_e) and b_i = w_i q_i (Dg_e).
 //   HGP: g_i = G_e zh_i and t_i = w_i A_i g_i (S_e = H_e G_e); S_ref is one reduction (mean: t_i / E; pooled:
-//   w_i A_i (G_bar zh_i) / E). An undetached pooled reference takes runs.
+//   w_i A_i (G_bar zh_i) / E); an undetached pooled reference adds G_bar as a second direction, as hgp_backward.
 
 // Beyond the state limit, with sum_e n_e^2 <= N C: the pairs' Dh-long dots cost less than forming each
 // environment's statistics.
@@ -913,6 +913,16 @@ void hgp_pair_rows(const Head<T>& h, const Segments& s, const T* a, const T* p, 
   }
 }
 
+// out_j = (w_j / E) A_j dots_j for every sorted row: the coefficients of mean_e H_e V for a shared V (dots = V zh).
+template <typename T>
+void pooled_hvp_rows(const Head<T>& h, const Segments& s, const T* p, const T* dots, T* out) {
+  for (int e = 0; e < s.num_envs; ++e) {
+    const T w = T(1) / (T(s.num_envs) * T(s.offsets[e + 1] - s.offsets[e]));
+    for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j)
+      hess_apply<T>(h.loss, p + j * h.C, dots + j * h.C, h.C, w, out + j * h.C);
+  }
+}
+
 template <typename T>
 void hgp_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
                        Launch launch) {
@@ -928,18 +938,13 @@ void hgp_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* st
   reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.grad_mean, launch);
   std::vector<double> env_squares(2 * size_t(E));
   hgp_pair_rows<T>(h, s, a, p, g, t, env_squares.data(), launch, [](int, int64_t, const std::vector<T>&) {});
-  if (spec.pooled) {  // S_ref = sum_i w_i A_i (G_bar zh_i) zh_i^T / E
-    matrix_dots<T>(h, s, st.grad_mean, C, u, launch);
-    std::vector<T> bar_dots(C);
-    for (int e = 0; e < E; ++e) {
-      const T w = T(1) / (T(E) * T(s.offsets[e + 1] - s.offsets[e]));
-      for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
-        std::copy(u + j * C, u + (j + 1) * C, bar_dots.begin());
-        hess_apply<T>(h.loss, p + j * C, bar_dots.data(), C, w, u + j * C);
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < N * C; ++k) u[k] = t[k] / T(E);
+  for (int64_t k = 0; k < N * C; ++k) u[k] = t[k] / T(E);
+  if (spec.pooled && !spec.detach_reference)  // mean_e S_e: the reference's upstream in the backward
+    reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.hgp_mean, launch);
+  if (spec.pooled) {  // S_ref = sum_i w_i A_i (G_bar zh_i) zh_i^T / E, keeping G_bar zh_i (sorted rows)
+    T* bar_dots = st.dir_dots + N * C;
+    matrix_dots<T>(h, s, st.grad_mean, C, bar_dots, launch);
+    pooled_hvp_rows<T>(h, s, p, bar_dots, u);
   }
   reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.ref, launch);
   T* ref_dots = st.dir_dots;  // S_ref zh_j, sorted rows: the forward's cross term and the backward's U dots
@@ -965,22 +970,38 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
   const HGPRunState<T> st(const_cast<T*>(state), M);
   const T gam_scale = T(2 * spec.weight * alpha), lam_scale = T(2 * spec.weight * beta);
   const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
-  const int K = with_hessian ? 1 : 0;
+  // An undetached pooled reference: second direction G_bar, whose upstream is ref_up = -(mean_e S_e - S_ref)
+  const bool shared = spec.pooled && !spec.detach_reference && with_hessian;
+  const int K = with_hessian ? (shared ? 2 : 1) : 0, stride = (shared ? 2 : 1) * C;
   T *a = scratch<T>(N * C), *p = scratch<T>(N * C), *g = scratch<T>(N * C), *t = scratch<T>(N * C);
   T *ell = scratch<T>(N * C), *sig = scratch<T>(N * C);  // sorted rows
-  T *g_dots = scratch<T>(N * C), *u_dots = scratch<T>(N * C), *lam_add = scratch<T>(N * C);  // caller's rows
+  T *g_dots = scratch<T>(N * stride), *u_dots = scratch<T>(N * stride), *lam_add = scratch<T>(N * C);  // caller's
+  const T* bar_dots = st.dir_dots + N * C;  // G_bar zh_j (pooled), sorted rows
   coefficient_rows<T>(h, s, gradient_stats(C, false), T(1), a, p, launch);
+  T *ref_up = nullptr, *ref_up_dots = nullptr, *to_mean = scratch<T>(M);
+  std::fill(to_mean, to_mean + M, T(0));
+  if (shared) {  // to_mean = mean_e H_e ref_up, the upstream every G_e receives through G_bar
+    ref_up = scratch<T>(M), ref_up_dots = scratch<T>(N * C);
+    for (int64_t k = 0; k < M; ++k) ref_up[k] = -T(st.hgp_mean[k] - st.ref[k]);
+    matrix_dots<T>(h, s, ref_up, C, ref_up_dots, launch);
+    pooled_hvp_rows<T>(h, s, p, ref_up_dots, g);  // (g is formed below)
+    reduce_coefficients<T>(h, Pooled(s).seg, gradient_stats(C, false), g, to_mean, launch);
+  }
   hgp_pair_rows<T>(h, s, a, p, g, t, nullptr, launch, [&](int e, int64_t n, const std::vector<T>& kq) {
     const int64_t first = s.offsets[e];
     const T w = T(1) / T(n);
     std::vector<T> tau(C);
     for (int64_t x = first; x < first + n; ++x) {
       const int64_t i = s.order[x];
-      T* du = u_dots + i * C;  // U_e zh_i, unscaled
+      T* du = u_dots + i * stride;  // U_e zh_i, unscaled
       for (int c = 0; c < C; ++c) du[c] = -st.dir_dots[x * C + c];
       for (int64_t y = first; y < first + n; ++y)
         for (int c = 0; c < C; ++c) du[c] += t[y * C + c] * kq[2 * ((x - first) * n + (y - first))];
-      std::copy(g + x * C, g + (x + 1) * C, g_dots + i * C);
+      std::copy(g + x * C, g + (x + 1) * C, g_dots + i * stride);
+      if (shared) {  // the second direction's dots: G_bar zh_i and ref_up zh_i
+        std::copy(bar_dots + x * C, bar_dots + (x + 1) * C, g_dots + i * stride + C);
+        std::copy(ref_up_dots + x * C, ref_up_dots + (x + 1) * C, u_dots + i * stride + C);
+      }
       T* l = ell + x * C;
       hess_apply<T>(h.loss, p + x * C, du, C, w * gam_scale, l);  // gam w A (U zh)
       for (int c = 0; c < C; ++c) l[c] += lam_scale * a[x * C + c];
@@ -996,15 +1017,16 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
   });
   T *lam_shared = scratch<T>(M), *zeros = scratch<T>(M), *neg_ref = scratch<T>(M);
   for (int64_t k = 0; k < M; ++k)
-    lam_shared[k] = -lam_scale * st.grad_mean[k], zeros[k] = T(0), neg_ref[k] = -st.ref[k];
+    lam_shared[k] = -lam_scale * st.grad_mean[k] + gam_scale * to_mean[k], zeros[k] = T(0), neg_ref[k] = -st.ref[k];
   const BackwardLayout layout{C, K, /*gradient=*/with_gradient || with_hessian, /*hess_diag=*/false,
                               /*square_residual=*/false};
-  const RowRuns<T> dirs{{EnvRows<T>::shared(zeros, C), {nullptr, 0, 0}}};
-  const RowRuns<T> ups{{EnvRows<T>::shared(neg_ref, C), {nullptr, 0, 0}}};
+  const EnvRows<T> none{nullptr, 0, 0};
+  const RowRuns<T> dirs{{EnvRows<T>::shared(zeros, C), shared ? EnvRows<T>::shared(st.grad_mean, C) : none}};
+  const RowRuns<T> ups{{EnvRows<T>::shared(neg_ref, C), shared ? EnvRows<T>::shared(ref_up, C) : none}};
   const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
                                        .with_lam(EnvRows<T>::shared(lam_shared, C), T(1))
                                        .with_directions(K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{}, gam_scale);
-  const KnownDots<T> known{g_dots, C, u_dots, C, lam_add, nullptr};
+  const KnownDots<T> known{g_dots, stride, u_dots, stride, lam_add, nullptr};
   T* work = scratch<T>(N * backward_work_per_sample(layout));
   const bool head_written =
       per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
@@ -1016,16 +1038,11 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
   return head_written;
 }
 
-// Which plans take pairs: the exact one, and HGP's but for an undetached pooled reference.
-bool pairs(PlanSpec spec, const Segments& s, int C, int64_t M) {
-  return (spec.method == EXACT_DIAG || !(spec.pooled && !spec.detach_reference)) && by_pairs(s, C, M);
-}
-
 }  // namespace
 
 int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width) {
   const int64_t M = int64_t(C) * head_width, dir_dots = s.num_samples * (spec.pooled ? 2 : 1) * C;
-  if (spec.method == EXACT_DIAG && pairs(spec, s, C, M)) return 2 * M + pair_offsets(s).back();
+  if (spec.method == EXACT_DIAG && by_pairs(s, C, M)) return 2 * M + pair_offsets(s).back();
   if (in_runs(s.num_envs, M)) return spec.method == EXACT_DIAG ? 2 * M : 3 * M + dir_dots;
   if (spec.method == EXACT_DIAG) return 2 * s.num_envs * M;
   return (2 * s.num_envs + 1) * M + dir_dots;
@@ -1038,10 +1055,10 @@ void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, 
   const int64_t M = int64_t(h.C) * h.head_width();
   const bool runs = in_runs(s.num_envs, M);
   if (spec.method == EXACT_DIAG)
-    (pairs(spec, s, h.C, M) ? exact_forward_pairs<T> : runs ? exact_forward_runs<T> : exact_forward<T>)(
+    (by_pairs(s, h.C, M) ? exact_forward_pairs<T> : runs ? exact_forward_runs<T> : exact_forward<T>)(
         h, s, spec, state, hessian, gradient, launch);
   else
-    (pairs(spec, s, h.C, M) ? hgp_forward_pairs<T> : runs ? hgp_forward_runs<T> : hgp_forward<T>)(
+    (by_pairs(s, h.C, M) ? hgp_forward_pairs<T> : runs ? hgp_forward_runs<T> : hgp_forward<T>)(
         h, s, spec, state, hessian, gradient, launch);
 }
 
@@ -1052,9 +1069,9 @@ bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* 
   const int64_t M = int64_t(h.C) * h.head_width();
   const bool runs = in_runs(s.num_envs, M);
   if (spec.method == EXACT_DIAG)
-    return (pairs(spec, s, h.C, M) ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
+    return (by_pairs(s, h.C, M) ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
         h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
-  return (pairs(spec, s, h.C, M) ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
+  return (by_pairs(s, h.C, M) ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
       h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
 }
 

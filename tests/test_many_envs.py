@@ -112,8 +112,7 @@ def test_fishr_in_chunks_double_backward_matches_the_reference(monkeypatch):
 
 # --- The CPU plans beyond the native module's PLAN_STATE_ELEMENTS per-environment entries (E x C x Dh): they
 # keep no per-environment statistics. Where sum_e n_e^2 <= N C (small environments) they take pairs of samples
-# within each environment (HGP with an undetached pooled reference excepted), else they walk the environments
-# in runs.
+# within each environment, else they walk the environments in runs.
 
 NATIVE_ERROR = backends.unavailable_reason("native")
 needs_native = pytest.mark.skipif(NATIVE_ERROR is not None, reason=f"native kernels: {NATIVE_ERROR}")
@@ -173,7 +172,7 @@ def _runs_terms_and_grads(name, case, backend, weights=(0.7, 1.3), dtype=torch.f
     return [t.detach().double() for t in (*terms, *grads)]
 
 
-# every penalty on both shapes (an undetached pooled reference takes runs on either)
+# every penalty on both shapes
 RUNS_CASES = [(name, shape) for shape in SHAPES for name in RUNS_PENALTIES]
 
 

@@ -174,8 +174,7 @@ class NativeBackend(Backend):
 
     def forms_env_statistics(self, problem: HeadProblem) -> bool:
         """False where this call's CPU plans take pairs of samples within each environment (csrc/cpu_plans.cpp,
-        `by_pairs`): plain eager CPU, beyond PLAN_STATE_ELEMENTS per-environment entries, sum_e n_e^2 <= N C.
-        (HGP with an undetached pooled reference walks runs of environments there instead.)"""
+        `by_pairs`): plain eager CPU, beyond PLAN_STATE_ELEMENTS per-environment entries, sum_e n_e^2 <= N C."""
         if problem.logits.device.type != "cpu" or not plain_eager():
             return True
         segments, c = problem.segments, problem.num_classes
