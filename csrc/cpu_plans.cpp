@@ -514,7 +514,8 @@ bool exact_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, con
 }
 
 // HGP's state beyond the state limit: [G_bar][S_ref][mean_e S_e] then, in runs, the direction dots as hgp_forward
-// keeps them; over pairs, S_ref zh_j in sorted rows (N, C) there instead (mean_e S_e unused).
+// keeps them; over pairs, S_ref zh_j and, with the pooled reference, G_bar zh_j (sorted rows, (N, C) each) there
+// instead (mean_e S_e is formed for an undetached pooled reference only).
 template <typename T>
 struct HGPRunState {
   T *grad_mean, *ref, *hgp_mean, *dir_dots;
@@ -665,17 +666,16 @@ struct Pooled {
   explicit Pooled(const Segments& s) : offsets{0, s.num_samples}, seg{s.order, offsets, s.num_samples, 1, nullptr} {}
 };
 
-// Each sorted row's statistics coefficients (layout, weight scale / n_e) and, with p_rows, its link p (N, C).
+// Each sorted row's statistics coefficients (layout, weight 1 / n_e) and, with p_rows, its link p (N, C).
 template <typename T>
-void coefficient_rows(const Head<T>& h, const Segments& s, StatsLayout layout, T scale, T* coef, T* p_rows,
-                      Launch launch) {
+void coefficient_rows(const Head<T>& h, const Segments& s, StatsLayout layout, T* coef, T* p_rows, Launch launch) {
   const int C = h.C, W = layout.width();
 #pragma omp parallel num_threads(threads_over(s, C, launch))
   {
     std::vector<T> p(C);
 #pragma omp for schedule(static)
     for (int e = 0; e < s.num_envs; ++e) {
-      const T w = scale / T(s.offsets[e + 1] - s.offsets[e]);
+      const T w = T(1) / T(s.offsets[e + 1] - s.offsets[e]);
       for (int64_t j = s.offsets[e]; j < s.offsets[e + 1]; ++j) {
         const int64_t i = s.order[j];
         stats_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i), w,
@@ -804,10 +804,10 @@ void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* 
   const int E = s.num_envs, C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   const StatsLayout layout = gradient_stats(C, true);
-  T* coef = scratch<T>(s.num_samples * 2 * C);
-  coefficient_rows<T>(h, s, layout, T(1) / T(E), coef, nullptr, launch);  // the means'
-  reduce_coefficients<T>(h, Pooled(s).seg, layout, coef, state, launch);  // [G_bar][mean Dg]
-  coefficient_rows<T>(h, s, layout, T(1), coef, nullptr, launch);
+  T *coef = scratch<T>(s.num_samples * 2 * C), *mean_coef = scratch<T>(s.num_samples * 2 * C);
+  coefficient_rows<T>(h, s, layout, coef, nullptr, launch);
+  for (int64_t k = 0; k < s.num_samples * 2 * C; ++k) mean_coef[k] = coef[k] / T(E);
+  reduce_coefficients<T>(h, Pooled(s).seg, layout, mean_coef, state, launch);  // [G_bar][mean Dg]
   std::vector<double> env_squares(2 * size_t(E));
   const std::vector<int64_t> at = pair_offsets(s);
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads_over(s, h.D, launch))
@@ -844,7 +844,7 @@ bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, co
   const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
   const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);  // as in exact_backward
   T* coef = scratch<T>(s.num_samples * 2 * C);
-  coefficient_rows<T>(h, s, gradient_stats(C, true), T(1), coef, nullptr, launch);
+  coefficient_rows<T>(h, s, gradient_stats(C, true), coef, nullptr, launch);
   // the pairs' dots, negated (the shared means' scales are negated below): -sum_j a_j K_ij, -sum_j b_j Q_ij
   T* lam_add = scratch<T>(s.num_samples * C);
   T* gam_add = scratch<T>(s.num_samples * C);
@@ -933,7 +933,7 @@ void hgp_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* st
     *u = scratch<T>(N * C);
   const StatsLayout rows_layout = gradient_stats(C, false);  // (C coefficient columns, no squares)
   const Pooled pooled(s);
-  coefficient_rows<T>(h, s, rows_layout, T(1), a, p, launch);
+  coefficient_rows<T>(h, s, rows_layout, a, p, launch);
   for (int64_t k = 0; k < N * C; ++k) u[k] = a[k] / T(E);
   reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.grad_mean, launch);
   std::vector<double> env_squares(2 * size_t(E));
@@ -977,7 +977,7 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
   T *ell = scratch<T>(N * C), *sig = scratch<T>(N * C);  // sorted rows
   T *g_dots = scratch<T>(N * stride), *u_dots = scratch<T>(N * stride), *lam_add = scratch<T>(N * C);  // caller's
   const T* bar_dots = st.dir_dots + N * C;  // G_bar zh_j (pooled), sorted rows
-  coefficient_rows<T>(h, s, gradient_stats(C, false), T(1), a, p, launch);
+  coefficient_rows<T>(h, s, gradient_stats(C, false), a, p, launch);
   T *ref_up = nullptr, *ref_up_dots = nullptr, *to_mean = scratch<T>(M);
   std::fill(to_mean, to_mean + M, T(0));
   if (shared) {  // to_mean = mean_e H_e ref_up, the upstream every G_e receives through G_bar
@@ -1039,6 +1039,10 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
 }
 
 }  // namespace
+
+bool plans_over_pairs(const Segments& s, int C, int head_width) {
+  return by_pairs(s, C, int64_t(C) * head_width);
+}
 
 int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width) {
   const int64_t M = int64_t(C) * head_width, dir_dots = s.num_samples * (spec.pooled ? 2 : 1) * C;

@@ -122,8 +122,8 @@ struct KnownDots {
   int64_t dirs_stride;
   const T* ups;
   int64_t ups_stride;
-  const T* lam_add;
-  const T* gam_add;
+  const T* lam_add = nullptr;
+  const T* gam_add = nullptr;
 };
 
 // Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at

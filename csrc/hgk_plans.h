@@ -34,6 +34,10 @@ struct PlanSpec {
 // entries (cpu_plans.cpp).
 int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width);
 
+// Whether the plans take pairs of samples within each environment (beyond kPlanStateElements, with
+// sum_e n_e^2 <= N C): they then form no environment's statistics (the cost model of form="auto" asks).
+bool plans_over_pairs(const Segments& s, int C, int head_width);
+
 // Writes the state and the two penalty terms (hessian[0], gradient[0]).
 template <typename T>
 void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,

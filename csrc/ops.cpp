@@ -533,8 +533,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     throw py::import_error("hgkernels._native was built against torch " HGK_TORCH_VERSION " but torch " + installed +
                            " is installed; reinstall hgkernels to rebuild it");
   m.attr("TORCH_VERSION") = HGK_TORCH_VERSION;
-  // (E x C x Dh above which the CPU plans walk the environments in runs: the tests size their cases by it)
+  // (E x C x Dh above which the CPU plans keep no per-environment statistics: the tests size their cases by it)
   m.attr("PLAN_STATE_ELEMENTS") = hgk::kPlanStateElements;
+  m.def("plans_over_pairs",
+        [](const at::Tensor& offsets, int64_t num_samples, int64_t num_classes, int64_t head_width) {
+          TORCH_CHECK(offsets.is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                          offsets.numel() >= 2 && offsets.is_contiguous(),
+                      "hgkernels: plans_over_pairs takes the (E + 1,) int64 CPU offsets of the environments");
+          const hgk::Segments s{nullptr, offsets.data_ptr<int64_t>(), num_samples, int(offsets.numel() - 1), nullptr};
+          return hgk::plans_over_pairs(s, int(num_classes), int(head_width));
+        },
+        "Whether the CPU plans take pairs of samples within each environment (csrc/hgk_plans.h)");
   m.attr("HAS_CUDA") =
 #ifdef HGK_CUDA
       true;

@@ -173,15 +173,12 @@ class NativeBackend(Backend):
         return _OPS.penalty(*_operands(problem), *spec)
 
     def forms_env_statistics(self, problem: HeadProblem) -> bool:
-        """False where this call's CPU plans take pairs of samples within each environment (csrc/cpu_plans.cpp,
-        `by_pairs`): plain eager CPU, beyond PLAN_STATE_ELEMENTS per-environment entries, sum_e n_e^2 <= N C."""
+        """False where this call's CPU plans take pairs of samples within each environment (plain eager CPU;
+        csrc/hgk_plans.h `plans_over_pairs` decides)."""
         if problem.logits.device.type != "cpu" or not plain_eager():
             return True
-        segments, c = problem.segments, problem.num_classes
-        if segments.num_envs * c * problem.head_width <= _NATIVE.PLAN_STATE_ELEMENTS:
-            return True
-        counts = segments.counts_tensor
-        return int((counts * counts).sum()) > problem.logits.shape[0] * c
+        return not _NATIVE.plans_over_pairs(problem.segments.offsets, problem.logits.shape[0],
+                                            problem.num_classes, problem.head_width)
 
     def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,
                       beta: torch.Tensor, head: Optional[HeadTerm] = None):
