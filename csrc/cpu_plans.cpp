@@ -214,36 +214,99 @@ void stats(const Head<T>& h, const Segments& s, StatsLayout layout, const RowRun
   head_stats_keeping_dots<T>(h, s, layout, dirs, work, out, dots_out, launch);
 }
 
+// fn(e, k0, k1) for column chunks [k0, k1) of E blocks of M entries, split among threads (elementwise work).
+template <typename Fn>
+void each_block_chunk(int E, int64_t M, Launch launch, Fn&& fn) {
+  const int64_t chunks = (M + kPassChunk - 1) / kPassChunk, tasks = E * chunks;
+#pragma omp parallel for schedule(static) num_threads(int64_t(E) * M >= kMinParallelElements ? launch.threads : 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t k0 = (t % chunks) * kPassChunk;
+    fn(int(t / chunks), k0, std::min(k0 + kPassChunk, M));
+  }
+}
+
+// The per-environment blocks whose deviations are the exact plan's two terms, [G_e][Dg_e], or Fishr's one,
+// [G_e][v_e]: v_e = Dr_e - G_e ⊙ G_e, Dr_e the square_residual statistic (the per-sample head gradients'
+// second moment), so v_e is their variance. (E, 2M) blocks in out.
+template <typename T>
+void term_blocks(const Head<T>& h, const Segments& s, int method, T* out, Launch launch) {
+  const bool fishr = method == FISHR;
+  const int64_t M = int64_t(h.C) * h.head_width();
+  stats<T>(h, s, {h.C, /*K=*/0, /*gradient=*/true, /*hess_diag=*/true, /*square_residual=*/fishr}, RowRuns<T>{}, out,
+           launch);
+  if (fishr)
+    each_block_chunk(s.num_envs, M, launch, [&](int e, int64_t k0, int64_t k1) {
+      T* g = out + e * 2 * M;
+      for (int64_t k = k0; k < k1; ++k) g[M + k] -= g[k] * g[k];
+    });
+}
+
+// The blocks' terms: the exact plan's deviations of both blocks, Fishr's of the second only (its G_e enters
+// through v_e alone).
+int first_term_block(int method) { return method == FISHR ? 1 : 0; }
+
+// Fishr's upstream of G_e, -2 G_e ⊙ (v_e - v_bar) (its Gam_e is v_e - v_bar; both scaled by 2 R alpha), from
+// E blocks [G_e][v_e - v_bar] into out (stride out_stride; may be the G_e blocks themselves).
+template <typename T>
+void fishr_lam(const T* blocks, int E, int64_t M, T* out, int64_t out_stride, Launch launch) {
+  each_block_chunk(E, M, launch, [&](int e, int64_t k0, int64_t k1) {
+    const T* g = blocks + e * 2 * M;
+    T* lam = out + e * out_stride;
+    for (int64_t k = k0; k < k1; ++k) lam[k] = T(-2) * g[k] * g[M + k];
+  });
+}
+
+// exact (and Fishr), forward: state per environment [G_e - G_bar][Dg_e - mean Dg] (Fishr: [G_e][v_e - v_bar]).
 template <typename T>
 void exact_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
                    Launch launch) {
-  const int E = s.num_envs, C = h.C;
-  const int64_t M = int64_t(C) * h.head_width();
-  stats<T>(h, s, gradient_stats(C, /*hess_diag=*/true), RowRuns<T>{}, state, launch);  // per env [G_e][Dg_e]
+  const int E = s.num_envs, first = first_term_block(spec.method);
+  const int64_t M = int64_t(h.C) * h.head_width();
+  term_blocks<T>(h, s, spec.method, state, launch);
   Deviations<T> blocks[2];  // deviations from the mean over environments, in place
-  for (int b = 0; b < 2; ++b) blocks[b] = Deviations<T>::in_place(state + b * M, 2 * M);
-  deviations(blocks, 2, E, M, launch);
-  *gradient = T(spec.weight * blocks[0].sum);
+  for (int b = first; b < 2; ++b) blocks[b] = Deviations<T>::in_place(state + b * M, 2 * M);
+  deviations(blocks + first, 2 - first, E, M, launch);
+  *gradient = first ? T(0) : T(spec.weight * blocks[0].sum);
   *hessian = T(spec.weight * blocks[1].sum);
 }
+
+// The per-sample backward of the exact plan's (or Fishr's) blocks: Lam and Gam rows, (E, C, Dh) each at the
+// given strides, with their scales.
+template <typename T>
+bool term_blocks_backward(const Head<T>& h, const Segments& s, PlanSpec spec, EnvRows<T> lam, T lam_scale,
+                          EnvRows<T> gam, T gam_scale, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
+  // A term whose upstream is zero adds nothing, and its blocks are left out rather than multiplied by zero:
+  // their unscaled dots may overflow where that term did (0 * inf would be NaN in the other term's gradient).
+  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
+  if (!with_gradient) lam.data = nullptr;
+  if (!with_hessian) gam.data = nullptr;
+  const BackwardMatrices<T> mats = BackwardMatrices<T>::none().with_lam(lam, lam_scale).with_gam(gam, gam_scale);
+  const BackwardLayout layout{h.C, /*K=*/0, with_gradient, with_hessian, /*square_residual=*/spec.method == FISHR};
+  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
+}
+
+// The scales of Lam and Gam: 2 R beta and 2 R alpha (exact); 2 R alpha both (Fishr, whose one term is `hessian`).
+struct TermScales {
+  double lam, gam;
+  TermScales(PlanSpec spec, double alpha, double beta)
+      : lam(2 * spec.weight * (spec.method == FISHR ? alpha : beta)), gam(2 * spec.weight * alpha) {}
+};
 
 template <typename T>
 bool exact_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha, double beta,
                     HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
   const int C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
-  // Lam = 2 R_e beta (G_e - G_bar), Gam = 2 R_e alpha (Dg_e - mean Dg): the state's blocks, scaled
-  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
-  // A term whose upstream is zero adds nothing, and its blocks are left out rather than multiplied by zero:
-  // their unscaled dots may overflow where that term did (0 * inf would be NaN in the other term's gradient).
-  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);
-  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
-                                       .with_lam({with_gradient ? state : nullptr, 2 * M, C}, lam_scale)
-                                       .with_gam({with_hessian ? state + M : nullptr, 2 * M, C}, gam_scale);
-  const BackwardLayout layout{C, /*K=*/0, /*gradient=*/with_gradient, /*hess_diag=*/with_hessian,
-                              /*square_residual=*/false};
-  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, nullptr);
+  const TermScales scales(spec, alpha, beta);
+  EnvRows<T> lam{state, 2 * M, C};  // exact: Lam = 2 R beta (G_e - G_bar), Gam = 2 R alpha (Dg_e - mean Dg)
+  if (spec.method == FISHR && scales.lam != 0) {
+    T* fishr_up = scratch<T>(s.num_envs * M);
+    fishr_lam<T>(state, s.num_envs, M, fishr_up, M, launch);
+    lam = EnvRows<T>::stacked(fishr_up, C, h.head_width());
+  }
+  return term_blocks_backward<T>(h, s, spec, lam, T(scales.lam), {state + M, 2 * M, C}, T(scales.gam), head, d_logits,
+                                 d_features, launch);
 }
 
 template <typename T>
@@ -419,16 +482,17 @@ double* zeros(int64_t n) {
   return out;
 }
 
-// Where the expanded sums cancel: the exact plan's term `which` (0: gradient, 1: Hessian diagonal) as squared
-// deviations sum_e ||x_e - mean||^2, forming the statistics again in runs.
+// Where the expanded sums cancel: the exact plan's (or Fishr's) term over block `which` (term_blocks) as squared
+// deviations sum_e ||x_e - mean||^2, forming the blocks again in runs.
 template <typename T>
-double exact_deviation_in_runs(const Head<T>& h, const Segments& s, int which, const T* mean, Launch launch) {
+double exact_deviation_in_runs(const Head<T>& h, const Segments& s, int method, int which, const T* mean,
+                               Launch launch) {
   const int64_t M = int64_t(h.C) * h.head_width();
   const std::vector<EnvRun> runs = env_runs_of(s, M);
   T* block = scratch<T>(RunSizes(runs).envs * 2 * M);
   double total = 0;
   for (const EnvRun& run : runs) {
-    stats<T>(h, run.seg, gradient_stats(h.C, true), RowRuns<T>{}, block, launch);
+    term_blocks<T>(h, run.seg, method, block, launch);
     Deviations<T> job = Deviations<T>::given_mean(const_cast<T*>(mean)).for_blocks(block + which * M, 2 * M);
     deviations(&job, 1, run.seg.num_envs, M, launch);
     total += job.sum;
@@ -456,59 +520,55 @@ double hgp_deviation_in_runs(const Head<T>& h, const Segments& s, bool hgp, cons
   return total;
 }
 
-// exact, forward: state [G_bar][mean Dg]; one pass over the runs (squares and sums), a second one only where a term
-// cancels.
+// exact (and Fishr), forward: state [G_bar][mean Dg] (Fishr: [G_bar][v_bar]); one pass over the runs (squares and
+// sums), a second one only where a term cancels.
 template <typename T>
 void exact_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
                         Launch launch) {
-  const int E = s.num_envs, C = h.C;
-  const int64_t M = int64_t(C) * h.head_width();
+  const int E = s.num_envs, first = first_term_block(spec.method);
+  const int64_t M = int64_t(h.C) * h.head_width();
   const std::vector<EnvRun> runs = env_runs_of(s, M);
-  T* block = scratch<T>(RunSizes(runs).envs * 2 * M);  // per environment [G_e][Dg_e]
+  T* block = scratch<T>(RunSizes(runs).envs * 2 * M);  // per environment term_blocks
   double* sum = zeros(2 * M);
   double* mean = scratch<double>(2 * M);
-  double squares[2] = {0, 0}, terms[2];
+  double squares[2] = {0, 0}, terms[2] = {0, 0};
   for (const EnvRun& run : runs) {
-    stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch);
-    for (int b = 0; b < 2; ++b)
+    term_blocks<T>(h, run.seg, spec.method, block, launch);
+    for (int b = first; b < 2; ++b)
       squares[b] += add_blocks<T>(block + b * M, 2 * M, run.seg.num_envs, M, sum + b * M, launch);
   }
   mean_into(sum, E, 2 * M, mean, state);
-  for (int b = 0; b < 2; ++b) {
+  for (int b = first; b < 2; ++b) {
     terms[b] = expanded_deviation(squares[b], sum + b * M, mean + b * M, E, M);
     if (terms[b] < kExpandedMinShare * squares[b])
-      terms[b] = exact_deviation_in_runs<T>(h, s, b, state + b * M, launch);
+      terms[b] = exact_deviation_in_runs<T>(h, s, spec.method, b, state + b * M, launch);
   }
   *gradient = T(spec.weight * terms[0]);
   *hessian = T(spec.weight * terms[1]);
 }
 
-// exact, backward: each run's [G_e - G_bar][Dg_e - mean Dg] formed again, then its rows' backward.
+// exact (and Fishr), backward: each run's blocks formed again, their deviations from the state's means (Fishr's
+// Lam written over its G_e), then its rows' backward.
 template <typename T>
 bool exact_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
                          double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
-  const int C = h.C;
+  const int C = h.C, first = first_term_block(spec.method);
   const int64_t M = int64_t(C) * h.head_width();
   const std::vector<EnvRun> runs = env_runs_of(s, M);
-  const RunSizes most(runs);
-  const T lam_scale = T(2 * spec.weight * beta), gam_scale = T(2 * spec.weight * alpha);
-  const bool with_gradient = lam_scale != T(0), with_hessian = gam_scale != T(0);  // as in exact_backward
-  const BackwardLayout layout{C, /*K=*/0, with_gradient, with_hessian, /*square_residual=*/false};
-  T* block = scratch<T>(most.envs * 2 * M);
-  T* work = scratch<T>(most.samples * backward_work_per_sample(layout));
+  const TermScales scales(spec, alpha, beta);
+  T* block = scratch<T>(RunSizes(runs).envs * 2 * M);
   head.weight_grad = nullptr;  // (runs leave the head's gradient to the caller)
-  const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
-                                       .with_lam({with_gradient ? block : nullptr, 2 * M, C}, lam_scale)
-                                       .with_gam({with_hessian ? block + M : nullptr, 2 * M, C}, gam_scale);
   for (const EnvRun& run : runs) {
-    stats<T>(h, run.seg, gradient_stats(C, true), RowRuns<T>{}, block, launch);
+    term_blocks<T>(h, run.seg, spec.method, block, launch);
     Deviations<T> devs[2];
-    for (int b = 0; b < 2; ++b)
+    for (int b = first; b < 2; ++b)
       devs[b] = Deviations<T>::given_mean(const_cast<T*>(state + b * M))
                     .for_blocks(block + b * M, 2 * M)
                     .writing(block + b * M, 2 * M);
-    deviations(devs, 2, run.seg.num_envs, M, launch);
-    per_sample_backward_from_dots<T>(h, run.seg, layout, mats, head, work, d_logits, d_features, launch, nullptr);
+    deviations(devs + first, 2 - first, run.seg.num_envs, M, launch);
+    if (spec.method == FISHR) fishr_lam<T>(block, run.seg.num_envs, M, block, 2 * M, launch);
+    term_blocks_backward<T>(h, run.seg, spec, {block, 2 * M, C}, T(scales.lam), {block + M, 2 * M, C}, T(scales.gam),
+                            head, d_logits, d_features, launch);
   }
   return false;
 }
@@ -828,7 +888,8 @@ void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* 
     double squares = 0;
     for (int e = 0; e < E; ++e) squares += env_squares[2 * e + x];
     terms[x] = squares - E * squared_norm(state + x * M, M);
-    if (terms[x] < kExpandedMinShare * squares) terms[x] = exact_deviation_in_runs<T>(h, s, x, state + x * M, launch);
+    if (terms[x] < kExpandedMinShare * squares)
+      terms[x] = exact_deviation_in_runs<T>(h, s, EXACT_DIAG, x, state + x * M, launch);
   }
   *gradient = T(spec.weight * terms[0]);
   *hessian = T(spec.weight * terms[1]);
@@ -1044,11 +1105,15 @@ bool plans_over_pairs(const Segments& s, int C, int head_width) {
   return by_pairs(s, C, int64_t(C) * head_width);
 }
 
+// The exact plan and Fishr's share their forms but the pairs (Fishr's variances are quartic in the samples).
+bool takes_pairs(PlanSpec spec, const Segments& s, int C, int64_t M) { return spec.method != FISHR && by_pairs(s, C, M); }
+
 int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width) {
   const int64_t M = int64_t(C) * head_width, dir_dots = s.num_samples * (spec.pooled ? 2 : 1) * C;
-  if (spec.method == EXACT_DIAG && by_pairs(s, C, M)) return 2 * M + pair_offsets(s).back();
-  if (in_runs(s.num_envs, M)) return spec.method == EXACT_DIAG ? 2 * M : 3 * M + dir_dots;
-  if (spec.method == EXACT_DIAG) return 2 * s.num_envs * M;
+  const bool blocks = spec.method != HGP;  // term_blocks
+  if (spec.method == EXACT_DIAG && takes_pairs(spec, s, C, M)) return 2 * M + pair_offsets(s).back();
+  if (in_runs(s.num_envs, M)) return blocks ? 2 * M : 3 * M + dir_dots;
+  if (blocks) return 2 * s.num_envs * M;
   return (2 * s.num_envs + 1) * M + dir_dots;
 }
 
@@ -1057,13 +1122,13 @@ void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, 
                   Launch launch) {
   ScratchArena::Scope scope;
   const int64_t M = int64_t(h.C) * h.head_width();
-  const bool runs = in_runs(s.num_envs, M);
-  if (spec.method == EXACT_DIAG)
-    (by_pairs(s, h.C, M) ? exact_forward_pairs<T> : runs ? exact_forward_runs<T> : exact_forward<T>)(
-        h, s, spec, state, hessian, gradient, launch);
+  const bool pairs = takes_pairs(spec, s, h.C, M), runs = in_runs(s.num_envs, M);
+  if (spec.method == HGP)
+    (pairs ? hgp_forward_pairs<T> : runs ? hgp_forward_runs<T> : hgp_forward<T>)(h, s, spec, state, hessian, gradient,
+                                                                                 launch);
   else
-    (by_pairs(s, h.C, M) ? hgp_forward_pairs<T> : runs ? hgp_forward_runs<T> : hgp_forward<T>)(
-        h, s, spec, state, hessian, gradient, launch);
+    (pairs ? exact_forward_pairs<T> : runs ? exact_forward_runs<T> : exact_forward<T>)(h, s, spec, state, hessian,
+                                                                                       gradient, launch);
 }
 
 template <typename T>
@@ -1071,11 +1136,11 @@ bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* 
                    HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
   ScratchArena::Scope scope;
   const int64_t M = int64_t(h.C) * h.head_width();
-  const bool runs = in_runs(s.num_envs, M);
-  if (spec.method == EXACT_DIAG)
-    return (by_pairs(s, h.C, M) ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
+  const bool pairs = takes_pairs(spec, s, h.C, M), runs = in_runs(s.num_envs, M);
+  if (spec.method == HGP)
+    return (pairs ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
         h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
-  return (by_pairs(s, h.C, M) ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
+  return (pairs ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
       h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
 }
 

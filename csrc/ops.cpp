@@ -51,8 +51,10 @@ int loss_code(c10::string_view loss) {
 }
 
 hgk::PlanSpec plan_spec(c10::string_view method, double weight, bool pooled, bool detach_reference) {
-  TORCH_CHECK(method == "exact" || method == "hgp", "hgkernels: plan method must be exact or hgp, got ", method);
-  return {method == "exact" ? hgk::EXACT_DIAG : hgk::HGP, weight, pooled, detach_reference};
+  TORCH_CHECK(method == "exact" || method == "hgp" || method == "fishr",
+              "hgkernels: plan method must be exact, hgp or fishr, got ", method);
+  return {method == "exact" ? hgk::EXACT_DIAG : method == "hgp" ? hgk::HGP : hgk::FISHR, weight, pooled,
+          detach_reference};
 }
 
 // One problem's tensors as the kernels read them: logits (N, C) any strides, features (N, D) with unit

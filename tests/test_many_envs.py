@@ -84,10 +84,11 @@ def test_256_environments_of_2_to_8_samples_equal_the_reference(name, form, back
         assert_close(a, b, rtol, f"{name} {form} {backend}: {what}")
 
 
-@pytest.mark.parametrize("backend,as_sizes", LAYOUTS)
+@pytest.mark.parametrize("backend,as_sizes", [layout for layout in LAYOUTS if layout.values[0] != "native"])
 def test_fishr_in_chunks_of_environments_equals_the_reference(monkeypatch, backend, as_sizes):
     """Beyond CHUNK_ENTRIES variance entries fishr_penalty walks the environments in chunks (here of
-    4 environments, 60 entries), never holding the (E, C·Dh) variances."""
+    4 environments, 60 entries), never holding the (E, C·Dh) variances (the backends without whole plans;
+    the native CPU plans keep no per-environment state beyond their own limit: below)."""
     monkeypatch.setattr(fishr_module, "CHUNK_ENTRIES", 4 * C * (D + 1))
     logits, features, labels, ids, sizes = _case()
     assert fishr_module.envs_per_chunk(prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)) == 4
@@ -101,7 +102,7 @@ def test_fishr_in_chunks_double_backward_matches_the_reference(monkeypatch):
     monkeypatch.setattr(fishr_module, "CHUNK_ENTRIES", 4 * C * (D + 1))
     logits, features, labels, ids, _ = _case()
     results = []
-    for backend in ("native" if "native" in CLOSED_FORM_BACKENDS else "torch", "reference"):
+    for backend in ("torch", "reference"):
         lg, ft = logits.clone().requires_grad_(True), features.clone().requires_grad_(True)
         d_lg, d_ft = torch.autograd.grad(hk.fishr_penalty(lg, ft, labels, ids, backend=backend), (lg, ft),
                                          create_graph=True)
@@ -121,7 +122,18 @@ RUNS_E = 160
 SHAPES = {"runs": (5, 511, 8), "pairs": (9, 255, 5)}
 # with every environment of 4 samples: runs (16 > C) and pairs (16 <= 4 C)
 EQUAL_SIZE_SHAPES = {"runs": (3, 1023), "pairs": (5, 511)}
+
+
+def _fishr_terms(*args, form=None, **kwargs):
+    """fishr_penalty in the others' two-term shape: its value, then 0 (it has one form)."""
+    value = hk.fishr_penalty(*args, **kwargs)
+    return value, torch.zeros_like(value)
+
+
 RUNS_PENALTIES = {
+    "fishr": (_fishr_terms, {}),
+    "fishr, sums over environments and coordinates": (_fishr_terms, dict(env_reduction="sum",
+                                                                         coordinate_reduction="sum")),
     "hutchinson": (hk.hutchinson_penalty, {}),
     "hutchinson, sum over environments": (hk.hutchinson_penalty, dict(env_reduction="sum")),
     "hgp": (hk.hgp_penalty, {}),
@@ -193,7 +205,7 @@ def test_native_plans_beyond_the_state_limit_equal_the_python_plans(name, shape,
 
 @needs_native
 @pytest.mark.parametrize("name,shape", [(name, shape) for shape in SHAPES
-                                        for name in ("hutchinson", "hgp", "hgp, mean reference")])
+                                        for name in ("hutchinson", "hgp", "hgp, mean reference", "fishr")])
 def test_native_plans_beyond_the_state_limit_resolve_nearly_equal_environments(name, shape):
     """Environments that agree to 1e-7: the terms are under 1e-6 where the statistics' squares are of order
     one, so the expanded sums would be rounding alone; the plans recompute them as squared deviations (float64,
@@ -201,14 +213,14 @@ def test_native_plans_beyond_the_state_limit_resolve_nearly_equal_environments(n
     case = _runs_case(shape, jitter=1e-7)
     got = _runs_terms_and_grads(name, case, "native", form="feature")
     expected = _runs_terms_and_grads(name, case, "torch", form="feature")
-    assert 0 < expected[0] < 1e-6 and 0 < expected[1] < 1e-6
+    assert all(0 < term < 1e-6 for term in expected[:1 if name == "fishr" else 2])
     for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
         assert_close(a, b, 1e-6, f"{name} in {shape}, nearly equal environments: {what}")
 
 
 @needs_native
 @pytest.mark.parametrize("name,shape", [("hutchinson", "runs"), ("hutchinson", "pairs"), ("hgp", "pairs"),
-                                        ("hgp, undetached pooled reference", "runs")])
+                                        ("hgp, undetached pooled reference", "runs"), ("fishr", "runs")])
 def test_native_plans_beyond_the_state_limit_float32_and_bitwise_across_thread_counts(name, shape):
     """float32 against float64 (1e-5); the same bits with 1 and 2 threads (neither runs nor pairs follow them)."""
     case, threads = _runs_case(shape), torch.get_num_threads()
@@ -226,9 +238,10 @@ def test_native_plans_beyond_the_state_limit_float32_and_bitwise_across_thread_c
 
 
 @needs_native
-@pytest.mark.parametrize("method,shape", [(method, shape) for shape in SHAPES for method in ("exact", "hgp")])
+@pytest.mark.parametrize("method,shape", [(method, shape) for shape in SHAPES for method in ("exact", "hgp", "fishr")])
 def test_native_plans_beyond_the_state_limit_keep_no_per_environment_state(method, shape):
-    """What a forward leaves for its backward: the means (and per-sample or per-pair dots), not E x C x Dh."""
+    """What a forward leaves for its backward: the means (and per-sample or per-pair dots), not E x C x Dh
+    (Fishr never takes pairs: its runs keep the two means)."""
     from hgkernels.backends.native import _OPS, _operands
     logits, features, labels, ids = _runs_case(shape)
     problem = prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)
@@ -236,7 +249,8 @@ def test_native_plans_beyond_the_state_limit_keep_no_per_environment_state(metho
     c, d, _ = SHAPES[shape]
     head = c * (d + 1)
     pair_dots = 2 * int((torch.bincount(ids) ** 2).sum())  # K and Q of each environment's pairs
-    expected = {("exact", "runs"): 2 * head, ("exact", "pairs"): 2 * head + pair_dots}
+    expected = {("exact", "runs"): 2 * head, ("exact", "pairs"): 2 * head + pair_dots, ("fishr", "runs"): 2 * head,
+                ("fishr", "pairs"): 2 * head}
     assert state.numel() == expected.get((method, shape), 3 * head + 2 * len(ids) * c)
     assert state.numel() < RUNS_E * head / 4
 
@@ -264,7 +278,7 @@ def test_fused_head_beyond_the_state_limit_equals_the_python_plans(method, shape
 @needs_native
 @pytest.mark.parametrize("loss", ["binary_cross_entropy", "mse"])
 @pytest.mark.parametrize("name,shape", [(name, shape) for shape in SHAPES
-                                        for name in ("hutchinson", "hgp", "hgp, mean reference")])
+                                        for name in ("hutchinson", "hgp", "hgp, mean reference", "fishr")])
 def test_native_plans_beyond_the_state_limit_other_losses_and_no_bias(name, shape, loss):
     """The other losses (soft and hard float targets), and a head without bias: float64 to 1e-9."""
     logits, features, _, ids = _runs_case(shape)
@@ -278,6 +292,28 @@ def test_native_plans_beyond_the_state_limit_other_losses_and_no_bias(name, shap
         expected = _runs_terms_and_grads(name, case, "torch", form="feature", loss=loss, bias=bias)
         for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
             assert_close(a, b, RTOL, f"{name} in {shape}, {loss}, bias={bias}: {what}")
+
+
+@needs_native
+def test_fishr_beyond_the_state_limit_double_backward_and_retained_graph():
+    """create_graph=True through the native node differentiates Fishr's torch algebra (float64, 1e-9 against
+    the torch backend and against the hand-written backward); a retained graph's second backward gives the same
+    gradients."""
+    logits, features, labels, ids = _runs_case("runs")
+    results = []
+    for backend in ("native", "torch"):
+        lg, ft = logits.clone().requires_grad_(True), features.clone().requires_grad_(True)
+        value = hk.fishr_penalty(lg, ft, labels, ids, backend=backend)
+        first = torch.autograd.grad(value, (lg, ft), retain_graph=True)
+        second = torch.autograd.grad(value, (lg, ft), retain_graph=True)
+        again = torch.autograd.grad(value, (lg, ft), create_graph=True)
+        for a, b, c in zip(first, second, again):
+            assert torch.equal(a, b), f"{backend}: the retained graph's second backward differs"
+            assert_close(c, a, RTOL, f"{backend}: create_graph=True against the hand-written backward")
+        results.append((value.detach(), *first, *torch.autograd.grad(sum(g.square().sum() for g in again), (lg, ft))))
+    for what, a, b in zip(("value", "d logits", "d features", "second order d logits", "second order d features"),
+                          *results):
+        assert_close(a, b, RTOL, f"fishr beyond the state limit: {what}")
 
 
 def _sweep_configs(count=16):
@@ -309,5 +345,9 @@ def test_native_plans_beyond_the_state_limit_random_calls(seed, c, d, num_envs, 
     case = (logits, features, labels, ids)
     got = _runs_terms_and_grads(name, case, "native", (0.3, 1.7), form="feature", loss=loss, bias=bias)
     expected = _runs_terms_and_grads(name, case, "torch", (0.3, 1.7), form="feature", loss=loss, bias=bias)
+    label = f"seed {seed} ({name}, C {c}, D {d}, E {num_envs}, {loss}, bias={bias})"
+    if name.startswith("fishr") and largest == 1:  # one sample each: no variance, 0 up to the statistics' rounding
+        assert all(t.abs().max() < 1e-25 for t in got + expected), f"{label}: not 0 up to rounding"
+        return
     for what, a, b in zip(("hessian term", "gradient term", "d logits", "d features"), got, expected):
-        assert_close(a, b, RTOL, f"seed {seed} ({name}, C {c}, D {d}, E {num_envs}, {loss}, bias={bias}): {what}")
+        assert_close(a, b, RTOL, f"{label}: {what}")

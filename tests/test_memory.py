@@ -47,9 +47,12 @@ def _main_job_step(net, head, opt, method, fused, gen):
         logits = head(z)
         watch.append(weakref.ref(logits))
         erm = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y)
-        penalty_fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
-        pen = penalty_fn(logits, z, y, envs, loss="binary_cross_entropy")
-        total = erm + 0.5 * pen.hessian + 0.5 * pen.gradient
+        if method == "fishr":
+            total = erm + 0.5 * hk.fishr_penalty(logits, z, y, envs, loss="binary_cross_entropy")
+        else:
+            penalty_fn = hk.hgp_penalty if method == "hgp" else hk.hutchinson_penalty
+            pen = penalty_fn(logits, z, y, envs, loss="binary_cross_entropy")
+            total = erm + 0.5 * pen.hessian + 0.5 * pen.gradient
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
@@ -57,11 +60,12 @@ def _main_job_step(net, head, opt, method, fused, gen):
 
 
 # the default run keeps the case that grew (triton not installed, as after a plain install; the logits path)
-_CASES = [pytest.param(missing, method, fused,
-                       marks=() if (missing, method, fused) == ("triton", "hgp", False) else pytest.mark.slow,
+# and Fishr on the native CPU plans
+_DEFAULT_CASES = (("triton", "hgp", False), ("none", "fishr", False))
+_CASES = [pytest.param(missing, method, fused, marks=() if (missing, method, fused) in _DEFAULT_CASES else pytest.mark.slow,
                        id=f"{missing}-{method}-{'fused' if fused else 'logits'}")
           for missing in ("none", "native", "triton", "native+triton")
-          for method, fused in (("hgp", False), ("hutchinson", False), ("hgp", True))]
+          for method, fused in (("hgp", False), ("hutchinson", False), ("hgp", True), ("fishr", False))]
 
 
 @pytest.mark.parametrize("missing,method,fused", _CASES, indirect=["missing"])

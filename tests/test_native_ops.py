@@ -276,7 +276,7 @@ def test_operators_refuse_layouts_they_cannot_read():
     with pytest.raises(RuntimeError, match="loss must be"):
         OPS.head_stats(*good, "hinge", True, False, True, True, None)
     with pytest.raises(RuntimeError, match="plan method must be"):
-        OPS.plan_forward(*good, "cross_entropy", True, "fishr", 1.0, False, False)
+        OPS.plan_forward(*good, "cross_entropy", True, "irm", 1.0, False, False)
     state = OPS.plan_forward(*good, *plan)[0]
     with pytest.raises(RuntimeError, match="not the one its plan_forward wrote"):
         OPS.plan_backward(*good, *plan, state[1:], 1.0, 1.0, None, None)

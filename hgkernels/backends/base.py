@@ -52,7 +52,7 @@ def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Option
 class PlanSpec(NamedTuple):
     """What a backend that runs a whole penalty plan needs (`Backend.plan_forward`), in the order the native
     operators take it: the plan's method (its class's ``method``: "exact" for ExactDiagPlan, "hgp" for
-    HGPPlan), R_e, and HGP's reference options (``pooled``: H_bar G_bar with E > 1)."""
+    HGPPlan, "fishr" for fishr.FishrPlan), R_e (Fishr: its whole scale), and HGP's reference options (``pooled``: H_bar G_bar with E > 1)."""
 
     method: str
     weight: float
@@ -106,9 +106,13 @@ class Backend:
                             head: Optional[HeadTerm] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def runs_plans_whole(self, problem: HeadProblem) -> bool:
+        """Whether `plan_forward` runs this call's plans whole (False: None, the default)."""
+        return False
+
     def plan_forward(self, problem: HeadProblem, spec: PlanSpec) -> Optional[Tuple[torch.Tensor, ...]]:
         """A whole plan's forward in one call: (state for `plan_backward`, hessian term, gradient term), or
-        None where the plan's own algebra on the two primitives should run (the default)."""
+        None where the plan's own algebra on the two primitives should run (where `runs_plans_whole` is False)."""
         return None
 
     def plan_backward(self, problem: HeadProblem, spec: PlanSpec, state: torch.Tensor, alpha: torch.Tensor,

@@ -153,10 +153,13 @@ class NativeBackend(Backend):
             return d_logits, d_features, _head_gradient(weight_grad)
         return add_head_term(d_logits, d_features, head)
 
-    def plan_forward(self, problem: HeadProblem, spec: PlanSpec):
-        """The CPU plans (csrc/hgk_plans.h) in plain eager mode (traced calls take the composed path, and a
+    def runs_plans_whole(self, problem: HeadProblem) -> bool:
+        """The CPU plans (csrc/hgk_plans.h) run in plain eager mode (traced calls take the composed path, and a
         dispatch mode's tensors are no memory to write)."""
-        if problem.logits.device.type != "cpu" or not plain_eager():
+        return problem.logits.device.type == "cpu" and plain_eager()
+
+    def plan_forward(self, problem: HeadProblem, spec: PlanSpec):
+        if not self.runs_plans_whole(problem):
             return None
         return _OPS.plan_forward(*_operands(problem), *spec)
 

@@ -21,9 +21,11 @@ import torch
 from .. import backends
 from .._dispatch import check_targets_grad, traced
 from .._inputs import EnvSegments, EnvsArg, HeadProblem, autocast_off, check_choice, prepare
-from .._penalty import differentiable_grads, env_weight
+from .._penalty import differentiable_grads, env_weight, penalty_function
 from ..backends import Backend
+from ..backends.base import HeadTerm, PlanSpec
 from ..head_statistics import head_statistic
+from .base import WholePlan
 
 COORDINATE_REDUCTIONS = ("mean", "sum")
 _VARIANCE_DEFAULTS = dict(loss="cross_entropy", bias=True, num_envs=None, backend="auto", validate=True)
@@ -77,12 +79,14 @@ def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Te
         check_choice("backend", backend, backends.BACKEND_NAMES)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
         check_targets_grad(labels, backend)
+        chosen = backends.select(backend, problem)
+        scale = (env_weight(env_reduction, problem.segments.num_envs)
+                 / (problem.num_classes * problem.head_width if coordinate_reduction == "mean" else 1))
+        if chosen.runs_plans_whole(problem):
+            return penalty_function(problem, chosen, FishrPlan(scale))[0]
         chunk = envs_per_chunk(problem)
         if chunk is not None:
-            scale = (env_weight(env_reduction, problem.segments.num_envs)
-                     / (problem.num_classes * problem.head_width if coordinate_reduction == "mean" else 1))
-            return _ChunkedFishr.apply(problem.logits, problem.features, problem,
-                                       backends.select(backend, problem), chunk, scale)
+            return _ChunkedFishr.apply(problem.logits, problem.features, problem, chosen, chunk, scale)
     variances = _flat_variances(logits, features, labels, envs, env_reduction=env_reduction,
                                 coordinate_reduction=coordinate_reduction, loss=loss, bias=bias, backend=backend,
                                 num_envs=num_envs, validate=validate, process_group=process_group,
@@ -129,6 +133,50 @@ def _chunk_variances(backend: Backend, problem: HeadProblem):
     return stats.hess_diag - stats.grad.square(), stats.grad
 
 
+def _variances_backward(backend: Backend, problem: HeadProblem, d_v: torch.Tensor, grad: torch.Tensor,
+                        head: Optional[HeadTerm] = None):
+    """The per-sample backward of d_v = dPsi/dv_e through v_e = Dr_e - G_e ⊙ G_e (Dr_e the second moment)."""
+    return backend.per_sample_backward(problem, grad_up=-2 * d_v * grad, diag_up=d_v, diag_weight="residual_squared",
+                                       head=head)
+
+
+class FishrPlan(WholePlan):
+    """`fishr_penalty` as a whole plan, scale · sum_e ||v_e - v_bar||^2, one term returned as ``hessian``
+    (``gradient`` is 0), for backends that run plans whole: the native CPU plans (csrc/hgk_plans.h FISHR,
+    which keep no per-environment state beyond a limit). Its own forward is the algebra on the (E, C, Dh)
+    variances, what a create_graph=True backward differentiates."""
+
+    method = "fishr"
+
+    def __init__(self, scale: float):
+        self.weight = scale
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec) -> "FishrPlan":
+        return cls(spec.weight)
+
+    def feature_form(self, generator_state=None) -> "FishrPlan":
+        return FishrPlan(self.weight)
+
+    def plan_spec(self, problem: HeadProblem) -> PlanSpec:
+        return PlanSpec(self.method, self.weight, False, False)
+
+    def forward(self, backend: Backend, problem: HeadProblem):
+        whole = self.run_whole(backend, problem, self.plan_spec(problem))
+        if whole is not None:
+            return whole
+        v, self.grad = _chunk_variances(backend, problem)
+        self.deviation = v - v.mean(0)
+        value = self.weight * self.deviation.square().sum()
+        return value, torch.zeros_like(value)
+
+    def backward(self, backend: Backend, problem: HeadProblem, alpha, beta, head: Optional[HeadTerm] = None):
+        if self.backend_state is not None:
+            return self.backward_whole(backend, problem, alpha, beta, head)
+        # v_bar's own share vanishes: the deviations sum to zero
+        return _variances_backward(backend, problem, (2 * self.weight * alpha) * self.deviation, self.grad, head)
+
+
 class _ChunkedFishr(torch.autograd.Function):
     """`fishr_penalty` without the (E, C·Dh) variances: scale · sum_e ||v_e - v_bar||^2 = scale · (sum_e
     ||v_e||^2 - ||sum_e v_e||^2 / E), accumulated over chunks of environments. The backward recomputes
@@ -169,9 +217,7 @@ class _ChunkedFishr(torch.autograd.Function):
         mean = total / num_envs
         for sub, rows in _env_chunks(problem, ctx.chunk):
             v, grad = _chunk_variances(ctx.backend, sub)
-            d_v = (2 * scale * upstream) * (v - mean)
-            d_lg, d_ft = ctx.backend.per_sample_backward(sub, grad_up=-2 * d_v * grad, diag_up=d_v,
-                                                         diag_weight="residual_squared")
+            d_lg, d_ft = _variances_backward(ctx.backend, sub, (2 * scale * upstream) * (v - mean), grad)
             d_logits.index_copy_(0, rows, d_lg.to(dtype))
             d_features.index_copy_(0, rows, d_ft.to(dtype))
         return d_logits.to(logits.dtype), d_features.to(features.dtype), None, None, None, None

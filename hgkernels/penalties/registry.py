@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Mapping, NamedTuple, Optional
 
 from ..backends.base import PlanSpec
-from . import full_hessian, hgp, hutchinson
+from . import fishr, full_hessian, hgp, hutchinson
 from .base import WholePlan
 
 
@@ -33,7 +33,7 @@ PENALTIES: Dict[str, PenaltyEntry] = {
 }
 
 # The plans a backend may run whole (`WholePlan`), by their PlanSpec method.
-WHOLE_PLANS = {plan.method: plan for plan in (hutchinson.ExactDiagPlan, hgp.HGPPlan)}
+WHOLE_PLANS = {plan.method: plan for plan in (hutchinson.ExactDiagPlan, hgp.HGPPlan, fishr.FishrPlan)}
 
 
 def whole_plan(spec: PlanSpec) -> WholePlan:
