@@ -225,19 +225,27 @@ void each_block_chunk(int E, int64_t M, Launch launch, Fn&& fn) {
   }
 }
 
+// Fishr's variances Dr_e - G_e ⊙ G_e at columns [k0, k1) of one environment's block [G_e][Dr_e] (M entries each),
+// into v[0, k1 - k0) (may be the Dr_e entries themselves).
+template <typename T>
+void variance_of(const T* block, int64_t M, int64_t k0, int64_t k1, T* v) {
+  for (int64_t k = k0; k < k1; ++k) v[k - k0] = block[M + k] - block[k] * block[k];
+}
+
 // The per-environment blocks whose deviations are the exact plan's two terms, [G_e][Dg_e], or Fishr's one,
 // [G_e][v_e]: v_e = Dr_e - G_e ⊙ G_e, Dr_e the square_residual statistic (the per-sample head gradients'
-// second moment), so v_e is their variance. (E, 2M) blocks in out.
+// second moment), so v_e is their variance (without `variances`, Dr_e: the caller forms v_e in a pass of its own).
+// (E, 2M) blocks in out.
 template <typename T>
-void term_blocks(const Head<T>& h, const Segments& s, int method, T* out, Launch launch) {
+void term_blocks(const Head<T>& h, const Segments& s, int method, T* out, Launch launch, bool variances = true) {
   const bool fishr = method == FISHR;
   const int64_t M = int64_t(h.C) * h.head_width();
   stats<T>(h, s, {h.C, /*K=*/0, /*gradient=*/true, /*hess_diag=*/true, /*square_residual=*/fishr}, RowRuns<T>{}, out,
            launch);
-  if (fishr)
+  if (fishr && variances)
     each_block_chunk(s.num_envs, M, launch, [&](int e, int64_t k0, int64_t k1) {
       T* g = out + e * 2 * M;
-      for (int64_t k = k0; k < k1; ++k) g[M + k] -= g[k] * g[k];
+      variance_of(g, M, k0, k1, g + M + k0);
     });
 }
 
@@ -439,17 +447,21 @@ struct RunSizes {
 };
 
 // Adds E blocks of M entries (`stride` apart) into sum (double, environments in order) and returns their squares'
-// total; in column chunks split among threads, added in chunk order: the same bits for any thread count.
+// total; in column chunks split among threads, added in chunk order: the same bits for any thread count. With
+// `variances` the blocks are Fishr's [G_e][Dr_e] (`blocks` at G_e) and their variances v_e are added instead.
 template <typename T>
-double add_blocks(const T* blocks, int64_t stride, int E, int64_t M, double* sum, Launch launch) {
+double add_blocks(const T* blocks, int64_t stride, int E, int64_t M, double* sum, Launch launch,
+                  bool variances = false) {
   const int64_t chunks = (M + kPassChunk - 1) / kPassChunk;
   std::vector<double> partial(chunks);
 #pragma omp parallel for schedule(static) num_threads(int64_t(E) * M >= kMinParallelElements ? launch.threads : 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t k0 = c * kPassChunk, n = std::min(kPassChunk, M - k0);
+    T chunk_variances[kPassChunk];
     double total = 0;
     for (int e = 0; e < E; ++e) {
       const T* x = blocks + e * stride + k0;
+      if (variances) variance_of(blocks + e * stride, M, k0, k0 + n, chunk_variances), x = chunk_variances;
       total += squared_deviation<T>(x, nullptr, n, nullptr);
       for (int64_t k = 0; k < n; ++k) sum[k0 + k] += double(x[k]);
     }
@@ -533,9 +545,12 @@ void exact_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* s
   double* mean = scratch<double>(2 * M);
   double squares[2] = {0, 0}, terms[2] = {0, 0};
   for (const EnvRun& run : runs) {
-    term_blocks<T>(h, run.seg, spec.method, block, launch);
-    for (int b = first; b < 2; ++b)
-      squares[b] += add_blocks<T>(block + b * M, 2 * M, run.seg.num_envs, M, sum + b * M, launch);
+    term_blocks<T>(h, run.seg, spec.method, block, launch, /*variances=*/false);  // (Fishr's: formed as they are added)
+    if (spec.method == FISHR)
+      squares[1] += add_blocks<T>(block, 2 * M, run.seg.num_envs, M, sum + M, launch, /*variances=*/true);
+    else
+      for (int b = 0; b < 2; ++b)
+        squares[b] += add_blocks<T>(block + b * M, 2 * M, run.seg.num_envs, M, sum + b * M, launch);
   }
   mean_into(sum, E, 2 * M, mean, state);
   for (int b = first; b < 2; ++b) {
@@ -552,21 +567,28 @@ void exact_forward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, T* s
 template <typename T>
 bool exact_backward_runs(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
                          double beta, HeadTerm<T> head, T* d_logits, T* d_features, Launch launch) {
-  const int C = h.C, first = first_term_block(spec.method);
+  const int C = h.C;
   const int64_t M = int64_t(C) * h.head_width();
   const std::vector<EnvRun> runs = env_runs_of(s, M);
   const TermScales scales(spec, alpha, beta);
   T* block = scratch<T>(RunSizes(runs).envs * 2 * M);
   head.weight_grad = nullptr;  // (runs leave the head's gradient to the caller)
   for (const EnvRun& run : runs) {
-    term_blocks<T>(h, run.seg, spec.method, block, launch);
-    Deviations<T> devs[2];
-    for (int b = first; b < 2; ++b)
-      devs[b] = Deviations<T>::given_mean(const_cast<T*>(state + b * M))
-                    .for_blocks(block + b * M, 2 * M)
-                    .writing(block + b * M, 2 * M);
-    deviations(devs + first, 2 - first, run.seg.num_envs, M, launch);
-    if (spec.method == FISHR) fishr_lam<T>(block, run.seg.num_envs, M, block, 2 * M, launch);
+    term_blocks<T>(h, run.seg, spec.method, block, launch, /*variances=*/false);
+    if (spec.method == FISHR) {  // [G_e][Dr_e] -> [Lam_e][v_e - v_bar] in one pass
+      each_block_chunk(run.seg.num_envs, M, launch, [&](int e, int64_t k0, int64_t k1) {
+        T* g = block + e * 2 * M;
+        variance_of(g, M, k0, k1, g + M + k0);
+        for (int64_t k = k0; k < k1; ++k) g[M + k] -= state[M + k], g[k] = T(-2) * g[k] * g[M + k];
+      });
+    } else {
+      Deviations<T> devs[2];
+      for (int b = 0; b < 2; ++b)
+        devs[b] = Deviations<T>::given_mean(const_cast<T*>(state + b * M))
+                      .for_blocks(block + b * M, 2 * M)
+                      .writing(block + b * M, 2 * M);
+      deviations(devs, 2, run.seg.num_envs, M, launch);
+    }
     term_blocks_backward<T>(h, run.seg, spec, {block, 2 * M, C}, T(scales.lam), {block + M, 2 * M, C}, T(scales.gam),
                             head, d_logits, d_features, launch);
   }

@@ -316,6 +316,33 @@ def test_fishr_beyond_the_state_limit_double_backward_and_retained_graph():
         assert_close(a, b, RTOL, f"fishr beyond the state limit: {what}")
 
 
+@needs_native
+def test_fishr_auto_takes_the_native_plans_for_many_small_environments_at_a_large_head():
+    """Above the head size where auto prefers torch's GEMMs, Fishr with at most NATIVE_MAX_SAMPLES_PER_ENV samples
+    per environment takes the native plans (runs of environments) and equals the torch backend (float64, 1e-9);
+    with larger environments it stays on torch."""
+    from hgkernels.backends.native import AUTO_MAX_CPU_HEAD
+    c, d = 17, AUTO_MAX_CPU_HEAD // 17
+    gen = torch.Generator().manual_seed(5)
+    for num_envs, per_env, expected in ((40, fishr_module.NATIVE_MAX_SAMPLES_PER_ENV, "native"),
+                                        (2, fishr_module.NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")):
+        n = num_envs * per_env
+        ids = torch.arange(n) % num_envs
+        logits = torch.randn(n, c, generator=gen, dtype=torch.float64)
+        features = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, c, (n,), generator=gen)
+        problem = prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)
+        assert backends.select("auto", problem).name == "torch"
+        assert fishr_module._backend_for("auto", problem).name == expected
+        results = []
+        for backend in ("auto", "torch"):
+            lg, ft = logits.clone().requires_grad_(True), features.clone().requires_grad_(True)
+            value = hk.fishr_penalty(lg, ft, labels, ids, backend=backend)
+            results.append((value.detach(), *torch.autograd.grad(value, (lg, ft))))
+        for what, a, b in zip(("value", "d logits", "d features"), *results):
+            assert_close(a, b, RTOL, f"fishr auto with {num_envs} environments of {per_env}: {what}")
+
+
 def _sweep_configs(count=16):
     """Seeded random calls beyond the state limit: head, environment sizes, loss, bias and penalty option set."""
     from hgkernels.backends.native import _NATIVE
