@@ -3,6 +3,7 @@
 // calling thread's ScratchArena.
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "hgk_plans.h"
@@ -1121,6 +1122,237 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
   return head_written;
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Fishr over small environments (beyond the state limit, none of more than kFishrStripRows samples, hgk_tuning.h): each
+// environment's G_e and Dr_e are formed one SIMD strip of columns and a few classes at a time, in registers,
+// and used there: never written. The forward walks, per strip and class block, the environments in order,
+// summing v_e (double) and its squares; the backward takes each environment's rows at once, with its strips'
+// Lam and Gam applied to them (dots, then the closed form, and the expansion) as they are formed.
+
+
+bool fishr_in_strips(const Segments& s, int64_t M) {
+  if (!in_runs(s.num_envs, M)) return false;
+  for (int e = 0; e < s.num_envs; ++e)
+    if (s.offsets[e + 1] - s.offsets[e] > kFishrStripRows) return false;
+  return true;
+}
+
+template <typename T>
+struct FishrStrips {
+  typedef T Vec __attribute__((vector_size(32), aligned(sizeof(T))));
+  static constexpr int L = 32 / sizeof(T);
+  typedef double Wide __attribute__((vector_size(L * sizeof(double)), aligned(sizeof(double))));
+
+  const Head<T>& h;
+  const Segments& s;
+  int C, full, strips;  // strips of L columns: `full` of features only, then a tail (remaining features, bias, zeros)
+  int64_t padded;       // strips * L: a class's row in the padded arrays below
+  T* coef;              // (N, 2C) sorted rows: [w r][w r ⊙ r]
+  T* tail;              // (N, L) sorted rows: the tail strip
+  const T** rows;       // (N,) each sorted row's features (one load in the inner loops, not a chain through order)
+
+  FishrStrips(const Head<T>& h_, const Segments& s_, Launch launch) : h(h_), s(s_), C(h_.C) {
+    full = h.D / L;
+    strips = (h.head_width() + L - 1) / L;
+    padded = int64_t(strips) * L;
+    coef = scratch<T>(s.num_samples * 2 * C);
+    coefficient_rows<T>(h, s, {C, 0, true, true, /*square_residual=*/true}, coef, nullptr, launch);
+    tail = scratch<T>(s.num_samples * L);
+    rows = scratch<const T*>(s.num_samples);
+    for (int64_t j = 0; j < s.num_samples; ++j) rows[j] = h.features + s.order[j] * h.features_row_stride;
+    for (int64_t j = 0; j < s.num_samples; ++j)
+      for (int l = 0; l < L; ++l) {
+        const int d = full * L + l;
+        tail[j * L + l] = d < h.D ? h.features[s.order[j] * h.features_row_stride + d] : T(d == h.D && h.bias);
+      }
+  }
+  const T* row(int64_t j, int strip) const {
+    return strip < full ? rows[j] + int64_t(strip) * L : tail + j * L;
+  }
+  static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
+  // G and Dr of classes [c0, c0 + NB) at `strip` over sorted rows [j0, j1), in registers
+  template <int NB>
+  void stats(int64_t j0, int64_t j1, int strip, int c0, Vec* g, Vec* a) const {
+    Vec gr[NB] = {}, ar[NB] = {};
+    const T* const* at = strip < full ? rows : nullptr;
+    const int64_t offset = int64_t(strip) * L, width = 2 * C;
+    const T* cf = coef + j0 * width + c0;
+    for (int64_t j = j0; j < j1; ++j, cf += width) {
+      const Vec z = load(at ? at[j] + offset : tail + j * L), z2 = z * z;
+      for (int b = 0; b < NB; ++b) gr[b] += cf[b] * z, ar[b] += cf[C + b] * z2;
+    }
+    for (int b = 0; b < NB; ++b) g[b] = gr[b], a[b] = ar[b];
+  }
+  // (C, Dh) -> (C, padded) with zeros, and back
+  T* pad(const T* x) const {
+    T* out = scratch<T>(C * padded);
+    for (int c = 0; c < C; ++c) {
+      std::copy(x + c * int64_t(h.head_width()), x + (c + 1) * int64_t(h.head_width()), out + c * padded);
+      std::fill(out + c * padded + h.head_width(), out + (c + 1) * padded, T(0));
+    }
+    return out;
+  }
+};
+
+// fn(std::integral_constant<int, NB>, c0) for each block of at most kFishrClassBlock classes.
+template <typename Fn>
+void class_blocks(int C, Fn&& fn) {
+  int c0 = 0;
+  for (; c0 + kFishrClassBlock <= C; c0 += kFishrClassBlock) fn(std::integral_constant<int, kFishrClassBlock>{}, c0);
+  switch (C - c0) {
+    case 1: fn(std::integral_constant<int, 1>{}, c0); break;
+    case 2: fn(std::integral_constant<int, 2>{}, c0); break;
+    case 3: fn(std::integral_constant<int, 3>{}, c0); break;
+    case 4: fn(std::integral_constant<int, 4>{}, c0); break;
+    case 5: fn(std::integral_constant<int, 5>{}, c0); break;
+    case 6: fn(std::integral_constant<int, 6>{}, c0); break;
+    case 7: fn(std::integral_constant<int, 7>{}, c0); break;
+    default: break;
+  }
+  static_assert(kFishrClassBlock <= 8, "class_blocks dispatches remainders of up to 7 classes");
+}
+
+// Forward: the squares sum_e ||v_e||^2 (mean nullptr; sum receives sum_e v_e, (C, padded)) or sum_e ||v_e - mean||^2
+// (mean (C, padded)). A task takes kFishrTaskStrips strips, the environments in order: each environment's rows'
+// part stays in L1 across its strips and classes.
+template <typename T>
+double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Launch launch) {
+  using Vec = typename FishrStrips<T>::Vec;
+  using Wide = typename FishrStrips<T>::Wide;
+  constexpr int L = FishrStrips<T>::L;
+  const Segments& s = f.s;
+  const int tasks = (f.strips + kFishrTaskStrips - 1) / kFishrTaskStrips;
+  std::vector<double> partial(tasks);
+  if (sum) std::fill(sum, sum + f.C * f.padded, 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads_over(s, int64_t(f.C) * f.h.D, launch))
+  for (int t = 0; t < tasks; ++t) {
+    const int first = t * kFishrTaskStrips, last = std::min(f.strips, first + kFishrTaskStrips);
+    Wide squares[kFishrClassBlock] = {};  // one per class of a block: independent add chains
+    for (int e = 0; e < s.num_envs; ++e) {
+      for (int strip = first; strip < last; ++strip)
+        class_blocks(f.C, [&](auto block, int c0) {
+          constexpr int NB = decltype(block)::value;
+          Vec g[NB], a[NB];
+          f.template stats<NB>(s.offsets[e], s.offsets[e + 1], strip, c0, g, a);
+          for (int b = 0; b < NB; ++b) {
+            const int64_t at = (c0 + b) * f.padded + int64_t(strip) * L;
+            Vec v = a[b] - g[b] * g[b];
+            if (mean) v -= FishrStrips<T>::load(mean + at);
+            const Wide wide = __builtin_convertvector(v, Wide);
+            squares[b] += wide * wide;
+            if (sum) *reinterpret_cast<Wide*>(sum + at) += wide;
+          }
+        });
+    }
+    double task_total = 0;
+    for (int b = 0; b < kFishrClassBlock; ++b)
+      for (int l = 0; l < L; ++l) task_total += squares[b][l];
+    partial[t] = task_total;
+  }
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+// Fishr forward in strips: state [0][v_bar], its one term from the expanded sums, recomputed as squared deviations
+// where it cancels (as exact_forward_runs).
+template <typename T>
+void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, T* hessian, T* gradient,
+                          Launch launch) {
+  const int E = s.num_envs, C = h.C, Dh = h.head_width();
+  const int64_t M = int64_t(C) * Dh;
+  const FishrStrips<T> f(h, s, launch);
+  double* padded_sum = scratch<double>(C * f.padded);
+  const double squares = fishr_strip_sums<T>(f, nullptr, padded_sum, launch);
+  double* sum = scratch<double>(M);
+  double* mean = scratch<double>(M);
+  for (int c = 0; c < C; ++c) std::copy(padded_sum + c * f.padded, padded_sum + c * f.padded + Dh, sum + int64_t(c) * Dh);
+  std::fill(state, state + M, T(0));
+  mean_into(sum, E, M, mean, state + M);
+  double term = expanded_deviation(squares, sum, mean, E, M);
+  if (term < kExpandedMinShare * squares) term = fishr_strip_sums<T>(f, f.pad(state + M), nullptr, launch);
+  *gradient = T(0);
+  *hessian = T(spec.weight * term);
+}
+
+// Fishr backward in strips: each environment's rows at once (one task), d_features accumulated over class blocks.
+template <typename T>
+bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
+                           Launch launch, T* d_logits, T* d_features) {
+  using Vec = typename FishrStrips<T>::Vec;
+  constexpr int L = FishrStrips<T>::L;
+  const int C = h.C;
+  const FishrStrips<T> f(h, s, launch);
+  const T* mean = f.pad(state + int64_t(C) * h.head_width());
+  const T k = T(2 * spec.weight * alpha);  // dPsi/dv_e = k (v_e - v_bar)
+  const BackwardLayout layout{C, /*K=*/0, /*gradient=*/true, /*hess_diag=*/true, /*square_residual=*/true};
+  if (k == T(0)) {  // (a zero upstream adds nothing; its blocks may hold infinities)
+    std::fill_n(d_logits, s.num_samples * C, T(0));
+    std::fill_n(d_features, s.num_samples * h.D, T(0));
+    return false;
+  }
+#pragma omp parallel num_threads(threads_over(s, int64_t(C) * h.D, launch))
+  {
+    std::vector<Vec> upstream(2 * C * f.strips);  // one environment's Lam (C rows of strips) then Gam
+    std::vector<T> dots(2 * C), row_work(4 * C);
+#pragma omp for schedule(dynamic, 4)
+    for (int e = 0; e < s.num_envs; ++e) {
+      const int64_t j0 = s.offsets[e], n = s.offsets[e + 1] - j0;
+      Vec* lam_rows = upstream.data();
+      Vec* gam_rows = lam_rows + C * f.strips;
+      // the environment's Lam = -2 G ⊙ Gam and Gam = k (v_e - v_bar), strip by strip
+      class_blocks(C, [&](auto block, int c0) {
+        constexpr int NB = decltype(block)::value;
+        for (int strip = 0; strip < f.strips; ++strip) {
+          Vec g[NB], a[NB];
+          f.template stats<NB>(j0, j0 + n, strip, c0, g, a);
+          for (int b = 0; b < NB; ++b) {
+            const Vec bar = FishrStrips<T>::load(mean + (c0 + b) * f.padded + int64_t(strip) * L);
+            const Vec dv = k * (a[b] - g[b] * g[b] - bar);
+            lam_rows[(c0 + b) * f.strips + strip] = T(-2) * g[b] * dv;
+            gam_rows[(c0 + b) * f.strips + strip] = dv;
+          }
+        }
+      });
+      // then each row: its dots (into the closed form) and its expansion, a class block at a time
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = s.order[j0 + r];
+        const T* cf = f.coef + (j0 + r) * 2 * C;
+        T* out = d_features + i * h.D;
+        class_blocks(C, [&](auto block, int c0) {
+          constexpr int NB = decltype(block)::value;
+          Vec lam_dots[NB] = {}, gam_dots[NB] = {};
+          for (int strip = 0; strip < f.strips; ++strip) {
+            const Vec z = FishrStrips<T>::load(f.row(j0 + r, strip)), z2 = z * z;
+            Vec lin = {}, sq = {};
+            for (int b = 0; b < NB; ++b) {
+              const Vec lam = lam_rows[(c0 + b) * f.strips + strip], gam = gam_rows[(c0 + b) * f.strips + strip];
+              lam_dots[b] += lam * z, gam_dots[b] += gam * z2;
+              lin += cf[c0 + b] * lam, sq += (T(2) * cf[C + c0 + b]) * gam;
+            }
+            const Vec dz = lin + z * sq;
+            T* at = out + int64_t(strip) * L;  // the first class block writes it
+            const int valid = std::min(L, h.D - strip * L);
+            if (valid == L)
+              *reinterpret_cast<Vec*>(at) = c0 ? *reinterpret_cast<Vec*>(at) + dz : dz;
+            else
+              for (int l = 0; l < valid; ++l) at[l] = c0 ? at[l] + dz[l] : dz[l];
+          }
+          for (int b = 0; b < NB; ++b) {
+            T lam_total = T(0), gam_total = T(0);
+            for (int l = 0; l < L; ++l) lam_total += lam_dots[b][l], gam_total += gam_dots[b][l];
+            dots[c0 + b] = lam_total, dots[C + c0 + b] = gam_total;
+          }
+        });
+        T* p = row_work.data();
+        backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
+                        T(1) / T(n), dots.data(), dots.data() + C, p, p + C, p + 2 * C, p + 3 * C, d_logits + i * C, 1);
+      }
+    }
+  }
+  return false;
+}
 }  // namespace
 
 bool plans_over_pairs(const Segments& s, int C, int head_width) {
@@ -1148,6 +1380,8 @@ void plan_forward(const Head<T>& h, const Segments& s, PlanSpec spec, T* state, 
   if (spec.method == HGP)
     (pairs ? hgp_forward_pairs<T> : runs ? hgp_forward_runs<T> : hgp_forward<T>)(h, s, spec, state, hessian, gradient,
                                                                                  launch);
+  else if (spec.method == FISHR && fishr_in_strips(s, M))
+    fishr_forward_strips<T>(h, s, spec, state, hessian, gradient, launch);
   else
     (pairs ? exact_forward_pairs<T> : runs ? exact_forward_runs<T> : exact_forward<T>)(h, s, spec, state, hessian,
                                                                                        gradient, launch);
@@ -1162,6 +1396,8 @@ bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* 
   if (spec.method == HGP)
     return (pairs ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
         h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
+  if (spec.method == FISHR && fishr_in_strips(s, M))
+    return fishr_backward_strips<T>(h, s, spec, state, alpha, launch, d_logits, d_features);
   return (pairs ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
       h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
 }

@@ -61,6 +61,13 @@ constexpr int kWideMinClasses = 4;
 // residency vs. the repeated statistics (summation grouping).
 constexpr int64_t kPlanStateElements = int64_t(1) << 18;
 constexpr int64_t kEnvRunElements = int64_t(1) << 18;
+// Fishr beyond kPlanStateElements, where no environment has more than kFishrStripRows samples, forms each
+// environment's statistics in registers, kFishrClassBlock classes by one SIMD strip of columns at a time (register
+// accumulators vs. reloads of each row's strip); a forward task takes kFishrTaskStrips strips (balance vs. each row's
+// part kept in L1 across the environment's classes; summation grouping). Larger environments take the runs.
+constexpr int kFishrStripRows = 32;
+constexpr int kFishrClassBlock = 8;
+constexpr int kFishrTaskStrips = 32;
 
 // Scratch memory a thread keeps between plan calls: memory held vs. allocations (and page faults).
 constexpr size_t kScratchKeptBytes = size_t(16) << 20;

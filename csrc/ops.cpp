@@ -537,6 +537,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TORCH_VERSION") = HGK_TORCH_VERSION;
   // (E x C x Dh above which the CPU plans keep no per-environment statistics: the tests size their cases by it)
   m.attr("PLAN_STATE_ELEMENTS") = hgk::kPlanStateElements;
+  // (the largest environment Fishr's plan takes in register strips beyond that limit; larger ones take runs)
+  m.attr("FISHR_STRIP_ROWS") = hgk::kFishrStripRows;
   m.def("plans_over_pairs",
         [](const at::Tensor& offsets, int64_t num_samples, int64_t num_classes, int64_t head_width) {
           TORCH_CHECK(offsets.is_cpu() && offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&

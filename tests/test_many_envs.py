@@ -317,6 +317,38 @@ def test_fishr_beyond_the_state_limit_double_backward_and_retained_graph():
 
 
 @needs_native
+@pytest.mark.parametrize("jitter", [None, 1e-7], ids=["random", "nearly equal environments"])
+def test_fishr_beyond_the_state_limit_with_environments_too_large_for_strips(jitter):
+    """Beyond the state limit Fishr forms small environments' statistics in register strips (the cases above), and
+    takes runs of environments where one has more than FISHR_STRIP_ROWS samples: float64 against the torch
+    backend, 1e-9; environments that agree to 1e-7 (the runs' expanded sums cancel, recomputed as squared
+    deviations) to 1e-6."""
+    from hgkernels.backends.native import _NATIVE
+    num_envs, per_env, c = 12, _NATIVE.FISHR_STRIP_ROWS + 8, 5
+    d = _NATIVE.PLAN_STATE_ELEMENTS // (num_envs * c)
+    assert num_envs * c * (d + 1) > _NATIVE.PLAN_STATE_ELEMENTS
+    gen, n = torch.Generator().manual_seed(9), num_envs * per_env
+    ids = torch.arange(n) % num_envs
+    if jitter is None:
+        logits = 1.5 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+        features = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, c, (n,), generator=gen)
+    else:  # every environment the same samples, plus jitter
+        rank = torch.arange(n) // num_envs
+        logits = (1.5 * torch.randn(per_env, c, generator=gen, dtype=torch.float64))[rank]
+        features = torch.randn(per_env, d, generator=gen, dtype=torch.float64)[rank]
+        labels = torch.randint(0, c, (per_env,), generator=gen)[rank]
+        logits = logits + jitter * torch.randn(n, c, generator=gen, dtype=torch.float64)
+        features = features + jitter * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    got = _runs_terms_and_grads("fishr", (logits, features, labels, ids), "native")
+    expected = _runs_terms_and_grads("fishr", (logits, features, labels, ids), "torch")
+    if jitter is not None:
+        assert 0 < expected[0] < 1e-6
+    for what, a, b in zip(("value", "zero", "d logits", "d features"), got, expected):
+        assert_close(a, b, RTOL if jitter is None else 1e-6, f"fishr in runs, jitter {jitter}: {what}")
+
+
+@needs_native
 def test_fishr_auto_takes_the_native_plans_for_many_small_environments_at_a_large_head():
     """Above the head size where auto prefers torch's GEMMs, Fishr with at most NATIVE_MAX_SAMPLES_PER_ENV samples
     per environment takes the native plans (runs of environments) and equals the torch backend (float64, 1e-9);
