@@ -1,4 +1,4 @@
-// The penalty plans of hgkernels/_penalty.py (ExactDiagPlan and HGPPlan, feature form) for the CPU
+// The penalty plans of hgkernels/penalties (ExactDiagPlan, HGPPlan and FishrPlan, feature form) for the CPU
 // module, next to its kernels: one call per direction runs the statistics, the deviations, the
 // penalty sums and the backward's upstream algebra, where the Python plans make a dozen small torch
 // ops per direction (a small head's time is mostly that host path). Same formulas as the Python

@@ -10,7 +10,9 @@ one reduction of the exact Hessian diagonal's shape with weights r ⊙ r, beside
 backward of those two statistics. The penalty is upstream DomainBed's distance between the
 environments' variances and their mean (not detached), averaged over environments and over the head's
 coordinates; `FishrLoss` adds upstream's exponential moving average of the variances, kept in a
-registered buffer so that it survives `state_dict`.
+registered buffer so that it survives `state_dict`. On the native CPU plans `fishr_penalty` is one whole
+plan (`FishrPlan`), which keeps no per-environment state beyond a limit; elsewhere it is torch algebra on
+the variances, in chunks of environments where they are many.
 """
 from __future__ import annotations
 
