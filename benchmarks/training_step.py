@@ -30,6 +30,7 @@ expectation, the exact diagonal).
     python benchmarks/training_step.py                                   # cmnist, pacs, domainnet; 7 rounds
     python benchmarks/training_step.py --shapes cmnist --rounds 9 --out /tmp/step.md
     python benchmarks/training_step.py --smoke                           # tiny shapes, a few seconds (CI)
+    python benchmarks/training_step.py --shapes pacs-4x256 pacs-256envs  # 4 against 256 environments, N 1024
     python benchmarks/training_step.py --shapes cmnist --variants erm ours --json /tmp/r.json
 
 Only `hutchinson_penalty`, `hgp_penalty` and `HessianAlignmentLoss` are imported from the library,
@@ -102,6 +103,13 @@ SHAPES: Dict[str, StepShape] = {
                       512, (2048,), 7, (32, 32, 32), 0, "cross_entropy", "mean", True, 5e-5),
     "domainnet": StepShape("domainnet", "DomainNet-like: MLP 512-2048 featurizer, 5 x 32, C = 345, CE",
                            512, (2048,), 345, (32,) * 5, 0, "cross_entropy", "mean", True, 5e-5),
+    # Hundreds of environments (WILDS-like, benchmarks/many_envs.py): the PACS-like step at N = 1024, as 4
+    # environments of 256 and as 256 of 2 to 8.
+    "pacs-4x256": StepShape("pacs-4x256", "PACS-like: MLP 512-2048 featurizer, 4 x 256, C = 7, CE",
+                            512, (2048,), 7, (256,) * 4, 0, "cross_entropy", "mean", True, 5e-5),
+    "pacs-256envs": StepShape("pacs-256envs", "PACS-like: MLP 512-2048 featurizer, 256 environments of 2 to 8 "
+                              "(N 1024), C = 7, CE", 512, (2048,), 7, tuple([2, 8, 3, 5, 4, 2] * 42 + [4] * 4),
+                              0, "cross_entropy", "mean", True, 5e-5),
 }
 SMOKE_SHAPES: Dict[str, StepShape] = {
     "smoke-bce": StepShape("smoke-bce", "smoke: MLP 20-16-16-1, 2 x 40 (50 distinct inputs), BCE",
@@ -110,6 +118,7 @@ SMOKE_SHAPES: Dict[str, StepShape] = {
                           12, (24,), 5, (8, 8, 8), 0, "cross_entropy", "mean", True, 1e-3),
 }
 ALL_SHAPES = {**SHAPES, **SMOKE_SHAPES}
+DEFAULT_SHAPES = ("cmnist", "pacs", "domainnet")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -474,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         shapes = args.shapes or list(SMOKE_SHAPES)
         rounds, min_seconds = min(args.rounds, 3), min(args.min_seconds, 0.02)
     else:
-        shapes, rounds, min_seconds = args.shapes or list(SHAPES), args.rounds, args.min_seconds
+        shapes, rounds, min_seconds = args.shapes or list(DEFAULT_SHAPES), args.rounds, args.min_seconds
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     parts = ["# Training step: ERM vs ERM + penalty (hgkernels) vs ERM + penalty (official generic autograd)",
              "", machine(), ""]

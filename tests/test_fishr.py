@@ -175,3 +175,75 @@ def test_colored_mnist_script_convention():
     got = hk.fishr_penalty(a, z, y, sizes, loss="binary_cross_entropy", env_reduction="sum",
                            coordinate_reduction="sum")
     assert_close(got, want, 1e-12, "Colored MNIST Fishr")
+
+
+NATIVE_ERROR = hk.backends.unavailable_reason("native")
+
+
+@pytest.mark.skipif(NATIVE_ERROR is not None, reason=f"native kernels: {NATIVE_ERROR}")
+@pytest.mark.parametrize("loss", LOSSES)
+def test_native_whole_plan_node_function_and_python_algebra_agree(loss, monkeypatch):
+    """On the native CPU plans fishr_penalty is FishrPlan run whole: the compiled node (grad_fn
+    HessianAlignmentPenaltyBackward), bitwise equal to the Python PenaltyFunction over the same C++ plan, and both
+    equal to FishrPlan's own algebra on the native primitives and to per-sample gradients (float64, 1e-10)."""
+    from hgkernels.backends import native as native_backend
+    case = make_case(7, loss=loss, bias=True, sizes=[6, 1, 9, 4], num_classes=3, num_features=5)
+    labels = case.labels if loss == "cross_entropy" else case.labels.double()
+    ran = []
+    whole_plan = native_backend.NativeBackend.plan_forward
+    monkeypatch.setattr(native_backend.NativeBackend, "plan_forward",
+                        lambda self, problem, spec: ran.append(spec.method) or whole_plan(self, problem, spec))
+
+    def value_and_grads():
+        logits, feats = case.leaves()
+        pen = hk.fishr_penalty(logits, feats, labels, case.envs, loss=loss, backend="native")
+        return pen.grad_fn.name(), [pen.detach(), *torch.autograd.grad(pen, (logits, feats))]
+
+    node_name, node = value_and_grads()
+    assert node_name == "HessianAlignmentPenaltyBackward" and ran == []  # the node calls the plan in C++
+    monkeypatch.setattr(native_backend.NativeBackend, "autograd_plan", lambda self, problem, spec: None)
+    function_name, function = value_and_grads()
+    assert function_name != node_name and ran == ["fishr"]
+    for what, a, b in zip(("value", "d logits", "d features"), node, function):
+        assert torch.equal(a, b), f"node vs PenaltyFunction: {what}"
+    monkeypatch.setattr(native_backend.NativeBackend, "plan_forward", lambda self, problem, spec: None)
+    _, algebra = value_and_grads()
+    ref_logits, ref_feats = case.leaves()
+    ref = hk.fishr_penalty(ref_logits, ref_feats, labels, case.envs, loss=loss, backend="reference")
+    expected = [ref.detach(), *torch.autograd.grad(ref, (ref_logits, ref_feats))]
+    for what, a, b, c in zip(("value", "d logits", "d features"), node, algebra, expected):
+        assert_close(a, b, 1e-10, f"C++ plan vs FishrPlan's algebra: {what}")
+        assert_close(a, c, 1e-10, f"C++ plan vs the reference: {what}")
+
+
+@pytest.mark.skipif(NATIVE_ERROR is not None, reason=f"native kernels: {NATIVE_ERROR}")
+def test_native_whole_plan_layouts_half_inputs_and_in_place_changes():
+    """Features with a column stride (the Python Function over a contiguous copy) equal the contiguous call;
+    float16 inputs compute in float32 (equal to the float32 call on the same values, gradients in float16);
+    changing an input in place before backward raises instead of reading the new values."""
+    case = make_case(8, loss="cross_entropy", bias=True, sizes=[5, 8, 3], num_classes=4, num_features=6)
+    logits, feats = case.leaves()
+    pen = hk.fishr_penalty(logits, feats, case.labels, case.envs, backend="native")
+    expected = [pen.detach(), *torch.autograd.grad(pen, (logits, feats))]
+    strided_logits = case.logits.clone().requires_grad_(True)
+    strided = case.features.t().contiguous().requires_grad_(True)  # (D, N): its transpose has column stride N
+    pen = hk.fishr_penalty(strided_logits, strided.t(), case.labels, case.envs, backend="native")
+    got = [pen.detach(), *torch.autograd.grad(pen, (strided_logits, strided))]
+    got[2] = got[2].t()
+    for what, a, b in zip(("value", "d logits", "d features"), got, expected):
+        assert_close(a, b, 1e-12, f"strided features: {what}")
+    half = [t.half().requires_grad_(True) for t in (case.logits, case.features)]
+    single = [t.detach().float().requires_grad_(True) for t in half]
+    results = []
+    for lg, ft in (half, single):
+        pen = hk.fishr_penalty(lg, ft, case.labels, case.envs, backend="native")
+        results.append([pen.detach().float(), *torch.autograd.grad(pen, (lg, ft))])
+    assert results[0][1].dtype == torch.float16 and results[0][2].dtype == torch.float16
+    for what, a, b in zip(("value", "d logits", "d features"), *results):
+        assert_close(a.float(), b.to(a.dtype).float(), 1e-6, f"float16 inputs: {what}")
+    logits, feats = case.leaves()
+    moved = logits * 1
+    pen = hk.fishr_penalty(moved, feats, case.labels, case.envs, backend="native")
+    moved.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        pen.backward()
