@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ._inputs import check_choice
+from .distributed import agree
 from .fused_head import HeadAlignment, is_dtensor
 from .losses import per_sample_loss
 from .module import env_mean_loss, linear_head_alignment
@@ -194,29 +195,6 @@ def _micro_batch_parts(micro_batches):
     return inputs, labels, ids, sizes_e
 
 
-def _agree(group, error: Optional[Exception], num_micro: int, local_e: int) -> int:
-    """Before any other collective: a rank whose micro-batches were rejected (``error``) makes every rank
-    raise; every rank's number of micro-batches must match (the featurizer's collectives pair up by
-    call); E is the ranks' max. One all-gather of 24 bytes per rank."""
-    packet = torch.tensor([int(error is not None), num_micro, local_e], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        packet = packet.cuda()
-    parts = [torch.empty_like(packet) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, packet, group=group)
-    rows = [p.tolist()[1:] for p in parts]
-    failed = [r for r, p in enumerate(parts) if int(p[0])]
-    if error is not None:
-        raise error
-    if failed:
-        raise ValueError(f"micro_batches: rank(s) {failed} rejected their micro-batches (their own error says why; "
-                         "every rank raises)")
-    if len({r[0] for r in rows}) > 1:
-        have = ", ".join(f"rank {r} has {row[0]}" for r, row in enumerate(rows))
-        raise ValueError(f"micro_batches: every rank must pass the same number of micro-batches ({have}; every rank "
-                         "raises this error)")
-    return max(r[1] for r in rows)
-
-
 def _global_erm(logits, labels, env_ids, num_envs: int, loss: str, group):
     """(this rank's share of the global mean_e L_e, scaled by the world size as DDP averages; the global value)."""
     counts = torch.bincount(env_ids, minlength=num_envs).to(logits.dtype)
@@ -280,7 +258,10 @@ def exact_accumulation_step(featurizer: torch.nn.Module, head: torch.nn.Linear, 
             raise
         error = err
     if group is not None:
-        num_envs = _agree(group, error, len(inputs), num_envs if isinstance(num_envs, int) else 0)
+        # before any other collective: every rank raises the same error if one rejected its micro-batches or the
+        # ranks' counts differ (the featurizer's collectives pair up by call); E is the ranks' largest
+        num_envs = agree(group, [("micro-batches", len(inputs))], error,
+                         (num_envs if isinstance(num_envs, int) else 0, False))
     labels, env_ids = torch.cat(labels), torch.cat(ids)
     loss = options.get("loss", "cross_entropy")
     has_bias = head.bias is not None
