@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._inputs import MIXABLE_DTYPES, HeadProblem, all_finite, autocast_off, check_deferred_values, mixed_dtype
+from ._inputs import HeadProblem, all_finite, autocast_off, check_deferred_values, mixed_dtype
 from ._penalty import differentiable_grads, replayed_feature_form
 from .penalties.base import put_state, take_state
 from .backends import Backend, load, select
@@ -151,13 +151,12 @@ def check_head_tensors(features, weight, bias, options: dict) -> None:
     for name, t in (("features", features), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        mixable = t.dtype in MIXABLE_DTYPES and features.dtype in MIXABLE_DTYPES  # computed in float32
-        if not t.dtype.is_floating_point or (t.dtype != features.dtype and not mixable):
-            raise TypeError(f"{name} must be a floating tensor of the features' dtype {features.dtype}; got {t.dtype} "
-                            "(float16, bfloat16 and float32 may be mixed, as torch.autocast makes them)")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor; got {t.dtype}")
         if t.device.type == "meta" or t.device != features.device:
             raise ValueError(f"{name} is on {t.device}; features, weight and bias must share one cpu or cuda device"
                              + (" (meta tensors hold no values)" if t.device.type == "meta" else ""))
+    mixed_dtype({"features": features, "weight": weight, "bias": bias})  # raises for a mix autocast never makes
 
 
 def head_inputs(features, weight, bias):

@@ -276,7 +276,7 @@ def test_float64_mixed_with_another_dtype_is_an_error():
     with pytest.raises(TypeError, match="features dtype torch.float64 must match logits dtype torch.bfloat16"):
         hk.fishr_penalty(logits.bfloat16(), features.double(), labels, envs)
     head = _head()
-    with pytest.raises(TypeError, match="weight must be a floating tensor of the features' dtype torch.float64"):
+    with pytest.raises(TypeError, match="weight dtype torch.float32 must match features dtype torch.float64"):
         hk.linear_head_alignment(features.double(), head.weight, head.bias, labels, envs)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone: still the user's mix
         with pytest.raises(TypeError, match="must match logits dtype torch.float64"):

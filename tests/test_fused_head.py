@@ -291,10 +291,12 @@ def test_fused_head_half_precision_with_a_large_logit_sum():
 def test_fused_head_checks_weight_and_bias_like_features():
     x, featurizer, head, y, envs = _problem(15, "cross_entropy", 3)
     z = featurizer(x).detach()
-    with pytest.raises(TypeError, match="weight must be a floating tensor of the features' dtype"):
+    with pytest.raises(TypeError, match="weight dtype torch.float32 must match features dtype torch.float64"):
         hk.linear_head_alignment(z, head.weight.float(), head.bias, y, envs)
-    with pytest.raises(TypeError, match="bias must be a floating tensor"):
+    with pytest.raises(TypeError, match="bias dtype torch.float32 must match features dtype torch.float64"):
         hk.linear_head_alignment(z, head.weight, head.bias.float(), y, envs)
+    with pytest.raises(TypeError, match="bias must be a floating tensor; got torch.int64"):
+        hk.linear_head_alignment(z, head.weight, head.bias.long(), y, envs)
     with pytest.raises(ValueError, match="weight is on meta"):
         hk.linear_head_alignment(z, torch.empty_like(head.weight, device="meta"), None, y, envs)
     with pytest.raises(ValueError, match="features must have shape"):
