@@ -22,7 +22,7 @@ import training_step as ts
 
 SMOKE = os.environ.get("HGK_BENCH_SMOKE") == "1"
 SHAPE_NAMES = list(ts.SMOKE_SHAPES) if SMOKE else os.environ.get(
-    "HGK_BENCH_STEP_SHAPES", ",".join(ts.SHAPES)).split(",")
+    "HGK_BENCH_STEP_SHAPES", ",".join(ts.DEFAULT_SHAPES)).split(",")
 
 shape_param = pytest.mark.parametrize("shape_name", SHAPE_NAMES)
 method_param = pytest.mark.parametrize("method", ts.METHODS)
