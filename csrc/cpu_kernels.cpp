@@ -531,17 +531,21 @@ void stats_direct(const Head<T>& h, const Segments& s, StatsLayout layout, const
       }
     }
   }
-  // out[e] = its blocks' partials in block order, parallel over output elements.
+  // out[e] = its blocks' partials in block order, parallel over output elements. Per-environment blocks are
+  // consecutive in `blocks`: environment e reads only its own (first_block[e], ...), not every block.
   const int64_t per_env = int64_t(W) * Dh;
+  std::vector<size_t> first_block(s.num_envs + 1, blocks.size());
+  if (!natural)
+    for (size_t t = blocks.size(); t-- > 0;) first_block[blocks[t].env] = t;
+  for (int e = s.num_envs - 1; !natural && e >= 0; --e) first_block[e] = std::min(first_block[e], first_block[e + 1]);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t k = 0; k < int64_t(s.num_envs) * per_env; ++k) {
     const int e = int(k / per_env);
     T total = T(0);
-    for (size_t t = 0; t < blocks.size(); ++t)
-      if (natural)
-        total += partial[t * s.num_envs * per_env + k];
-      else if (blocks[t].env == e)
-        total += partial[t * per_env + k % per_env];
+    if (natural)
+      for (size_t t = 0; t < blocks.size(); ++t) total += partial[t * s.num_envs * per_env + k];
+    else
+      for (size_t t = first_block[e]; t < first_block[e + 1]; ++t) total += partial[t * per_env + k % per_env];
     out[k] = total;
   }
 }

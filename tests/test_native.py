@@ -159,6 +159,26 @@ def test_few_column_statistics_with_an_empty_environment_and_long_ones(dtype):
         assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direct_statistics_per_environment_blocks_with_many_environments(dtype):
+    """stats_direct (at most 16 coefficient columns and a small head) with partial sums too large to share
+    (blocks per environment): each environment adds only its own blocks (in block order), one of them spanning
+    three blocks of 2048 rows and an empty one, among 600 environments: equal to the torch backend."""
+    gen = torch.Generator().manual_seed(6)
+    sizes = [5000, 0] + torch.randint(1, 9, (598,), generator=gen).tolist()
+    n, d, c = sum(sizes), 15, 2
+    envs = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
+    logits = torch.randn(n, c, generator=gen, dtype=dtype)
+    features = torch.randn(n, d, generator=gen, dtype=dtype)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    problem = prepare(logits, features, labels, envs, loss="cross_entropy", bias=True, shard=True, num_envs=len(sizes))
+    ours = backends.load("native").head_stats(problem, gradient=True, hess_diag=True)
+    theirs = backends.load("torch").head_stats(problem, gradient=True, hess_diag=True)
+    for name, a, b in zip(("gradient", "Hessian diagonal"), ours, theirs):
+        assert torch.equal(a[1], torch.zeros_like(a[1])), f"{name}: the empty environment"
+        assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12, name)
+
+
 def test_plan_scratch_kept_between_calls_leaves_no_trace():
     """csrc/cpu_plans.cpp keeps each thread's plan scratch for its next call (ScratchArena, up to 16 MB):
     a result must not depend on the calls before it. Calls that fit the kept block, outgrow it, exceed the
