@@ -33,10 +33,12 @@ int64_t row_pieces(int64_t num_samples, int threads) {
   return std::max<int64_t>(2, per_thread) * threads;
 }
 
-// fn(e, begin, end) for each environment's part of sorted rows [row_begin, row_end), in order.
+// fn(e, begin, end) for each environment's part of sorted rows [row_begin, row_end), in order (from the first
+// environment ending past row_begin: a search, so that pieces of rows do not each walk every environment).
 template <typename Fn>
 void env_runs(const Segments& s, int64_t row_begin, int64_t row_end, Fn&& fn) {
-  for (int e = 0; e < s.num_envs; ++e) {
+  const int64_t* first = std::upper_bound(s.offsets + 1, s.offsets + s.num_envs + 1, row_begin);
+  for (int e = int(first - (s.offsets + 1)); e < s.num_envs && s.offsets[e] < row_end; ++e) {
     const int64_t begin = std::max(row_begin, s.offsets[e]), end = std::min(row_end, s.offsets[e + 1]);
     if (begin < end) fn(e, begin, end);
   }
