@@ -1171,15 +1171,17 @@ struct FishrStrips {
     return strip < full ? rows[j] + int64_t(strip) * L : tail + j * L;
   }
   static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
-  // G and Dr of classes [c0, c0 + NB) at `strip` over sorted rows [j0, j1), in registers
+  // G and Dr of classes [c0, c0 + NB) at `strip` over sorted rows [j0, j1), in registers (the rows' strips read
+  // at packed + r packed_stride where a caller packed them)
   template <int NB>
-  void stats(int64_t j0, int64_t j1, int strip, int c0, Vec* g, Vec* a) const {
+  void stats(int64_t j0, int64_t j1, int strip, int c0, Vec* g, Vec* a, const T* packed = nullptr,
+             int64_t packed_stride = 0) const {
     Vec gr[NB] = {}, ar[NB] = {};
     const T* const* at = strip < full ? rows : nullptr;
     const int64_t offset = int64_t(strip) * L, width = 2 * C;
     const T* cf = coef + j0 * width + c0;
     for (int64_t j = j0; j < j1; ++j, cf += width) {
-      const Vec z = load(at ? at[j] + offset : tail + j * L), z2 = z * z;
+      const Vec z = load(packed ? packed + (j - j0) * packed_stride : at ? at[j] + offset : tail + j * L), z2 = z * z;
       for (int b = 0; b < NB; ++b) gr[b] += cf[b] * z, ar[b] += cf[C + b] * z2;
     }
     for (int b = 0; b < NB; ++b) g[b] = gr[b], a[b] = ar[b];
@@ -1229,12 +1231,20 @@ double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Lau
   for (int t = 0; t < tasks; ++t) {
     const int first = t * kFishrTaskStrips, last = std::min(f.strips, first + kFishrTaskStrips);
     Wide squares[kFishrClassBlock] = {};  // one per class of a block: independent add chains
+    const int packed_last = std::min(last, f.full), packed_width = std::max(0, packed_last - first) * L;
+    std::vector<T> packed(size_t(kFishrStripRows) * std::max(packed_width, 1));
     for (int e = 0; e < s.num_envs; ++e) {
+      const int64_t j0 = s.offsets[e], n = s.offsets[e + 1] - j0;
+      for (int64_t r = 0; r < n && packed_width; ++r)  // the rows' columns of this task, contiguous in L1
+        std::copy_n(f.rows[j0 + r] + int64_t(first) * L, packed_width, packed.data() + r * packed_width);
       for (int strip = first; strip < last; ++strip)
         class_blocks(f.C, [&](auto block, int c0) {
           constexpr int NB = decltype(block)::value;
           Vec g[NB], a[NB];
-          f.template stats<NB>(s.offsets[e], s.offsets[e + 1], strip, c0, g, a);
+          if (strip < packed_last)
+            f.template stats<NB>(j0, j0 + n, strip, c0, g, a, packed.data() + (strip - first) * L, packed_width);
+          else
+            f.template stats<NB>(j0, j0 + n, strip, c0, g, a);
           for (int b = 0; b < NB; ++b) {
             const int64_t at = (c0 + b) * f.padded + int64_t(strip) * L;
             Vec v = a[b] - g[b] * g[b];
