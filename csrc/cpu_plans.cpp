@@ -1304,12 +1304,12 @@ bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, c
   }
 #pragma omp parallel num_threads(threads_over(s, int64_t(C) * h.D, launch))
   {
-    std::vector<Vec> upstream(2 * C * f.strips);  // one environment's Lam (C rows of strips) then Gam
+    std::vector<T> upstream(size_t(2) * C * f.strips * L);  // one environment's Lam (C rows of strips) then Gam
     std::vector<T> dots(2 * C), row_work(4 * C);
 #pragma omp for schedule(dynamic, 4)
     for (int e = 0; e < s.num_envs; ++e) {
       const int64_t j0 = s.offsets[e], n = s.offsets[e + 1] - j0;
-      Vec* lam_rows = upstream.data();
+      Vec* lam_rows = reinterpret_cast<Vec*>(upstream.data());  // (Vec loads need only T's alignment)
       Vec* gam_rows = lam_rows + C * f.strips;
       // the environment's Lam = -2 G ⊙ Gam and Gam = k (v_e - v_bar), strip by strip
       class_blocks(C, [&](auto block, int c0) {
