@@ -743,10 +743,32 @@ int threads_over(const Segments& s, int64_t D, Launch launch) {
 }
 
 // All samples as one environment, for the means' reductions.
+// All samples as one environment, for the means' reductions: in fixed blocks of kPooledBlockRows sorted rows (as
+// many as fit beside the plan's state limit), each reduced in T and their sums added in double, so a float32 mean
+// over many samples keeps the rounding of a block, not of all N (the plans' expanded sums cancel against it).
+constexpr int64_t kPooledBlockRows = 2048;
 struct Pooled {
-  int64_t offsets[2];
+  std::vector<int64_t> offsets;
   Segments seg;
-  explicit Pooled(const Segments& s) : offsets{0, s.num_samples}, seg{s.order, offsets, s.num_samples, 1, nullptr} {}
+  Pooled(const Segments& s, int64_t M) {
+    const int64_t N = s.num_samples, most = std::max<int64_t>(1, kPlanStateElements / std::max<int64_t>(M, 1));
+    const int64_t blocks = std::max<int64_t>(1, std::min((N + kPooledBlockRows - 1) / kPooledBlockRows, most));
+    for (int64_t b = 0; b <= blocks; ++b) offsets.push_back(N * b / blocks);
+    seg = {s.order, offsets.data(), N, int(blocks), nullptr};
+  }
+  // out (layout rows, Dh) = sum over all samples of coef_j^T zh_j (reduce_coefficients' statistic, one environment)
+  template <typename T>
+  void reduce(const Head<T>& h, StatsLayout layout, const T* coef, T* out, Launch launch) const {
+    const int64_t M = int64_t(layout.width()) * h.head_width();
+    if (seg.num_envs == 1) return reduce_coefficients<T>(h, seg, layout, coef, out, launch);
+    T* blocks = scratch<T>(seg.num_envs * M);
+    reduce_coefficients<T>(h, seg, layout, coef, blocks, launch);
+    for (int64_t k = 0; k < M; ++k) {
+      double total = 0;
+      for (int b = 0; b < seg.num_envs; ++b) total += double(blocks[b * M + k]);
+      out[k] = T(total);
+    }
+  }
 };
 
 // Each sorted row's statistics coefficients (layout, weight 1 / n_e) and, with p_rows, its link p (N, C).
@@ -890,7 +912,7 @@ void exact_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* 
   T *coef = scratch<T>(s.num_samples * 2 * C), *mean_coef = scratch<T>(s.num_samples * 2 * C);
   coefficient_rows<T>(h, s, layout, coef, nullptr, launch);
   for (int64_t k = 0; k < s.num_samples * 2 * C; ++k) mean_coef[k] = coef[k] / T(E);
-  reduce_coefficients<T>(h, Pooled(s).seg, layout, mean_coef, state, launch);  // [G_bar][mean Dg]
+  Pooled(s, 2 * M).reduce<T>(h, layout, mean_coef, state, launch);  // [G_bar][mean Dg]
   std::vector<double> env_squares(2 * size_t(E));
   const std::vector<int64_t> at = pair_offsets(s);
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads_over(s, h.D, launch))
@@ -1016,21 +1038,21 @@ void hgp_forward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, T* st
   T *a = scratch<T>(N * C), *p = scratch<T>(N * C), *g = scratch<T>(N * C), *t = scratch<T>(N * C),
     *u = scratch<T>(N * C);
   const StatsLayout rows_layout = gradient_stats(C, false);  // (C coefficient columns, no squares)
-  const Pooled pooled(s);
+  const Pooled pooled(s, M);
   coefficient_rows<T>(h, s, rows_layout, a, p, launch);
   for (int64_t k = 0; k < N * C; ++k) u[k] = a[k] / T(E);
-  reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.grad_mean, launch);
+  pooled.reduce<T>(h, rows_layout, u, st.grad_mean, launch);
   std::vector<double> env_squares(2 * size_t(E));
   hgp_pair_rows<T>(h, s, a, p, g, t, env_squares.data(), launch, [](int, int64_t, const std::vector<T>&) {});
   for (int64_t k = 0; k < N * C; ++k) u[k] = t[k] / T(E);
   if (spec.pooled && !spec.detach_reference)  // mean_e S_e: the reference's upstream in the backward
-    reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.hgp_mean, launch);
+    pooled.reduce<T>(h, rows_layout, u, st.hgp_mean, launch);
   if (spec.pooled) {  // S_ref = sum_i w_i A_i (G_bar zh_i) zh_i^T / E, keeping G_bar zh_i (sorted rows)
     T* bar_dots = st.dir_dots + N * C;
     matrix_dots<T>(h, s, st.grad_mean, C, bar_dots, launch);
     pooled_hvp_rows<T>(h, s, p, bar_dots, u);
   }
-  reduce_coefficients<T>(h, pooled.seg, rows_layout, u, st.ref, launch);
+  pooled.reduce<T>(h, rows_layout, u, st.ref, launch);
   T* ref_dots = st.dir_dots;  // S_ref zh_j, sorted rows: the forward's cross term and the backward's U dots
   matrix_dots<T>(h, s, st.ref, C, ref_dots, launch);
   double grad_squares = 0, hgp_squares = 0, cross = 0;
@@ -1069,7 +1091,7 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
     for (int64_t k = 0; k < M; ++k) ref_up[k] = -T(st.hgp_mean[k] - st.ref[k]);
     matrix_dots<T>(h, s, ref_up, C, ref_up_dots, launch);
     pooled_hvp_rows<T>(h, s, p, ref_up_dots, g);  // (g is formed below)
-    reduce_coefficients<T>(h, Pooled(s).seg, gradient_stats(C, false), g, to_mean, launch);
+    Pooled(s, M).reduce<T>(h, gradient_stats(C, false), g, to_mean, launch);
   }
   hgp_pair_rows<T>(h, s, a, p, g, t, nullptr, launch, [&](int e, int64_t n, const std::vector<T>& kq) {
     const int64_t first = s.offsets[e];
