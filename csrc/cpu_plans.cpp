@@ -1152,7 +1152,6 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
 // summing v_e (double) and its squares; the backward takes each environment's rows at once, with its strips'
 // Lam and Gam applied to them (dots, then the closed form, and the expansion) as they are formed.
 
-
 bool fishr_in_strips(const Segments& s, int64_t M) {
   if (!in_runs(s.num_envs, M)) return false;
   for (int e = 0; e < s.num_envs; ++e)
@@ -1186,7 +1185,7 @@ struct FishrStrips {
     for (int64_t j = 0; j < s.num_samples; ++j)
       for (int l = 0; l < L; ++l) {
         const int d = full * L + l;
-        tail[j * L + l] = d < h.D ? h.features[s.order[j] * h.features_row_stride + d] : T(d == h.D && h.bias);
+        tail[j * L + l] = d < h.D ? rows[j][d] : T(d == h.D && h.bias);
       }
   }
   const T* row(int64_t j, int strip) const {
@@ -1208,7 +1207,7 @@ struct FishrStrips {
     }
     for (int b = 0; b < NB; ++b) g[b] = gr[b], a[b] = ar[b];
   }
-  // (C, Dh) -> (C, padded) with zeros, and back
+  // (C, Dh) -> (C, padded) with zeros
   T* pad(const T* x) const {
     T* out = scratch<T>(C * padded);
     for (int c = 0; c < C; ++c) {
@@ -1299,7 +1298,8 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
   const double squares = fishr_strip_sums<T>(f, nullptr, padded_sum, launch);
   double* sum = scratch<double>(M);
   double* mean = scratch<double>(M);
-  for (int c = 0; c < C; ++c) std::copy(padded_sum + c * f.padded, padded_sum + c * f.padded + Dh, sum + int64_t(c) * Dh);
+  for (int c = 0; c < C; ++c)
+    std::copy(padded_sum + c * f.padded, padded_sum + c * f.padded + Dh, sum + int64_t(c) * Dh);
   std::fill(state, state + M, T(0));
   mean_into(sum, E, M, mean, state + M);
   double term = expanded_deviation(squares, sum, mean, E, M);
@@ -1392,7 +1392,9 @@ bool plans_over_pairs(const Segments& s, int C, int head_width) {
 }
 
 // The exact plan and Fishr's share their forms but the pairs (Fishr's variances are quartic in the samples).
-bool takes_pairs(PlanSpec spec, const Segments& s, int C, int64_t M) { return spec.method != FISHR && by_pairs(s, C, M); }
+bool takes_pairs(PlanSpec spec, const Segments& s, int C, int64_t M) {
+  return spec.method != FISHR && by_pairs(s, C, M);
+}
 
 int64_t plan_state_size(PlanSpec spec, const Segments& s, int C, int head_width) {
   const int64_t M = int64_t(C) * head_width, dir_dots = s.num_samples * (spec.pooled ? 2 : 1) * C;
@@ -1428,7 +1430,7 @@ bool plan_backward(const Head<T>& h, const Segments& s, PlanSpec spec, const T* 
   if (spec.method == HGP)
     return (pairs ? hgp_backward_pairs<T> : runs ? hgp_backward_runs<T> : hgp_backward<T>)(
         h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);
-  if (spec.method == FISHR && fishr_in_strips(s, M))
+  if (spec.method == FISHR && fishr_in_strips(s, M) && !head.weight)  // (a fused head: the runs, on the same state)
     return fishr_backward_strips<T>(h, s, spec, state, alpha, launch, d_logits, d_features);
   return (pairs ? exact_backward_pairs<T> : runs ? exact_backward_runs<T> : exact_backward<T>)(
       h, s, spec, state, alpha, beta, head, d_logits, d_features, launch);

@@ -317,6 +317,24 @@ def test_fishr_beyond_the_state_limit_double_backward_and_retained_graph():
 
 
 @needs_native
+def test_fishr_plan_backward_with_a_fused_head_beyond_the_state_limit():
+    """The strips' backward takes no fused head: plan_backward given one (the operator's contract; Fishr's Python
+    calls pass none) runs the runs form on the same forward state, adding the head's terms exactly."""
+    from hgkernels.backends.native import _OPS, _operands
+    logits, features, labels, ids = _runs_case("runs")
+    problem = prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)
+    ops, spec = _operands(problem), ("fishr", 1.0 / RUNS_E, False, False)
+    state = _OPS.plan_forward(*ops, *spec)[0]
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(logits.shape[1], features.shape[1] + 1, generator=gen, dtype=torch.float64)
+    extra = torch.randn(logits.shape, generator=gen, dtype=torch.float64)
+    d_logits, d_features, _ = _OPS.plan_backward(*ops, *spec, state, 0.7, 0.0, None, None)
+    fused_logits, fused_features, _ = _OPS.plan_backward(*ops, *spec, state, 0.7, 0.0, weight, extra)
+    assert_close(fused_logits, d_logits + extra, RTOL, "d logits with the head's upstream")
+    assert_close(fused_features, d_features + (d_logits + extra) @ weight[:, :-1], RTOL, "d features with the head")
+
+
+@needs_native
 @pytest.mark.parametrize("jitter", [None, 1e-7], ids=["random", "nearly equal environments"])
 def test_fishr_beyond_the_state_limit_with_environments_too_large_for_strips(jitter):
     """Beyond the state limit Fishr forms small environments' statistics in register strips (the cases above), and

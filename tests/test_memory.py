@@ -62,7 +62,8 @@ def _main_job_step(net, head, opt, method, fused, gen):
 # the default run keeps the case that grew (triton not installed, as after a plain install; the logits path)
 # and Fishr on the native CPU plans
 _DEFAULT_CASES = (("triton", "hgp", False), ("none", "fishr", False))
-_CASES = [pytest.param(missing, method, fused, marks=() if (missing, method, fused) in _DEFAULT_CASES else pytest.mark.slow,
+_CASES = [pytest.param(missing, method, fused,
+                       marks=() if (missing, method, fused) in _DEFAULT_CASES else pytest.mark.slow,
                        id=f"{missing}-{method}-{'fused' if fused else 'logits'}")
           for missing in ("none", "native", "triton", "native+triton")
           for method, fused in (("hgp", False), ("hutchinson", False), ("hgp", True), ("fishr", False))]

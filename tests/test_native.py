@@ -145,17 +145,24 @@ def test_few_column_statistics_with_an_empty_environment_and_long_ones(dtype):
     register tiles straight to the output after an environment's last group of 32 rows: a rank's shard
     with an empty environment (zeros, not stale memory) and environments of several groups (here 40
     and 24 rows, shuffled ids) equal the torch backend."""
-    gen = torch.Generator().manual_seed(5)
-    n, d, c = 64, 2048, 7
+    _shard_statistics_match_torch([40, 0, 24], 2048, 7, dtype, seed=5)
+
+
+def _shard_statistics_match_torch(sizes, d, c, dtype, seed):
+    """A rank's shard with environments of `sizes` (one of them empty), ids shuffled: the native statistics
+    (gradient and Hessian diagonal) equal the torch backend's, zeros for the empty environment."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    envs = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
     logits = torch.randn(n, c, generator=gen, dtype=dtype)
     features = torch.randn(n, d, generator=gen, dtype=dtype)
     labels = torch.randint(0, c, (n,), generator=gen)
-    envs = torch.cat([torch.zeros(40, dtype=torch.long), torch.full((24,), 2)])[torch.randperm(n, generator=gen)]
-    problem = prepare(logits, features, labels, envs, loss="cross_entropy", bias=True, shard=True, num_envs=3)
+    problem = prepare(logits, features, labels, envs, loss="cross_entropy", bias=True, shard=True, num_envs=len(sizes))
     ours = backends.load("native").head_stats(problem, gradient=True, hess_diag=True)
     theirs = backends.load("torch").head_stats(problem, gradient=True, hess_diag=True)
+    empty = sizes.index(0)
     for name, a, b in zip(("gradient", "Hessian diagonal"), ours, theirs):
-        assert torch.equal(a[1], torch.zeros_like(a[1])), f"{name}: the empty environment"
+        assert torch.equal(a[empty], torch.zeros_like(a[empty])), f"{name}: the empty environment"
         assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12, name)
 
 
@@ -164,19 +171,8 @@ def test_direct_statistics_per_environment_blocks_with_many_environments(dtype):
     """stats_direct (at most 16 coefficient columns and a small head) with partial sums too large to share
     (blocks per environment): each environment adds only its own blocks (in block order), one of them spanning
     three blocks of 2048 rows and an empty one, among 600 environments: equal to the torch backend."""
-    gen = torch.Generator().manual_seed(6)
-    sizes = [5000, 0] + torch.randint(1, 9, (598,), generator=gen).tolist()
-    n, d, c = sum(sizes), 15, 2
-    envs = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
-    logits = torch.randn(n, c, generator=gen, dtype=dtype)
-    features = torch.randn(n, d, generator=gen, dtype=dtype)
-    labels = torch.randint(0, c, (n,), generator=gen)
-    problem = prepare(logits, features, labels, envs, loss="cross_entropy", bias=True, shard=True, num_envs=len(sizes))
-    ours = backends.load("native").head_stats(problem, gradient=True, hess_diag=True)
-    theirs = backends.load("torch").head_stats(problem, gradient=True, hess_diag=True)
-    for name, a, b in zip(("gradient", "Hessian diagonal"), ours, theirs):
-        assert torch.equal(a[1], torch.zeros_like(a[1])), f"{name}: the empty environment"
-        assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12, name)
+    sizes = [5000, 0] + torch.randint(1, 9, (598,), generator=torch.Generator().manual_seed(6)).tolist()
+    _shard_statistics_match_torch(sizes, 15, 2, dtype, seed=6)
 
 
 def test_plan_scratch_kept_between_calls_leaves_no_trace():

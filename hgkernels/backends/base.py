@@ -52,7 +52,8 @@ def add_head_term(d_logits: torch.Tensor, d_features: torch.Tensor, head: Option
 class PlanSpec(NamedTuple):
     """What a backend that runs a whole penalty plan needs (`Backend.plan_forward`), in the order the native
     operators take it: the plan's method (its class's ``method``: "exact" for ExactDiagPlan, "hgp" for
-    HGPPlan, "fishr" for fishr.FishrPlan), R_e (Fishr: its whole scale), and HGP's reference options (``pooled``: H_bar G_bar with E > 1)."""
+    HGPPlan, "fishr" for fishr.FishrPlan), R_e (Fishr: its whole scale), and HGP's reference options
+    (``pooled``: H_bar G_bar with E > 1)."""
 
     method: str
     weight: float

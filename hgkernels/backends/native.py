@@ -178,7 +178,7 @@ class NativeBackend(Backend):
     def forms_env_statistics(self, problem: HeadProblem) -> bool:
         """False where this call's CPU plans take pairs of samples within each environment (plain eager CPU;
         csrc/hgk_plans.h `plans_over_pairs` decides)."""
-        if problem.logits.device.type != "cpu" or not plain_eager():
+        if not self.runs_plans_whole(problem):
             return True
         return not _NATIVE.plans_over_pairs(problem.segments.offsets, problem.logits.shape[0],
                                             problem.num_classes, problem.head_width)

@@ -97,8 +97,9 @@ def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Te
 
 
 # backend="auto" leaves CPU heads above native.AUTO_MAX_CPU_HEAD entries to the torch backend's GEMMs, which form
-# Fishr's variances environment by environment once they are many; the native plans' runs of environments cost
-# less from about this many samples per environment down (benchmarks/many_envs.py, docs/performance.md).
+# Fishr's variances environment by environment once they are many; the native plans (which form small
+# environments' statistics in registers) cost less from about this many samples per environment down
+# (docs/performance.md, "Many environments").
 NATIVE_MAX_SAMPLES_PER_ENV = 32
 
 
