@@ -1161,8 +1161,8 @@ bool fishr_in_strips(const Segments& s, int64_t M) {
 
 template <typename T>
 struct FishrStrips {
-  typedef T Vec __attribute__((vector_size(32), aligned(sizeof(T))));
-  static constexpr int L = 32 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(kFishrStripBytes), aligned(sizeof(T))));
+  static constexpr int L = kFishrStripBytes / sizeof(T);
   typedef double Wide __attribute__((vector_size(L * sizeof(double)), aligned(sizeof(double))));
 
   const Head<T>& h;
@@ -1236,21 +1236,22 @@ void class_blocks(int C, Fn&& fn) {
   static_assert(kFishrClassBlock <= 8, "class_blocks dispatches remainders of up to 7 classes");
 }
 
-// Forward: the squares sum_e ||v_e||^2 (mean nullptr; sum receives sum_e v_e, (C, padded)) or sum_e ||v_e - mean||^2
-// (mean (C, padded)). A task takes kFishrTaskStrips strips, the environments in order: each environment's rows'
+// Forward: the squares sum_e ||v_e||^2 (sum receives sum_e v_e, (C, padded)) or, Centred, sum_e ||v_e - mean||^2
+// (mean (C, padded)). A task takes about kFishrTaskStrips strips, the environments in order: each environment's rows'
 // part stays in L1 across its strips and classes.
-template <typename T>
+template <typename T, bool Centred>
 double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Launch launch) {
   using Vec = typename FishrStrips<T>::Vec;
   using Wide = typename FishrStrips<T>::Wide;
   constexpr int L = FishrStrips<T>::L;
   const Segments& s = f.s;
-  const int tasks = (f.strips + kFishrTaskStrips - 1) / kFishrTaskStrips;
+  // an even number of tasks of about kFishrTaskStrips strips (fixed by the head: the same sums for any thread count)
+  const int tasks = 2 * ((f.strips + 2 * kFishrTaskStrips - 1) / (2 * kFishrTaskStrips));
   std::vector<double> partial(tasks);
-  if (sum) std::fill(sum, sum + f.C * f.padded, 0.0);
+  if (!Centred) std::fill(sum, sum + f.C * f.padded, 0.0);
 #pragma omp parallel for schedule(static) num_threads(threads_over(s, int64_t(f.C) * f.h.D, launch))
   for (int t = 0; t < tasks; ++t) {
-    const int first = t * kFishrTaskStrips, last = std::min(f.strips, first + kFishrTaskStrips);
+    const int first = int(int64_t(t) * f.strips / tasks), last = int(int64_t(t + 1) * f.strips / tasks);
     Wide squares[kFishrClassBlock] = {};  // one per class of a block: independent add chains
     const int packed_last = std::min(last, f.full), packed_width = std::max(0, packed_last - first) * L;
     std::vector<T> packed(size_t(kFishrStripRows) * std::max(packed_width, 1));
@@ -1269,10 +1270,10 @@ double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Lau
           for (int b = 0; b < NB; ++b) {
             const int64_t at = (c0 + b) * f.padded + int64_t(strip) * L;
             Vec v = a[b] - g[b] * g[b];
-            if (mean) v -= FishrStrips<T>::load(mean + at);
+            if constexpr (Centred) v -= FishrStrips<T>::load(mean + at);
             const Wide wide = __builtin_convertvector(v, Wide);
             squares[b] += wide * wide;
-            if (sum) *reinterpret_cast<Wide*>(sum + at) += wide;
+            if constexpr (!Centred) *reinterpret_cast<Wide*>(sum + at) += wide;
           }
         });
     }
@@ -1295,7 +1296,7 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
   const int64_t M = int64_t(C) * Dh;
   const FishrStrips<T> f(h, s, launch);
   double* padded_sum = scratch<double>(C * f.padded);
-  const double squares = fishr_strip_sums<T>(f, nullptr, padded_sum, launch);
+  const double squares = fishr_strip_sums<T, false>(f, nullptr, padded_sum, launch);
   double* sum = scratch<double>(M);
   double* mean = scratch<double>(M);
   for (int c = 0; c < C; ++c)
@@ -1303,7 +1304,7 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
   std::fill(state, state + M, T(0));
   mean_into(sum, E, M, mean, state + M);
   double term = expanded_deviation(squares, sum, mean, E, M);
-  if (term < kExpandedMinShare * squares) term = fishr_strip_sums<T>(f, f.pad(state + M), nullptr, launch);
+  if (term < kExpandedMinShare * squares) term = fishr_strip_sums<T, true>(f, f.pad(state + M), nullptr, launch);
   *gradient = T(0);
   *hessian = T(spec.weight * term);
 }
@@ -1326,60 +1327,69 @@ bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, c
   }
 #pragma omp parallel num_threads(threads_over(s, int64_t(C) * h.D, launch))
   {
-    std::vector<T> upstream(size_t(2) * C * f.strips * L);  // one environment's Lam (C rows of strips) then Gam
-    std::vector<T> dots(2 * C), row_work(4 * C);
+    // one class block's Lam and Gam over a tile of strips, [strip][class][Lam, Gam] (Vec loads need only T's
+    // alignment)
+    std::vector<T> upstream(size_t(kFishrTileStrips) * kFishrClassBlock * 2 * L);
+    std::vector<T> dots(size_t(kFishrStripRows) * 2 * C), row_work(4 * C);
 #pragma omp for schedule(dynamic, 4)
     for (int e = 0; e < s.num_envs; ++e) {
       const int64_t j0 = s.offsets[e], n = s.offsets[e + 1] - j0;
-      Vec* lam_rows = reinterpret_cast<Vec*>(upstream.data());  // (Vec loads need only T's alignment)
-      Vec* gam_rows = lam_rows + C * f.strips;
-      // the environment's Lam = -2 G ⊙ Gam and Gam = k (v_e - v_bar), strip by strip
+      std::fill_n(dots.data(), n * 2 * C, T(0));
       class_blocks(C, [&](auto block, int c0) {
         constexpr int NB = decltype(block)::value;
-        for (int strip = 0; strip < f.strips; ++strip) {
-          Vec g[NB], a[NB];
-          f.template stats<NB>(j0, j0 + n, strip, c0, g, a);
-          for (int b = 0; b < NB; ++b) {
-            const Vec bar = FishrStrips<T>::load(mean + (c0 + b) * f.padded + int64_t(strip) * L);
-            const Vec dv = k * (a[b] - g[b] * g[b] - bar);
-            lam_rows[(c0 + b) * f.strips + strip] = T(-2) * g[b] * dv;
-            gam_rows[(c0 + b) * f.strips + strip] = dv;
+        for (int s0 = 0; s0 < f.strips; s0 += kFishrTileStrips) {
+          const int s1 = std::min(f.strips, s0 + kFishrTileStrips);
+          Vec* up = reinterpret_cast<Vec*>(upstream.data());
+          // the environment's Lam = -2 G ⊙ Gam and Gam = k (v_e - v_bar) on the tile
+          for (int strip = s0; strip < s1; ++strip) {
+            Vec g[NB], a[NB];
+            f.template stats<NB>(j0, j0 + n, strip, c0, g, a);
+            Vec* at = up + (strip - s0) * 2 * NB;
+            for (int b = 0; b < NB; ++b) {
+              const Vec bar = FishrStrips<T>::load(mean + (c0 + b) * f.padded + int64_t(strip) * L);
+              const Vec dv = k * (a[b] - g[b] * g[b] - bar);
+              at[2 * b] = T(-2) * g[b] * dv;
+              at[2 * b + 1] = dv;
+            }
+          }
+          // then each row's dots and expansion on the tile (the first class block writes d_features)
+          for (int64_t r = 0; r < n; ++r) {
+            const T* cf = f.coef + (j0 + r) * 2 * C;
+            T lin_coef[NB], sq_coef[NB];
+            for (int b = 0; b < NB; ++b) lin_coef[b] = cf[c0 + b], sq_coef[b] = T(2) * cf[C + c0 + b];
+            T* out = d_features + s.order[j0 + r] * h.D;
+            Vec lam_dots[NB] = {}, gam_dots[NB] = {};
+            for (int strip = s0; strip < s1; ++strip) {
+              const Vec z = FishrStrips<T>::load(f.row(j0 + r, strip)), z2 = z * z;
+              const Vec* at = up + (strip - s0) * 2 * NB;
+              Vec lin[2] = {}, sq[2] = {};  // two chains each: the adds need not wait on one another
+              for (int b = 0; b < NB; ++b) {
+                const Vec lam = at[2 * b], gam = at[2 * b + 1];
+                lam_dots[b] += lam * z, gam_dots[b] += gam * z2;
+                lin[b & 1] += lin_coef[b] * lam, sq[b & 1] += sq_coef[b] * gam;
+              }
+              const Vec dz = (lin[0] + lin[1]) + z * (sq[0] + sq[1]);
+              T* to = out + int64_t(strip) * L;
+              if (strip < f.full)
+                *reinterpret_cast<Vec*>(to) = c0 ? *reinterpret_cast<Vec*>(to) + dz : dz;
+              else  // the tail strip: its remaining feature columns
+                for (int l = 0; l < h.D - strip * L; ++l) to[l] = c0 ? to[l] + dz[l] : dz[l];
+            }
+            T* row_dots = dots.data() + r * 2 * C;
+            for (int b = 0; b < NB; ++b) {
+              T lam_total = T(0), gam_total = T(0);
+              for (int l = 0; l < L; ++l) lam_total += lam_dots[b][l], gam_total += gam_dots[b][l];
+              row_dots[c0 + b] += lam_total, row_dots[C + c0 + b] += gam_total;
+            }
           }
         }
       });
-      // then each row: its dots (into the closed form) and its expansion, a class block at a time
       for (int64_t r = 0; r < n; ++r) {
         const int64_t i = s.order[j0 + r];
-        const T* cf = f.coef + (j0 + r) * 2 * C;
-        T* out = d_features + i * h.D;
-        class_blocks(C, [&](auto block, int c0) {
-          constexpr int NB = decltype(block)::value;
-          Vec lam_dots[NB] = {}, gam_dots[NB] = {};
-          for (int strip = 0; strip < f.strips; ++strip) {
-            const Vec z = FishrStrips<T>::load(f.row(j0 + r, strip)), z2 = z * z;
-            Vec lin = {}, sq = {};
-            for (int b = 0; b < NB; ++b) {
-              const Vec lam = lam_rows[(c0 + b) * f.strips + strip], gam = gam_rows[(c0 + b) * f.strips + strip];
-              lam_dots[b] += lam * z, gam_dots[b] += gam * z2;
-              lin += cf[c0 + b] * lam, sq += (T(2) * cf[C + c0 + b]) * gam;
-            }
-            const Vec dz = lin + z * sq;
-            T* at = out + int64_t(strip) * L;  // the first class block writes it
-            const int valid = std::min(L, h.D - strip * L);
-            if (valid == L)
-              *reinterpret_cast<Vec*>(at) = c0 ? *reinterpret_cast<Vec*>(at) + dz : dz;
-            else
-              for (int l = 0; l < valid; ++l) at[l] = c0 ? at[l] + dz[l] : dz[l];
-          }
-          for (int b = 0; b < NB; ++b) {
-            T lam_total = T(0), gam_total = T(0);
-            for (int l = 0; l < L; ++l) lam_total += lam_dots[b][l], gam_total += gam_dots[b][l];
-            dots[c0 + b] = lam_total, dots[C + c0 + b] = gam_total;
-          }
-        });
         T* p = row_work.data();
+        T* row_dots = dots.data() + r * 2 * C;
         backward_row<T>(h.loss, layout, h.logits + i * h.logits_row_stride, h.logits_col_stride, h.target(i),
-                        T(1) / T(n), dots.data(), dots.data() + C, p, p + C, p + 2 * C, p + 3 * C, d_logits + i * C, 1);
+                        T(1) / T(n), row_dots, row_dots + C, p, p + C, p + 2 * C, p + 3 * C, d_logits + i * C, 1);
       }
     }
   }

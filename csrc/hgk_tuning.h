@@ -68,6 +68,11 @@ constexpr int64_t kEnvRunElements = int64_t(1) << 18;
 constexpr int kFishrStripRows = 32;
 constexpr int kFishrClassBlock = 8;
 constexpr int kFishrTaskStrips = 32;
+constexpr int kFishrTileStrips = 32;
+#ifndef HGK_FISHR_STRIP_BYTES
+#define HGK_FISHR_STRIP_BYTES 32
+#endif
+constexpr int kFishrStripBytes = HGK_FISHR_STRIP_BYTES;
 
 // Scratch memory a thread keeps between plan calls: memory held vs. allocations (and page faults).
 constexpr size_t kScratchKeptBytes = size_t(16) << 20;
