@@ -68,11 +68,8 @@ constexpr int64_t kEnvRunElements = int64_t(1) << 18;
 constexpr int kFishrStripRows = 32;
 constexpr int kFishrClassBlock = 8;
 constexpr int kFishrTaskStrips = 32;
-constexpr int kFishrTileStrips = 32;
-#ifndef HGK_FISHR_STRIP_BYTES
-#define HGK_FISHR_STRIP_BYTES 32
-#endif
-constexpr int kFishrStripBytes = HGK_FISHR_STRIP_BYTES;
+constexpr int kFishrTileStrips = 32;  // the backward's upstream per class block and tile of strips: kept in L1
+constexpr int kFishrStripBytes = 32;  // 64-byte strips: a faster backward, a slower forward (double sums)
 
 // Scratch memory a thread keeps between plan calls: memory held vs. allocations (and page faults).
 constexpr size_t kScratchKeptBytes = size_t(16) << 20;
