@@ -74,17 +74,41 @@ def prepared(build, *, process_group, ddp_reduction: str, envs, num_envs: Option
     return (problem, *built[1:])
 
 
+# backend="auto" leaves CPU heads above native.AUTO_MAX_CPU_HEAD entries to the torch backend's GEMMs, whose
+# feature form holds every environment's C x Dh statistics. Over many small environments the native plans hold
+# none (pairs of samples within each environment; Fishr's register strips) and cost less from about this many
+# samples per environment down (docs/performance.md, "Many environments").
+NATIVE_MAX_SAMPLES_PER_ENV = 32
+
+
+def plan_backend(name: str, problem: HeadProblem, method: str) -> Backend:
+    """`backends.select` for a whole plan (`method`: its PlanSpec name), except that "auto" takes the native CPU
+    plans over many small environments where they form no per-environment statistics."""
+    chosen = backends.select(name, problem)
+    if name != "auto" or chosen.runs_plans_whole(problem) or backends.unavailable_reason("native") is not None:
+        return chosen
+    native = backends.load("native")
+    if (problem.logits.shape[0] <= NATIVE_MAX_SAMPLES_PER_ENV * problem.segments.num_envs
+            and native.unsupported_reason(problem) is None and native.runs_plans_whole(problem)
+            and (method == "fishr" or not native.forms_env_statistics(problem))):
+        return native
+    return chosen
+
+
 def dispatch(problem: HeadProblem, backend: str, process_group, ddp_reduction: str, *, reference, composed,
-             function):
+             function, method: Optional[str] = None):
     """The one place for the backend, reference, process-group and tracing rules: `reference()` for
     backend="reference"; under torch.compile or a torch.func transform, whose tracing cannot enter the
     hand-written backward, `composed(impl)` with statistics autograd differentiates (same values up to
-    rounding); else `function(impl)`, the autograd Function, impl made global with a process group."""
+    rounding); else `function(impl)`, the autograd Function, impl made global with a process group.
+    `method`: a whole plan's, whose backend `plan_backend` chooses for this process's batch."""
     if backend == "reference":
         if process_group is not None:
             raise ValueError("backend='reference' has no process_group support: its autograd statistics are "
                              "this rank's; use a closed-form backend")
         return reference()
+    if method is not None and process_group is None and not traced():
+        return function(plan_backend(backend, problem, method))
     impl = backends.select(backend, problem)
     if process_group is not None:
         if traced():

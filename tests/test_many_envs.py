@@ -10,6 +10,7 @@ import torch
 
 import hgkernels as hk
 from hgkernels import backends
+from hgkernels._dispatch import NATIVE_MAX_SAMPLES_PER_ENV, plan_backend
 from hgkernels._inputs import prepare
 from hgkernels.penalties import fishr as fishr_module
 from _helpers import assert_close
@@ -387,16 +388,33 @@ def test_native_pairs_in_float32_over_many_samples(name):
         assert_close(a.double(), b, 1e-5, f"{name}, float32 over {n} samples: {what}")
 
 
+AUTO_CASES = {  # (environments, samples each, the backend auto takes) at C 17 above AUTO_MAX_CPU_HEAD
+    # Fishr: strips up to 32 samples per environment on average (runs for the larger ones among them)
+    "fishr": ((40, NATIVE_MAX_SAMPLES_PER_ENV, "native"), (2, NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")),
+    # exact and HGP: pairs, which need sum_e n_e^2 <= N C as well (32 samples each would form statistics in runs)
+    "exact": ((40, 8, "native"), (40, NATIVE_MAX_SAMPLES_PER_ENV, "torch"), (2, NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")),
+}
+AUTO_CASES["hgp"] = AUTO_CASES["exact"]
+AUTO_CALLS = {"fishr": lambda *a, **k: (hk.fishr_penalty(*a, **k),),
+              "exact": lambda *a, **k: hk.hutchinson_penalty(*a, form="feature", **k),
+              "hgp": lambda *a, **k: hk.hgp_penalty(*a, form="feature", **k)}
+
+
 @needs_native
-def test_fishr_auto_takes_the_native_plans_for_many_small_environments_at_a_large_head():
-    """Above the head size where auto prefers torch's GEMMs, Fishr with at most NATIVE_MAX_SAMPLES_PER_ENV samples
-    per environment takes the native plans (runs of environments) and equals the torch backend (float64, 1e-9);
-    with larger environments it stays on torch."""
-    from hgkernels.backends.native import AUTO_MAX_CPU_HEAD
+@pytest.mark.parametrize("method", sorted(AUTO_CASES))
+def test_auto_takes_the_native_plans_for_many_small_environments_at_a_large_head(method, monkeypatch):
+    """Above the head size where auto prefers torch's GEMMs, a whole plan over environments of at most
+    NATIVE_MAX_SAMPLES_PER_ENV samples on average takes the native plans where they form no per-environment
+    statistics (Fishr: strips or runs; exact and HGP: pairs), and equals the torch backend (float64, 1e-9); the
+    others stay on torch. The native plans' operator is watched, so the route itself is checked."""
+    from hgkernels.backends.native import AUTO_MAX_CPU_HEAD, NativeBackend
+    native_calls = []
+    original = NativeBackend.autograd_plan
+    monkeypatch.setattr(NativeBackend, "autograd_plan",
+                        lambda self, problem, spec: native_calls.append(spec.method) or original(self, problem, spec))
     c, d = 17, AUTO_MAX_CPU_HEAD // 17
     gen = torch.Generator().manual_seed(5)
-    for num_envs, per_env, expected in ((40, fishr_module.NATIVE_MAX_SAMPLES_PER_ENV, "native"),
-                                        (2, fishr_module.NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")):
+    for num_envs, per_env, expected in AUTO_CASES[method]:
         n = num_envs * per_env
         ids = torch.arange(n) % num_envs
         logits = torch.randn(n, c, generator=gen, dtype=torch.float64)
@@ -404,14 +422,17 @@ def test_fishr_auto_takes_the_native_plans_for_many_small_environments_at_a_larg
         labels = torch.randint(0, c, (n,), generator=gen)
         problem = prepare(logits, features, labels, ids, loss="cross_entropy", bias=True)
         assert backends.select("auto", problem).name == "torch"
-        assert fishr_module._backend_for("auto", problem).name == expected
+        assert plan_backend("auto", problem, method).name == expected
         results = []
         for backend in ("auto", "torch"):
+            native_calls.clear()
             lg, ft = logits.clone().requires_grad_(True), features.clone().requires_grad_(True)
-            value = hk.fishr_penalty(lg, ft, labels, ids, backend=backend)
-            results.append((value.detach(), *torch.autograd.grad(value, (lg, ft))))
-        for what, a, b in zip(("value", "d logits", "d features"), *results):
-            assert_close(a, b, RTOL, f"fishr auto with {num_envs} environments of {per_env}: {what}")
+            terms = AUTO_CALLS[method](lg, ft, labels, ids, backend=backend)
+            results.append((*(t.detach() for t in terms), *torch.autograd.grad(sum(terms), (lg, ft))))
+            assert native_calls == ([method] if backend == "auto" and expected == "native" else []), backend
+        names = (("value",) if method == "fishr" else ("hessian term", "gradient term")) + ("d logits", "d features")
+        for what, a, b in zip(names, *results):
+            assert_close(a, b, RTOL, f"{method} auto with {num_envs} environments of {per_env}: {what}")
 
 
 def _sweep_configs(count=16):

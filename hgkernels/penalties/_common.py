@@ -11,6 +11,7 @@ from .._dispatch import dispatch
 from .._inputs import ENV_REDUCTIONS, LOSSES, HeadProblem, check_choice
 from .._penalty import penalty_function
 from .._sample_space import prefers_sample_space, sample_space_possible
+from .base import WholePlan
 
 
 class Penalty(NamedTuple):
@@ -58,4 +59,5 @@ def run_penalty(problem: HeadProblem, backend: str, plan, reference_call, proces
     return Penalty(*dispatch(
         problem, backend, process_group, ddp_reduction, reference=reference_call,
         composed=lambda impl: plan.feature_form().forward(impl, problem),
-        function=lambda impl: penalty_function(problem, impl, plan)))
+        function=lambda impl: penalty_function(problem, impl, plan),
+        method=plan.method if isinstance(plan, WholePlan) else None))

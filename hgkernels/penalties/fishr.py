@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .. import backends
-from .._dispatch import check_targets_grad, traced
+from .._dispatch import check_targets_grad, plan_backend, traced
 from .._inputs import EnvSegments, EnvsArg, HeadProblem, autocast_off, check_choice, prepare
 from .._penalty import differentiable_grads, env_weight, penalty_function
 from ..backends import Backend
@@ -81,7 +81,7 @@ def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Te
         check_choice("backend", backend, backends.BACKEND_NAMES)
         problem = prepare(logits, features, labels, envs, loss=loss, bias=bias, num_envs=num_envs, validate=validate)
         check_targets_grad(labels, backend)
-        chosen = _backend_for(backend, problem)
+        chosen = plan_backend(backend, problem, FishrPlan.method)
         scale = (env_weight(env_reduction, problem.segments.num_envs)
                  / (problem.num_classes * problem.head_width if coordinate_reduction == "mean" else 1))
         if chosen.runs_plans_whole(problem):
@@ -94,25 +94,6 @@ def fishr_penalty(logits: torch.Tensor, features: torch.Tensor, labels: torch.Te
                                 num_envs=num_envs, validate=validate, process_group=process_group,
                                 ddp_reduction=ddp_reduction)
     return variance_distance(variances, env_reduction=env_reduction, coordinate_reduction=coordinate_reduction)
-
-
-# backend="auto" leaves CPU heads above native.AUTO_MAX_CPU_HEAD entries to the torch backend's GEMMs, which form
-# Fishr's variances environment by environment once they are many; the native plans (which form small
-# environments' statistics in registers) cost less from about this many samples per environment down
-# (docs/performance.md, "Many environments").
-NATIVE_MAX_SAMPLES_PER_ENV = 32
-
-
-def _backend_for(name: str, problem: HeadProblem) -> Backend:
-    """`backends.select`, except that "auto" takes the native CPU plans for many small environments."""
-    chosen = backends.select(name, problem)
-    if name != "auto" or chosen.runs_plans_whole(problem) or backends.unavailable_reason("native") is not None:
-        return chosen
-    native = backends.load("native")
-    if (problem.logits.shape[0] <= NATIVE_MAX_SAMPLES_PER_ENV * problem.segments.num_envs
-            and native.unsupported_reason(problem) is None and native.runs_plans_whole(problem)):
-        return native
-    return chosen
 
 
 # The (E, C·Dh) variances are held whole while they are small; beyond CHUNK_ENTRIES entries `fishr_penalty`
