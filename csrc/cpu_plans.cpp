@@ -1159,10 +1159,10 @@ bool fishr_in_strips(const Segments& s, int64_t M) {
   return true;
 }
 
-template <typename T>
+template <typename T, int Bytes>
 struct FishrStrips {
-  typedef T Vec __attribute__((vector_size(kFishrStripBytes), aligned(sizeof(T))));
-  static constexpr int L = kFishrStripBytes / sizeof(T);
+  typedef T Vec __attribute__((vector_size(Bytes), aligned(sizeof(T))));
+  static constexpr int L = Bytes / sizeof(T);
   typedef double Wide __attribute__((vector_size(L * sizeof(double)), aligned(sizeof(double))));
 
   const Head<T>& h;
@@ -1240,10 +1240,11 @@ void class_blocks(int C, Fn&& fn) {
 // (mean (C, padded)). A task takes about kFishrTaskStrips strips, the environments in order: each environment's rows'
 // part stays in L1 across its strips and classes.
 template <typename T, bool Centred>
-double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Launch launch) {
-  using Vec = typename FishrStrips<T>::Vec;
-  using Wide = typename FishrStrips<T>::Wide;
-  constexpr int L = FishrStrips<T>::L;
+double fishr_strip_sums(const FishrStrips<T, kFishrStripBytes>& f, const T* mean, double* sum, Launch launch) {
+  using Strips = FishrStrips<T, kFishrStripBytes>;
+  using Vec = typename Strips::Vec;
+  using Wide = typename Strips::Wide;
+  constexpr int L = Strips::L;
   const Segments& s = f.s;
   // an even number of tasks of about kFishrTaskStrips strips (fixed by the head: the same sums for any thread count)
   const int tasks = 2 * ((f.strips + 2 * kFishrTaskStrips - 1) / (2 * kFishrTaskStrips));
@@ -1270,7 +1271,7 @@ double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Lau
           for (int b = 0; b < NB; ++b) {
             const int64_t at = (c0 + b) * f.padded + int64_t(strip) * L;
             Vec v = a[b] - g[b] * g[b];
-            if constexpr (Centred) v -= FishrStrips<T>::load(mean + at);
+            if constexpr (Centred) v -= Strips::load(mean + at);
             const Wide wide = __builtin_convertvector(v, Wide);
             squares[b] += wide * wide;
             if constexpr (!Centred) *reinterpret_cast<Wide*>(sum + at) += wide;
@@ -1294,7 +1295,7 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
                           Launch launch) {
   const int E = s.num_envs, C = h.C, Dh = h.head_width();
   const int64_t M = int64_t(C) * Dh;
-  const FishrStrips<T> f(h, s, launch);
+  const FishrStrips<T, kFishrStripBytes> f(h, s, launch);
   double* padded_sum = scratch<double>(C * f.padded);
   const double squares = fishr_strip_sums<T, false>(f, nullptr, padded_sum, launch);
   double* sum = scratch<double>(M);
@@ -1313,10 +1314,11 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
 template <typename T>
 bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
                            Launch launch, T* d_logits, T* d_features) {
-  using Vec = typename FishrStrips<T>::Vec;
-  constexpr int L = FishrStrips<T>::L;
+  using Strips = FishrStrips<T, kFishrBackwardStripBytes>;
+  using Vec = typename Strips::Vec;
+  constexpr int L = Strips::L;
   const int C = h.C;
-  const FishrStrips<T> f(h, s, launch);
+  const Strips f(h, s, launch);
   const T* mean = f.pad(state + int64_t(C) * h.head_width());
   const T k = T(2 * spec.weight * alpha);  // dPsi/dv_e = k (v_e - v_bar)
   const BackwardLayout layout{C, /*K=*/0, /*gradient=*/true, /*hess_diag=*/true, /*square_residual=*/true};
@@ -1346,7 +1348,7 @@ bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, c
             f.template stats<NB>(j0, j0 + n, strip, c0, g, a);
             Vec* at = up + (strip - s0) * 2 * NB;
             for (int b = 0; b < NB; ++b) {
-              const Vec bar = FishrStrips<T>::load(mean + (c0 + b) * f.padded + int64_t(strip) * L);
+              const Vec bar = Strips::load(mean + (c0 + b) * f.padded + int64_t(strip) * L);
               const Vec dv = k * (a[b] - g[b] * g[b] - bar);
               at[2 * b] = T(-2) * g[b] * dv;
               at[2 * b + 1] = dv;
@@ -1360,7 +1362,7 @@ bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, c
             T* out = d_features + s.order[j0 + r] * h.D;
             Vec lam_dots[NB] = {}, gam_dots[NB] = {};
             for (int strip = s0; strip < s1; ++strip) {
-              const Vec z = FishrStrips<T>::load(f.row(j0 + r, strip)), z2 = z * z;
+              const Vec z = Strips::load(f.row(j0 + r, strip)), z2 = z * z;
               const Vec* at = up + (strip - s0) * 2 * NB;
               Vec lin[2] = {}, sq[2] = {};  // two chains each: the adds need not wait on one another
               for (int b = 0; b < NB; ++b) {
