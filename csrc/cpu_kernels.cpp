@@ -186,7 +186,7 @@ void wide_dots_block(const Head<T>& h, const Segments& s, int64_t row_begin, int
 // (a: K x kTileRows with stride a_stride, b: K rows of kTileCols with stride b_stride).
 template <typename T, int Rows = kTileRows>
 void rank_k_tile(int K, const T* a, int64_t a_stride, const T* b, int64_t b_stride, T (*acc)[kTileCols]) {
-  using V = Simd<T>;
+  using V = Simd<T, kWideBytes>;
   constexpr int vecs = kTileCols / V::lanes;
   typename V::type tile[Rows][vecs];
   for (int r = 0; r < Rows; ++r)

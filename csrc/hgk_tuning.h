@@ -26,8 +26,7 @@ constexpr int kDirectBlockRows = 2048;  // samples per one-pass statistics task:
 // Register tiles (SIMD accumulators held in registers; larger tiles spill).
 constexpr int kDotRows = 2;    // samples per dot tile: reuse of each matrix load vs. registers
 constexpr int kDotMats = 4;    // matrix rows per dot tile: reuse of each sample load vs. registers
-constexpr int kTileRows = 4;   // GEMM tile rows (samples or coefficient columns) ...
-constexpr int kTileCols = 16;  // ... by head columns: multiply-adds per load vs. registers
+constexpr int kTileRows = 4;   // GEMM tile rows (samples or coefficient columns) by kTileCols head columns
 constexpr int kExpandVecs = 4;  // SIMD vectors of columns per one-row expansion tile: the same trade
 constexpr int kFewRows = 8;    // coefficient columns per reduce_few tile: the same trade
 
@@ -54,6 +53,8 @@ constexpr int kWideBytes = 64;
 constexpr int kWideBytes = 32;
 #endif
 constexpr int kWideMinClasses = 4;
+// GEMM tile columns (rank_k_tile, in the build's widest vectors): multiply-adds per load vs. registers.
+constexpr int kTileCols = kWideBytes / 2;
 
 // Many environments. A plan whose per-environment statistics (E x C x Dh entries) exceed kPlanStateElements keeps
 // none of them: it takes pairs of samples within small environments (cpu_plans.cpp), else walks the environments
