@@ -2,6 +2,7 @@
 // blocks of M = C * Dh elements; scratch memory is uninitialised (no zero fill) and comes from the
 // calling thread's ScratchArena.
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -1159,11 +1160,10 @@ bool fishr_in_strips(const Segments& s, int64_t M) {
   return true;
 }
 
-template <typename T, int Bytes>
-struct FishrStrips {
-  typedef T Vec __attribute__((vector_size(Bytes), aligned(sizeof(T))));
-  static constexpr int L = Bytes / sizeof(T);
-  typedef double Wide __attribute__((vector_size(L * sizeof(double)), aligned(sizeof(double))));
+template <typename T>
+struct FishrStrips {  // strips of the build's widest vectors
+  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
+  static constexpr int L = kWideBytes / sizeof(T);
 
   const Head<T>& h;
   const Segments& s;
@@ -1240,11 +1240,14 @@ void class_blocks(int C, Fn&& fn) {
 // (mean (C, padded)). A task takes about kFishrTaskStrips strips, the environments in order: each environment's rows'
 // part stays in L1 across its strips and classes.
 template <typename T, bool Centred>
-double fishr_strip_sums(const FishrStrips<T, kFishrStripBytes>& f, const T* mean, double* sum, Launch launch) {
-  using Strips = FishrStrips<T, kFishrStripBytes>;
+double fishr_strip_sums(const FishrStrips<T>& f, const T* mean, double* sum, Launch launch) {
+  using Strips = FishrStrips<T>;
   using Vec = typename Strips::Vec;
-  using Wide = typename Strips::Wide;
   constexpr int L = Strips::L;
+  // the double sums a 32-byte chunk of the strip at a time (a wider conversion costs more)
+  typedef T Chunk __attribute__((vector_size(32), aligned(sizeof(T))));
+  constexpr int chunks = sizeof(Vec) / 32, CL = 32 / sizeof(T);
+  typedef double Wide __attribute__((vector_size(CL * sizeof(double)), aligned(sizeof(double))));
   const Segments& s = f.s;
   // an even number of tasks of about kFishrTaskStrips strips (fixed by the head: the same sums for any thread count)
   const int tasks = 2 * ((f.strips + 2 * kFishrTaskStrips - 1) / (2 * kFishrTaskStrips));
@@ -1253,7 +1256,7 @@ double fishr_strip_sums(const FishrStrips<T, kFishrStripBytes>& f, const T* mean
 #pragma omp parallel for schedule(static) num_threads(threads_over(s, int64_t(f.C) * f.h.D, launch))
   for (int t = 0; t < tasks; ++t) {
     const int first = int(int64_t(t) * f.strips / tasks), last = int(int64_t(t + 1) * f.strips / tasks);
-    Wide squares[kFishrClassBlock] = {};  // one per class of a block: independent add chains
+    Wide squares[kFishrClassBlock][chunks] = {};  // one per class of a block: independent add chains
     const int packed_last = std::min(last, f.full), packed_width = std::max(0, packed_last - first) * L;
     std::vector<T> packed(size_t(kFishrStripRows) * std::max(packed_width, 1));
     for (int e = 0; e < s.num_envs; ++e) {
@@ -1272,15 +1275,20 @@ double fishr_strip_sums(const FishrStrips<T, kFishrStripBytes>& f, const T* mean
             const int64_t at = (c0 + b) * f.padded + int64_t(strip) * L;
             Vec v = a[b] - g[b] * g[b];
             if constexpr (Centred) v -= Strips::load(mean + at);
-            const Wide wide = __builtin_convertvector(v, Wide);
-            squares[b] += wide * wide;
-            if constexpr (!Centred) *reinterpret_cast<Wide*>(sum + at) += wide;
+            for (int k = 0; k < chunks; ++k) {
+              Chunk part;
+              std::memcpy(&part, reinterpret_cast<const char*>(&v) + 32 * k, 32);
+              const Wide wide = __builtin_convertvector(part, Wide);
+              squares[b][k] += wide * wide;
+              if constexpr (!Centred) *reinterpret_cast<Wide*>(sum + at + k * CL) += wide;
+            }
           }
         });
     }
     double task_total = 0;
     for (int b = 0; b < kFishrClassBlock; ++b)
-      for (int l = 0; l < L; ++l) task_total += squares[b][l];
+      for (int k = 0; k < chunks; ++k)
+        for (int l = 0; l < CL; ++l) task_total += squares[b][k][l];
     partial[t] = task_total;
   }
   double total = 0;
@@ -1295,7 +1303,7 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
                           Launch launch) {
   const int E = s.num_envs, C = h.C, Dh = h.head_width();
   const int64_t M = int64_t(C) * Dh;
-  const FishrStrips<T, kFishrStripBytes> f(h, s, launch);
+  const FishrStrips<T> f(h, s, launch);
   double* padded_sum = scratch<double>(C * f.padded);
   const double squares = fishr_strip_sums<T, false>(f, nullptr, padded_sum, launch);
   double* sum = scratch<double>(M);
@@ -1314,7 +1322,7 @@ void fishr_forward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, T*
 template <typename T>
 bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, const T* state, double alpha,
                            Launch launch, T* d_logits, T* d_features) {
-  using Strips = FishrStrips<T, kFishrBackwardStripBytes>;
+  using Strips = FishrStrips<T>;
   using Vec = typename Strips::Vec;
   constexpr int L = Strips::L;
   const int C = h.C;

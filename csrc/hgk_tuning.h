@@ -70,8 +70,6 @@ constexpr int kFishrStripRows = 32;
 constexpr int kFishrClassBlock = 8;
 constexpr int kFishrTaskStrips = 32;
 constexpr int kFishrTileStrips = 32;  // the backward's upstream per class block and tile of strips: kept in L1
-constexpr int kFishrStripBytes = 32;          // the forward's strips (its sums in double: 64-byte ones cost more)
-constexpr int kFishrBackwardStripBytes = kWideBytes;  // the backward's
 
 // Scratch memory a thread keeps between plan calls: memory held vs. allocations (and page faults).
 constexpr size_t kScratchKeptBytes = size_t(16) << 20;
