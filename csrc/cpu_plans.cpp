@@ -1372,13 +1372,13 @@ bool fishr_backward_strips(const Head<T>& h, const Segments& s, PlanSpec spec, c
             for (int strip = s0; strip < s1; ++strip) {
               const Vec z = Strips::load(f.row(j0 + r, strip)), z2 = z * z;
               const Vec* at = up + (strip - s0) * 2 * NB;
-              Vec lin[2] = {}, sq[2] = {};  // two chains each: the adds need not wait on one another
+              Vec lin = {}, sq = {};
               for (int b = 0; b < NB; ++b) {
                 const Vec lam = at[2 * b], gam = at[2 * b + 1];
                 lam_dots[b] += lam * z, gam_dots[b] += gam * z2;
-                lin[b & 1] += lin_coef[b] * lam, sq[b & 1] += sq_coef[b] * gam;
+                lin += lin_coef[b] * lam, sq += sq_coef[b] * gam;
               }
-              const Vec dz = (lin[0] + lin[1]) + z * (sq[0] + sq[1]);
+              const Vec dz = lin + z * sq;
               T* to = out + int64_t(strip) * L;
               if (strip < f.full)
                 *reinterpret_cast<Vec*>(to) = c0 ? *reinterpret_cast<Vec*>(to) + dz : dz;
