@@ -791,24 +791,29 @@ void coefficient_rows(const Head<T>& h, const Segments& s, StatsLayout layout, T
   }
 }
 
-// K = zh_i . zh_j and Q = (zh_i ⊙ zh_i) . (zh_j ⊙ zh_j) over the feature columns, in fixed SIMD lanes (two
-// accumulators each, so the adds do not wait on one another).
-template <typename T>
-void pair_dots(const T* x, const T* y, int D, T& k, T& q) {
+// K = zh_i . zh_j and Q = (zh_i ⊙ zh_i) . (zh_j ⊙ zh_j) over the feature columns of row x with each of B rows
+// ys, in fixed SIMD lanes (two accumulators each, so the adds do not wait on one another): x's strips are loaded
+// once for the B pairs.
+template <typename T, int B>
+void pair_dots(const T* x, const T* const* ys, int D, T* k, T* q) {
   typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
   constexpr int lanes = kWideBytes / sizeof(T);
-  Vec k_acc[2] = {}, q_acc[2] = {};
+  Vec k_acc[B][2] = {}, q_acc[B][2] = {};
   int d = 0;
   for (; d + 2 * lanes <= D; d += 2 * lanes)
     for (int a = 0; a < 2; ++a) {
-      const Vec xy =
-          *reinterpret_cast<const Vec*>(x + d + a * lanes) * *reinterpret_cast<const Vec*>(y + d + a * lanes);
-      k_acc[a] += xy, q_acc[a] += xy * xy;
+      const Vec xv = *reinterpret_cast<const Vec*>(x + d + a * lanes);
+      for (int p = 0; p < B; ++p) {
+        const Vec xy = xv * *reinterpret_cast<const Vec*>(ys[p] + d + a * lanes);
+        k_acc[p][a] += xy, q_acc[p][a] += xy * xy;
+      }
     }
-  const Vec k_sum = k_acc[0] + k_acc[1], q_sum = q_acc[0] + q_acc[1];
-  k = q = T(0);
-  for (int l = 0; l < lanes; ++l) k += k_sum[l], q += q_sum[l];
-  for (; d < D; ++d) k += x[d] * y[d], q += x[d] * y[d] * x[d] * y[d];
+  for (int p = 0; p < B; ++p) {
+    const Vec k_sum = k_acc[p][0] + k_acc[p][1], q_sum = q_acc[p][0] + q_acc[p][1];
+    k[p] = q[p] = T(0);
+    for (int l = 0; l < lanes; ++l) k[p] += k_sum[l], q[p] += q_sum[l];
+    for (int j = d; j < D; ++j) k[p] += x[j] * ys[p][j], q[p] += x[j] * ys[p][j] * x[j] * ys[p][j];
+  }
 }
 
 template <typename T>
@@ -822,15 +827,27 @@ T dot_c(const T* a, const T* b, int C) {
 // bias column included), each unordered pair formed once; kq holds 2 n^2 entries.
 template <typename T>
 void pair_gram(const Head<T>& h, const Segments& s, int e, T* kq) {
+  constexpr int kBlock = 4;  // rows b at a time against row a
   const T one = h.bias ? T(1) : T(0);
   const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
+  auto row = [&](int64_t j) { return h.features + s.order[first + j] * h.features_row_stride; };
   for (int64_t a = 0; a < n; ++a)
-    for (int64_t b = a; b < n; ++b) {
-      T k, q;
-      pair_dots<T>(h.features + s.order[first + a] * h.features_row_stride,
-                   h.features + s.order[first + b] * h.features_row_stride, h.D, k, q);
-      kq[2 * (a * n + b)] = kq[2 * (b * n + a)] = k + one;
-      kq[2 * (a * n + b) + 1] = kq[2 * (b * n + a) + 1] = q + one;
+    for (int64_t b0 = a; b0 < n; b0 += kBlock) {
+      const int count = int(std::min<int64_t>(kBlock, n - b0));
+      const T* ys[kBlock];
+      for (int p = 0; p < count; ++p) ys[p] = row(b0 + p);
+      T k[kBlock], q[kBlock];
+      switch (count) {
+        case 1: pair_dots<T, 1>(row(a), ys, h.D, k, q); break;
+        case 2: pair_dots<T, 2>(row(a), ys, h.D, k, q); break;
+        case 3: pair_dots<T, 3>(row(a), ys, h.D, k, q); break;
+        default: pair_dots<T, kBlock>(row(a), ys, h.D, k, q);
+      }
+      for (int p = 0; p < count; ++p) {
+        const int64_t b = b0 + p;
+        kq[2 * (a * n + b)] = kq[2 * (b * n + a)] = k[p] + one;
+        kq[2 * (a * n + b) + 1] = kq[2 * (b * n + a) + 1] = q[p] + one;
+      }
     }
 }
 
