@@ -392,7 +392,8 @@ AUTO_CASES = {  # (environments, samples each, the backend auto takes) at C 17 a
     # Fishr: strips up to 32 samples per environment on average (runs for the larger ones among them)
     "fishr": ((40, NATIVE_MAX_SAMPLES_PER_ENV, "native"), (2, NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")),
     # exact and HGP: pairs, which need sum_e n_e^2 <= N C as well (32 samples each would form statistics in runs)
-    "exact": ((40, 8, "native"), (40, NATIVE_MAX_SAMPLES_PER_ENV, "torch"), (2, NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")),
+    "exact": ((40, 8, "native"), (40, NATIVE_MAX_SAMPLES_PER_ENV, "torch"),
+              (2, NATIVE_MAX_SAMPLES_PER_ENV + 1, "torch")),
 }
 AUTO_CASES["hgp"] = AUTO_CASES["exact"]
 AUTO_CALLS = {"fishr": lambda *a, **k: (hk.fishr_penalty(*a, **k),),
