@@ -340,6 +340,41 @@ void copy_known_dots(const KnownDots<T>& known, int64_t i, BackwardLayout layout
   for (int c = 0; known.gam_add && gam_row && c < C; ++c) gam_row[c] += known.gam_add[i * C + c];
 }
 
+// The pairs' terms of caller's row i (KnownDots::pairs) added to its d_features row dx: a strip of columns at a
+// time, the sums over the environment's rows in registers.
+template <typename T>
+void add_pair_terms(const Head<T>& h, const KnownDots<T>& known, int64_t i, T* dx) {
+  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
+  constexpr int lanes = kWideBytes / sizeof(T), vecs = 4, strip = vecs * lanes;
+  const Segments& s = *known.pairs;
+  const int64_t at = known.position[i];
+  const int e = int(std::upper_bound(s.offsets, s.offsets + s.num_envs + 1, at) - s.offsets) - 1;
+  const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
+  const T* cf = known.pair_coef + known.pair_at[e] + 2 * (at - first) * n;  // (lin, sq) with each row b
+  auto row = [&](int64_t b) { return h.features + s.order[first + b] * h.features_row_stride; };
+  const T* x = h.features + i * h.features_row_stride;
+  const int D = h.D;
+  int d = 0;
+  for (; d + strip <= D; d += strip) {
+    Vec sum[vecs] = {}, sum_sq[vecs] = {};
+    for (int64_t b = 0; b < n; ++b)
+      for (int v = 0; v < vecs; ++v) {
+        const Vec y = *reinterpret_cast<const Vec*>(row(b) + d + v * lanes), y2 = y * y;
+        sum[v] += cf[2 * b] * y;
+        if (known.pair_squares) sum_sq[v] += cf[2 * b + 1] * y2;
+      }
+    for (int v = 0; v < vecs; ++v) {
+      Vec* out = reinterpret_cast<Vec*>(dx + d + v * lanes);
+      *out += known.pair_squares ? sum[v] + *reinterpret_cast<const Vec*>(x + d + v * lanes) * sum_sq[v] : sum[v];
+    }
+  }
+  for (; d < D; ++d) {
+    T sum = T(0), sum_sq = T(0);
+    for (int64_t b = 0; b < n; ++b) sum += cf[2 * b] * row(b)[d], sum_sq += cf[2 * b + 1] * row(b)[d] * row(b)[d];
+    dx[d] += known.pair_squares ? sum + x[d] * sum_sq : sum;
+  }
+}
+
 // BackwardMatrices' scales on one row's Lam and U entries (row, BackwardLayout's order) and its Gam entries
 // (gam_row, nullptr: none): dots before the closed form, coefficients after it.
 template <typename T>
@@ -418,6 +453,7 @@ void backward_rows_direct(const Head<T>& h, BackwardLayout layout, const int64_t
       for (int c = 0; head.weight && c < C; ++c) coef[r][W + c] = da[c] += head.extra[i * C + c];
     }
     with_rows(rows, expand);
+    for (int r = 0; known && known->pairs && r < rows; ++r) add_pair_terms<T>(h, *known, row[r], dx[r]);
     if (head_partials)  // the head's gradient d_logits_i zh_i^T; a pass lies in one kHeadGradRows group
       with_rows(rows, [&](auto num_rows) {
         head_rows_update<T, decltype(num_rows)::value, Cap, Bytes>(coef, W, x, C, D, h.bias, Dh,
@@ -882,6 +918,8 @@ bool per_sample_backward_from_dots(const Head<T>& h, const Segments& s, Backward
       if (head.weight) parts[expand_parts++] = {head.weight, C, W};
       expand_block<T>(h, s, block.row_begin, block.row_end, coef, W, parts, expand_parts,
                       head.weight ? d_logits : nullptr, coef_sq, env_gam, d_features, coef_t, acc, acc_sq);
+      for (int64_t j = block.row_begin; known && known->pairs && j < block.row_end; ++j)
+        add_pair_terms<T>(h, *known, s.order[j], d_features + s.order[j] * h.D);
     }
   }
   return false;

@@ -861,57 +861,31 @@ std::vector<int64_t> pair_offsets(const Segments& s) {
   return out;
 }
 
-// d_features of each sorted row i += sum_{j in e} lin(i, j) zh_j [+ zh_i ⊙ sum_j sq(i, j) (zh_j ⊙ zh_j)] with
-// coef(i, j, lin, sq); two rows at a time by a strip of columns, their sums in registers, so each zh_j strip is
-// loaded once for both.
-template <typename T, bool Squares, typename Coef>
-void expand_pairs(const Head<T>& h, const Segments& s, T* d_features, Coef&& coef, Launch launch) {
-  typedef T Vec __attribute__((vector_size(kWideBytes), aligned(sizeof(T))));
-  constexpr int lanes = kWideBytes / sizeof(T), vecs = 4, strip = vecs * lanes;
-  const int D = h.D;
-#pragma omp parallel num_threads(threads_over(s, D, launch))
-  {
-    std::vector<T> lin, sq;  // (2, n) pair coefficients of the rows at hand
-#pragma omp for schedule(dynamic, 16)
-    for (int e = 0; e < s.num_envs; ++e) {
-      const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
-      auto row = [&](int64_t j) { return h.features + s.order[first + j] * h.features_row_stride; };
-      auto rows = [&](auto count, int64_t i0) {
-        constexpr int R = decltype(count)::value;
-        lin.assign(size_t(R * n), T(0)), sq.assign(size_t(R * n), T(0));
-        for (int r = 0; r < R; ++r)
-          for (int64_t j = 0; j < n; ++j) coef(first + i0 + r, first + j, lin[r * n + j], sq[r * n + j]);
-        int d = 0;
-        for (; d + strip <= D; d += strip) {
-          Vec sum[R][vecs] = {}, sum_sq[R][vecs] = {};
-          for (int64_t j = 0; j < n; ++j)
-            for (int v = 0; v < vecs; ++v) {
-              const Vec y = *reinterpret_cast<const Vec*>(row(j) + d + v * lanes), y2 = y * y;
-              for (int r = 0; r < R; ++r) {
-                sum[r][v] += lin[r * n + j] * y;
-                if (Squares) sum_sq[r][v] += sq[r * n + j] * y2;
-              }
-            }
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < vecs; ++v) {
-              Vec* out = reinterpret_cast<Vec*>(d_features + s.order[first + i0 + r] * D + d + v * lanes);
-              *out += Squares ? sum[r][v] + *reinterpret_cast<const Vec*>(row(i0 + r) + d + v * lanes) * sum_sq[r][v]
-                              : sum[r][v];
-            }
-        }
-        for (; d < D; ++d)
-          for (int r = 0; r < R; ++r) {
-            T sum = T(0), sum_sq = T(0);
-            for (int64_t j = 0; j < n; ++j)
-              sum += lin[r * n + j] * row(j)[d], sum_sq += sq[r * n + j] * row(j)[d] * row(j)[d];
-            d_features[s.order[first + i0 + r] * D + d] += Squares ? sum + row(i0 + r)[d] * sum_sq : sum;
-          }
-      };
-      int64_t i = 0;
-      for (; i + 2 <= n; i += 2) rows(std::integral_constant<int, 2>{}, i);
-      if (i < n) rows(std::integral_constant<int, 1>{}, i);
-    }
+// The pairs' expansion for the per-sample backward (KnownDots::pairs): d_features of each sorted row i gets
+// sum_{j in e} lin(i, j) zh_j [+ zh_i ⊙ sum_j sq(i, j) (zh_j ⊙ zh_j)], coef(i, j, lin, sq) (both from zero) for
+// each ordered pair of an environment's sorted rows, added right after the row's own expansion.
+template <typename T, typename Coef>
+void set_pair_terms(KnownDots<T>& known, const Segments& s, bool squares, Coef&& coef, Launch launch) {
+  const std::vector<int64_t> offsets = pair_offsets(s);
+  int64_t* at = scratch<int64_t>(s.num_envs + 1);
+  std::copy(offsets.begin(), offsets.end(), at);
+  T* pair_coef = scratch<T>(offsets.back());
+  int64_t* position = scratch<int64_t>(s.num_samples);
+  for (int64_t j = 0; j < s.num_samples; ++j) position[s.order[j]] = j;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads_over(s, 1, launch))
+  for (int e = 0; e < s.num_envs; ++e) {
+    const int64_t first = s.offsets[e], n = s.offsets[e + 1] - first;
+    T* out = pair_coef + at[e];
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        T& lin = out[2 * (i * n + j)];
+        T& sq = out[2 * (i * n + j) + 1];
+        lin = sq = T(0);
+        coef(first + i, first + j, lin, sq);
+      }
   }
+  known.pairs = &s, known.pair_coef = pair_coef, known.pair_at = at, known.position = position;
+  known.pair_squares = squares;
 }
 
 template <typename T>
@@ -990,15 +964,13 @@ bool exact_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, co
   const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
                                        .with_lam(EnvRows<T>::shared(with_gradient ? state : nullptr, C), -lam_scale)
                                        .with_gam(EnvRows<T>::shared(with_hessian ? state + M : nullptr, C), -gam_scale);
-  const KnownDots<T> known{nullptr, 0, nullptr, 0, lam_add, gam_add};
-  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
-  const bool head_written =
-      per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
-  expand_pairs<T, true>(h, s, d_features, [&](int64_t i, int64_t j, T& lin, T& sq) {
+  KnownDots<T> known{nullptr, 0, nullptr, 0, lam_add, gam_add};
+  set_pair_terms(known, s, /*squares=*/true, [&](int64_t i, int64_t j, T& lin, T& sq) {
     lin = with_gradient ? lam_scale * dot_c(coef + i * 2 * C, coef + j * 2 * C, C) : T(0);
     sq = with_hessian ? T(2) * gam_scale * dot_c(coef + i * 2 * C + C, coef + j * 2 * C + C, C) : T(0);
   }, launch);
-  return head_written;
+  T* work = scratch<T>(s.num_samples * backward_work_per_sample(layout));
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
 }
 
 // HGP's rows over pairs: g_i = sum_j a_j K_ij and t_i = w_i A_i g_i (sorted rows), with each environment's
@@ -1150,16 +1122,14 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
   const BackwardMatrices<T> mats = BackwardMatrices<T>::none()
                                        .with_lam(EnvRows<T>::shared(lam_shared, C), T(1))
                                        .with_directions(K ? dirs : RowRuns<T>{}, K ? ups : RowRuns<T>{}, gam_scale);
-  const KnownDots<T> known{g_dots, stride, u_dots, stride, lam_add, nullptr};
-  T* work = scratch<T>(N * backward_work_per_sample(layout));
-  const bool head_written =
-      per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
-  expand_pairs<T, false>(h, s, d_features, [&](int64_t i, int64_t j, T& lin, T&) {
+  KnownDots<T> known{g_dots, stride, u_dots, stride, lam_add, nullptr};
+  set_pair_terms(known, s, /*squares=*/false, [&](int64_t i, int64_t j, T& lin, T&) {
     lin = dot_c(ell + j * C, a + i * C, C) + (with_hessian ? dot_c(a + j * C, sig + i * C, C) +
                                                                  gam_scale * dot_c(t + j * C, t + i * C, C)
                                                            : T(0));
   }, launch);
-  return head_written;
+  T* work = scratch<T>(N * backward_work_per_sample(layout));
+  return per_sample_backward_from_dots<T>(h, s, layout, mats, head, work, d_logits, d_features, launch, &known);
 }
 
 

@@ -124,6 +124,15 @@ struct KnownDots {
   int64_t ups_stride;
   const T* lam_add = nullptr;
   const T* gam_add = nullptr;
+  // The plans over pairs: each row's d_features gets sum_{j in e} lin_ij zh_j (+ zh_i ⊙ sum_j sq_ij (zh_j ⊙ zh_j)
+  // with pair_squares) right after its own expansion, while it is in cache. pair_coef holds (lin, sq) of each
+  // ordered pair of environment e's a-th and b-th sorted rows at pair_at[e] + 2 (a n_e + b); position maps the
+  // caller's rows to sorted positions of `pairs` (nullptr: none).
+  const Segments* pairs = nullptr;
+  const T* pair_coef = nullptr;
+  const int64_t* pair_at = nullptr;
+  const int64_t* position = nullptr;
+  bool pair_squares = false;
 };
 
 // Rows of a per-environment matrix as a plan holds them: environment e's `rows` rows (Dh long each) at
