@@ -743,7 +743,6 @@ int threads_over(const Segments& s, int64_t D, Launch launch) {
   return s.num_samples * D >= kMinParallelElements ? launch.threads : 1;
 }
 
-// All samples as one environment, for the means' reductions.
 // All samples as one environment, for the means' reductions: in fixed blocks of kPooledBlockRows sorted rows (as
 // many as fit beside the plan's state limit), each reduced in T and their sums added in double, so a float32 mean
 // over many samples keeps the rounding of a block, not of all N (the plans' expanded sums cancel against it).
@@ -1137,8 +1136,9 @@ bool hgp_backward_pairs(const Head<T>& h, const Segments& s, PlanSpec spec, cons
 // Fishr over small environments (beyond the state limit, none of more than kFishrStripRows samples, hgk_tuning.h): each
 // environment's G_e and Dr_e are formed one SIMD strip of columns and a few classes at a time, in registers,
 // and used there: never written. The forward walks, per strip and class block, the environments in order,
-// summing v_e (double) and its squares; the backward takes each environment's rows at once, with its strips'
-// Lam and Gam applied to them (dots, then the closed form, and the expansion) as they are formed.
+// summing v_e (double) and its squares; the backward takes each environment's rows at once, forming its Lam and
+// Gam a class block by a tile of strips at a time and applying each tile to the rows (dots, then the closed form,
+// and the expansion).
 
 bool fishr_in_strips(const Segments& s, int64_t M) {
   if (!in_runs(s.num_envs, M)) return false;
